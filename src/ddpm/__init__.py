@@ -1,0 +1,22 @@
+"""ddpm: train denoising diffusion image generators from scratch; sample and inspect them.
+
+The Python API mirrors the command line::
+
+    from ddpm import UNet, UNetConfig, make_schedule, get_preset, train, load_pipeline
+"""
+
+__version__ = "0.1.0"
+
+from .config import DataConfig, DiffusionConfig, RunConfig, SampleConfig, TrainConfig, get_preset
+from .diffusion import q_posterior, q_sample, training_loss
+from .models import UNet, UNetConfig
+from .pipeline import Pipeline, load_pipeline
+from .samplers import ancestral_sample, make_timesteps
+from .schedules import NoiseSchedule, make_schedule
+from .train import train
+
+__all__ = [
+    "DataConfig", "DiffusionConfig", "NoiseSchedule", "Pipeline", "RunConfig", "SampleConfig",
+    "TrainConfig", "UNet", "UNetConfig", "ancestral_sample", "get_preset", "load_pipeline",
+    "make_schedule", "make_timesteps", "q_posterior", "q_sample", "train", "training_loss",
+]

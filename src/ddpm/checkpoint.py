@@ -1,0 +1,138 @@
+"""Checkpoints: one versioned dict, written atomically, loaded without running code.
+
+A checkpoint holds the model, the EMA model, the optimiser, the gradient scaler, the step, the
+elapsed training time, the RNG states, the data-stream position and the resolved config (plain
+data). It is written to a temporary file in the same folder, flushed to disk and renamed over
+the final name, so the final name only ever holds a whole checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+
+import torch
+
+FORMAT_VERSION = 1
+CHECKPOINT_DIR = "checkpoints"
+_NAME = re.compile(r"^ckpt-(\d+)\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A file that is not a loadable ddpm checkpoint; the message says which and why."""
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # not every platform can open a directory
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
+    """Call ``write(f)`` on a temporary file beside ``path``, sync it, then rename it to ``path``:
+    ``path`` is always either the old file or the whole new one, never a partial write."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj)`` to ``path`` atomically."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / f"ckpt-{step:08d}.pt"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """The run's checkpoints, newest (highest step) first."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def save_checkpoint(state: dict[str, Any], run_dir: str | os.PathLike, *, keep: int = 3) -> Path:
+    """Write ``state`` as the checkpoint of ``state['step']`` and keep only the newest ``keep``."""
+    state = {"format_version": FORMAT_VERSION, **state}
+    path = checkpoint_path(run_dir, int(state["step"]))
+    atomic_save(state, path)
+    for old in list_checkpoints(run_dir)[max(keep, 1) :]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` (no code can run); check its format."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        raise CheckpointError(
+            f"{path} is not a readable ddpm checkpoint ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); it may be truncated or "
+            f"another program's file"
+        ) from None
+    if not isinstance(state, dict) or "format_version" not in state or "config" not in state:
+        raise CheckpointError(f"{path} is a torch file but not a ddpm checkpoint")
+    if state["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {state['format_version']}, this ddpm reads format "
+            f"{FORMAT_VERSION}; use the ddpm version that wrote it"
+        )
+    return state
+
+
+def load_run_or_file(
+    run_or_file: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> tuple[Path, dict[str, Any]]:
+    """Load a checkpoint file as given, or the newest loadable checkpoint of a run directory."""
+    p = Path(run_or_file)
+    if p.is_file():
+        return p, load_checkpoint(p, map_location)
+    if p.is_dir():
+        candidates = list_checkpoints(p)
+        for candidate in candidates:
+            try:
+                return candidate, load_checkpoint(candidate, map_location)
+            except CheckpointError:
+                continue  # a newer file that does not load: fall back to the one before
+        raise CheckpointError(
+            f"no loadable checkpoint in {p / CHECKPOINT_DIR}"
+            + (f" ({len(candidates)} files failed to load)" if candidates else "")
+            + "; pass a run directory written by 'ddpm train' or a .pt checkpoint file"
+        )
+    raise CheckpointError(f"{p} is neither a checkpoint file nor a run directory")

@@ -1,0 +1,324 @@
+"""The ``ddpm`` command line: the only module that parses strings.
+
+It validates every option, resolves the config (preset + overrides), prints and saves it, and turns
+user mistakes into one-line errors with exit code 2 instead of tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .checkpoint import CHECKPOINT_DIR, CheckpointError, list_checkpoints
+from .config import DEFAULT_PRESET, PRESETS, RunConfig, get_preset
+from .data import DATASETS, DatasetNotFoundError
+from .diffusion import LOSSES
+from .models import UNet, count_parameters
+from .pipeline import PRECISIONS, load_pipeline
+from .samplers import VARIANCES
+from .schedules import SCHEDULES
+from .train import CONFIG_FILE, LR_SCHEDULES, resume_config, train
+from .viz import save_grid, save_images
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for; printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument gives one line (what was wrong, where to look), exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
+    return value
+
+
+def _decay(text: str) -> float:
+    value = _positive_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a decay in (0, 1), got {value}")
+    return value
+
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a DDPM (or resume one)",
+        description=(
+            "Train a DDPM from a named preset, optionally overriding its settings. Checkpoints, "
+            "sample grids, metrics.jsonl and TensorBoard logs go to the run directory. Unset "
+            "options keep the preset's value (shown by 'ddpm presets')."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
+                   help="named configuration to start from")
+    p.add_argument("--out", metavar="RUN_DIR", default=None,
+                   help="run directory to create (default: runs/PRESET)")
+    p.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue the run in RUN_DIR from its newest checkpoint, with its saved config")
+    stop = p.add_mutually_exclusive_group()
+    stop.add_argument("--steps", type=_positive_int, default=None,
+                      help="train until this many optimiser steps in total (with --resume: counted "
+                           "from the start of the run)")
+    stop.add_argument("--minutes", type=_positive_float, default=None,
+                      help="train for this many minutes of wall-clock time (this invocation)")
+    g = p.add_argument_group("optimisation (default: the preset's)")
+    g.add_argument("--batch-size", type=_positive_int, help="images per micro-batch")
+    g.add_argument("--grad-accum", type=_positive_int, help="micro-batches per optimiser step")
+    g.add_argument("--lr", type=_positive_float, help="AdamW peak learning rate")
+    g.add_argument("--warmup-steps", type=_non_negative_int, help="linear learning-rate warm-up")
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES,
+                   help="after warm-up: constant, or cosine decay to 0 at --steps")
+    g.add_argument("--grad-clip", type=_positive_float, help="clip the gradient norm to this")
+    g.add_argument("--ema-decay", type=_decay, help="EMA decay of the sampling weights")
+    g.add_argument("--precision", choices=PRECISIONS,
+                   help="autocast precision: auto is bf16 on CUDA, fp32 on CPU; fp16 needs CUDA "
+                        "and uses a gradient scaler")
+    g.add_argument("--seed", type=int, help="seed of every random draw of the run")
+    d = p.add_argument_group("diffusion and data (default: the preset's)")
+    d.add_argument("--schedule", choices=SCHEDULES, help="beta schedule")
+    d.add_argument("--num-timesteps", type=_positive_int, help="diffusion steps T")
+    d.add_argument("--loss", choices=LOSSES, help="loss on the predicted noise")
+    d.add_argument("--dataset", choices=DATASETS, help="training data")
+    d.add_argument("--data-dir", help="folder holding the dataset's IDX files")
+    d.add_argument("--download", action="store_true",
+                   help="fetch the dataset with torchvision if it is missing (needs internet)")
+    d.add_argument("--no-hflip", action="store_true", help="turn off random horizontal flips")
+    o = p.add_argument_group("outputs and machine")
+    o.add_argument("--log-every", type=_positive_int, help="steps between metric lines")
+    o.add_argument("--sample-every", type=_non_negative_int,
+                   help="steps between preview grids (0: none)")
+    o.add_argument("--checkpoint-every", type=_non_negative_int,
+                   help="steps between checkpoints (0: only at the end)")
+    o.add_argument("--keep-checkpoints", type=_positive_int, help="newest checkpoints to keep")
+    o.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+    o.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
+    o.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
+    o.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.set_defaults(func=_cmd_train)
+
+
+def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sample",
+        help="generate images from a trained run or checkpoint",
+        description="Generate images with ancestral sampling (Ho et al. 2020, Algorithm 2) from "
+                    "the EMA weights of a run's newest checkpoint or of a checkpoint file.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT",
+                   help="a run directory (its newest checkpoint is used) or a .pt checkpoint")
+    p.add_argument("--n", type=_positive_int, default=64, help="number of images")
+    p.add_argument("--out", required=True, metavar="DIR_OR_GRID.png",
+                   help="a .png path gets one grid; any other path becomes a folder of PNGs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and every step")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="network evaluations, respaced evenly over the T training steps "
+                        "(default: the run's sampling setting, T for full DDPM)")
+    p.add_argument("--variance", choices=VARIANCES, default=None,
+                   help="sigma_t^2 of each step: the posterior beta-tilde_t or beta_t "
+                        "(default: the run's setting)")
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="images per batch")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1]")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=_cmd_sample)
+
+
+def _add_presets_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("presets", help="list the named presets and their settings",
+                       description="Print every preset's full configuration as JSON.")
+    p.add_argument("name", nargs="?", choices=sorted(PRESETS), help="show only this preset")
+    p.set_defaults(func=_cmd_presets)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="ddpm",
+        description="Train denoising diffusion (DDPM) image generators from scratch and sample "
+                    "them. Run 'ddpm COMMAND --help' for each command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"ddpm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    _add_train_parser(sub)
+    _add_sample_parser(sub)
+    _add_presets_parser(sub)
+    return parser
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+def _override(config: RunConfig, args: argparse.Namespace) -> RunConfig:
+    """Apply the options the user set (those not None) on top of the preset."""
+
+    def pick(section, **names):
+        given = {field: getattr(args, arg) for field, arg in names.items()
+                 if getattr(args, arg, None) is not None}
+        return dataclasses.replace(section, **given)
+
+    train = pick(config.train, batch_size="batch_size", grad_accum="grad_accum", lr="lr",
+                 warmup_steps="warmup_steps", lr_schedule="lr_schedule", grad_clip="grad_clip", ema_decay="ema_decay",
+                 precision="precision", seed="seed", log_every="log_every",
+                 sample_every="sample_every", checkpoint_every="checkpoint_every",
+                 keep_checkpoints="keep_checkpoints", device="device", threads="threads")
+    if args.steps is not None:
+        train = dataclasses.replace(train, steps=args.steps, minutes=None)
+    if args.minutes is not None:
+        train = dataclasses.replace(train, minutes=args.minutes, steps=None)
+    if args.wandb:
+        train = dataclasses.replace(train, wandb=True)
+    diffusion = pick(config.diffusion, schedule="schedule", num_train_timesteps="num_timesteps",
+                     loss="loss")
+    data = pick(config.data, dataset="dataset", data_dir="data_dir")
+    if args.download:
+        data = dataclasses.replace(data, download=True)
+    if args.no_hflip:
+        data = dataclasses.replace(data, hflip=False)
+    sample = config.sample
+    if sample.num_sample_steps > diffusion.num_train_timesteps:
+        sample = dataclasses.replace(sample, num_sample_steps=diffusion.num_train_timesteps)
+    return RunConfig(model=config.model, diffusion=diffusion, data=data, train=train, sample=sample)
+
+
+def _summary(config: RunConfig) -> str:
+    m, d, t = config.model, config.diffusion, config.train
+    stop = f"{t.steps} steps" if t.steps is not None else f"{t.minutes:g} minutes"
+    return (
+        f"model: U-Net {m.base_channels}x{list(m.channel_mults)}, {m.num_res_blocks} blocks/level, "
+        f"attention at {list(m.attention_resolutions)} px, {m.in_channels}x{m.image_size}x{m.image_size}\n"
+        f"diffusion: {d.schedule} schedule, T={d.num_train_timesteps}, {d.loss} loss\n"
+        f"training: {stop}, batch {t.batch_size}x{t.grad_accum}, lr {t.lr:g}, EMA {t.ema_decay}, "
+        f"{t.precision}, on {config.data.dataset}"
+    )
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if args.out and Path(args.out) != run_dir:
+            raise UsageError("--resume continues a run in place; drop --out or point it at the same folder")
+        if not list_checkpoints(run_dir):
+            raise UsageError(
+                f"cannot resume {run_dir}: it has no checkpoints in {run_dir / CHECKPOINT_DIR}; "
+                f"start a new run with 'ddpm train --out {run_dir}'"
+            )
+        config = resume_config(run_dir, steps=args.steps, minutes=args.minutes)
+        print(f"resuming {run_dir}")
+    else:
+        run_dir = Path(args.out or f"runs/{args.preset}")
+        if list_checkpoints(run_dir):
+            raise UsageError(
+                f"{run_dir} already holds a run; continue it with 'ddpm train --resume {run_dir}' "
+                f"or choose a new folder with --out"
+            )
+        config = _override(get_preset(args.preset), args)
+        config.model.validate()
+        if config.train.lr_schedule == "cosine" and config.train.steps is None:
+            raise UsageError("--lr-schedule cosine decays to zero at --steps: give --steps N "
+                             "instead of --minutes, or use --lr-schedule constant")
+        if config.sample.num_sample_steps > config.diffusion.num_train_timesteps:
+            raise UsageError("sampling steps exceed the training timesteps")
+    print(_summary(config))
+    print(f"parameters: {count_parameters(UNet(config.model)):,}")
+    print(f"run directory: {run_dir}  (config in {run_dir / CONFIG_FILE})")
+    result = train(config, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    print(f"trained {result.step} steps in {result.elapsed_s / 60:.1f} min, last loss {result.last_loss:.4f}")
+    print(f"checkpoint: {result.checkpoint}")
+    if result.grid is not None:
+        print(f"sample grid: {result.grid}")
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+
+    out = Path(args.out)
+    pipe = load_pipeline(args.checkpoint, device=args.device, use_ema=not args.no_ema)
+    steps = args.steps or pipe.config.sample.num_sample_steps
+    if steps > pipe.schedule.num_train_timesteps:
+        raise UsageError(
+            f"--steps {steps} is more than the model's {pipe.schedule.num_train_timesteps} "
+            f"training timesteps; use 1..{pipe.schedule.num_train_timesteps}"
+        )
+    t0 = time.perf_counter()
+    images = pipe.generate(
+        args.n, seed=args.seed, num_sample_steps=steps, variance=args.variance,
+        clip_x0=False if args.no_clip else None, batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    seconds = time.perf_counter() - t0
+    if out.suffix.lower() == ".png":
+        save_grid(images, out)
+        print(f"wrote a grid of {args.n} images to {out} ({steps} steps, {seconds:.1f} s)")
+    else:
+        save_images(images, out)
+        print(f"wrote {args.n} images to {out}/ ({steps} steps, {seconds:.1f} s)")
+    return 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    names = [args.name] if args.name else sorted(PRESETS)
+    print(json.dumps({n: get_preset(n).to_dict() for n in names}, indent=2))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (UsageError, ValueError, CheckpointError, DatasetNotFoundError) as exc:
+        print(f"ddpm {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+        print(f"ddpm {args.command}: error: cannot write {exc.filename}: {exc.strerror}; "
+              f"choose a writable path", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"ddpm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Frozen, keyword-only dataclass configs and the named presets.
+
+Strings from the command line are parsed in ``cli.py`` only; everything here is already typed.
+A run's resolved config is saved as JSON beside its checkpoints and inside each checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .models import UNetConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiffusionConfig:
+    schedule: str = "linear"
+    num_train_timesteps: int = 1000
+    loss: str = "mse"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    dataset: str = "fashion-mnist"
+    data_dir: str = "/usr/share/datasets/fashion-mnist"
+    split: str = "train"
+    hflip: bool = True
+    download: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    batch_size: int = 128
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 200
+    lr_schedule: str = "constant"  # constant | cosine (decays to 0 at ``steps``; needs steps)
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    ema_decay: float = 0.999
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)), so early EMA tracks the model
+    steps: int | None = 10_000
+    minutes: float | None = None
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
+    seed: int = 0
+    log_every: int = 50
+    sample_every: int = 1000
+    sample_n: int = 64
+    sample_steps: int = 100  # network evaluations for the in-training preview grids
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    threads: int | None = None  # torch intra-op threads; None keeps torch's default
+    device: str = "auto"
+    wandb: bool = False
+    wandb_project: str = "ddpm"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleConfig:
+    """How the run's final grid and ``ddpm sample`` draw images by default."""
+
+    num_sample_steps: int = 1000
+    variance: str = "posterior"  # the paper's sigma_t^2 = beta-tilde_t; or "beta"
+    clip_x0: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    model: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "RunConfig":
+        """Inverse of :meth:`to_dict`; unknown keys raise, so a foreign config is caught early."""
+
+        def build(cls, values: dict[str, Any]):
+            names = {f.name: f for f in dataclasses.fields(cls)}
+            unknown = set(values) - set(names)
+            if unknown:
+                raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}")
+            kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+            return cls(**kwargs)
+
+        return RunConfig(
+            model=build(UNetConfig, d.get("model", {})),
+            diffusion=build(DiffusionConfig, d.get("diffusion", {})),
+            data=build(DataConfig, d.get("data", {})),
+            train=build(TrainConfig, d.get("train", {})),
+            sample=build(SampleConfig, d.get("sample", {})),
+        )
+
+
+def _fashion_cpu() -> RunConfig:
+    # Chosen by measurement on a 2-core CPU for a ~10 minute budget: see BENCHMARKS.md.
+    return RunConfig(
+        model=UNetConfig(
+            in_channels=1,
+            image_size=28,
+            base_channels=32,
+            channel_mults=(1, 2, 2),
+            num_res_blocks=2,
+            attention_resolutions=(7,),
+            dropout=0.0,
+        ),
+        diffusion=DiffusionConfig(schedule="linear", num_train_timesteps=1000),
+        train=TrainConfig(
+            batch_size=128,
+            lr=1e-3,
+            warmup_steps=100,
+            ema_decay=0.995,
+            steps=None,
+            minutes=10.0,
+            sample_every=1000,
+            checkpoint_every=500,
+        ),
+    )
+
+
+def _tiny() -> RunConfig:
+    # Seconds per run: for smoke tests and trying the CLI, not for pretty pictures.
+    return RunConfig(
+        model=UNetConfig(
+            in_channels=1,
+            image_size=28,
+            base_channels=8,
+            channel_mults=(1, 2),
+            num_res_blocks=1,
+            attention_resolutions=(),
+            dropout=0.0,
+            norm_groups=4,
+        ),
+        diffusion=DiffusionConfig(schedule="linear", num_train_timesteps=100),
+        train=TrainConfig(
+            batch_size=16,
+            lr=1e-3,
+            warmup_steps=0,
+            ema_decay=0.9,
+            steps=20,
+            log_every=5,
+            sample_every=10,
+            sample_n=4,
+            sample_steps=10,
+            checkpoint_every=10,
+        ),
+        sample=SampleConfig(num_sample_steps=20),
+    )
+
+
+PRESETS = {
+    "fashion-cpu": _fashion_cpu,
+    "tiny": _tiny,
+}
+DEFAULT_PRESET = "fashion-cpu"
+
+
+def get_preset(name: str) -> RunConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]()

@@ -1,0 +1,231 @@
+"""The DDPM U-Net noise predictor (Ho et al. 2020, appendix B; PixelCNN++-style residual blocks).
+
+It knows nothing of noise schedules: it maps ``x_t`` ``[B, C, H, W]`` and integer timesteps ``t``
+``[B]`` to a tensor of the same shape as ``x_t``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True, kw_only=True)
+class UNetConfig:
+    """Shape of the U-Net. ``attention_resolutions`` are feature-map sizes in pixels."""
+
+    in_channels: int = 1
+    image_size: int = 28
+    base_channels: int = 64
+    channel_mults: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (7,)
+    attention_head_dim: int = 32
+    dropout: float = 0.1
+    norm_groups: int = 32
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field, its value and what would work."""
+        if self.in_channels < 1:
+            raise ValueError(f"in_channels must be at least 1, got {self.in_channels}")
+        if self.base_channels < 1 or not self.channel_mults or min(self.channel_mults) < 1:
+            raise ValueError(
+                f"base_channels and every channel multiplier must be positive, got "
+                f"{self.base_channels} and {self.channel_mults}"
+            )
+        if self.num_res_blocks < 1:
+            raise ValueError(f"num_res_blocks must be at least 1, got {self.num_res_blocks}")
+        factor = 2 ** (len(self.channel_mults) - 1)
+        if self.image_size < factor or self.image_size % factor:
+            raise ValueError(
+                f"image size {self.image_size} cannot be halved {len(self.channel_mults) - 1} "
+                f"times by a U-Net with channel_mults {self.channel_mults}: use a size divisible "
+                f"by {factor}, or fewer levels"
+            )
+        sizes = [self.image_size // 2**i for i in range(len(self.channel_mults))]
+        unused = [r for r in self.attention_resolutions if r not in sizes]
+        if unused:
+            raise ValueError(
+                f"attention resolutions {unused} match no level of this U-Net; its feature maps "
+                f"are {sizes} pixels"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    # The largest group count <= ``groups`` that divides the channels, so any width works.
+    return nn.GroupNorm(math.gcd(groups, channels), channels)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of timesteps ``[B]`` -> ``[B, dim]`` (Vaswani et al. 2017, sec. 3.5)."""
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half
+    )
+    args = t.float()[:, None] * freqs[None, :]  # [B, half]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-Conv twice, the time embedding added in between, and a skip connection."""
+
+    def __init__(self, in_ch: int, out_ch: int, time_dim: int, dropout: float, groups: int):
+        super().__init__()
+        self.norm1 = _group_norm(in_ch, groups)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.time_proj = nn.Linear(time_dim, out_ch)
+        self.norm2 = _group_norm(out_ch, groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_proj(temb)[:, :, None, None]  # [B, C] -> [B, C, 1, 1]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the H*W positions of a feature map, with a residual."""
+
+    def __init__(self, channels: int, head_dim: int, groups: int):
+        super().__init__()
+        self.heads = max(1, channels // head_dim)
+        self.norm = _group_norm(channels, groups)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x))  # [B, 3C, H, W]
+        # [B, 3C, H, W] -> [3, B, heads, H*W, C/heads]
+        qkv = qkv.reshape(b, 3, self.heads, c // self.heads, h * w).permute(1, 0, 2, 4, 3)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [B, heads, HW, C/heads]
+        out = out.transpose(2, 3).reshape(b, c, h, w)  # -> [B, C, H, W]
+        return x + self.proj(out)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _Level(nn.Module):
+    """The residual blocks (each optionally followed by attention) of one U-Net resolution."""
+
+    def __init__(self, blocks: list[ResBlock], attns: list[nn.Module]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.attns = nn.ModuleList(attns)
+
+
+class UNet(nn.Module):
+    """The DDPM noise predictor: ``forward(x_t [B, C, H, W], t [B]) -> eps_pred [B, C, H, W]``."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        ch = config.base_channels
+        time_dim = 4 * ch
+        groups = config.norm_groups
+        self.time_mlp = nn.Sequential(nn.Linear(ch, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
+        self.conv_in = nn.Conv2d(config.in_channels, ch, 3, padding=1)
+
+        def attention(channels: int, size: int) -> nn.Module:
+            if size in config.attention_resolutions:
+                return AttentionBlock(channels, config.attention_head_dim, groups)
+            return nn.Identity()
+
+        # Down path: remember each block's output channels for the skip connections.
+        skip_channels = [ch]
+        self.down_levels = nn.ModuleList()
+        self.downsamples = nn.ModuleList()
+        size, cur = config.image_size, ch
+        for level, mult in enumerate(config.channel_mults):
+            out = ch * mult
+            blocks, attns = [], []
+            for _ in range(config.num_res_blocks):
+                blocks.append(ResBlock(cur, out, time_dim, config.dropout, groups))
+                attns.append(attention(out, size))
+                cur = out
+                skip_channels.append(cur)
+            self.down_levels.append(_Level(blocks, attns))
+            if level < len(config.channel_mults) - 1:
+                self.downsamples.append(Downsample(cur))
+                skip_channels.append(cur)
+                size //= 2
+
+        self.mid_block1 = ResBlock(cur, cur, time_dim, config.dropout, groups)
+        self.mid_attn = AttentionBlock(cur, config.attention_head_dim, groups)
+        self.mid_block2 = ResBlock(cur, cur, time_dim, config.dropout, groups)
+
+        # Up path: one more block per level than on the way down, each eating one skip.
+        self.up_levels = nn.ModuleList()
+        self.upsamples = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(config.channel_mults))):
+            out = ch * mult
+            blocks, attns = [], []
+            for _ in range(config.num_res_blocks + 1):
+                blocks.append(ResBlock(cur + skip_channels.pop(), out, time_dim, config.dropout, groups))
+                attns.append(attention(out, size))
+                cur = out
+            self.up_levels.append(_Level(blocks, attns))
+            if level > 0:
+                self.upsamples.append(Upsample(cur))
+                size *= 2
+
+        self.norm_out = _group_norm(cur, groups)
+        self.conv_out = nn.Conv2d(cur, config.in_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        temb = self.time_mlp(timestep_embedding(t, self.config.base_channels))  # [B, 4ch]
+        h = self.conv_in(x)
+        skips = [h]
+        for i, level in enumerate(self.down_levels):
+            for block, attn in zip(level.blocks, level.attns):
+                h = attn(block(h, temb))
+                skips.append(h)
+            if i < len(self.downsamples):
+                h = self.downsamples[i](h)
+                skips.append(h)
+        h = self.mid_block2(self.mid_attn(self.mid_block1(h, temb)), temb)
+        for i, level in enumerate(self.up_levels):
+            for block, attn in zip(level.blocks, level.attns):
+                h = attn(block(torch.cat([h, skips.pop()], dim=1), temb))
+            if i < len(self.upsamples):
+                h = self.upsamples[i](h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,153 @@
+"""Load a trained model from a checkpoint and generate images with it, in batches.
+
+This is the small Python API behind ``ddpm sample``::
+
+    from ddpm.pipeline import load_pipeline
+    pipe = load_pipeline("runs/demo")          # a run directory or a .pt checkpoint
+    images = pipe.generate(16, seed=0)         # [16, 1, 28, 28] in [-1, 1]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import load_run_or_file
+from .config import RunConfig
+from .models import UNet
+from .samplers import StepCallback, ancestral_sample, initial_noise, make_timesteps
+from .schedules import NoiseSchedule, make_schedule
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` is CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but CUDA is not available; use cpu or auto")
+    return device
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` is bf16 on CUDA and fp32 on a CPU, where bf16 autocast measured ~10x slower
+    (BENCHMARKS.md); the others are returned as given."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context for ``precision`` (auto | bf16 | fp16 | fp32) on ``device``."""
+    precision = resolve_precision(precision, device)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs a CUDA device; on a CPU use bf16 or fp32")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@dataclass
+class Pipeline:
+    """A trained noise predictor (the EMA weights by default) with its schedule and config."""
+
+    model: UNet
+    schedule: NoiseSchedule
+    config: RunConfig
+    step: int
+    device: torch.device
+    precision: str = "fp32"
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        n: int,
+        *,
+        seed: int = 0,
+        num_sample_steps: int | None = None,
+        variance: str | None = None,
+        clip_x0: bool | None = None,
+        batch_size: int = 256,
+        callback: StepCallback | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Generate ``n`` images ``[n, C, H, W]`` in [-1, 1] with ancestral sampling.
+
+        The same ``seed`` and ``batch_size`` give the same images: all noise comes from one
+        generator seeded with ``seed``, drawn batch after batch.
+        """
+        defaults = self.config.sample
+        steps = num_sample_steps or defaults.num_sample_steps
+        timesteps = make_timesteps(self.schedule.num_train_timesteps, steps)
+        generator = torch.Generator("cpu").manual_seed(seed)
+        mc = self.config.model
+        out = []
+        bar = tqdm(total=n * len(timesteps), unit="eval", unit_scale=True, disable=not progress,
+                   desc="sampling")
+
+        def denoiser(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            with autocast(self.device, self.precision):
+                eps = self.model(x_t, t)
+            bar.update(x_t.shape[0])
+            return eps.float()
+
+        self.model.eval()
+        for start in range(0, n, batch_size):
+            b = min(batch_size, n - start)
+            x_T = initial_noise((b, mc.in_channels, mc.image_size, mc.image_size), generator, self.device)
+            out.append(
+                ancestral_sample(
+                    denoiser,
+                    self.schedule,
+                    x_T,
+                    timesteps,
+                    generator=generator,
+                    variance=variance or defaults.variance,
+                    clip_x0=defaults.clip_x0 if clip_x0 is None else clip_x0,
+                    callback=callback,
+                ).cpu()
+            )
+        bar.close()
+        return torch.cat(out)
+
+
+def build_model(config: RunConfig) -> UNet:
+    return UNet(config.model)
+
+
+def build_schedule(config: RunConfig) -> NoiseSchedule:
+    return make_schedule(config.diffusion.schedule, config.diffusion.num_train_timesteps)
+
+
+def load_pipeline(
+    run_or_checkpoint: str | os.PathLike,
+    *,
+    device: str = "auto",
+    use_ema: bool = True,
+    precision: str = "fp32",
+) -> Pipeline:
+    """Load the newest checkpoint of a run directory, or the given checkpoint file."""
+    dev = resolve_device(device)
+    path, state = load_run_or_file(run_or_checkpoint)
+    config = RunConfig.from_dict(state["config"])
+    model = build_model(config)
+    try:
+        model.load_state_dict(state["ema" if use_ema else "model"])
+    except RuntimeError as exc:
+        raise ValueError(
+            f"{Path(path)} holds weights that do not fit its own config "
+            f"({str(exc).splitlines()[0]})"
+        ) from None
+    model.to(dev).eval().requires_grad_(False)
+    return Pipeline(model, build_schedule(config), config, int(state["step"]), dev, precision)

@@ -1,0 +1,167 @@
+"""Beta schedules and the frozen noise schedule every other module reads from.
+
+Notation (Ho et al. 2020): ``beta_t`` is the variance added at step t, ``alpha_t = 1 - beta_t`` and
+``alpha_bar_t = prod_{s<=t} alpha_s``. Index ``i`` of every ``[T]`` tensor holds the value at the
+paper's time ``t = i + 1``, so ``t`` is an int64 in ``0 .. T-1`` throughout the package.
+
+Everything is computed once in float64 and cast only where it is used, so that products like
+``alpha_bar`` (which reach 4e-5 at T = 1000) keep their precision.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+
+SCHEDULES = ("linear", "cosine", "sigmoid", "quadratic")
+
+# Ho et al. 2020, section 4: beta_1 = 1e-4 ... beta_T = 0.02 at T = 1000.
+_LINEAR_START = 1e-4
+_LINEAR_END = 0.02
+# Nichol & Dhariwal 2021, eq. 17: offset s and the clip that avoids a singularity at t = T.
+_COSINE_S = 0.008
+_MAX_BETA = 0.999
+
+
+def linear_betas(num_train_timesteps: int) -> torch.Tensor:
+    """Ho et al. 2020's linear betas, rescaled by 1000/T so any T spans the same total noise."""
+    scale = 1000.0 / num_train_timesteps
+    return torch.linspace(
+        scale * _LINEAR_START, scale * _LINEAR_END, num_train_timesteps, dtype=torch.float64
+    )
+
+
+def quadratic_betas(num_train_timesteps: int) -> torch.Tensor:
+    """Betas whose square roots are linear between the linear schedule's endpoints."""
+    scale = 1000.0 / num_train_timesteps
+    root = torch.linspace(
+        math.sqrt(scale * _LINEAR_START),
+        math.sqrt(scale * _LINEAR_END),
+        num_train_timesteps,
+        dtype=torch.float64,
+    )
+    return root**2
+
+
+def _betas_from_alpha_bar(alpha_bar: torch.Tensor) -> torch.Tensor:
+    """beta_t = 1 - alpha_bar(t) / alpha_bar(t-1) from a ``[T+1]`` alpha_bar on 0..T, clipped."""
+    return (1.0 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=_MAX_BETA)
+
+
+def cosine_alpha_bar(u: torch.Tensor, s: float = _COSINE_S) -> torch.Tensor:
+    """Nichol & Dhariwal 2021, eq. 17: alpha_bar(u) = f(u) / f(0), f(u) = cos^2((u + s)/(1 + s) pi/2).
+
+    ``u = t / T`` in [0, 1].
+    """
+    f = torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+    f0 = math.cos(s / (1 + s) * math.pi / 2) ** 2
+    return f / f0
+
+
+def cosine_betas(num_train_timesteps: int) -> torch.Tensor:
+    u = torch.arange(num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
+    return _betas_from_alpha_bar(cosine_alpha_bar(u))
+
+
+def sigmoid_betas(
+    num_train_timesteps: int, start: float = -3.0, end: float = 3.0, tau: float = 1.0
+) -> torch.Tensor:
+    """Sigmoid alpha_bar schedule (Jabri et al. 2022, as in denoising-diffusion-pytorch).
+
+    alpha_bar(u) falls from 1 to 0 along a sigmoid over [start, end]; suits images above 64 px.
+    """
+    u = torch.arange(num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
+    v_start = torch.sigmoid(torch.tensor(start / tau, dtype=torch.float64))
+    v_end = torch.sigmoid(torch.tensor(end / tau, dtype=torch.float64))
+    alpha_bar = (v_end - torch.sigmoid((u * (end - start) + start) / tau)) / (v_end - v_start)
+    return _betas_from_alpha_bar(alpha_bar)
+
+
+_BETA_FUNCTIONS = {
+    "linear": linear_betas,
+    "cosine": cosine_betas,
+    "sigmoid": sigmoid_betas,
+    "quadratic": quadratic_betas,
+}
+
+
+@dataclass(frozen=True, eq=False)
+class NoiseSchedule:
+    """Every quantity of the forward process and posterior, ``[T]`` float64 tensors on the CPU.
+
+    Build it with :func:`make_schedule`; read values at a batch of steps with :func:`extract`.
+    """
+
+    name: str
+    betas: torch.Tensor
+    alphas: torch.Tensor
+    alphas_cumprod: torch.Tensor  # alpha_bar_t
+    alphas_cumprod_prev: torch.Tensor  # alpha_bar_{t-1}, with alpha_bar_0 = 1
+    sqrt_alphas_cumprod: torch.Tensor
+    sqrt_one_minus_alphas_cumprod: torch.Tensor
+    sqrt_recip_alphas_cumprod: torch.Tensor
+    sqrt_recipm1_alphas_cumprod: torch.Tensor
+    posterior_variance: torch.Tensor  # beta-tilde_t, eq. 7
+    posterior_log_variance_clipped: torch.Tensor
+    posterior_mean_coef1: torch.Tensor  # multiplies x0 in eq. 7
+    posterior_mean_coef2: torch.Tensor  # multiplies x_t in eq. 7
+    log_snr: torch.Tensor  # log(alpha_bar / (1 - alpha_bar))
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.betas.shape[0])
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                # Frozen: nobody may train, move or edit the schedule in place.
+                value.requires_grad_(False)
+
+
+def make_schedule(name: str = "linear", num_train_timesteps: int = 1000) -> NoiseSchedule:
+    """Build the frozen float64 schedule ``name`` with ``num_train_timesteps`` steps."""
+    if name not in _BETA_FUNCTIONS:
+        raise ValueError(
+            f"unknown noise schedule {name!r}; choose one of {', '.join(SCHEDULES)}"
+        )
+    if num_train_timesteps < 2:
+        raise ValueError(
+            f"num_train_timesteps must be at least 2, got {num_train_timesteps}"
+        )
+    betas = _BETA_FUNCTIONS[name](num_train_timesteps)
+    alphas = 1.0 - betas
+    alphas_cumprod = torch.cumprod(alphas, dim=0)
+    alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    # Eq. 7: beta-tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) * beta_t.
+    posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+    # beta-tilde_1 = 0; its log is clipped to beta-tilde_2's, as in Ho et al.'s code.
+    posterior_log_variance_clipped = torch.log(
+        torch.cat([posterior_variance[1:2], posterior_variance[1:]])
+    )
+    return NoiseSchedule(
+        name=name,
+        betas=betas,
+        alphas=alphas,
+        alphas_cumprod=alphas_cumprod,
+        alphas_cumprod_prev=alphas_cumprod_prev,
+        sqrt_alphas_cumprod=alphas_cumprod.sqrt(),
+        sqrt_one_minus_alphas_cumprod=(1.0 - alphas_cumprod).sqrt(),
+        sqrt_recip_alphas_cumprod=(1.0 / alphas_cumprod).sqrt(),
+        sqrt_recipm1_alphas_cumprod=(1.0 / alphas_cumprod - 1.0).sqrt(),
+        posterior_variance=posterior_variance,
+        posterior_log_variance_clipped=posterior_log_variance_clipped,
+        # Eq. 7: mu-tilde = coef1 * x0 + coef2 * x_t.
+        posterior_mean_coef1=betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
+        posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
+        log_snr=torch.log(alphas_cumprod) - torch.log1p(-alphas_cumprod),
+    )
+
+
+def extract(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Take ``values[t]`` for a batch ``t`` ``[B]`` and shape it ``[B, 1, ..., 1]`` to broadcast
+    against ``like`` ``[B, C, H, W]``, in ``like``'s dtype and device (the one broadcasting helper)."""
+    out = values[t.cpu()].to(device=like.device, dtype=like.dtype)
+    return out.reshape(t.shape[0], *([1] * (like.dim() - 1)))

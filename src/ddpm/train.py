@@ -1,0 +1,338 @@
+"""Training: one ``train_step``, a loop you can read top to bottom, the EMA, and resume.
+
+Everything random comes from two generators saved in every checkpoint (data order and flips;
+timesteps and noise) plus torch's global RNG (dropout), so a resumed run makes exactly the updates
+the uninterrupted run would have made.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoint import atomic_write_bytes, load_run_or_file, save_checkpoint
+from .config import RunConfig
+from .data import BatchStream, load_dataset
+from .diffusion import training_loss
+from .models import count_parameters
+from .pipeline import Pipeline, autocast, build_model, build_schedule, resolve_device
+from .schedules import NoiseSchedule
+from .viz import save_grid
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+PREVIEW_SEED = 1234  # fixed noise, so successive preview grids show the same samples improving
+
+
+class EMA:
+    """Exponential moving average of a model's weights (Polyak averaging), sampled from."""
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        self.warmup = warmup
+        self.num_updates = 0
+
+    def current_decay(self) -> float:
+        if not self.warmup:
+            return self.decay
+        # Short memory while the weights move fast early on: (1 + n) / (10 + n).
+        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        decay = self.current_decay()
+        ema_params = list(self.model.parameters())
+        params = [p.detach() for p in model.parameters()]
+        # ema <- ema + (1 - decay) (param - ema)
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        for ema_b, b in zip(self.model.buffers(), model.buffers()):
+            ema_b.copy_(b)
+        self.num_updates += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"num_updates": self.num_updates}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    checkpoint: Path
+    grid: Path | None
+    elapsed_s: float
+    last_loss: float
+
+
+class _Loggers:
+    """The metrics JSONL file, TensorBoard, and Weights & Biases when asked for."""
+
+    def __init__(self, run_dir: Path, config: RunConfig, resume_step: int | None):
+        self.path = run_dir / METRICS_FILE
+        if resume_step is not None and self.path.exists():
+            # Drop lines logged after the checkpoint we resume from: they will be logged again.
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
+            atomic_write_bytes(("\n".join(kept) + "\n" if kept else "").encode(), self.path)
+        self.file = open(self.path, "a", buffering=1)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
+        self.wandb = None
+        if config.train.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError(
+                    "--wandb needs the wandb package: pip install wandb (or drop --wandb)"
+                ) from None
+            self.wandb = wandb.init(
+                project=config.train.wandb_project, config=config.to_dict(), dir=str(run_dir),
+                resume="allow",
+            )
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        for k, v in metrics.items():
+            self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        self.file.close()
+        self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(config: RunConfig, step: int) -> float:
+    """Linear warm-up over ``warmup_steps``, then constant (Ho et al. 2020) or a cosine decay
+    to zero at ``steps`` (Loshchilov & Hutter 2017), which helps short runs end sharper."""
+    tc = config.train
+    lr = tc.lr * min(1.0, (step + 1) / tc.warmup_steps) if tc.warmup_steps > 0 else tc.lr
+    if tc.lr_schedule == "cosine" and tc.steps is not None and step >= tc.warmup_steps:
+        progress = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
+        lr *= 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return lr
+
+
+def train_step(
+    model: nn.Module,
+    schedule: NoiseSchedule,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    batches: list[torch.Tensor],
+    *,
+    generator: torch.Generator,
+    config: RunConfig,
+    device: torch.device,
+    lr: float,
+) -> tuple[float, float]:
+    """One optimiser update over ``batches`` (gradient accumulation); returns (loss, grad norm)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for x0 in batches:
+        with autocast(device, config.train.precision):
+            loss = training_loss(model, schedule, x0.to(device), generator=generator,
+                                 loss=config.diffusion.loss)
+        loss = loss / len(batches)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += loss.item()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return total, float(grad_norm)
+
+
+def _rng_state(noise_gen: torch.Generator, stream: BatchStream) -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "noise": noise_gen.get_state(),
+        "data": stream.generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], noise_gen: torch.Generator, stream: BatchStream) -> None:
+    torch.set_rng_state(state["torch"])
+    noise_gen.set_state(state["noise"])
+    stream.generator.set_state(state["data"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def preview(pipe: Pipeline, n: int, steps: int, path: Path) -> Path:
+    """A grid of ``n`` EMA samples from fixed noise, with ``steps`` respaced ancestral steps."""
+    return save_grid(pipe.generate(n, seed=PREVIEW_SEED, num_sample_steps=steps), path)
+
+
+def train(
+    config: RunConfig,
+    run_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    final_grid: bool = True,
+) -> TrainResult:
+    """Train (or, with ``resume=True``, continue training) the run in ``run_dir``.
+
+    A new run writes ``config.json``; a resumed run reads its state from the newest checkpoint
+    and trains to ``config.train.steps`` in total (or for ``config.train.minutes`` more minutes).
+    """
+    run_dir = Path(run_dir)
+    tc = config.train
+    device = resolve_device(tc.device)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    torch.manual_seed(tc.seed)
+    schedule = build_schedule(config)
+    model = build_model(config).to(device)
+    ema = EMA(model, tc.ema_decay, tc.ema_warmup)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay
+    )
+    autocast(device, tc.precision)  # fails early, with a message, on fp16 without CUDA
+    scaler = torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None
+
+    data = load_dataset(config.data.dataset, config.data.data_dir, config.data.split,
+                        download=config.data.download)
+    if tuple(data.images.shape[1:]) != (config.model.in_channels, config.model.image_size,
+                                         config.model.image_size):
+        raise ValueError(
+            f"dataset {data.name} holds images of shape {tuple(data.images.shape[1:])} but the "
+            f"model expects ({config.model.in_channels}, {config.model.image_size}, "
+            f"{config.model.image_size}); set the channels and image size to match"
+        )
+    stream = BatchStream(data, tc.batch_size, hflip=config.data.hflip,
+                         generator=torch.Generator().manual_seed(tc.seed))
+    noise_gen = torch.Generator(device).manual_seed(tc.seed + 1)
+
+    step, elapsed_before = 0, 0.0
+    if resume:
+        _, state = load_run_or_file(run_dir, map_location=device)
+        model.load_state_dict(state["model"])
+        ema.model.load_state_dict(state["ema"])
+        ema.num_updates = state["ema_state"]["num_updates"]
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        stream.load_state_dict(state["data_stream"])
+        _set_rng_state(state["rng"], noise_gen, stream)
+        step, elapsed_before = int(state["step"]), float(state["elapsed_s"])
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(json.dumps(config.to_dict(), indent=2).encode(), run_dir / CONFIG_FILE)
+
+    pipe = Pipeline(ema.model, schedule, config, step, device)
+    loggers = _Loggers(run_dir, config, step if resume else None)
+
+    def checkpoint() -> Path:
+        return save_checkpoint(
+            {
+                "step": step,
+                "elapsed_s": elapsed_before + (time.perf_counter() - start),
+                "config": config.to_dict(),
+                "model": model.state_dict(),
+                "ema": ema.model.state_dict(),
+                "ema_state": ema.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "data_stream": stream.state_dict(),
+                "rng": _rng_state(noise_gen, stream),
+                "num_params": count_parameters(model),
+            },
+            run_dir,
+            keep=tc.keep_checkpoints,
+        )
+
+    def done() -> bool:
+        if tc.steps is not None and step >= tc.steps:
+            return True
+        return tc.minutes is not None and time.perf_counter() - start >= 60.0 * tc.minutes
+
+    start = time.perf_counter()
+    bar = tqdm(total=tc.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True,
+               desc="training")
+    ckpt_path = None
+    window_images, window_start, loss = 0, time.perf_counter(), float("nan")
+    model.train()
+    try:
+        finished = done()
+        while not finished:
+            batches = [stream.next() for _ in range(tc.grad_accum)]
+            loss, grad_norm = train_step(
+                model, schedule, optimizer, scaler, batches, generator=noise_gen, config=config,
+                device=device, lr=learning_rate(config, step),
+            )
+            if not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"the loss became {loss} at step {step + 1}; the last checkpoint is intact. "
+                    f"Lower the learning rate (now {tc.lr}) or use --precision fp32"
+                )
+            ema.update(model)
+            step += 1
+            window_images += tc.batch_size * tc.grad_accum
+            bar.update(1)
+            finished = done()
+            if step % tc.log_every == 0 or step == 1 or finished:
+                now = time.perf_counter()
+                images_per_s = window_images / max(now - window_start, 1e-9)
+                loggers.log(step, {
+                    "loss": loss, "grad_norm": grad_norm, "lr": learning_rate(config, step - 1),
+                    "images_per_s": images_per_s, "elapsed_s": elapsed_before + now - start,
+                })
+                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.0f}")
+                window_images, window_start = 0, now
+            if tc.sample_every and step % tc.sample_every == 0:
+                preview(pipe, tc.sample_n, tc.sample_steps, run_dir / "samples" / f"step-{step:08d}.png")
+                model.train()
+            if tc.checkpoint_every and step % tc.checkpoint_every == 0:
+                ckpt_path = checkpoint()
+        if ckpt_path is None or not ckpt_path.name.endswith(f"{step:08d}.pt"):
+            ckpt_path = checkpoint()
+    finally:
+        bar.close()
+        loggers.close()
+    grid = None
+    if final_grid:
+        grid = save_grid(
+            pipe.generate(tc.sample_n, seed=PREVIEW_SEED, progress=progress), run_dir / "grid.png"
+        )
+    return TrainResult(run_dir, step, ckpt_path, grid, elapsed_before + time.perf_counter() - start,
+                       loss)
+
+
+def resume_config(run_dir: str | os.PathLike, *, steps: int | None = None,
+                  minutes: float | None = None) -> RunConfig:
+    """The config a run was trained with, its stopping rule replaced when ``steps`` or ``minutes``
+    is given (steps count from the start of the run; minutes from now)."""
+    _, state = load_run_or_file(run_dir)
+    config = RunConfig.from_dict(state["config"])
+    if steps is not None or minutes is not None:
+        config = replace(config, train=replace(config.train, steps=steps, minutes=minutes))
+    return config

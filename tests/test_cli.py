@@ -1,0 +1,109 @@
+"""End-to-end runs of the ``ddpm`` command, as a user types it."""
+
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+
+def ddpm(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "ddpm", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, fake_fashion):
+    run = tmp_path_factory.mktemp("cli") / "run"
+    r = ddpm("train", "--preset", "tiny", "--steps", 6, "--out", run, "--data-dir", fake_fashion,
+             "--checkpoint-every", 3, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    return run, r.stdout
+
+
+def test_train_writes_checkpoint_grid_and_logs(trained_run):
+    run, stdout = trained_run
+    assert (run / "checkpoints/ckpt-00000006.pt").is_file()
+    assert (run / "checkpoints/ckpt-00000003.pt").is_file()
+    assert (run / "config.json").is_file() and (run / "metrics.jsonl").is_file()
+    assert any((run / "tensorboard").iterdir())
+    grid = Image.open(run / "grid.png")
+    assert grid.size[0] > 28 and grid.size[1] > 28
+    assert "checkpoint:" in stdout and "sample grid:" in stdout
+
+
+def test_sample_to_folder_and_grid(trained_run, tmp_path):
+    run, _ = trained_run
+    r = ddpm("sample", run, "--n", 3, "--out", tmp_path / "imgs", "--steps", 5, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    files = sorted((tmp_path / "imgs").glob("*.png"))
+    assert len(files) == 3 and Image.open(files[0]).size == (28, 28)
+    r = ddpm("sample", run / "checkpoints/ckpt-00000003.pt", "--n", 4, "--out",
+             tmp_path / "g.png", "--steps", 5, "--seed", 1, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "g.png").size == (2 * 28 + 3 * 2, 2 * 28 + 3 * 2)
+
+
+def test_same_seed_same_images(trained_run, tmp_path):
+    run, _ = trained_run
+    for name in ("a.png", "b.png"):
+        assert ddpm("sample", run, "--n", 4, "--out", tmp_path / name, "--steps", 4, "--seed", 3,
+                    "--no-progress").returncode == 0
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+def test_resume_continues_the_run(trained_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0], run)
+    r = ddpm("train", "--resume", run, "--steps", 9, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stdout and (run / "checkpoints/ckpt-00000009.pt").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--steps", "-3"], "expected a number >= 1, got -3"),
+        (["train", "--steps", "5", "--minutes", "2"], "not allowed with argument"),
+        (["train", "--preset", "huge"], "invalid choice: 'huge'"),
+        (["train", "--schedule", "cosin"], "invalid choice: 'cosin'"),
+        (["sample", "/no/such/run", "--out", "x.png"], "neither a checkpoint file nor a run"),
+        (["train", "--resume", "/no/such/run"], "has no checkpoints"),
+        (["train", "--preset", "tiny", "--data-dir", "/no/such/dir", "--out", "{tmp}/r"],
+         "apt-get install dataset-fashion-mnist"),
+        (["train", "--preset", "tiny", "--precision", "fp16", "--device", "cpu", "--out", "{tmp}/r"],
+         "fp16 needs a CUDA device"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(args, message, tmp_path):
+    r = ddpm(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert message in lines[0]
+
+
+def test_existing_run_is_not_overwritten(trained_run):
+    run, _ = trained_run
+    before = (run / "checkpoints/ckpt-00000006.pt").read_bytes()
+    r = ddpm("train", "--preset", "tiny", "--out", run, "--steps", 2)
+    assert r.returncode == 2 and "--resume" in r.stderr
+    assert (run / "checkpoints/ckpt-00000006.pt").read_bytes() == before
+
+
+def test_sample_steps_beyond_T_is_refused(trained_run, tmp_path):
+    r = ddpm("sample", trained_run[0], "--n", 1, "--steps", 5000, "--out", tmp_path / "x.png")
+    assert r.returncode == 2 and "more than the model's 100 training timesteps" in r.stderr
+
+
+def test_help_explains_every_option():
+    r = ddpm("train", "--help")
+    assert r.returncode == 0
+    for option in ("--preset", "--steps", "--minutes", "--out", "--resume", "--checkpoint-every",
+                   "--precision", "--lr", "--ema-decay"):
+        assert option in r.stdout
+    assert "default" in r.stdout
+    assert ddpm("sample", "--help").returncode == 0 and ddpm("--help").returncode == 0

@@ -1,0 +1,122 @@
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from ddpm import get_preset, train
+from ddpm.checkpoint import (CheckpointError, atomic_save, list_checkpoints, load_checkpoint,
+                             load_run_or_file, save_checkpoint)
+from ddpm.diffusion import q_sample
+from ddpm.models import UNet, UNetConfig
+from ddpm.schedules import make_schedule
+from ddpm.train import EMA, resume_config
+
+
+def tiny_config(data_dir, **train_overrides):
+    c = get_preset("tiny")
+    return dataclasses.replace(
+        c,
+        model=dataclasses.replace(c.model, dropout=0.1),  # exercise the global RNG on resume
+        data=dataclasses.replace(c.data, data_dir=str(data_dir), hflip=True),
+        train=dataclasses.replace(c.train, **{"sample_every": 0, **train_overrides}),
+    )
+
+
+def test_tiny_model_overfits_one_batch():
+    """Same x0, t and noise every step: a working model + optimiser drives the loss far down."""
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
+                            attention_resolutions=(), dropout=0.0, norm_groups=4))
+    schedule = make_schedule("linear", 1000)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(8, 1, 28, 28, generator=g) * 2 - 1
+    t = torch.randint(0, 1000, (8,), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    x_t = q_sample(schedule, x0, t, eps)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(300):
+        loss = ((model(x_t, t) - eps) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > 0.9  # the zero-initialised output predicts 0: loss = E[eps^2] ~ 1
+    assert losses[-1] < losses[0] / 20
+
+
+def test_ema_follows_the_closed_form():
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = EMA(model, decay=0.9, warmup=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    for _ in range(5):
+        ema.update(model)
+    # after n updates towards a constant 1 from 0: 1 - decay^n
+    assert ema.model.weight.item() == pytest.approx(1 - 0.9**5)
+
+
+def _weights(run_dir):
+    _, state = load_run_or_file(run_dir)
+    return state
+
+
+def test_resume_is_bit_identical(tmp_path, fake_fashion):
+    n = 8
+    full = train(tiny_config(fake_fashion, steps=n, checkpoint_every=0), tmp_path / "full",
+                 progress=False, final_grid=False)
+    train(tiny_config(fake_fashion, steps=n // 2, checkpoint_every=0), tmp_path / "split",
+          progress=False, final_grid=False)
+    resumed = train(resume_config(tmp_path / "split", steps=n), tmp_path / "split", resume=True,
+                    progress=False, final_grid=False)
+    assert full.step == resumed.step == n
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "split")
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
+    opt_a, opt_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"]) for i in opt_a)
+    # the metrics log holds each step once, even across the resume
+    steps = [json.loads(s)["step"] for s in (tmp_path / "split/metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == n
+
+
+def test_checkpoint_holds_everything_and_keeps_the_newest(tmp_path, fake_fashion):
+    train(tiny_config(fake_fashion, steps=6, checkpoint_every=2, keep_checkpoints=2),
+          tmp_path / "run", progress=False, final_grid=False)
+    names = [p.name for p in list_checkpoints(tmp_path / "run")]
+    assert names == ["ckpt-00000006.pt", "ckpt-00000004.pt"]
+    state = load_checkpoint(tmp_path / "run/checkpoints/ckpt-00000006.pt")
+    for key in ("model", "ema", "optimizer", "scaler", "step", "config", "rng", "data_stream",
+                "elapsed_s", "format_version"):
+        assert key in state
+    assert state["step"] == 6 and state["config"]["train"]["steps"] == 6
+
+
+def test_interrupted_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    atomic_save({"format_version": 1, "config": {}, "value": torch.arange(3)}, path)
+
+    def torch_save_that_dies(obj, f):
+        f.write(b"PK\x03\x04 half a zip file")  # some bytes reach the disk, then the process dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("ddpm.checkpoint.torch.save", torch_save_that_dies)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"value": torch.arange(5)}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["value"], torch.arange(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"], "temporary file left behind"
+
+
+def test_newest_unloadable_checkpoint_falls_back(tmp_path):
+    save_checkpoint({"step": 1, "config": {}}, tmp_path)
+    newest = save_checkpoint({"step": 2, "config": {}}, tmp_path)
+    newest.write_bytes(newest.read_bytes()[:50])  # e.g. a disk that lost the file's tail
+    path, state = load_run_or_file(tmp_path)
+    assert state["step"] == 1 and path.name == "ckpt-00000001.pt"
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(newest)
