@@ -1,6 +1,6 @@
 """Speed figures of a preset on this machine: parameters, training images/s, time to sample 64.
 
-    python benchmarks/default_preset.py [--preset fashion-cpu] [--train-steps 30]
+    python benchmarks/default_preset.py [--preset fashion-cpu] [--train-steps 30] [--precision bf16]
 
 Training images/s times whole optimiser steps (forward, backward, clip, AdamW, EMA) on real
 Fashion-MNIST batches after 3 warm-up steps. Sampling times 64 images with the preset's default
@@ -11,6 +11,7 @@ does not depend on them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import time
@@ -29,9 +30,13 @@ def main() -> None:
     ap.add_argument("--preset", default="fashion-cpu")
     ap.add_argument("--train-steps", type=int, default=30)
     ap.add_argument("--sample-steps", type=int, nargs="*", default=[1000, 250])
+    ap.add_argument("--precision", default=None, help="override the preset's precision")
     args = ap.parse_args()
 
     config = get_preset(args.preset)
+    if args.precision:
+        config = dataclasses.replace(
+            config, train=dataclasses.replace(config.train, precision=args.precision))
     device = resolve_device(config.train.device)
     schedule = build_schedule(config)
     model = build_model(config).to(device)
@@ -54,7 +59,7 @@ def main() -> None:
         step()
     train_ips = args.train_steps * config.train.batch_size / (time.perf_counter() - t0)
 
-    pipe = Pipeline(ema.model, schedule, config, 0, device)
+    pipe = Pipeline(ema.model, schedule, config, 0, device, config.train.precision)
     sample_s = {}
     for steps in args.sample_steps:
         t0 = time.perf_counter()
@@ -63,6 +68,7 @@ def main() -> None:
 
     print(json.dumps({
         "preset": args.preset,
+        "precision": config.train.precision,
         "params": count_parameters(model),
         "train_images_per_s": round(train_ips, 1),
         "seconds_to_sample_64": sample_s,

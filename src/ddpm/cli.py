@@ -40,24 +40,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
-    return value
+def _int_at_least(minimum: int):
+    """An argparse type: a whole number >= ``minimum``, with a message naming the bad value."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a number >= {minimum}, got {value}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return value
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
 
 
 def _positive_float(text: str) -> float:
@@ -248,11 +247,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"resuming {run_dir}")
     else:
         run_dir = Path(args.out or f"runs/{args.preset}")
-        if list_checkpoints(run_dir):
-            raise UsageError(
-                f"{run_dir} already holds a run; continue it with 'ddpm train --resume {run_dir}' "
-                f"or choose a new folder with --out"
-            )
         config = _override(get_preset(args.preset), args)
         config.model.validate()
         if config.train.lr_schedule == "cosine" and config.train.steps is None:
@@ -315,6 +309,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ddpm {args.command}: error: cannot write {exc.filename}: {exc.strerror}; "
               f"choose a writable path", file=sys.stderr)
         return EXIT_USAGE
+    except FloatingPointError as exc:  # training diverged: not a usage error, but no traceback
+        print(f"ddpm {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"ddpm {args.command}: interrupted", file=sys.stderr)
         return 130

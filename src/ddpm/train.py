@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write_bytes, load_run_or_file, save_checkpoint
+from .checkpoint import atomic_write_bytes, list_checkpoints, load_run_or_file, save_checkpoint
 from .config import RunConfig
 from .data import BatchStream, load_dataset
 from .diffusion import training_loss
@@ -233,6 +233,11 @@ def train(
     noise_gen = torch.Generator(device).manual_seed(tc.seed + 1)
 
     step, elapsed_before = 0, 0.0
+    if not resume and list_checkpoints(run_dir):
+        raise ValueError(
+            f"{run_dir} already holds a run; continue it with 'ddpm train --resume {run_dir}' "
+            f"(train(..., resume=True) in Python) or choose a new folder"
+        )
     if resume:
         _, state = load_run_or_file(run_dir, map_location=device)
         model.load_state_dict(state["model"])
@@ -251,7 +256,11 @@ def train(
     pipe = Pipeline(ema.model, schedule, config, step, device)
     loggers = _Loggers(run_dir, config, step if resume else None)
 
+    saved_step = None
+
     def checkpoint() -> Path:
+        nonlocal saved_step
+        saved_step = step
         return save_checkpoint(
             {
                 "step": step,
@@ -306,14 +315,18 @@ def train(
                     "loss": loss, "grad_norm": grad_norm, "lr": learning_rate(config, step - 1),
                     "images_per_s": images_per_s, "elapsed_s": elapsed_before + now - start,
                 })
-                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.0f}")
+                postfix = {"loss": f"{loss:.4f}", "img_s": f"{images_per_s:.0f}"}
+                if tc.minutes is not None:
+                    postfix["min_left"] = f"{max(0.0, tc.minutes - (now - start) / 60):.1f}"
+                bar.set_postfix(postfix)
                 window_images, window_start = 0, now
+            side_start = time.perf_counter()
             if tc.sample_every and step % tc.sample_every == 0:
                 preview(pipe, tc.sample_n, tc.sample_steps, run_dir / "samples" / f"step-{step:08d}.png")
-                model.train()
             if tc.checkpoint_every and step % tc.checkpoint_every == 0:
                 ckpt_path = checkpoint()
-        if ckpt_path is None or not ckpt_path.name.endswith(f"{step:08d}.pt"):
+            window_start += time.perf_counter() - side_start  # images/s counts training only
+        if saved_step != step:
             ckpt_path = checkpoint()
     finally:
         bar.close()
