@@ -20,7 +20,8 @@ import torch
 
 from ddpm import get_preset, train
 from ddpm.data import load_dataset, to_model_range
-from ddpm.diffusion import q_sample
+from ddpm.diffusion import eps_x0_from_prediction, q_sample
+from ddpm.schedules import extract
 from ddpm.pipeline import load_pipeline
 from ddpm.viz import save_grid
 
@@ -39,6 +40,9 @@ CANDIDATES = {
     "c24-bs64-cos-lr2e-3": dict(model=C24, train=dict(steps=947, lr=2e-3, lr_schedule="cosine",
                                                        batch_size=64)),
     "c32-cos-lr2e-3": dict(model=C32, train=dict(steps=386, lr=2e-3, lr_schedule="cosine")),
+    # Round 3: the round-2 winner with v-prediction (Salimans & Ho 2022), for the fast samplers.
+    "c24-bs64-cos-v": dict(model=C24, diffusion=dict(prediction_type="v"),
+                           train=dict(steps=947, lr=2e-3, lr_schedule="cosine", batch_size=64)),
 }
 
 
@@ -52,8 +56,13 @@ def heldout_loss(run_dir: Path, n: int = 2000) -> float:
     eps = torch.randn(x0.shape, generator=g)
     total = 0.0
     for i in range(0, n, 500):
-        x_t = q_sample(pipe.schedule, x0[i:i + 500], t[i:i + 500], eps[i:i + 500])
-        total += float(((pipe.model(x_t, t[i:i + 500]) - eps[i:i + 500]) ** 2).sum())
+        tb = t[i:i + 500]
+        x_t = q_sample(pipe.schedule, x0[i:i + 500], tb, eps[i:i + 500])
+        # compare in eps units whatever the network predicts, so prediction types compare
+        eps_pred, _ = eps_x0_from_prediction(pipe.model(x_t, tb), x_t,
+                                             extract(pipe.schedule.alphas_cumprod, tb, x_t),
+                                             pipe.config.diffusion.prediction_type)
+        total += float(((eps_pred - eps[i:i + 500]) ** 2).sum())
     return total / eps.numel()
 
 
@@ -70,6 +79,8 @@ def main() -> None:
         config = dataclasses.replace(
             base,
             model=dataclasses.replace(base.model, **over.get("model", {})),
+            diffusion=dataclasses.replace(base.diffusion, **over.get("diffusion", {})),
+            sample=dataclasses.replace(base.sample, sampler="ddpm"),
             train=dataclasses.replace(base.train, **{
                 "minutes": None if "steps" in over.get("train", {}) else args.minutes,
                 "steps": None, "sample_every": 0, "checkpoint_every": 0, **over.get("train", {})}),
@@ -80,7 +91,10 @@ def main() -> None:
         speed = sum(r["images_per_s"] for r in lines[1:]) / max(len(lines) - 1, 1)
         loss = heldout_loss(run_dir)
         pipe = load_pipeline(run_dir, device="cpu")
-        save_grid(pipe.generate(64, seed=0, num_sample_steps=100), run_dir / "grid100.png")
+        save_grid(pipe.generate(64, seed=0, sampler="ddpm", num_sample_steps=100),
+                  run_dir / "grid100.png")
+        save_grid(pipe.generate(64, seed=0, sampler="dpm++", num_sample_steps=20),
+                  run_dir / "grid-dpm20.png")
         print(json.dumps({"candidate": name, "minutes": config.train.minutes, "steps": result.step,
                           "train_images_per_s": round(speed, 1), "heldout_loss": round(loss, 5),
                           "params": sum(p.numel() for p in pipe.model.parameters())}), flush=True)

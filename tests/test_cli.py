@@ -107,3 +107,40 @@ def test_help_explains_every_option():
         assert option in r.stdout
     assert "default" in r.stdout
     assert ddpm("sample", "--help").returncode == 0 and ddpm("--help").returncode == 0
+
+
+@pytest.mark.parametrize("sampler, steps", [("ddim", 5), ("dpm++", 4), ("euler", 3), ("heun", 3)])
+def test_every_sampler_from_the_command_line(trained_run, tmp_path, sampler, steps):
+    import numpy as np
+
+    out = tmp_path / "s.npz"
+    r = ddpm("sample", trained_run[0], "--sampler", sampler, "--steps", steps, "--n", 5,
+             "--batch-size", 2, "--out", out, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    arr = np.load(out)["arr_0"]
+    assert arr.shape == (5, 28, 28, 1) and arr.dtype == np.uint8
+    assert f"{sampler}, {steps} steps" in r.stdout
+
+
+def test_sampler_options_are_checked(trained_run, tmp_path):
+    r = ddpm("sample", trained_run[0], "--sampler", "euler", "--eta", "0.5", "--out", tmp_path / "x.png")
+    assert r.returncode == 2 and "--eta is a DDIM setting" in r.stderr
+    r = ddpm("sample", trained_run[0], "--sampler", "ddim", "--eta", "1.5", "--out", tmp_path / "x.png")
+    assert r.returncode == 2 and "between 0 and 1, got 1.5" in r.stderr
+    r = ddpm("sample", trained_run[0], "--sampler", "plms", "--out", tmp_path / "x.png")
+    assert r.returncode == 2 and "invalid choice: 'plms'" in r.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_checkpoint_from_another_version_is_explained(trained_run, tmp_path):
+    import torch
+
+    state = torch.load(trained_run[0] / "checkpoints/ckpt-00000006.pt", weights_only=True)
+    state["config"]["sample"]["clip_x0"] = True  # a field this version does not know
+    torch.save(state, tmp_path / "old.pt")
+    r = ddpm("sample", tmp_path / "old.pt", "--n", 1, "--out", tmp_path / "x.png")
+    assert r.returncode == 2 and "written by another version" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    r = ddpm("sample", tmp_path / "junk.pt", "--n", 1, "--out", tmp_path / "x.png")
+    assert r.returncode == 2 and "not a readable ddpm checkpoint" in r.stderr

@@ -15,38 +15,9 @@ import math
 import pytest
 import torch
 
-from ddpm.samplers import ancestral_sample, initial_noise, make_timesteps
+from ddpm.samplers import ancestral_sample, ddim_sample, initial_noise, make_timesteps
 from ddpm.schedules import make_schedule
-
-
-def gaussian_denoiser(schedule, mu, s):
-    ab_all = schedule.alphas_cumprod
-
-    def denoiser(x_t, t):
-        ab = ab_all[t].to(x_t.dtype).reshape(-1, 1, 1, 1)
-        return (1 - ab).sqrt() * (x_t - ab.sqrt() * mu) / (ab * s**2 + 1 - ab)
-
-    return denoiser
-
-
-def mixture_denoiser(schedule, weights, means, stds):
-    """Image-level mixture: component k draws a whole image from N(means[k] 1, stds[k]^2 I)."""
-    ab_all = schedule.alphas_cumprod
-
-    def denoiser(x_t, t):
-        ab = ab_all[t].to(x_t.dtype).reshape(-1, 1, 1, 1)
-        dims = x_t[0].numel()
-        log_r, preds = [], []
-        for w, m, s in zip(weights, means, stds):
-            var = ab * s**2 + 1 - ab  # [B, 1, 1, 1]
-            diff = x_t - ab.sqrt() * m
-            log_r.append(math.log(w) - 0.5 * (diff**2).flatten(1).sum(1) / var.flatten()
-                         - 0.5 * dims * var.flatten().log())
-            preds.append((1 - ab).sqrt() * diff / var)
-        r = torch.softmax(torch.stack(log_r, 1), dim=1)  # [B, K] posterior responsibilities
-        return sum(r[:, k].reshape(-1, 1, 1, 1) * preds[k] for k in range(len(weights)))
-
-    return denoiser
+from ddpm.toy import gaussian_denoiser, mixture_denoiser
 
 
 def exact_output_moments(schedule, timesteps, mu, s, variance):
@@ -72,10 +43,10 @@ def test_ancestral_reproduces_gaussian_data(name, variance):
     mu, s = 0.3, 0.5
     schedule = make_schedule(name, 1000)
     g = torch.Generator().manual_seed(1)
-    x_T = initial_noise((4096, 1, 8, 8), g)
+    x_T = initial_noise((2048, 1, 8, 8), g)
     ts = make_timesteps(1000, 1000)
     x0 = ancestral_sample(gaussian_denoiser(schedule, mu, s), schedule, x_T, ts,
-                          generator=g, variance=variance, clip_x0=False)
+                          generator=g, variance=variance, x0_transform=None)
     n = x0.numel()
     exact_m, exact_v = exact_output_moments(schedule, ts, mu, s, variance)
     # Empirical vs the sampler's exact output law: 5 standard errors.
@@ -93,7 +64,7 @@ def test_ancestral_reproduces_mixture_weights_and_components():
     n_images = 4000
     x_T = initial_noise((n_images, 1, 4, 4), g)
     x0 = ancestral_sample(mixture_denoiser(schedule, weights, means, stds), schedule, x_T,
-                          make_timesteps(1000, 1000), generator=g, clip_x0=False)
+                          make_timesteps(1000, 1000), generator=g, x0_transform=None)
     image_means = x0.flatten(1).mean(1)
     first = image_means < 0  # component means -0.5 / +0.5, image-mean std 0.05: no overlap
     frac = first.float().mean().item()
@@ -114,7 +85,7 @@ def test_respaced_ancestral_also_converges():
     g = torch.Generator().manual_seed(3)
     ts = make_timesteps(1000, 100)
     x0 = ancestral_sample(gaussian_denoiser(schedule, mu, s), schedule,
-                          initial_noise((4096, 1, 8, 8), g), ts, generator=g, clip_x0=False,
+                          initial_noise((4096, 1, 8, 8), g), ts, generator=g, x0_transform=None,
                           variance="beta")
     exact_m, exact_v = exact_output_moments(schedule, ts, mu, s, "beta")
     n = x0.numel()
@@ -149,3 +120,214 @@ def test_timesteps_are_validated():
     with pytest.raises(ValueError, match="strictly descending"):
         ancestral_sample(lambda x, t: x, make_schedule("linear", 10), torch.zeros(1, 1, 2, 2),
                          [3, 5, 1])
+
+
+# --- every sampler, against closed forms ---------------------------------------------------------
+
+from ddpm.diffusion import eps_x0_from_prediction, training_target  # noqa: E402
+from ddpm.samplers import DEFAULT_SPACING, SAMPLERS, get_sampler  # noqa: E402
+
+# Step counts suited to each sampler (issue 3) and the discretisation tolerance on the output std,
+# from the order-of-convergence measurements below (error ~ C / N^p on the linear schedule):
+# DDIM and Euler at 100 steps are 3% off, DPM-Solver++(2M) at 20 steps 1.5%, Heun at 20 steps 5%.
+STEPS_AND_STD_TOLERANCE = {"ddpm": (1000, 0.01), "ddim": (100, 0.04), "euler": (100, 0.04),
+                           "dpm++": (20, 0.02), "heun": (20, 0.06)}
+
+
+def _run(name, denoiser, schedule, x_T, n, generator=None, **kw):
+    ts = make_timesteps(schedule.num_train_timesteps, n, DEFAULT_SPACING[name], schedule=schedule)
+    return get_sampler(name)(denoiser, schedule, x_T, ts, generator=generator, x0_transform=None, **kw)
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_every_sampler_reproduces_gaussian_data(name):
+    mu, s = 0.3, 0.5
+    n, tol = STEPS_AND_STD_TOLERANCE[name]
+    schedule = make_schedule("linear", 1000)
+    g = torch.Generator().manual_seed(11)
+    x = _run(name, gaussian_denoiser(schedule, mu, s), schedule, initial_noise((1024, 1, 8, 8), g), n, g)
+    se_mean = s / math.sqrt(x.numel())
+    # x_T ~ N(0, I) rather than the exact marginal at t = T-1 shifts the mean by ~sqrt(ab_T) mu.
+    assert x.mean().item() == pytest.approx(mu, abs=5 * se_mean + 2e-3)
+    assert x.std().item() == pytest.approx(s, rel=tol + 5 * math.sqrt(1 / (2 * x.numel())))
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_every_sampler_reproduces_mixture_weights(name):
+    weights, means, stds = (0.3, 0.7), (-0.5, 0.5), (0.2, 0.2)
+    n, tol = STEPS_AND_STD_TOLERANCE[name]
+    schedule = make_schedule("linear", 1000)
+    g = torch.Generator().manual_seed(12)
+    n_images = 3000
+    x = _run(name, mixture_denoiser(schedule, weights, means, stds), schedule,
+             initial_noise((n_images, 1, 4, 4), g), n, g)
+    first = x.flatten(1).mean(1) < 0
+    # binomial standard error sqrt(0.21 / N) = 0.0084; 4 of them
+    assert first.float().mean().item() == pytest.approx(weights[0], abs=4 * math.sqrt(0.21 / n_images))
+    for k, sel in enumerate([first, ~first]):
+        assert x[sel].mean().item() == pytest.approx(means[k], abs=0.01)
+        assert x[sel].std().item() == pytest.approx(stds[k], rel=tol + 0.03)
+
+
+def _exact_ode_solution(schedule, x_T, mu, s):
+    """The probability-flow ODE for N(mu, s^2) data, solved in closed form: with x_hat = x /
+    sqrt(ab) and sigma = sqrt((1 - ab) / ab), x_hat(sigma) = mu + (x_hat_T - mu) sqrt(s^2 + sigma^2)
+    / sqrt(s^2 + sigma_T^2). Every sampler ends by denoising from t = 0 (sigma_min) to the data,
+    x0 = D(x_hat) = mu + (x_hat - mu) s^2 / (s^2 + sigma_min^2), so that step is applied too."""
+    ab_T, ab_0 = schedule.alphas_cumprod[-1].item(), schedule.alphas_cumprod[0].item()
+    sigma_T, sigma_min = math.sqrt((1 - ab_T) / ab_T), math.sqrt((1 - ab_0) / ab_0)
+    x_hat_min = mu + (x_T / math.sqrt(ab_T) - mu) * math.sqrt(s**2 + sigma_min**2) / math.sqrt(
+        s**2 + sigma_T**2)
+    return mu + (x_hat_min - mu) * s**2 / (s**2 + sigma_min**2)
+
+
+@pytest.mark.parametrize("name, order", [("ddim", 1), ("euler", 1), ("dpm++", 2), ("heun", 2)])
+def test_order_of_convergence(name, order):
+    """Error against the exact ODE solution falls like N^-order over 10..80 steps."""
+    mu, s = 0.3, 0.5
+    schedule = make_schedule("linear", 1000)
+    x_T = initial_noise((64, 1, 4, 4), torch.Generator().manual_seed(5)).double()
+    exact = _exact_ode_solution(schedule, x_T, mu, s)
+    steps = [10, 20, 40, 80]
+    errors = [(_run(name, gaussian_denoiser(schedule, mu, s), schedule, x_T, n) - exact).abs().max().item()
+              for n in steps]
+    # least-squares slope of log(error) against log(steps)
+    xs, ys = [math.log(n) for n in steps], [math.log(e) for e in errors]
+    xm, ym = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((a - xm) * (b - ym) for a, b in zip(xs, ys)) / sum((a - xm) ** 2 for a in xs)
+    assert -slope == pytest.approx(order, abs=0.3), f"errors {errors}"
+    assert all(a > b for a, b in zip(errors, errors[1:])), f"errors {errors}"
+
+
+@pytest.mark.parametrize("prediction_type", ["eps", "x0", "v"])
+def test_prediction_conversions_are_exact_inverses(prediction_type):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64)
+    eps = torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64)
+    ab = torch.tensor([0.9999, 0.7, 0.2, 1e-4], dtype=torch.float64).reshape(4, 1, 1, 1)
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+    target = training_target(prediction_type, x0, eps, ab)
+    eps_back, x0_back = eps_x0_from_prediction(target, x_t, ab, prediction_type)
+    assert torch.allclose(eps_back, eps, atol=1e-9) and torch.allclose(x0_back, x0, atol=1e-9)
+
+
+@pytest.mark.parametrize("prediction_type", ["x0", "v"])
+def test_samplers_work_with_every_prediction_type(prediction_type):
+    """The optimal x0 or v predictor, built from the eps one, samples the same law."""
+    mu, s = 0.3, 0.5
+    schedule = make_schedule("linear", 1000)
+    eps_den = gaussian_denoiser(schedule, mu, s)
+
+    def denoiser(x_t, t):
+        ab = schedule.alpha_bar_at(t.double().cpu()).to(x_t.dtype).reshape(-1, 1, 1, 1)
+        eps = eps_den(x_t, t)
+        x0 = (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
+        return training_target(prediction_type, x0, eps, ab)
+
+    for name in SAMPLERS:
+        n = STEPS_AND_STD_TOLERANCE[name][0] if name != "ddpm" else 100
+        g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        x_T = initial_noise((64, 1, 4, 4), torch.Generator().manual_seed(4)).double()
+        a = _run(name, eps_den, schedule, x_T, n, g1)
+        b = _run(name, denoiser, schedule, x_T, n, g2, prediction_type=prediction_type)
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_respaced_ancestral_with_all_steps_is_algorithm_2():
+    """Ho et al.'s Algorithm 2 written out with the schedule's own betas, independently."""
+    schedule = make_schedule("cosine", 200)
+    den = gaussian_denoiser(schedule, 0.1, 0.4)
+    x_T = initial_noise((16, 1, 4, 4), torch.Generator().manual_seed(0)).double()
+    g = torch.Generator().manual_seed(1)
+    got = ancestral_sample(den, schedule, x_T, make_timesteps(200, 200), generator=g,
+                           x0_transform=None, variance="beta")
+    g = torch.Generator().manual_seed(1)
+    x = x_T
+    for t in range(199, -1, -1):
+        beta, ab = schedule.betas[t].item(), schedule.alphas_cumprod[t].item()
+        eps = den(x, torch.full((16,), t))
+        mean = (x - beta / math.sqrt(1 - ab) * eps) / math.sqrt(1 - beta)  # Algorithm 2, line 4
+        x = mean + math.sqrt(beta) * torch.randn(x.shape, generator=g, dtype=x.dtype) if t > 0 else mean
+    assert torch.allclose(got, x, atol=1e-10)
+
+
+def test_ddim_eta_one_matches_ancestral_law():
+    """DDIM with eta = 1 has sigma_t^2 = beta-tilde_t: the DDPM posterior sampler (Song et al.)."""
+    mu, s = 0.3, 0.5
+    schedule = make_schedule("linear", 1000)
+    ts = make_timesteps(1000, 50)
+    _, v_ddpm = exact_output_moments(schedule, ts, mu, s, "posterior")
+    g = torch.Generator().manual_seed(8)
+    x = ddim_sample(gaussian_denoiser(schedule, mu, s), schedule, initial_noise((4096, 1, 8, 8), g), ts,
+                    generator=g, x0_transform=None, eta=1.0)
+    assert x.var().item() == pytest.approx(v_ddpm, rel=5 * math.sqrt(2 / x.numel()) + 1e-3)
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing", "karras", "logsnr"])
+@pytest.mark.parametrize("n", [1, 7, 50, 1000])
+def test_spacings_are_descending_and_in_range(spacing, n):
+    schedule = make_schedule("linear", 1000)
+    ts = make_timesteps(1000, n, spacing, schedule=schedule)
+    assert len(ts) == n and all(a > b for a, b in zip(ts, ts[1:]))
+    assert 0 <= ts[-1] and ts[0] <= 999
+    if spacing == "trailing":
+        assert ts[0] == 999
+    if spacing == "leading":
+        assert ts[-1] == 0
+
+
+def test_dynamic_thresholding():
+    from ddpm.samplers import dynamic_threshold
+
+    x0 = torch.zeros(2, 1, 10, 10)
+    x0[0] = 0.5  # inside [-1, 1]: untouched
+    x0[1] = torch.linspace(-3, 3, 100).reshape(1, 10, 10)
+    out = dynamic_threshold(x0, 0.9)
+    assert torch.equal(out[0], x0[0])
+    s = torch.quantile(x0[1].abs().flatten(), 0.9)
+    assert torch.allclose(out[1], x0[1].clamp(-s, s) / s)
+    assert out[1].abs().max() <= 1 + 1e-6
+
+
+# --- zero terminal SNR (Lin et al. 2024) -----------------------------------------------------------
+
+
+def test_zero_terminal_snr_schedule():
+    plain = make_schedule("linear", 1000)
+    z = make_schedule("linear", 1000, zero_terminal_snr=True)
+    assert z.alphas_cumprod[-1].item() == 0 and z.betas[-1].item() == pytest.approx(1.0)
+    assert z.alphas_cumprod[0].item() == pytest.approx(plain.alphas_cumprod[0].item(), rel=1e-12)
+    assert (z.alphas_cumprod[1:] < z.alphas_cumprod[:-1]).all()
+    # Algorithm 1 of Lin et al.: sqrt(ab) is shifted and scaled, i.e. affine in the old one.
+    old, new = plain.alphas_cumprod.sqrt(), z.alphas_cumprod.sqrt()
+    slope = (new[0] - new[500]) / (old[0] - old[500])
+    assert torch.allclose(new, new[0] + slope * (old - old[0]), atol=1e-12)
+    assert torch.isfinite(z.alpha_bar_at(torch.tensor([998.0, 998.5, 999.0]))).all()
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpm++"])
+@pytest.mark.parametrize("prediction_type", ["v", "x0"])
+def test_samplers_at_zero_terminal_snr(name, prediction_type):
+    mu, s = 0.3, 0.5
+    schedule = make_schedule("linear", 1000, zero_terminal_snr=True)
+    n, tol = STEPS_AND_STD_TOLERANCE[name]
+    g = torch.Generator().manual_seed(21)
+    x = _run(name, gaussian_denoiser(schedule, mu, s, prediction_type), schedule,
+             initial_noise((1024, 1, 8, 8), g), n, g, prediction_type=prediction_type)
+    assert torch.isfinite(x).all()
+    # x_T ~ N(0, I) is now the exact marginal at t = T-1, so no start-up bias in the mean
+    assert x.mean().item() == pytest.approx(mu, abs=5 * s / math.sqrt(x.numel()))
+    assert x.std().item() == pytest.approx(s, rel=tol + 5 * math.sqrt(1 / (2 * x.numel())))
+
+
+def test_zero_terminal_snr_refuses_eps_and_the_ode_samplers():
+    from ddpm.config import DiffusionConfig
+
+    with pytest.raises(ValueError, match="use prediction_type v"):
+        DiffusionConfig(zero_terminal_snr=True, prediction_type="eps").validate()
+    schedule = make_schedule("linear", 1000, zero_terminal_snr=True)
+    with pytest.raises(ValueError, match="zero terminal SNR"):
+        make_timesteps(1000, 10, "karras", schedule=schedule)
+    with pytest.raises(ValueError, match="infinite at zero terminal SNR"):
+        get_sampler("euler")(gaussian_denoiser(schedule, 0, 1, "v"), schedule,
+                             torch.zeros(1, 1, 2, 2), make_timesteps(1000, 10), prediction_type="v")

@@ -26,11 +26,11 @@ def tiny_config(data_dir, **train_overrides):
 def test_tiny_model_overfits_one_batch():
     """Same x0, t and noise every step: a working model + optimiser drives the loss far down."""
     torch.manual_seed(0)
-    model = UNet(UNetConfig(base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
-                            attention_resolutions=(), dropout=0.0, norm_groups=4))
+    model = UNet(UNetConfig(image_size=16, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
+                            attention_resolutions=(8,), dropout=0.0, norm_groups=4))
     schedule = make_schedule("linear", 1000)
     g = torch.Generator().manual_seed(0)
-    x0 = torch.rand(8, 1, 28, 28, generator=g) * 2 - 1
+    x0 = torch.rand(8, 1, 16, 16, generator=g) * 2 - 1
     t = torch.randint(0, 1000, (8,), generator=g)
     eps = torch.randn(x0.shape, generator=g)
     x_t = q_sample(schedule, x0, t, eps)

@@ -11,12 +11,14 @@ from .config import DataConfig, DiffusionConfig, RunConfig, SampleConfig, TrainC
 from .diffusion import q_posterior, q_sample, training_loss
 from .models import UNet, UNetConfig
 from .pipeline import Pipeline, load_pipeline
-from .samplers import ancestral_sample, make_timesteps
+from .samplers import (ancestral_sample, ddim_sample, dpmpp_2m_sample, euler_sample, heun_sample,
+                       make_timesteps)
 from .schedules import NoiseSchedule, make_schedule
 from .train import train
 
 __all__ = [
     "DataConfig", "DiffusionConfig", "NoiseSchedule", "Pipeline", "RunConfig", "SampleConfig",
-    "TrainConfig", "UNet", "UNetConfig", "ancestral_sample", "get_preset", "load_pipeline",
-    "make_schedule", "make_timesteps", "q_posterior", "q_sample", "train", "training_loss",
+    "TrainConfig", "UNet", "UNetConfig", "ancestral_sample", "ddim_sample", "dpmpp_2m_sample",
+    "euler_sample", "get_preset", "heun_sample", "load_pipeline", "make_schedule",
+    "make_timesteps", "q_posterior", "q_sample", "train", "training_loss",
 ]

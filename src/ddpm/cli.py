@@ -18,13 +18,13 @@ from . import __version__
 from .checkpoint import CHECKPOINT_DIR, CheckpointError, list_checkpoints
 from .config import DEFAULT_PRESET, PRESETS, RunConfig, get_preset
 from .data import DATASETS, DatasetNotFoundError
-from .diffusion import LOSSES
+from .diffusion import LOSS_WEIGHTINGS, LOSSES, PREDICTION_TYPES
 from .models import UNet, count_parameters
-from .pipeline import PRECISIONS, load_pipeline
-from .samplers import VARIANCES
+from .pipeline import PRECISIONS, X0_TRANSFORMS, load_pipeline
+from .samplers import SAMPLERS, SPACINGS, VARIANCES
 from .schedules import SCHEDULES
 from .train import CONFIG_FILE, LR_SCHEDULES, resume_config, train
-from .viz import save_grid, save_images
+from .viz import save_grid, save_images, save_npz
 
 EXIT_USAGE = 2
 
@@ -115,7 +115,16 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     d = p.add_argument_group("diffusion and data (default: the preset's)")
     d.add_argument("--schedule", choices=SCHEDULES, help="beta schedule")
     d.add_argument("--num-timesteps", type=_positive_int, help="diffusion steps T")
-    d.add_argument("--loss", choices=LOSSES, help="loss on the predicted noise")
+    d.add_argument("--loss", choices=LOSSES, help="elementwise loss on the network's prediction")
+    d.add_argument("--prediction-type", choices=PREDICTION_TYPES,
+                   help="what the network predicts: the noise eps, the image x0, or v "
+                        "(Salimans & Ho 2022)")
+    d.add_argument("--loss-weighting", choices=LOSS_WEIGHTINGS,
+                   help="uniform, or min-snr (Hang et al. 2023) with --min-snr-gamma")
+    d.add_argument("--min-snr-gamma", type=_positive_float, help="gamma of min-SNR weighting")
+    d.add_argument("--zero-terminal-snr", action="store_true",
+                   help="rescale the schedule so the last step is pure noise (Lin et al. 2024); "
+                        "needs --prediction-type v or x0")
     d.add_argument("--dataset", choices=DATASETS, help="training data")
     d.add_argument("--data-dir", help="folder holding the dataset's IDX files")
     d.add_argument("--download", action="store_true",
@@ -139,25 +148,35 @@ def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sample",
         help="generate images from a trained run or checkpoint",
-        description="Generate images with ancestral sampling (Ho et al. 2020, Algorithm 2) from "
-                    "the EMA weights of a run's newest checkpoint or of a checkpoint file.",
+        description="Generate images from the EMA weights of a run's newest checkpoint or of a "
+                    "checkpoint file, with any sampler and step count.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT",
                    help="a run directory (its newest checkpoint is used) or a .pt checkpoint")
     p.add_argument("--n", type=_positive_int, default=64, help="number of images")
-    p.add_argument("--out", required=True, metavar="DIR_OR_GRID.png",
-                   help="a .png path gets one grid; any other path becomes a folder of PNGs")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and every step")
+    p.add_argument("--out", required=True, metavar="DIR|GRID.png|SAMPLES.npz",
+                   help="a .png path gets one grid; a .npz path one uint8 array 'arr_0' "
+                        "[N, H, W, C]; any other path becomes a folder of PNGs")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="ddpm (ancestral, Ho et al. 2020), ddim (Song et al. 2021), dpm++ "
+                        "(DPM-Solver++(2M), Lu et al. 2022), euler or heun (Karras et al. 2022) "
+                        "(default: the run's, ddpm)")
     p.add_argument("--steps", type=_positive_int, default=None,
-                   help="network evaluations, respaced evenly over the T training steps "
-                        "(default: the run's sampling setting, T for full DDPM)")
+                   help="sampling steps, 1..T (default: the run's setting, T for ddpm)")
+    p.add_argument("--spacing", choices=SPACINGS, default=None,
+                   help="how the steps are spread over 0..T-1 (default: karras for euler/heun, "
+                        "linspace otherwise)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="ddim only: 0 is deterministic, 1 adds DDPM-like noise")
     p.add_argument("--variance", choices=VARIANCES, default=None,
-                   help="sigma_t^2 of each step: the posterior beta-tilde_t or beta_t "
-                        "(default: the run's setting)")
+                   help="ddpm only: sigma_t^2 of each step, the posterior beta-tilde_t or beta_t")
+    p.add_argument("--x0", choices=X0_TRANSFORMS, default=None, dest="x0_transform",
+                   help="what to do with each predicted x0: clip to [-1, 1], dynamic "
+                        "thresholding (Saharia et al. 2022) or none (default: clip)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and every step")
     p.add_argument("--batch-size", type=_positive_int, default=256, help="images per batch")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1]")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_cmd_sample)
@@ -208,8 +227,11 @@ def _override(config: RunConfig, args: argparse.Namespace) -> RunConfig:
     if args.wandb:
         train = dataclasses.replace(train, wandb=True)
     diffusion = pick(config.diffusion, schedule="schedule", num_train_timesteps="num_timesteps",
-                     loss="loss")
+                     loss="loss", prediction_type="prediction_type",
+                     loss_weighting="loss_weighting", min_snr_gamma="min_snr_gamma")
     data = pick(config.data, dataset="dataset", data_dir="data_dir")
+    if args.zero_terminal_snr:
+        diffusion = dataclasses.replace(diffusion, zero_terminal_snr=True)
     if args.download:
         data = dataclasses.replace(data, download=True)
     if args.no_hflip:
@@ -249,6 +271,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         run_dir = Path(args.out or f"runs/{args.preset}")
         config = _override(get_preset(args.preset), args)
         config.model.validate()
+        config.diffusion.validate()
         if config.train.lr_schedule == "cosine" and config.train.steps is None:
             raise UsageError("--lr-schedule cosine decays to zero at --steps: give --steps N "
                              "instead of --minutes, or use --lr-schedule constant")
@@ -266,28 +289,35 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-
     out = Path(args.out)
     pipe = load_pipeline(args.checkpoint, device=args.device, use_ema=not args.no_ema)
-    steps = args.steps or pipe.config.sample.num_sample_steps
-    if steps > pipe.schedule.num_train_timesteps:
-        raise UsageError(
-            f"--steps {steps} is more than the model's {pipe.schedule.num_train_timesteps} "
-            f"training timesteps; use 1..{pipe.schedule.num_train_timesteps}"
-        )
+    T = pipe.schedule.num_train_timesteps
+    settings = {k: v for k, v in {
+        "sampler": args.sampler, "num_sample_steps": args.steps, "spacing": args.spacing,
+        "eta": args.eta, "variance": args.variance, "x0_transform": args.x0_transform,
+    }.items() if v is not None}
+    sc = dataclasses.replace(pipe.config.sample, **settings)
+    if sc.num_sample_steps > T:
+        raise UsageError(f"--steps {sc.num_sample_steps} is more than the model's {T} training "
+                         f"timesteps; use 1..{T}")
+    if args.eta is not None and sc.sampler != "ddim":
+        raise UsageError(f"--eta is a DDIM setting; add --sampler ddim or drop --eta {args.eta}")
+    if not 0.0 <= sc.eta <= 1.0:
+        raise UsageError(f"--eta must be between 0 and 1, got {sc.eta}")
     t0 = time.perf_counter()
-    images = pipe.generate(
-        args.n, seed=args.seed, num_sample_steps=steps, variance=args.variance,
-        clip_x0=False if args.no_clip else None, batch_size=args.batch_size,
-        progress=not args.no_progress,
-    )
+    images = pipe.generate(args.n, seed=args.seed, batch_size=args.batch_size,
+                           progress=not args.no_progress, **settings)
     seconds = time.perf_counter() - t0
+    what = f"{args.n} images ({sc.sampler}, {sc.num_sample_steps} steps, {seconds:.1f} s)"
     if out.suffix.lower() == ".png":
         save_grid(images, out)
-        print(f"wrote a grid of {args.n} images to {out} ({steps} steps, {seconds:.1f} s)")
+        print(f"wrote a grid of {what} to {out}")
+    elif out.suffix.lower() == ".npz":
+        save_npz(images, out)
+        print(f"wrote {what} to {out} (uint8 array 'arr_0', [N, H, W, C])")
     else:
         save_images(images, out)
-        print(f"wrote {args.n} images to {out}/ ({steps} steps, {seconds:.1f} s)")
+        print(f"wrote {what} to {out}/")
     return 0
 
 

@@ -53,6 +53,75 @@ def predict_x0_from_eps(
     )
 
 
+PREDICTION_TYPES = ("eps", "x0", "v")
+LOSS_WEIGHTINGS = ("uniform", "min-snr")
+
+
+def v_from_eps_x0(eps: torch.Tensor, x0: torch.Tensor, alpha_bar: torch.Tensor | float) -> torch.Tensor:
+    """Salimans & Ho 2022, sec. 4: v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0."""
+    alpha_bar = torch.as_tensor(alpha_bar, dtype=eps.dtype, device=eps.device)
+    return alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x0
+
+
+def eps_x0_from_prediction(
+    prediction: torch.Tensor,
+    x_t: torch.Tensor,
+    alpha_bar: torch.Tensor | float,
+    prediction_type: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn a network output of ``prediction_type`` into both (eps, x0) at x_t.
+
+    ``alpha_bar`` is a float or a tensor broadcasting against ``x_t`` (e.g. ``[B, 1, 1, 1]``).
+    Eq. 4 ties them: x_t = sqrt(ab) x0 + sqrt(1 - ab) eps; v adds v = sqrt(ab) eps - sqrt(1-ab) x0.
+    """
+    ab = torch.as_tensor(alpha_bar, dtype=x_t.dtype, device=x_t.device)
+    sqrt_ab, sqrt_1m_ab = ab.sqrt(), (1 - ab).sqrt()
+    if prediction_type == "eps":
+        eps = prediction
+        x0 = (x_t - sqrt_1m_ab * eps) / sqrt_ab
+    elif prediction_type == "x0":
+        x0 = prediction
+        eps = (x_t - sqrt_ab * x0) / sqrt_1m_ab
+    elif prediction_type == "v":
+        # x0 = sqrt(ab) x_t - sqrt(1 - ab) v;  eps = sqrt(1 - ab) x_t + sqrt(ab) v
+        x0 = sqrt_ab * x_t - sqrt_1m_ab * prediction
+        eps = sqrt_1m_ab * x_t + sqrt_ab * prediction
+    else:
+        raise ValueError(
+            f"unknown prediction type {prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}"
+        )
+    return eps, x0
+
+
+def training_target(
+    prediction_type: str, x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor
+) -> torch.Tensor:
+    """What the network learns to output: eps, x0 or v."""
+    if prediction_type == "eps":
+        return eps
+    if prediction_type == "x0":
+        return x0
+    if prediction_type == "v":
+        return v_from_eps_x0(eps, x0, alpha_bar)
+    raise ValueError(
+        f"unknown prediction type {prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}"
+    )
+
+
+def min_snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Hang et al. 2023: weight min(SNR, gamma) on the x0-error, expressed for each target.
+
+    With the eps target the x0-error is scaled by SNR, so the weight is min(SNR, gamma) / SNR;
+    with v by SNR + 1, giving min(SNR, gamma) / (SNR + 1).
+    """
+    clipped = snr.clamp(max=gamma)
+    if prediction_type == "eps":
+        return clipped / snr
+    if prediction_type == "v":
+        return clipped / (snr + 1)
+    return clipped
+
+
 def _elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
     if loss == "mse":
         return F.mse_loss(pred, target, reduction="none")
@@ -70,10 +139,14 @@ def training_loss(
     *,
     generator: torch.Generator | None = None,
     loss: str = "mse",
+    prediction_type: str = "eps",
+    weighting: str = "uniform",
+    min_snr_gamma: float = 5.0,
 ) -> torch.Tensor:
     """The simplified objective L_simple (Algorithm 1), a scalar averaged over the batch.
 
-    t ~ Uniform{0..T-1}, eps ~ N(0, I), loss(eps, eps_theta(x_t, t)) with x_t from eq. 4.
+    t ~ Uniform{0..T-1}, eps ~ N(0, I), x_t from eq. 4, and loss(target, network(x_t, t)) with the
+    target eps (eq. 14), x0 or v; ``weighting="min-snr"`` weights each sample by min-SNR-gamma.
     """
     # Draw on the generator's device so a run is reproducible from the generator alone.
     device = generator.device if generator is not None else x0.device
@@ -81,6 +154,14 @@ def training_loss(
     eps = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
     t, eps = t.to(x0.device), eps.to(x0.device)
     x_t = q_sample(schedule, x0, t, eps)
-    eps_pred = denoiser(x_t, t)
-    # Eq. 14: || eps - eps_theta(sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps, t) ||^2.
-    return _elementwise_loss(eps_pred.float(), eps, loss).mean()
+    prediction = denoiser(x_t, t)
+    alpha_bar = extract(schedule.alphas_cumprod, t, x0)
+    target = training_target(prediction_type, x0, eps, alpha_bar)
+    # Eq. 14 for eps: || eps - eps_theta(sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps, t) ||^2.
+    per_sample = _elementwise_loss(prediction.float(), target, loss).flatten(1).mean(1)  # [B]
+    if weighting == "min-snr":
+        snr = extract(schedule.alphas_cumprod / (1 - schedule.alphas_cumprod), t, x0).flatten()
+        per_sample = per_sample * min_snr_weight(snr, min_snr_gamma, prediction_type)
+    elif weighting != "uniform":
+        raise ValueError(f"unknown loss weighting {weighting!r}; choose one of {', '.join(LOSS_WEIGHTINGS)}")
+    return per_sample.mean()

@@ -4,23 +4,26 @@ This is the small Python API behind ``ddpm sample``::
 
     from ddpm.pipeline import load_pipeline
     pipe = load_pipeline("runs/demo")          # a run directory or a .pt checkpoint
-    images = pipe.generate(16, seed=0)         # [16, 1, 28, 28] in [-1, 1]
+    images = pipe.generate(16, seed=0)         # [16, 1, 28, 28] in [-1, 1], the run's sampler
+    fast = pipe.generate(16, sampler="dpm++", num_sample_steps=20)
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import load_run_or_file
+from .checkpoint import CheckpointError, load_run_or_file
 from .config import RunConfig
 from .models import UNet
-from .samplers import StepCallback, ancestral_sample, initial_noise, make_timesteps
+from .samplers import (DEFAULT_SPACING, StepCallback, clip_x0, dynamic_threshold, get_sampler,
+                       initial_noise, make_timesteps)
 from .schedules import NoiseSchedule, make_schedule
 
 
@@ -75,51 +78,63 @@ class Pipeline:
         n: int,
         *,
         seed: int = 0,
-        num_sample_steps: int | None = None,
-        variance: str | None = None,
-        clip_x0: bool | None = None,
         batch_size: int = 256,
         callback: StepCallback | None = None,
         progress: bool = False,
+        **settings: Any,
     ) -> torch.Tensor:
-        """Generate ``n`` images ``[n, C, H, W]`` in [-1, 1] with ancestral sampling.
+        """Generate ``n`` images ``[n, C, H, W]`` in [-1, 1].
 
-        The same ``seed`` and ``batch_size`` give the same images: all noise comes from one
-        generator seeded with ``seed``, drawn batch after batch.
+        ``settings`` override the run's :class:`SampleConfig` (``sampler``, ``num_sample_steps``,
+        ``spacing``, ``eta``, ``variance``, ``x0_transform``). The same ``seed`` and
+        ``batch_size`` give the same images: all noise comes from one generator seeded with
+        ``seed``, drawn batch after batch.
         """
-        defaults = self.config.sample
-        steps = num_sample_steps or defaults.num_sample_steps
-        timesteps = make_timesteps(self.schedule.num_train_timesteps, steps)
+        sc = replace(self.config.sample, **settings)
+        sampler = get_sampler(sc.sampler)
+        timesteps = make_timesteps(self.schedule.num_train_timesteps, sc.num_sample_steps,
+                                   sc.spacing or DEFAULT_SPACING[sc.sampler], schedule=self.schedule)
+        options = {"ddpm": {"variance": sc.variance}, "ddim": {"eta": sc.eta}}.get(sc.sampler, {})
+        x0_transform = _x0_transform(sc.x0_transform)
         generator = torch.Generator("cpu").manual_seed(seed)
         mc = self.config.model
         out = []
-        bar = tqdm(total=n * len(timesteps), unit="eval", unit_scale=True, disable=not progress,
-                   desc="sampling")
+        evaluations = 2 * len(timesteps) - 1 if sc.sampler == "heun" else len(timesteps)
+        bar = tqdm(total=n * evaluations, unit="img-eval", unit_scale=True, disable=not progress,
+                   desc=f"sampling ({sc.sampler}, {sc.num_sample_steps} steps)")
 
         def denoiser(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             with autocast(self.device, self.precision):
-                eps = self.model(x_t, t)
+                prediction = self.model(x_t, t)
             bar.update(x_t.shape[0])
-            return eps.float()
+            return prediction.float()
 
         self.model.eval()
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
             x_T = initial_noise((b, mc.in_channels, mc.image_size, mc.image_size), generator, self.device)
             out.append(
-                ancestral_sample(
-                    denoiser,
-                    self.schedule,
-                    x_T,
-                    timesteps,
-                    generator=generator,
-                    variance=variance or defaults.variance,
-                    clip_x0=defaults.clip_x0 if clip_x0 is None else clip_x0,
-                    callback=callback,
+                sampler(
+                    denoiser, self.schedule, x_T, timesteps,
+                    prediction_type=self.config.diffusion.prediction_type,
+                    x0_transform=x0_transform, generator=generator, callback=callback, **options,
                 ).cpu()
             )
         bar.close()
         return torch.cat(out)
+
+
+X0_TRANSFORMS = ("clip", "dynamic", "none")
+
+
+def _x0_transform(name: str):
+    if name == "clip":
+        return clip_x0
+    if name == "dynamic":
+        return dynamic_threshold
+    if name == "none":
+        return None
+    raise ValueError(f"unknown x0 transform {name!r}; choose one of {', '.join(X0_TRANSFORMS)}")
 
 
 def build_model(config: RunConfig) -> UNet:
@@ -127,7 +142,19 @@ def build_model(config: RunConfig) -> UNet:
 
 
 def build_schedule(config: RunConfig) -> NoiseSchedule:
-    return make_schedule(config.diffusion.schedule, config.diffusion.num_train_timesteps)
+    d = config.diffusion
+    return make_schedule(d.schedule, d.num_train_timesteps, zero_terminal_snr=d.zero_terminal_snr)
+
+
+def checkpoint_config(state: dict[str, Any], path: str | os.PathLike) -> RunConfig:
+    """The RunConfig saved in a checkpoint, or a CheckpointError saying it is from elsewhere."""
+    try:
+        return RunConfig.from_dict(state["config"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path} holds a config this version of ddpm cannot read ({exc}); it was written by "
+            f"another version: sample or resume it with that version"
+        ) from None
 
 
 def load_pipeline(
@@ -140,7 +167,7 @@ def load_pipeline(
     """Load the newest checkpoint of a run directory, or the given checkpoint file."""
     dev = resolve_device(device)
     path, state = load_run_or_file(run_or_checkpoint)
-    config = RunConfig.from_dict(state["config"])
+    config = checkpoint_config(state, path)
     model = build_model(config)
     try:
         model.load_state_dict(state["ema" if use_ema else "model"])

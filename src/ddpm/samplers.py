@@ -1,8 +1,16 @@
 """Samplers: pure functions that walk an explicit, descending array of timesteps.
 
-A sampler takes a denoiser ``(x_t [B, C, H, W], t [B]) -> eps_pred``, the frozen schedule, the
-starting noise ``x_T`` and the timesteps at which to evaluate the network, e.g. ``[999, ..., 0]``.
-It keeps no state between calls; all randomness comes from the ``generator`` passed in.
+Every sampler has the signature ``sampler(denoiser, schedule, x_T, timesteps, *, prediction_type,
+x0_transform, generator, callback, **options) -> x0`` where
+
+- ``denoiser(x_t [B, C, H, W], t [B]) -> prediction [B, C, H, W]`` is the network (``t`` is int64
+  at integer steps and float32 between them, for the ODE samplers' noise levels);
+- ``timesteps`` are the descending steps at which the network is evaluated, e.g. ``[999, ..., 0]``
+  (real-valued for ``karras`` spacing); after the last one each sampler steps to the data;
+- ``prediction_type`` says whether the network predicts eps, x0 or v;
+- ``x0_transform`` (e.g. clipping to [-1, 1]) is applied to every predicted x0.
+
+They keep no state between calls; all randomness comes from the ``generator`` passed in.
 """
 
 from __future__ import annotations
@@ -12,47 +20,161 @@ from typing import Callable, Sequence
 
 import torch
 
-from .diffusion import Denoiser
+from .diffusion import Denoiser, eps_x0_from_prediction
 from .schedules import NoiseSchedule
 
+SAMPLERS = ("ddpm", "ddim", "dpm++", "euler", "heun")
 VARIANCES = ("posterior", "beta")
-SPACINGS = ("linspace",)
+SPACINGS = ("linspace", "leading", "trailing", "karras", "logsnr")
+# DPM-Solver++ steps evenly in lambda = log-SNR / 2 (Lu et al. 2022, sec. 3.3): with uneven h its
+# multistep extrapolation is far less accurate (BENCHMARKS.md, sampler order table).
+DEFAULT_SPACING = {"ddpm": "linspace", "ddim": "linspace", "dpm++": "logsnr",
+                   "euler": "karras", "heun": "karras"}
 
-# callback(step_index, t, x_t, x0_pred): called once per network evaluation, before the update.
-StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+# callback(step_index, t, x_t, x0_pred): called once per step, after the network evaluation.
+StepCallback = Callable[[int, float, torch.Tensor, torch.Tensor], None]
+X0Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+# --- timesteps ------------------------------------------------------------------------------------
+
+
+def karras_noise_levels(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> list[float]:
+    """Karras et al. 2022, eq. 5: sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) -
+    sigma_max^(1/rho)))^rho, i = 0..n-1, descending."""
+    if n == 1:
+        return [sigma_max]
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return [(hi + i / (n - 1) * (lo - hi)) ** rho for i in range(n)]
 
 
 def make_timesteps(
-    num_train_timesteps: int, num_sample_steps: int, spacing: str = "linspace"
-) -> list[int]:
+    num_train_timesteps: int,
+    num_sample_steps: int,
+    spacing: str = "linspace",
+    *,
+    schedule: NoiseSchedule | None = None,
+    rho: float = 7.0,
+) -> list[float]:
     """The descending steps a sampler evaluates the network at, ``num_sample_steps`` of them.
 
-    ``linspace`` spreads them evenly over 0 .. T-1 (always including T-1 and 0).
+    - ``linspace``: evenly over 0..T-1, always including T-1 and 0;
+    - ``leading``: 0, k, 2k, ... with k = T // n (DDIM's original choice), highest first;
+    - ``trailing``: T-1, T-1-T/n, ... (Lin et al. 2024, table 2), never reaching 0 unless n = T;
+    - ``karras``: rho-spaced noise levels between the schedule's extremes (needs ``schedule``);
+    - ``logsnr``: evenly spaced log-SNR between the schedule's extremes (needs ``schedule``).
+    The last two give real-valued steps.
     """
-    if not 1 <= num_sample_steps <= num_train_timesteps:
+    T, n = num_train_timesteps, num_sample_steps
+    if not 1 <= n <= T:
         raise ValueError(
-            f"the number of sampling steps must be between 1 and the {num_train_timesteps} "
-            f"training timesteps, got {num_sample_steps}"
+            f"the number of sampling steps must be between 1 and the {T} training timesteps, got {n}"
         )
-    if spacing != "linspace":
-        raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
-    if num_sample_steps == 1:
-        return [num_train_timesteps - 1]
-    step = (num_train_timesteps - 1) / (num_sample_steps - 1)
-    return [round(i * step) for i in range(num_sample_steps - 1, -1, -1)]
+    if spacing == "linspace":
+        if n == 1:
+            return [T - 1]
+        return [round(i * (T - 1) / (n - 1)) for i in range(n - 1, -1, -1)]
+    if spacing == "leading":
+        return [i * (T // n) for i in range(n - 1, -1, -1)]
+    if spacing == "trailing":
+        return [round(T - i * T / n) - 1 for i in range(n)]
+    if spacing in ("karras", "logsnr"):
+        if schedule is None:
+            raise ValueError(f"{spacing} spacing needs the noise schedule to find its noise levels")
+        finite = schedule.log_snr[torch.isfinite(schedule.log_snr)]
+        lo, hi = finite[-1].item(), finite[0].item()  # zero terminal SNR: the last finite level
+        if spacing == "karras":
+            if not math.isfinite(schedule.log_snr[-1].item()):
+                raise ValueError(
+                    "karras spacing (euler, heun) needs a finite largest noise level, but this "
+                    "schedule has zero terminal SNR; use --spacing trailing, or the ddim, dpm++ "
+                    "or ddpm sampler"
+                )
+            # noise level sigma = sqrt((1 - ab) / ab) = exp(-log_snr / 2)
+            sigmas = torch.tensor(karras_noise_levels(math.exp(-hi / 2), math.exp(-lo / 2), n, rho),
+                                  dtype=torch.float64)
+            log_snrs = -2 * sigmas.log()
+        else:
+            log_snrs = torch.linspace(lo, hi, n, dtype=torch.float64)
+        ts = schedule.t_at_log_snr(log_snrs).tolist()
+        ts[0] = float(T - 1)  # pin the ends exactly: the inverse interpolation may round
+        if n > 1:
+            ts[-1] = 0.0
+        return ts
+    raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
 
 
-def _check_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -> list[int]:
-    ts = [int(t) for t in timesteps]
+def _check_timesteps(timesteps: Sequence[float], num_train_timesteps: int) -> list[float]:
+    ts = [float(t) for t in timesteps]
     if not ts:
         raise ValueError("timesteps is empty; pass at least one step, e.g. [T - 1, ..., 0]")
     if any(a <= b for a, b in zip(ts[:-1], ts[1:])):
         raise ValueError(f"timesteps must be strictly descending, got {ts[:8]}...")
-    if ts[0] >= num_train_timesteps or ts[-1] < 0:
+    if ts[0] > num_train_timesteps - 1 or ts[-1] < 0:
         raise ValueError(
             f"timesteps must lie in 0..{num_train_timesteps - 1}, got {ts[0]}..{ts[-1]}"
         )
     return ts
+
+
+# --- shared pieces ------------------------------------------------------------------------------
+
+
+def clip_x0(x0: torch.Tensor) -> torch.Tensor:
+    """Static thresholding: clip the predicted x0 to the data range [-1, 1]."""
+    return x0.clamp(-1.0, 1.0)
+
+
+def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.995) -> torch.Tensor:
+    """Saharia et al. 2022, sec. 2.3: s = max(1, the ``percentile`` of |x0| per image); clip x0 to
+    [-s, s] and divide by s, pulling saturated pixels inwards instead of flattening them."""
+    s = torch.quantile(x0.abs().flatten(1).float(), percentile, dim=1).clamp(min=1.0).to(x0.dtype)
+    s = s.reshape(-1, *([1] * (x0.dim() - 1)))  # [B] -> [B, 1, 1, 1]
+    return x0.clamp(-s, s) / s
+
+
+def _predict(
+    denoiser: Denoiser,
+    schedule: NoiseSchedule,
+    x_t: torch.Tensor,
+    t: float,
+    prediction_type: str,
+    x0_transform: X0Transform | None,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Evaluate the network at step t; return (eps, x0, alpha_bar_t) with x0 transformed and eps
+    made consistent with it through eq. 4."""
+    integral = float(t).is_integer()
+    t_batch = torch.full((x_t.shape[0],), int(t) if integral else t, device=x_t.device,
+                         dtype=torch.long if integral else torch.float32)
+    alpha_bar = _alpha_bar(schedule, t)
+    prediction = denoiser(x_t, t_batch).to(x_t.dtype)
+    eps, x0 = eps_x0_from_prediction(prediction, x_t, alpha_bar, prediction_type)
+    if x0_transform is not None:
+        x0 = x0_transform(x0)
+        eps = (x_t - math.sqrt(alpha_bar) * x0) / math.sqrt(1.0 - alpha_bar)
+    return eps, x0, alpha_bar
+
+
+def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+def _half_log_snr(alpha: float, sigma: float) -> float:
+    """lambda = log(alpha / sigma), -inf where alpha = 0 (zero terminal SNR)."""
+    return math.log(alpha / sigma) if alpha > 0 else -math.inf
+
+
+def _alpha_bar(schedule: NoiseSchedule, t: float) -> float:
+    """alpha_bar at step t; t = -1 stands for the data (alpha_bar = 1)."""
+    if t < 0:
+        return 1.0
+    if float(t).is_integer():
+        return float(schedule.alphas_cumprod[int(t)])
+    return float(schedule.alpha_bar_at(t))
+
+
+# --- the samplers ---------------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -60,58 +182,219 @@ def ancestral_sample(
     denoiser: Denoiser,
     schedule: NoiseSchedule,
     x_T: torch.Tensor,
-    timesteps: Sequence[int],
+    timesteps: Sequence[float],
     *,
+    prediction_type: str = "eps",
+    x0_transform: X0Transform | None = clip_x0,
     generator: torch.Generator | None = None,
-    variance: str = "posterior",
-    clip_x0: bool = True,
     callback: StepCallback | None = None,
+    variance: str = "posterior",
 ) -> torch.Tensor:
     """Ancestral sampling (Ho et al. 2020, Algorithm 2) over any descending sub-sequence of steps.
 
     For a sub-sequence the betas are recomputed from alpha_bar between consecutive steps
     (respacing, Nichol & Dhariwal 2021, section 4); with every step 0..T-1 they are the schedule's.
     ``variance`` is sigma_t^2 = beta_t or the posterior beta-tilde_t (the paper's two choices).
-    ``clip_x0`` clips the predicted x0 to [-1, 1] before forming the posterior mean.
     """
     if variance not in VARIANCES:
         raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCES)}")
     ts = _check_timesteps(timesteps, schedule.num_train_timesteps)
-    alpha_bar = schedule.alphas_cumprod.tolist()
-    noise_device = generator.device if generator is not None else x_T.device
     x_t = x_T
-    batch = x_T.shape[0]
-    # -1 stands for t = 0 of the paper, the data, where alpha_bar = 1.
-    for i, (t, t_prev) in enumerate(zip(ts, ts[1:] + [-1])):
-        alpha_bar_t = alpha_bar[t]
-        alpha_bar_prev = alpha_bar[t_prev] if t_prev >= 0 else 1.0
-        beta_t = 1.0 - alpha_bar_t / alpha_bar_prev  # respaced beta between t_prev and t
-
-        t_batch = torch.full((batch,), t, dtype=torch.long, device=x_t.device)
-        eps_pred = denoiser(x_t, t_batch).to(x_t.dtype)
-        # Eq. 4 inverted: x0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t).
-        x0_pred = (x_t - math.sqrt(1.0 - alpha_bar_t) * eps_pred) / math.sqrt(alpha_bar_t)
-        if clip_x0:
-            x0_pred = x0_pred.clamp(-1.0, 1.0)
+    for i, (t, t_prev) in enumerate(zip(ts, ts[1:] + [-1.0])):
+        _, x0_pred, alpha_bar_t = _predict(denoiser, schedule, x_t, t, prediction_type, x0_transform)
         if callback is not None:
             callback(i, t, x_t, x0_pred)
-
+        alpha_bar_prev = _alpha_bar(schedule, t_prev)
+        beta_t = 1.0 - alpha_bar_t / alpha_bar_prev  # respaced beta between t_prev and t
         # Eq. 7: mu-tilde = sqrt(alpha_bar_prev) beta / (1 - alpha_bar) x0
         #                   + sqrt(1 - beta) (1 - alpha_bar_prev) / (1 - alpha_bar) x_t.
         coef_x0 = math.sqrt(alpha_bar_prev) * beta_t / (1.0 - alpha_bar_t)
         coef_xt = math.sqrt(1.0 - beta_t) * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t)
         mean = coef_x0 * x0_pred + coef_xt * x_t
         if t_prev < 0:
-            x_t = mean  # Algorithm 2, line 4: no noise on the last step
-            break
+            return mean  # Algorithm 2, line 4: no noise on the last step
         if variance == "posterior":
             sigma2 = beta_t * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t)  # beta-tilde, eq. 7
         else:
             sigma2 = beta_t
-        z = torch.randn(x_t.shape, generator=generator, device=noise_device, dtype=x_t.dtype)
         # Algorithm 2, line 4: x_{t-1} = mu + sigma_t z.
-        x_t = mean + math.sqrt(sigma2) * z.to(x_t.device)
+        x_t = mean + math.sqrt(sigma2) * _noise_like(x_t, generator)
     return x_t
+
+
+@torch.no_grad()
+def ddim_sample(
+    denoiser: Denoiser,
+    schedule: NoiseSchedule,
+    x_T: torch.Tensor,
+    timesteps: Sequence[float],
+    *,
+    prediction_type: str = "eps",
+    x0_transform: X0Transform | None = clip_x0,
+    generator: torch.Generator | None = None,
+    callback: StepCallback | None = None,
+    eta: float = 0.0,
+) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12): eta = 0 is deterministic, eta = 1 is DDPM-like."""
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"DDIM eta must be in [0, 1], got {eta}")
+    ts = _check_timesteps(timesteps, schedule.num_train_timesteps)
+    x_t = x_T
+    for i, (t, t_prev) in enumerate(zip(ts, ts[1:] + [-1.0])):
+        eps, x0_pred, alpha_bar_t = _predict(denoiser, schedule, x_t, t, prediction_type, x0_transform)
+        if callback is not None:
+            callback(i, t, x_t, x0_pred)
+        alpha_bar_prev = _alpha_bar(schedule, t_prev)
+        # Eq. 16: sigma = eta sqrt((1 - ab_prev) / (1 - ab)) sqrt(1 - ab / ab_prev).
+        sigma = eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev))
+        # Eq. 12: x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z.
+        x_t = math.sqrt(alpha_bar_prev) * x0_pred + math.sqrt(max(0.0, 1 - alpha_bar_prev - sigma**2)) * eps
+        if sigma > 0:
+            x_t = x_t + sigma * _noise_like(x_t, generator)
+    return x_t
+
+
+@torch.no_grad()
+def dpmpp_2m_sample(
+    denoiser: Denoiser,
+    schedule: NoiseSchedule,
+    x_T: torch.Tensor,
+    timesteps: Sequence[float],
+    *,
+    prediction_type: str = "eps",
+    x0_transform: X0Transform | None = clip_x0,
+    generator: torch.Generator | None = None,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), data prediction, multistep.
+
+    With lambda = log(alpha / sigma), h = lambda_next - lambda_t and r = h_prev / h:
+    x_next = (sigma_next / sigma_t) x_t - alpha_next (e^{-h} - 1) D, where D is the x0 prediction
+    on the first step (first order) and (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1} after it. The final
+    step to the data (sigma = 0) is first order, D = x0 (the paper's lower-order final step).
+    """
+    del generator  # deterministic; accepted for the shared signature
+    ts = _check_timesteps(timesteps, schedule.num_train_timesteps)
+    x_t = x_T
+    x0_prev, h_prev = None, None
+    for i, (t, t_next) in enumerate(zip(ts, ts[1:] + [-1.0])):
+        _, x0_pred, alpha_bar_t = _predict(denoiser, schedule, x_t, t, prediction_type, x0_transform)
+        if callback is not None:
+            callback(i, t, x_t, x0_pred)
+        if t_next < 0:
+            return x0_pred  # sigma_next = 0: x_next = D, first order
+        alpha_bar_next = _alpha_bar(schedule, t_next)
+        alpha_t, sigma_t = math.sqrt(alpha_bar_t), math.sqrt(1 - alpha_bar_t)
+        alpha_next, sigma_next = math.sqrt(alpha_bar_next), math.sqrt(1 - alpha_bar_next)
+        # h = lambda_next - lambda_t; lambda_t = -inf at zero terminal SNR gives h = inf, where
+        # the update tends to sigma_next x_t + alpha_next D (e^{-h} - 1 -> -1), as computed below.
+        h = _half_log_snr(alpha_next, sigma_next) - _half_log_snr(alpha_t, sigma_t)
+        if x0_prev is None:
+            d = x0_pred  # first step: DPM-Solver++(1), i.e. DDIM
+        else:
+            r = h_prev / h
+            d = (1 + 1 / (2 * r)) * x0_pred - (1 / (2 * r)) * x0_prev
+        x_t = (sigma_next / sigma_t) * x_t - alpha_next * math.expm1(-h) * d
+        x0_prev, h_prev = x0_pred, h
+    return x_t
+
+
+def _edm_sample(
+    denoiser: Denoiser,
+    schedule: NoiseSchedule,
+    x_T: torch.Tensor,
+    timesteps: Sequence[float],
+    *,
+    prediction_type: str,
+    x0_transform: X0Transform | None,
+    callback: StepCallback | None,
+    second_order: bool,
+) -> torch.Tensor:
+    """Euler / Heun on the probability-flow ODE in Karras et al. 2022's parametrisation:
+    x_hat = x_t / sqrt(alpha_bar), noise level sigma = sqrt((1 - alpha_bar) / alpha_bar) and
+    d x_hat / d sigma = (x_hat - D(x_hat; sigma)) / sigma (eq. 3 with s(t) = 1, sigma(t) = t)."""
+    ts = _check_timesteps(timesteps, schedule.num_train_timesteps)
+
+    def derivative(x_hat: torch.Tensor, t: float, sigma: float, i: int | None) -> torch.Tensor:
+        alpha_bar = 1 / (1 + sigma**2)
+        x_t = x_hat * math.sqrt(alpha_bar)
+        _, x0_pred, _ = _predict(denoiser, schedule, x_t, t, prediction_type, x0_transform)
+        if callback is not None and i is not None:
+            callback(i, t, x_t, x0_pred)
+        return (x_hat - x0_pred) / sigma
+
+    def noise_level(t: float) -> float:
+        alpha_bar = _alpha_bar(schedule, t)
+        return math.sqrt((1 - alpha_bar) / alpha_bar)
+
+    if _alpha_bar(schedule, ts[0]) == 0:
+        raise ValueError(
+            "euler and heun integrate x / sqrt(alpha_bar), which is infinite at zero terminal "
+            "SNR; sample this model with ddim, dpm++ or ddpm"
+        )
+    x_hat = x_T / math.sqrt(_alpha_bar(schedule, ts[0]))
+    for i, (t, t_next) in enumerate(zip(ts, ts[1:] + [-1.0])):
+        sigma, sigma_next = noise_level(t), (noise_level(t_next) if t_next >= 0 else 0.0)
+        d = derivative(x_hat, t, sigma, i)
+        x_next = x_hat + (sigma_next - sigma) * d  # Euler step (Karras et al., Alg. 1, line 5)
+        if second_order and sigma_next > 0:
+            # Heun's correction (Alg. 1, lines 7-8): average the slopes at both ends.
+            d_next = derivative(x_next, t_next, sigma_next, None)
+            x_next = x_hat + (sigma_next - sigma) * 0.5 * (d + d_next)
+        x_hat = x_next
+    return x_hat  # sigma = 0: x_hat is x0
+
+
+@torch.no_grad()
+def euler_sample(
+    denoiser: Denoiser,
+    schedule: NoiseSchedule,
+    x_T: torch.Tensor,
+    timesteps: Sequence[float],
+    *,
+    prediction_type: str = "eps",
+    x0_transform: X0Transform | None = clip_x0,
+    generator: torch.Generator | None = None,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Euler's method on the probability-flow ODE (Karras et al. 2022), first order."""
+    del generator  # deterministic; accepted for the shared signature
+    return _edm_sample(denoiser, schedule, x_T, timesteps, prediction_type=prediction_type,
+                       x0_transform=x0_transform, callback=callback, second_order=False)
+
+
+@torch.no_grad()
+def heun_sample(
+    denoiser: Denoiser,
+    schedule: NoiseSchedule,
+    x_T: torch.Tensor,
+    timesteps: Sequence[float],
+    *,
+    prediction_type: str = "eps",
+    x0_transform: X0Transform | None = clip_x0,
+    generator: torch.Generator | None = None,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Heun's method on the probability-flow ODE (Karras et al. 2022, Algorithm 1 without churn),
+    second order; 2n - 1 network evaluations for n steps (the last step is Euler's)."""
+    del generator
+    return _edm_sample(denoiser, schedule, x_T, timesteps, prediction_type=prediction_type,
+                       x0_transform=x0_transform, callback=callback, second_order=True)
+
+
+SAMPLER_FUNCTIONS = {
+    "ddpm": ancestral_sample,
+    "ddim": ddim_sample,
+    "dpm++": dpmpp_2m_sample,
+    "euler": euler_sample,
+    "heun": heun_sample,
+}
+
+
+def get_sampler(name: str):
+    if name not in SAMPLER_FUNCTIONS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    return SAMPLER_FUNCTIONS[name]
 
 
 def initial_noise(

@@ -11,7 +11,7 @@ Everything is computed once in float64 and cast only where it is used, so that p
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -92,6 +92,7 @@ class NoiseSchedule:
     """Every quantity of the forward process and posterior, ``[T]`` float64 tensors on the CPU.
 
     Build it with :func:`make_schedule`; read values at a batch of steps with :func:`extract`.
+    The dataclass is frozen and nothing in the package writes to its tensors.
     """
 
     name: str
@@ -113,16 +114,46 @@ class NoiseSchedule:
     def num_train_timesteps(self) -> int:
         return int(self.betas.shape[0])
 
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, torch.Tensor):
-                # Frozen: nobody may train, move or edit the schedule in place.
-                value.requires_grad_(False)
+    def alpha_bar_at(self, t: torch.Tensor | float) -> torch.Tensor:
+        """alpha_bar at real-valued t in [0, T-1], float64: log-SNR is interpolated linearly
+        between the integer steps, so ODE samplers can visit any noise level in between."""
+        t = torch.as_tensor(t, dtype=torch.float64).clamp(0, self.num_train_timesteps - 1)
+        lo = t.floor().long()
+        hi = (lo + 1).clamp(max=self.num_train_timesteps - 1)
+        frac = t - lo
+        log_snr = (1 - frac) * self.log_snr[lo] + frac * self.log_snr[hi]
+        # at integer t take the value itself (0 * -inf would be nan under zero terminal SNR)
+        log_snr = torch.where(frac == 0, self.log_snr[lo], log_snr)
+        return torch.sigmoid(log_snr)
+
+    def t_at_log_snr(self, log_snr: torch.Tensor | float) -> torch.Tensor:
+        """The real-valued t whose interpolated log-SNR is ``log_snr`` (inverse of
+        :meth:`alpha_bar_at` in log-SNR terms), clamped to [0, T-1]."""
+        target = torch.as_tensor(log_snr, dtype=torch.float64)
+        descending = self.log_snr  # falls strictly with t
+        ascending = descending.flip(0)
+        idx = torch.searchsorted(ascending, target).clamp(1, self.num_train_timesteps - 1)
+        # ascending[idx-1] <= target < ascending[idx]; map back to t (t = T-1 - index)
+        hi_val, lo_val = ascending[idx], ascending[idx - 1]
+        frac = ((target - lo_val) / (hi_val - lo_val)).clamp(0, 1)
+        t_of_lo = self.num_train_timesteps - 1 - (idx - 1)
+        return (t_of_lo - frac).clamp(0, self.num_train_timesteps - 1)
 
 
-def make_schedule(name: str = "linear", num_train_timesteps: int = 1000) -> NoiseSchedule:
-    """Build the frozen float64 schedule ``name`` with ``num_train_timesteps`` steps."""
+def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2024, Algorithm 1: shift and scale sqrt(alpha_bar) so that it keeps its first
+    value and reaches exactly 0 at t = T (zero terminal SNR: the last step is pure noise)."""
+    root = alphas_cumprod.sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    return root**2
+
+
+def make_schedule(
+    name: str = "linear", num_train_timesteps: int = 1000, *, zero_terminal_snr: bool = False
+) -> NoiseSchedule:
+    """Build the frozen float64 schedule ``name`` with ``num_train_timesteps`` steps, optionally
+    rescaled to zero terminal SNR (then the network must predict v or x0, not eps)."""
     if name not in _BETA_FUNCTIONS:
         raise ValueError(
             f"unknown noise schedule {name!r}; choose one of {', '.join(SCHEDULES)}"
@@ -132,6 +163,9 @@ def make_schedule(name: str = "linear", num_train_timesteps: int = 1000) -> Nois
             f"num_train_timesteps must be at least 2, got {num_train_timesteps}"
         )
     betas = _BETA_FUNCTIONS[name](num_train_timesteps)
+    if zero_terminal_snr:
+        alpha_bar = rescale_zero_terminal_snr(torch.cumprod(1.0 - betas, dim=0))
+        betas = 1.0 - alpha_bar / torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
     alphas = 1.0 - betas
     alphas_cumprod = torch.cumprod(alphas, dim=0)
     alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])

@@ -25,7 +25,8 @@ from .config import RunConfig
 from .data import BatchStream, load_dataset
 from .diffusion import training_loss
 from .models import count_parameters
-from .pipeline import Pipeline, autocast, build_model, build_schedule, resolve_device
+from .pipeline import (Pipeline, autocast, build_model, build_schedule, checkpoint_config,
+                       resolve_device)
 from .schedules import NoiseSchedule
 from .viz import save_grid
 
@@ -151,8 +152,10 @@ def train_step(
     total = 0.0
     for x0 in batches:
         with autocast(device, config.train.precision):
-            loss = training_loss(model, schedule, x0.to(device), generator=generator,
-                                 loss=config.diffusion.loss)
+            dc = config.diffusion
+            loss = training_loss(model, schedule, x0.to(device), generator=generator, loss=dc.loss,
+                                 prediction_type=dc.prediction_type, weighting=dc.loss_weighting,
+                                 min_snr_gamma=dc.min_snr_gamma)
         loss = loss / len(batches)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss.item()
@@ -210,6 +213,8 @@ def train(
     if tc.threads:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
+    config.model.validate()
+    config.diffusion.validate()
     schedule = build_schedule(config)
     model = build_model(config).to(device)
     ema = EMA(model, tc.ema_decay, tc.ema_warmup)
@@ -344,8 +349,8 @@ def resume_config(run_dir: str | os.PathLike, *, steps: int | None = None,
                   minutes: float | None = None) -> RunConfig:
     """The config a run was trained with, its stopping rule replaced when ``steps`` or ``minutes``
     is given (steps count from the start of the run; minutes from now)."""
-    _, state = load_run_or_file(run_dir)
-    config = RunConfig.from_dict(state["config"])
+    path, state = load_run_or_file(run_dir)
+    config = checkpoint_config(state, path)
     if steps is not None or minutes is not None:
         config = replace(config, train=replace(config.train, steps=steps, minutes=minutes))
     return config

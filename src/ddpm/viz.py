@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from torchvision.utils import make_grid, save_image
 
@@ -20,8 +22,6 @@ def grid_image(x: torch.Tensor, nrow: int | None = None, padding: int = 2) -> to
 
 
 def _png_bytes(image: torch.Tensor) -> bytes:
-    import io
-
     buf = io.BytesIO()
     save_image(image, buf, format="png")
     return buf.getvalue()
@@ -44,3 +44,17 @@ def save_images(x: torch.Tensor, folder: str | os.PathLike, start_index: int = 0
         atomic_write_bytes(_png_bytes(img), path)
         paths.append(path)
     return paths
+
+
+def to_uint8_nhwc(x: torch.Tensor) -> np.ndarray:
+    """Images ``[B, C, H, W]`` in [-1, 1] -> uint8 ``[B, H, W, C]`` (the layout FID tools read)."""
+    return (to_unit_range(x.cpu()) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def save_npz(x: torch.Tensor, path: str | os.PathLike) -> Path:
+    """Write images ``[B, C, H, W]`` in [-1, 1] as ``arr_0``, uint8 ``[B, H, W, C]``, atomically."""
+    buf = io.BytesIO()
+    np.savez(buf, arr_0=to_uint8_nhwc(x))
+    path = Path(path)
+    atomic_write_bytes(buf.getvalue(), path)
+    return path
