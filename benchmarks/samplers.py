@@ -1,6 +1,6 @@
 """Every sampler at 10, 20, 50, 100 and 1000 steps: closed-form error and wall time.
 
-    python benchmarks/samplers.py [--checkpoint runs/demo] [--n 64]
+    python benchmarks/samplers.py [--checkpoint runs/demo] [--n 64] [--grid samplers.png]
 
 Quality, until `ddpm eval` exists, is measured where the answer is known in closed form: data from
 a two-component Gaussian mixture in 4x4 images (weights 0.3/0.7, means -0.5/+0.5, std 0.2), the
@@ -17,15 +17,18 @@ import json
 import time
 
 import torch
+from torchvision.utils import save_image
 
 from ddpm import get_preset
 from ddpm.pipeline import Pipeline, build_model, build_schedule, load_pipeline
 from ddpm.samplers import DEFAULT_SPACING, SAMPLERS, get_sampler, initial_noise, make_timesteps
 from ddpm.schedules import make_schedule
 from ddpm.toy import mixture_denoiser
+from ddpm.viz import grid_image
 
 
 STEPS = (10, 20, 50, 100, 1000)
+GRID_SETTINGS = (("ddpm", 1000), ("ddpm", 100), ("ddim", 50), ("dpm++", 20), ("heun", 10))
 WEIGHTS, MEANS, STDS = (0.3, 0.7), (-0.5, 0.5), (0.2, 0.2)
 
 
@@ -46,6 +49,9 @@ def main() -> None:
     ap.add_argument("--checkpoint", default=None, help="run directory or checkpoint to time")
     ap.add_argument("--n", type=int, default=64, help="images per timing")
     ap.add_argument("--json", action="store_true", help="one JSON line per row")
+    ap.add_argument("--grid", default=None,
+                    help="also write a side-by-side PNG of 36 images (seed 0) per sampler setting "
+                         "in GRID_SETTINGS, from the checkpoint")
     args = ap.parse_args()
     if args.checkpoint:
         pipe = load_pipeline(args.checkpoint, device="cpu")
@@ -53,6 +59,14 @@ def main() -> None:
         config = get_preset("fashion-cpu")
         pipe = Pipeline(build_model(config).eval(), build_schedule(config), config, 0,
                         torch.device("cpu"))
+    if args.grid:
+        grids = []
+        for name, steps in GRID_SETTINGS:
+            t0 = time.perf_counter()
+            grids.append(grid_image(pipe.generate(36, seed=0, sampler=name, num_sample_steps=steps), 6))
+            print(f"grid: {name} {steps} steps, {time.perf_counter() - t0:.1f} s for 36 images")
+        gap = torch.ones(grids[0].shape[0], grids[0].shape[1], 8)  # white column between blocks
+        save_image(torch.cat([torch.cat([g, gap], 2) for g in grids], 2), args.grid)
     rows = []
     for name in SAMPLERS:
         for steps in STEPS:
