@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--checkpoint", default=None, help="run directory or checkpoint to time")
     ap.add_argument("--n", type=int, default=64, help="images per timing")
     ap.add_argument("--json", action="store_true", help="one JSON line per row")
+    ap.add_argument("--samplers", nargs="*", default=list(SAMPLERS), choices=SAMPLERS,
+                    help="only these samplers")
     ap.add_argument("--grid", default=None,
                     help="also write a side-by-side PNG of 36 images (seed 0) per sampler setting "
                          "in GRID_SETTINGS, from the checkpoint")
@@ -68,7 +70,7 @@ def main() -> None:
         gap = torch.ones(grids[0].shape[0], grids[0].shape[1], 8)  # white column between blocks
         save_image(torch.cat([torch.cat([g, gap], 2) for g in grids], 2), args.grid)
     rows = []
-    for name in SAMPLERS:
+    for name in args.samplers:
         for steps in STEPS:
             weight_err, std_err = toy_errors(name, steps)
             t0 = time.perf_counter()
