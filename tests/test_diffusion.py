@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from ddpm.diffusion import predict_x0_from_eps, q_posterior, q_sample, training_loss
-from ddpm.schedules import make_schedule
+from ddpm.diffusion import eps_x0_from_prediction, q_posterior, q_sample, training_loss
+from ddpm.schedules import extract, make_schedule
 
 N_DRAWS = 40_000
 
@@ -41,7 +41,8 @@ def test_predict_x0_inverts_q_sample():
     x0, eps = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randn(4, 3, 8, 8, dtype=torch.float64)
     t = torch.tensor([0, 10, 500, 998])
     x_t = q_sample(s, x0, t, eps)
-    assert torch.allclose(predict_x0_from_eps(s, x_t, t, eps), x0, atol=1e-9)
+    _, x0_back = eps_x0_from_prediction(eps, x_t, extract(s.alphas_cumprod, t, x_t), "eps")
+    assert torch.allclose(x0_back, x0, atol=1e-9)
 
 
 @pytest.mark.parametrize(

@@ -43,16 +43,6 @@ def q_posterior(
     return mean, variance
 
 
-def predict_x0_from_eps(
-    schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor
-) -> torch.Tensor:
-    """Invert eq. 4 for x0: x0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
-    return (
-        extract(schedule.sqrt_recip_alphas_cumprod, t, x_t) * x_t
-        - extract(schedule.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
-    )
-
-
 PREDICTION_TYPES = ("eps", "x0", "v")
 LOSS_WEIGHTINGS = ("uniform", "min-snr")
 
