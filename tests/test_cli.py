@@ -144,3 +144,14 @@ def test_checkpoint_from_another_version_is_explained(trained_run, tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
     r = ddpm("sample", tmp_path / "junk.pt", "--n", 1, "--out", tmp_path / "x.png")
     assert r.returncode == 2 and "not a readable ddpm checkpoint" in r.stderr
+
+
+def test_smaller_T_than_the_preset_samples_with_all_steps(tmp_path, fake_fashion):
+    r = ddpm("train", "--preset", "tiny", "--steps", 2, "--num-timesteps", 8, "--schedule", "cosine", "--sample-every", 1,
+             "--out", tmp_path / "run", "--data-dir", fake_fashion, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    import json
+
+    config = json.loads((tmp_path / "run/config.json").read_text())
+    assert config["train"]["sample_steps"] == 8 and config["sample"]["num_sample_steps"] == 8
+    assert (tmp_path / "run/samples/step-00000002.png").is_file()

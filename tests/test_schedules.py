@@ -97,3 +97,11 @@ def test_extract_broadcasts_and_casts():
 def test_unknown_schedule_names_the_choices():
     with pytest.raises(ValueError, match="unknown noise schedule 'cosin'.*linear, cosine"):
         make_schedule("cosin", 1000)
+
+
+def test_linear_rescaled_past_beta_one_is_refused():
+    """0.02 * 1000 / T reaches 1 below T = 21: refuse rather than train on negative alphas."""
+    with pytest.raises(ValueError, match=r"linear schedule at T = 8 has betas up to 2.5.*T >= 21"):
+        make_schedule("linear", 8)
+    assert make_schedule("linear", 21).betas.max() < 1
+    assert make_schedule("cosine", 8).betas.max() < 1

@@ -120,3 +120,10 @@ def test_newest_unloadable_checkpoint_falls_back(tmp_path):
     assert state["step"] == 1 and path.name == "ckpt-00000001.pt"
     with pytest.raises(CheckpointError, match="truncated"):
         load_checkpoint(newest)
+
+
+def test_sampling_steps_beyond_T_are_refused_before_training(tmp_path, fake_fashion):
+    config = tiny_config(fake_fashion, steps=2, sample_steps=500)  # tiny preset: T = 100
+    with pytest.raises(ValueError, match="train.sample_steps is 500 but must be between 1 and T = 100"):
+        train(config, tmp_path / "run", progress=False, final_grid=False)
+    assert not (tmp_path / "run").exists(), "nothing may be written before the check"

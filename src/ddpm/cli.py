@@ -166,7 +166,7 @@ def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
                    help="sampling steps, 1..T (default: the run's setting, T for ddpm)")
     p.add_argument("--spacing", choices=SPACINGS, default=None,
                    help="how the steps are spread over 0..T-1 (default: karras for euler/heun, "
-                        "linspace otherwise)")
+                        "logsnr for dpm++, linspace for ddpm/ddim)")
     p.add_argument("--eta", type=float, default=None,
                    help="ddim only: 0 is deterministic, 1 adds DDPM-like noise")
     p.add_argument("--variance", choices=VARIANCES, default=None,
@@ -236,9 +236,10 @@ def _override(config: RunConfig, args: argparse.Namespace) -> RunConfig:
         data = dataclasses.replace(data, download=True)
     if args.no_hflip:
         data = dataclasses.replace(data, hflip=False)
-    sample = config.sample
-    if sample.num_sample_steps > diffusion.num_train_timesteps:
-        sample = dataclasses.replace(sample, num_sample_steps=diffusion.num_train_timesteps)
+    # A preset's sampling steps suit its own T; with a smaller --num-timesteps, use all of them.
+    T = diffusion.num_train_timesteps
+    sample = dataclasses.replace(config.sample, num_sample_steps=min(config.sample.num_sample_steps, T))
+    train = dataclasses.replace(train, sample_steps=min(train.sample_steps, T))
     return RunConfig(model=config.model, diffusion=diffusion, data=data, train=train, sample=sample)
 
 
@@ -275,8 +276,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if config.train.lr_schedule == "cosine" and config.train.steps is None:
             raise UsageError("--lr-schedule cosine decays to zero at --steps: give --steps N "
                              "instead of --minutes, or use --lr-schedule constant")
-        if config.sample.num_sample_steps > config.diffusion.num_train_timesteps:
-            raise UsageError("sampling steps exceed the training timesteps")
     print(_summary(config))
     print(f"parameters: {count_parameters(UNet(config.model)):,}")
     print(f"run directory: {run_dir}  (config in {run_dir / CONFIG_FILE})")

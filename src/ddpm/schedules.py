@@ -163,6 +163,12 @@ def make_schedule(
             f"num_train_timesteps must be at least 2, got {num_train_timesteps}"
         )
     betas = _BETA_FUNCTIONS[name](num_train_timesteps)
+    if betas.max() >= 1.0:  # the 1000/T rescaling of linear and quadratic overshoots at small T
+        raise ValueError(
+            f"the {name} schedule at T = {num_train_timesteps} has betas up to "
+            f"{betas.max().item():.3g}, but each must be below 1; use more timesteps (T >= 21) "
+            f"or the cosine or sigmoid schedule"
+        )
     if zero_terminal_snr:
         alpha_bar = rescale_zero_terminal_snr(torch.cumprod(1.0 - betas, dim=0))
         betas = 1.0 - alpha_bar / torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])

@@ -209,6 +209,16 @@ def train(
     """
     run_dir = Path(run_dir)
     tc = config.train
+    if not resume and list_checkpoints(run_dir):
+        raise ValueError(
+            f"{run_dir} already holds a run; continue it with 'ddpm train --resume {run_dir}' "
+            f"(train(..., resume=True) in Python) or choose a new folder"
+        )
+    T = config.diffusion.num_train_timesteps
+    for name, steps in (("train.sample_steps", tc.sample_steps),
+                        ("sample.num_sample_steps", config.sample.num_sample_steps)):
+        if not 1 <= steps <= T:  # checked now, not at the first preview grid mid-run
+            raise ValueError(f"{name} is {steps} but must be between 1 and T = {T}")
     device = resolve_device(tc.device)
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -238,11 +248,6 @@ def train(
     noise_gen = torch.Generator(device).manual_seed(tc.seed + 1)
 
     step, elapsed_before = 0, 0.0
-    if not resume and list_checkpoints(run_dir):
-        raise ValueError(
-            f"{run_dir} already holds a run; continue it with 'ddpm train --resume {run_dir}' "
-            f"(train(..., resume=True) in Python) or choose a new folder"
-        )
     if resume:
         _, state = load_run_or_file(run_dir, map_location=device)
         model.load_state_dict(state["model"])
