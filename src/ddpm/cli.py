@@ -16,11 +16,14 @@ from typing import Sequence
 
 from . import __version__
 from .checkpoint import CHECKPOINT_DIR, CheckpointError, list_checkpoints
-from .config import DEFAULT_PRESET, PRESETS, RunConfig, get_preset
-from .data import DATASETS, DatasetNotFoundError
+from .classifier import CLASSIFIER_DATASETS, train_classifier
+from .config import DEFAULT_PRESET, PRESETS, DataConfig, RunConfig, get_preset
+from .data import DATASETS, DatasetNotFoundError, load_images
 from .diffusion import LOSS_WEIGHTINGS, LOSSES, PREDICTION_TYPES
 from .models import UNet, count_parameters
-from .pipeline import PRECISIONS, X0_TRANSFORMS, load_pipeline
+from .metrics import (EXTRACTORS, INCEPTION_FILE, SPLITS, EvalResult, Evaluator,
+                      WeightsNotFoundError, to_uint8)
+from .pipeline import PRECISIONS, X0_TRANSFORMS, load_pipeline, resolve_device
 from .samplers import SAMPLERS, SPACINGS, VARIANCES
 from .schedules import SCHEDULES
 from .train import CONFIG_FILE, LR_SCHEDULES, resume_config, train
@@ -74,6 +77,13 @@ def _decay(text: str) -> float:
     if value >= 1:
         raise argparse.ArgumentTypeError(f"expected a decay in (0, 1), got {value}")
     return value
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """Options of every command that loads a trained model."""
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
@@ -134,6 +144,12 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--log-every", type=_positive_int, help="steps between metric lines")
     o.add_argument("--sample-every", type=_non_negative_int,
                    help="steps between preview grids (0: none)")
+    o.add_argument("--fid-every", type=_non_negative_int,
+                   help="steps between FID/KID measurements of the EMA model, logged and plotted "
+                        "in curves.png (0: none)")
+    o.add_argument("--fid-n", type=_int_at_least(2), help="images generated for each FID measurement")
+    o.add_argument("--fid-steps", type=_positive_int,
+                   help="DPM-Solver++ steps for the FID measurement's images")
     o.add_argument("--checkpoint-every", type=_non_negative_int,
                    help="steps between checkpoints (0: only at the end)")
     o.add_argument("--keep-checkpoints", type=_positive_int, help="newest checkpoints to keep")
@@ -175,11 +191,80 @@ def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
                    help="what to do with each predicted x0: clip to [-1, 1], dynamic "
                         "thresholding (Saharia et al. 2022) or none (default: clip)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and every step")
-    p.add_argument("--batch-size", type=_positive_int, default=256, help="images per batch")
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--batch-size", type=_positive_int, default=128,
+                   help="images per batch (128 was fastest on a 2-core CPU)")
+    _add_model_options(p)
     p.set_defaults(func=_cmd_sample)
+
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="FID and KID of a model or of a set of images",
+        description=(
+            "Score a trained model (it generates --n images) or existing images (--images) with "
+            "FID and KID against a dataset split, beside the floor: the same metrics for --n "
+            "held-out real images, what a perfect generator would score. Reference statistics "
+            "are computed once and cached per dataset, split and feature extractor."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT", nargs="?",
+                   help="a run directory or .pt checkpoint to generate from (or use --images)")
+    p.add_argument("--images", metavar="DIR|SAMPLES.npz",
+                   help="score these images instead: a folder of PNG/JPEG files or an .npz whose "
+                        "arr_0 is uint8 [N, H, W, C] (needs --dataset)")
+    p.add_argument("--dataset", choices=DATASETS, default=None,
+                   help="reference dataset (default: the run's)")
+    p.add_argument("--data-dir", default=None, help="folder holding the dataset (default: the run's)")
+    p.add_argument("--split", choices=SPLITS, default="train",
+                   help="reference split; the floor uses held-out images of the other split")
+    p.add_argument("--n", type=_int_at_least(2), default=None,
+                   help="images to generate (default 10000), or to take from --images (default: all)")
+    p.add_argument("--extractor", choices=EXTRACTORS, default="auto",
+                   help="features: auto is the packaged classifier for mnist and fashion-mnist "
+                        "(offline), inception-v3 (standard FID) otherwise")
+    p.add_argument("--inception-weights", metavar="PATH", default=None,
+                   help=f"Inception-v3 FID weights ({INCEPTION_FILE}); default: the torch hub cache")
+    p.add_argument("--prc", action="store_true",
+                   help="also precision and recall (Kynkaanniemi et al. 2019, k = 3)")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="sampler (default: the run's)")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="sampling steps (default: the run's)")
+    p.add_argument("--spacing", choices=SPACINGS, default=None,
+                   help="timestep spacing (default: the sampler's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated images and of KID's subsets")
+    p.add_argument("--batch-size", type=_positive_int, default=128,
+                   help="images per sampling batch (128 was fastest on a 2-core CPU)")
+    p.add_argument("--save-samples", metavar="SAMPLES.npz", default=None,
+                   help="also keep the generated images, for other tools")
+    p.add_argument("--cache-dir", default=None,
+                   help="where reference statistics are cached (default: $DDPM_CACHE_DIR or "
+                        "~/.cache/ddpm)")
+    p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+    _add_model_options(p)
+    p.set_defaults(func=_cmd_eval)
+
+
+def _add_train_classifier_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train-classifier",
+        help="train the small CNN whose features 'ddpm eval' uses offline",
+        description="Train the classifier that serves as the offline feature extractor for "
+                    "MNIST or Fashion-MNIST and save its weights with its test accuracy. The "
+                    "package ships weights made with the defaults.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--dataset", choices=sorted(CLASSIFIER_DATASETS), default="fashion-mnist",
+                   help="dataset to learn to classify")
+    p.add_argument("--data-dir", default=None,
+                   help="folder holding the IDX files (default: Debian's folder for fashion-mnist)")
+    p.add_argument("--out", required=True, metavar="WEIGHTS.pt", help="weights file to write")
+    p.add_argument("--epochs", type=_positive_int, default=10, help="passes over the train split")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and batches")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=_cmd_train_classifier)
 
 
 def _add_presets_parser(sub: argparse._SubParsersAction) -> None:
@@ -200,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     _add_train_parser(sub)
     _add_sample_parser(sub)
+    _add_eval_parser(sub)
+    _add_train_classifier_parser(sub)
     _add_presets_parser(sub)
     return parser
 
@@ -219,6 +306,7 @@ def _override(config: RunConfig, args: argparse.Namespace) -> RunConfig:
                  warmup_steps="warmup_steps", lr_schedule="lr_schedule", grad_clip="grad_clip", ema_decay="ema_decay",
                  precision="precision", seed="seed", log_every="log_every",
                  sample_every="sample_every", checkpoint_every="checkpoint_every",
+                 fid_every="fid_every", fid_n="fid_n", fid_steps="fid_steps",
                  keep_checkpoints="keep_checkpoints", device="device", threads="threads")
     if args.steps is not None:
         train = dataclasses.replace(train, steps=args.steps, minutes=None)
@@ -239,7 +327,8 @@ def _override(config: RunConfig, args: argparse.Namespace) -> RunConfig:
     # A preset's sampling steps suit its own T; with a smaller --num-timesteps, use all of them.
     T = diffusion.num_train_timesteps
     sample = dataclasses.replace(config.sample, num_sample_steps=min(config.sample.num_sample_steps, T))
-    train = dataclasses.replace(train, sample_steps=min(train.sample_steps, T))
+    train = dataclasses.replace(train, sample_steps=min(train.sample_steps, T),
+                                fid_steps=min(train.fid_steps, T))
     return RunConfig(model=config.model, diffusion=diffusion, data=data, train=train, sample=sample)
 
 
@@ -320,6 +409,85 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_table(r: EvalResult) -> str:
+    prc = r.precision is not None
+    head = f"{'':14}{'n':>7}{'FID':>10}{'KID':>22}" + (f"{'precision':>11}{'recall':>8}" if prc else "")
+    rows = [head]
+    for name, n, fid, kid, kid_std, p, rc in (
+        ("generated", r.n, r.fid, r.kid, r.kid_std, r.precision, r.recall),
+        ("floor (real)", r.floor_n, r.floor_fid, r.floor_kid, None, r.floor_precision, r.floor_recall),
+    ):
+        kid_text = f"{kid:.5f}" + (f" +- {kid_std:.5f}" if kid_std is not None else "")
+        rows.append(f"{name:14}{n:>7}{fid:>10.3f}{kid_text:>22}" + (f"{p:>11.3f}{rc:>8.3f}" if prc else ""))
+    what = f"{r.sampler}, {r.steps} steps, seed {r.seed}" if r.sampler else "given images"
+    times = ", ".join(f"{k} {v:.1f} s" for k, v in r.seconds.items())
+    return (f"{r.extractor} features vs {r.dataset} {r.split} ({r.reference_n:,} images); "
+            f"{what}\n" + "\n".join(rows) + f"\ntime: {times}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    if (args.checkpoint is None) == (args.images is None):
+        raise UsageError("give either a run directory or checkpoint to generate from, or "
+                         "--images DIR|SAMPLES.npz, not both")
+    sample_options = {"--sampler": args.sampler, "--steps": args.steps, "--spacing": args.spacing,
+                      "--save-samples": args.save_samples, "--no-ema": args.no_ema or None}
+    if args.images is not None:
+        given = [k for k, v in sample_options.items() if v is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} only apply when generating from a checkpoint; "
+                             f"drop them with --images")
+        if args.dataset is None:
+            raise UsageError(f"--images needs --dataset to compare against ({', '.join(DATASETS)})")
+        images = load_images(args.images)
+        if args.n is not None:
+            if args.n > len(images):
+                raise UsageError(f"--n {args.n} but {args.images} holds only {len(images)} images")
+            images = images[: args.n]
+        dataset, data_dir = args.dataset, args.data_dir or DataConfig().data_dir
+        provenance: dict = {}
+    else:
+        pipe = load_pipeline(args.checkpoint, device=args.device, use_ema=not args.no_ema)
+        dataset = args.dataset or pipe.config.data.dataset
+        data_dir = args.data_dir or pipe.config.data.data_dir
+        settings = {k: v for k, v in {"sampler": args.sampler, "num_sample_steps": args.steps,
+                                      "spacing": args.spacing}.items() if v is not None}
+        sc = dataclasses.replace(pipe.config.sample, **settings)
+        T = pipe.schedule.num_train_timesteps
+        if not 1 <= sc.num_sample_steps <= T:
+            raise UsageError(f"--steps {sc.num_sample_steps} is more than the model's {T} training "
+                             f"timesteps; use 1..{T}")
+    evaluator = Evaluator(dataset, data_dir, split=args.split, extractor=args.extractor,
+                          inception_weights=args.inception_weights, cache_dir=args.cache_dir,
+                          device=resolve_device(args.device), progress=not args.no_progress)
+    if args.images is None:
+        n = args.n or 10_000
+        start = time.perf_counter()
+        generated = pipe.generate(n, seed=args.seed, batch_size=args.batch_size,
+                                  progress=not args.no_progress, **settings)
+        provenance = {"sampler": sc.sampler, "steps": sc.num_sample_steps,
+                      "seconds": {"sampling": time.perf_counter() - start}}
+        if args.save_samples:
+            save_npz(generated, args.save_samples)
+        images = to_uint8(generated)
+    result = evaluator.evaluate(images, seed=args.seed, prc=args.prc, **provenance)
+    print(json.dumps(result.to_dict()) if args.json else _eval_table(result))
+    return 0
+
+
+def _cmd_train_classifier(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise UsageError(f"{out} exists; add --force to replace it or choose another --out")
+    data_dir = args.data_dir or (DataConfig().data_dir if args.dataset == "fashion-mnist" else None)
+    if data_dir is None:
+        raise UsageError(f"--data-dir is needed for {args.dataset}: the folder with its IDX files")
+    acc, seconds = train_classifier(args.dataset, data_dir, out, epochs=args.epochs, seed=args.seed,
+                                    progress=not args.no_progress)
+    print(f"{args.dataset} classifier: test accuracy {acc:.2%} after {args.epochs} epochs "
+          f"({seconds / 60:.1f} min); weights in {out}")
+    return 0
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     names = [args.name] if args.name else sorted(PRESETS)
     print(json.dumps({n: get_preset(n).to_dict() for n in names}, indent=2))
@@ -331,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, ValueError, CheckpointError, DatasetNotFoundError) as exc:
+    except (UsageError, ValueError, CheckpointError, DatasetNotFoundError, WeightsNotFoundError) as exc:
         print(f"ddpm {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (PermissionError, IsADirectoryError, NotADirectoryError) as exc:

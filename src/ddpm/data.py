@@ -170,3 +170,49 @@ class BatchStream:
 
     def load_state_dict(self, state: dict) -> None:
         self.perm, self.pos, self.epoch = state["perm"].clone(), int(state["pos"]), int(state["epoch"])
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def load_images(path: str | os.PathLike) -> torch.Tensor:
+    """Images from anywhere, as uint8 ``[N, C, H, W]``: a ``.npz`` whose ``arr_0`` is uint8
+    ``[N, H, W, C]`` (what ``ddpm sample --out x.npz`` and the ADM evaluation suite write) or
+    ``[N, H, W]``, or a folder of image files (searched recursively, all of one size)."""
+    path = Path(path)
+    if path.suffix.lower() == ".npz" and path.is_file():
+        try:
+            with np.load(path) as z:
+                if "arr_0" not in z.files:
+                    raise ValueError(f"it holds {z.files}, not 'arr_0'")
+                arr = z["arr_0"]
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read images from {path}: {exc}") from None
+        if arr.dtype != np.uint8 or arr.ndim not in (3, 4) or (arr.ndim == 4 and arr.shape[-1] not in (1, 3)):
+            raise ValueError(f"{path}: arr_0 must be uint8 [N, H, W, C] with C = 1 or 3 (or [N, H, W]), "
+                             f"got {arr.dtype} {arr.shape}")
+        arr = arr[..., None] if arr.ndim == 3 else arr
+        return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).contiguous()
+    if not path.is_dir():
+        raise ValueError(f"{path} is neither a folder of images nor a .npz file")
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise ValueError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    from PIL import Image, UnidentifiedImageError
+
+    arrays = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                grey = im.mode in ("L", "1", "I", "I;16", "LA")
+                arrays.append(np.asarray(im.convert("L" if grey else "RGB")))
+        except (OSError, UnidentifiedImageError) as exc:
+            raise ValueError(f"cannot read image {f}: {exc}") from None
+        if arrays[-1].shape[:2] != arrays[0].shape[:2]:
+            raise ValueError(f"{f} is {arrays[-1].shape[1]}x{arrays[-1].shape[0]} but {files[0]} is "
+                             f"{arrays[0].shape[1]}x{arrays[0].shape[0]}; all images must be one size")
+    if len({a.ndim for a in arrays}) > 1:  # mixed grey and colour: take all as RGB
+        arrays = [np.repeat(a[..., None], 3, -1) if a.ndim == 2 else a for a in arrays]
+    stack = np.stack(arrays)
+    stack = stack[..., None] if stack.ndim == 3 else stack
+    return torch.from_numpy(stack).permute(0, 3, 1, 2).contiguous()

@@ -78,7 +78,7 @@ class Pipeline:
         n: int,
         *,
         seed: int = 0,
-        batch_size: int = 256,
+        batch_size: int = 128,
         callback: StepCallback | None = None,
         progress: bool = False,
         **settings: Any,

@@ -28,11 +28,14 @@ from .models import count_parameters
 from .pipeline import (Pipeline, autocast, build_model, build_schedule, checkpoint_config,
                        resolve_device)
 from .schedules import NoiseSchedule
-from .viz import save_grid
+from .metrics import Evaluator, to_uint8
+from .viz import plot_curves, save_grid
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 PREVIEW_SEED = 1234  # fixed noise, so successive preview grids show the same samples improving
+FID_SEED = 4321  # the same noise at every FID measurement: the curve shows the model, not luck
+CURVES_FILE = "curves.png"
 
 
 class EMA:
@@ -216,7 +219,8 @@ def train(
         )
     T = config.diffusion.num_train_timesteps
     for name, steps in (("train.sample_steps", tc.sample_steps),
-                        ("sample.num_sample_steps", config.sample.num_sample_steps)):
+                        ("sample.num_sample_steps", config.sample.num_sample_steps),
+                        ("train.fid_steps", tc.fid_steps)):
         if not 1 <= steps <= T:  # checked now, not at the first preview grid mid-run
             raise ValueError(f"{name} is {steps} but must be between 1 and T = {T}")
     device = resolve_device(tc.device)
@@ -264,7 +268,22 @@ def train(
         atomic_write_bytes(json.dumps(config.to_dict(), indent=2).encode(), run_dir / CONFIG_FILE)
 
     pipe = Pipeline(ema.model, schedule, config, step, device)
+    evaluator = None
+    if tc.fid_every:  # reference statistics once, before training (cached across runs)
+        evaluator = Evaluator(config.data.dataset, config.data.data_dir, split=config.data.split,
+                              device=device)
     loggers = _Loggers(run_dir, config, step if resume else None)
+
+    def measure_fid() -> None:
+        begin = time.perf_counter()
+        images = pipe.generate(tc.fid_n, seed=FID_SEED, sampler=tc.fid_sampler,
+                               num_sample_steps=tc.fid_steps, batch_size=128)
+        r = evaluator.evaluate(to_uint8(images))
+        loggers.log(step, {"fid": r.fid, "kid": r.kid, "floor_fid": r.floor_fid,
+                           "floor_kid": r.floor_kid, "fid_n": r.n,
+                           "fid_seconds": time.perf_counter() - begin})
+        bar.write(f"step {step}: FID {r.fid:.2f}, KID {r.kid:.4f} ({r.extractor}, n={r.n}; "
+                  f"real images: FID {r.floor_fid:.2f})")
 
     saved_step = None
 
@@ -333,6 +352,9 @@ def train(
             side_start = time.perf_counter()
             if tc.sample_every and step % tc.sample_every == 0:
                 preview(pipe, tc.sample_n, tc.sample_steps, run_dir / "samples" / f"step-{step:08d}.png")
+            if evaluator is not None and (step % tc.fid_every == 0 or finished):
+                measure_fid()
+                plot_curves(run_dir / METRICS_FILE, run_dir / CURVES_FILE)
             if tc.checkpoint_every and step % tc.checkpoint_every == 0:
                 ckpt_path = checkpoint()
             window_start += time.perf_counter() - side_start  # images/s counts training only
@@ -341,6 +363,7 @@ def train(
     finally:
         bar.close()
         loggers.close()
+    plot_curves(run_dir / METRICS_FILE, run_dir / CURVES_FILE)
     grid = None
     if final_grid:
         grid = save_grid(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 from pathlib import Path
@@ -58,3 +59,63 @@ def save_npz(x: torch.Tensor, path: str | os.PathLike) -> Path:
     path = Path(path)
     atomic_write_bytes(buf.getvalue(), path)
     return path
+
+
+def read_metrics(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A run's metrics.jsonl as {name: (steps, values)}; lines without a name are skipped."""
+    series: dict[str, tuple[list, list]] = {}
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        for name, value in record.items():
+            if name != "step" and isinstance(value, (int, float)):
+                steps, values = series.setdefault(name, ([], []))
+                steps.append(record["step"])
+                values.append(value)
+    return {k: (np.asarray(s), np.asarray(v, dtype=float)) for k, (s, v) in series.items()}
+
+
+def plot_curves(metrics_path: str | os.PathLike, out: str | os.PathLike) -> Path | None:
+    """Loss against step (raw and smoothed), and FID against step with the real-image floor when
+    the run measured it, as one PNG. Returns None when there is nothing to plot yet."""
+    metrics_path = Path(metrics_path)
+    if not metrics_path.is_file():
+        return None
+    series = read_metrics(metrics_path)
+    if "loss" not in series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    has_fid = "fid" in series
+    fig, axes = plt.subplots(1, 2 if has_fid else 1, figsize=(10 if has_fid else 5.5, 3.6),
+                             squeeze=False)
+    ax = axes[0, 0]
+    steps, loss = series["loss"]
+    ax.plot(steps, loss, color="0.75", lw=0.8, label="logged")
+    if len(loss) >= 5:  # an exponential moving average shows the trend under the noise
+        smooth = np.empty_like(loss)
+        smooth[0] = loss[0]
+        for i in range(1, len(loss)):
+            smooth[i] = 0.9 * smooth[i - 1] + 0.1 * loss[i]
+        ax.plot(steps, smooth, color="C0", lw=1.5, label="smoothed")
+    ax.set(xlabel="step", ylabel="training loss", yscale="log", title="loss")
+    ax.legend(frameon=False)
+    if has_fid:
+        ax = axes[0, 1]
+        ax.plot(*series["fid"], "o-", color="C3", label="generated")
+        if "floor_fid" in series:
+            ax.plot(*series["floor_fid"], "--", color="0.4", label="real images (floor)")
+        n = int(series["fid_n"][1][-1]) if "fid_n" in series else None
+        ax.set(xlabel="step", ylabel="FID", yscale="log", title=f"FID (n = {n})" if n else "FID")
+        ax.legend(frameon=False)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    out = Path(out)
+    atomic_write_bytes(buf.getvalue(), out)
+    return out
