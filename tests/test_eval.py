@@ -95,6 +95,7 @@ def test_eval_table_and_images_from_elsewhere(fid_run, tmp_path):
       "--data-dir", "{data}"], INCEPTION_FILE),
     (["{run}", "--steps", "500"], "more than the model's 100"),
     (["{run}", "--n", "1"], "expected a number >= 2"),
+    (["{run}", "--save-samples", "{tmp}/x.npz"], "exists; choose a new file"),
 ])
 def test_eval_bad_input_is_one_line_exit_2(fid_run, tmp_path, args, message):
     run, cache, data = fid_run

@@ -456,6 +456,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if not 1 <= sc.num_sample_steps <= T:
             raise UsageError(f"--steps {sc.num_sample_steps} is more than the model's {T} training "
                              f"timesteps; use 1..{T}")
+        if args.save_samples and Path(args.save_samples).exists():  # checked before sampling
+            raise UsageError(f"--save-samples {args.save_samples} exists; choose a new file")
     evaluator = Evaluator(dataset, data_dir, split=args.split, extractor=args.extractor,
                           inception_weights=args.inception_weights, cache_dir=args.cache_dir,
                           device=resolve_device(args.device), progress=not args.no_progress)
