@@ -96,12 +96,10 @@ def plot_curves(metrics_path: str | os.PathLike, out: str | os.PathLike) -> Path
     ax = axes[0, 0]
     steps, loss = series["loss"]
     ax.plot(steps, loss, color="0.75", lw=0.8, label="logged")
-    if len(loss) >= 5:  # an exponential moving average shows the trend under the noise
-        smooth = np.empty_like(loss)
-        smooth[0] = loss[0]
-        for i in range(1, len(loss)):
-            smooth[i] = 0.9 * smooth[i - 1] + 0.1 * loss[i]
-        ax.plot(steps, smooth, color="C0", lw=1.5, label="smoothed")
+    if len(loss) >= 5:  # a running median shows the trend, unmoved by the huge first losses
+        h = max(1, len(loss) // 20)
+        smooth = np.array([np.median(loss[max(0, i - h):i + h + 1]) for i in range(len(loss))])
+        ax.plot(steps, smooth, color="C0", lw=1.5, label=f"running median of {2 * h + 1}")
     ax.set(xlabel="step", ylabel="training loss", yscale="log", title="loss")
     ax.legend(frameon=False)
     if has_fid:
