@@ -27,6 +27,7 @@ from .diffusion import training_loss
 from .models import count_parameters
 from .pipeline import (Pipeline, autocast, build_model, build_schedule, checkpoint_config,
                        resolve_device)
+from .samplers import get_sampler
 from .schedules import NoiseSchedule
 from .metrics import Evaluator, to_uint8
 from .viz import plot_curves, save_grid
@@ -223,6 +224,8 @@ def train(
                         ("train.fid_steps", tc.fid_steps)):
         if not 1 <= steps <= T:  # checked now, not at the first preview grid mid-run
             raise ValueError(f"{name} is {steps} but must be between 1 and T = {T}")
+    if tc.fid_every:
+        get_sampler(tc.fid_sampler)  # an unknown name fails now, not at the first measurement
     device = resolve_device(tc.device)
     if tc.threads:
         torch.set_num_threads(tc.threads)
