@@ -16,6 +16,7 @@ logits serve the conditional-generation benchmark (is the sample of the class as
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
 import time
@@ -29,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_save
-from .data import ImageData, load_dataset
+from .data import ImageData, load_dataset, to_model_range
 
 #: datasets with a shipped classifier, and whether flips are label-preserving augmentations there
 #: (a mirrored shoe is still a shoe; a mirrored 3 is not a digit).
@@ -87,11 +88,7 @@ class Classifier:
     def predict(self, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
         """Class index per image; ``images`` uint8 ``[N, 1, 28, 28]``."""
         self.model.eval()
-        return torch.cat([self.model(_prepare(b)).argmax(1) for b in images.split(batch_size)])
-
-
-def _prepare(images_uint8: torch.Tensor) -> torch.Tensor:
-    return images_uint8.float().div(127.5).sub(1.0)
+        return torch.cat([self.model(to_model_range(b)).argmax(1) for b in images.split(batch_size)])
 
 
 def shipped_weights(dataset: str) -> Path:
@@ -112,7 +109,7 @@ def load_classifier(dataset: str, path: str | os.PathLike | None = None) -> Clas
         )
     blob = path.read_bytes()
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
         if state.get("format") != WEIGHTS_FORMAT or state.get("dataset") != dataset:
             raise ValueError(f"format {state.get('format')}, dataset {state.get('dataset')}")
         model = SmallCNN(num_classes=state["num_classes"])
@@ -132,7 +129,7 @@ def accuracy(model: SmallCNN, data: ImageData, batch_size: int = 1000) -> float:
     model.eval()
     correct = 0
     for images, labels in zip(data.images.split(batch_size), data.labels.split(batch_size)):
-        correct += int((model(_prepare(images)).argmax(1) == labels).sum())
+        correct += int((model(to_model_range(images)).argmax(1) == labels).sum())
     return correct / len(data)
 
 
@@ -181,7 +178,7 @@ def train_classifier(
         model.train()
         order = torch.randperm(len(train_data), generator=generator)
         for idx in order.split(batch_size):
-            x = _augment(_prepare(train_data.images[idx]), generator, CLASSIFIER_DATASETS[dataset])
+            x = _augment(to_model_range(train_data.images[idx]), generator, CLASSIFIER_DATASETS[dataset])
             loss = F.cross_entropy(model(x), train_data.labels[idx], label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
             loss.backward()

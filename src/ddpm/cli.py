@@ -18,11 +18,11 @@ from . import __version__
 from .checkpoint import CHECKPOINT_DIR, CheckpointError, list_checkpoints
 from .classifier import CLASSIFIER_DATASETS, train_classifier
 from .config import DEFAULT_PRESET, PRESETS, DataConfig, RunConfig, get_preset
-from .data import DATASETS, DatasetNotFoundError, load_images
+from .data import DATASETS, DatasetNotFoundError, load_images, to_uint8
 from .diffusion import LOSS_WEIGHTINGS, LOSSES, PREDICTION_TYPES
 from .models import UNet, count_parameters
 from .metrics import (EXTRACTORS, INCEPTION_FILE, SPLITS, EvalResult, Evaluator,
-                      WeightsNotFoundError, to_uint8)
+                      WeightsNotFoundError)
 from .pipeline import PRECISIONS, X0_TRANSFORMS, load_pipeline, resolve_device
 from .samplers import SAMPLERS, SPACINGS, VARIANCES
 from .schedules import SCHEDULES
@@ -376,18 +376,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_steps(steps: int, T: int) -> None:
+    """Sampling steps are a subset of the model's T training timesteps (--steps >= 1 is argparse's)."""
+    if steps > T:
+        raise UsageError(f"--steps {steps} is more than the model's {T} training timesteps; use 1..{T}")
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     out = Path(args.out)
     pipe = load_pipeline(args.checkpoint, device=args.device, use_ema=not args.no_ema)
-    T = pipe.schedule.num_train_timesteps
     settings = {k: v for k, v in {
         "sampler": args.sampler, "num_sample_steps": args.steps, "spacing": args.spacing,
         "eta": args.eta, "variance": args.variance, "x0_transform": args.x0_transform,
     }.items() if v is not None}
     sc = dataclasses.replace(pipe.config.sample, **settings)
-    if sc.num_sample_steps > T:
-        raise UsageError(f"--steps {sc.num_sample_steps} is more than the model's {T} training "
-                         f"timesteps; use 1..{T}")
+    _check_steps(sc.num_sample_steps, pipe.schedule.num_train_timesteps)
     if args.eta is not None and sc.sampler != "ddim":
         raise UsageError(f"--eta is a DDIM setting; add --sampler ddim or drop --eta {args.eta}")
     if not 0.0 <= sc.eta <= 1.0:
@@ -452,10 +455,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         settings = {k: v for k, v in {"sampler": args.sampler, "num_sample_steps": args.steps,
                                       "spacing": args.spacing}.items() if v is not None}
         sc = dataclasses.replace(pipe.config.sample, **settings)
-        T = pipe.schedule.num_train_timesteps
-        if not 1 <= sc.num_sample_steps <= T:
-            raise UsageError(f"--steps {sc.num_sample_steps} is more than the model's {T} training "
-                             f"timesteps; use 1..{T}")
+        _check_steps(sc.num_sample_steps, pipe.schedule.num_train_timesteps)
         if args.save_samples and Path(args.save_samples).exists():  # checked before sampling
             raise UsageError(f"--save-samples {args.save_samples} exists; choose a new file")
     evaluator = Evaluator(dataset, data_dir, split=args.split, extractor=args.extractor,

@@ -131,6 +131,11 @@ def to_unit_range(x: torch.Tensor) -> torch.Tensor:
     return ((x.float() + 1.0) / 2.0).clamp_(0.0, 1.0)
 
 
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> uint8 [0, 255], rounded as a saved PNG is (the inverse of to_model_range)."""
+    return (to_unit_range(x) * 255).round().to(torch.uint8)
+
+
 class BatchStream:
     """Endless shuffled batches from an in-memory dataset, resumable from its ``state_dict``.
 

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import atomic_save
 from .classifier import CLASSIFIER_DATASETS, WeightsNotFoundError, load_classifier
-from .data import ImageData, load_dataset
+from .data import ImageData, load_dataset, to_model_range
 
 INCEPTION = "inception-v3"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -149,7 +149,7 @@ def classifier_extractor(dataset: str, weights: str | os.PathLike | None = None,
     device = torch.device(device)
     model = clf.model.to(device)
     return FeatureExtractor(f"{dataset}-cnn", clf.fingerprint, 128, 1, 28,
-                            lambda x: model.features(x.float().div(127.5).sub(1.0)), device, 1000)
+                            lambda x: model.features(to_model_range(x)), device, 1000)
 
 
 def resolve_extractor(name: str, dataset: str) -> str:
@@ -395,8 +395,3 @@ class Evaluator:
             sampler=sampler, steps=steps, seed=seed, reference_n=self.reference.count,
             seconds=seconds,
         )
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Model-range images [-1, 1] -> uint8 [0, 255], rounded as a saved PNG would be."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

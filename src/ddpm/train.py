@@ -22,14 +22,14 @@ from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write_bytes, list_checkpoints, load_run_or_file, save_checkpoint
 from .config import RunConfig
-from .data import BatchStream, load_dataset
+from .data import BatchStream, load_dataset, to_uint8
 from .diffusion import training_loss
 from .models import count_parameters
 from .pipeline import (Pipeline, autocast, build_model, build_schedule, checkpoint_config,
                        resolve_device)
 from .samplers import get_sampler
 from .schedules import NoiseSchedule
-from .metrics import Evaluator, to_uint8
+from .metrics import Evaluator
 from .viz import plot_curves, save_grid
 
 METRICS_FILE = "metrics.jsonl"

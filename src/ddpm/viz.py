@@ -13,7 +13,7 @@ import torch
 from torchvision.utils import make_grid, save_image
 
 from .checkpoint import atomic_write_bytes
-from .data import to_unit_range
+from .data import to_uint8, to_unit_range
 
 
 def grid_image(x: torch.Tensor, nrow: int | None = None, padding: int = 2) -> torch.Tensor:
@@ -49,7 +49,7 @@ def save_images(x: torch.Tensor, folder: str | os.PathLike, start_index: int = 0
 
 def to_uint8_nhwc(x: torch.Tensor) -> np.ndarray:
     """Images ``[B, C, H, W]`` in [-1, 1] -> uint8 ``[B, H, W, C]`` (the layout FID tools read)."""
-    return (to_unit_range(x.cpu()) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return to_uint8(x.cpu()).permute(0, 2, 3, 1).numpy()
 
 
 def save_npz(x: torch.Tensor, path: str | os.PathLike) -> Path:
