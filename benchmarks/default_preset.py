@@ -21,8 +21,8 @@ import torch
 from ddpm import get_preset
 from ddpm.data import BatchStream, load_dataset
 from ddpm.models import count_parameters
-from ddpm.pipeline import Pipeline, build_model, build_schedule, resolve_device
-from ddpm.train import EMA, train_step
+from ddpm.pipeline import Pipeline, build_schedule, resolve_device
+from ddpm.train import EMA, build_training, make_accelerator, train_step
 
 
 def main() -> None:
@@ -39,17 +39,17 @@ def main() -> None:
             config, train=dataclasses.replace(config.train, precision=args.precision))
     device = resolve_device(config.train.device)
     schedule = build_schedule(config)
-    model = build_model(config).to(device)
+    accelerator = make_accelerator(config.train.precision, device)
+    model, _, opt = build_training(config, accelerator, device)
     ema = EMA(model, config.train.ema_decay)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.train.lr)
     data = load_dataset(config.data.dataset, config.data.data_dir, "train")
     stream = BatchStream(data, config.train.batch_size, hflip=config.data.hflip,
                          generator=torch.Generator().manual_seed(0))
     noise = torch.Generator().manual_seed(1)
 
     def step() -> None:
-        train_step(model, schedule, opt, None, [stream.next()], generator=noise, config=config,
-                   device=device, lr=config.train.lr)
+        train_step(model, schedule, opt, [stream.next()], accelerator=accelerator, generator=noise,
+                   config=config, device=device, lr=config.train.lr)
         ema.update(model)
 
     for _ in range(3):

@@ -9,17 +9,21 @@ def _randomise(model):
     """The U-Net zero-initialises its output layers (it starts as a constant); give every weight
     a random value so that the tests see how inputs flow through it."""
     with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.1)
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.normal_(1, 0.1)  # norms keep their scale, or deep paths fade to nothing
+            else:
+                p.normal_(0, 0.1)
     return model
 
 
+@pytest.mark.parametrize("block", ["resnet", "convnext"])
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("size", [28, 32, 64])
-def test_output_shape_equals_input_shape(size, channels):
+def test_output_shape_equals_input_shape(size, channels, block):
     config = UNetConfig(in_channels=channels, image_size=size, base_channels=8,
                         channel_mults=(1, 2, 2), num_res_blocks=1,
-                        attention_resolutions=(size // 2,), norm_groups=4)
+                        attention_resolutions=(size // 2,), norm_groups=4, block=block)
     model = UNet(config).eval()
     x = torch.randn(2, channels, size, size)
     assert model(x, torch.tensor([0, 999])).shape == x.shape
@@ -32,8 +36,10 @@ def test_128_pixels_four_levels():
     assert UNet(config).eval()(x, torch.tensor([5])).shape == x.shape
 
 
-def test_time_changes_the_output():
-    model = _randomise(UNet(UNetConfig(base_channels=8, norm_groups=4, num_res_blocks=1))).eval()
+@pytest.mark.parametrize("block", ["resnet", "convnext"])
+def test_time_changes_the_output(block):
+    model = _randomise(UNet(UNetConfig(base_channels=8, norm_groups=4, num_res_blocks=1,
+                                       block=block))).eval()
     x = torch.randn(1, 1, 28, 28).expand(2, 1, 28, 28)
     out = model(x, torch.tensor([10, 900]))
     assert (out[0] - out[1]).abs().mean() > 1e-3
@@ -49,6 +55,37 @@ def test_attention_and_width_change_the_model():
         type(m).__name__ == "AttentionBlock" for m in small.modules())
 
 
+@pytest.mark.parametrize("block", ["resnet", "convnext"])
+def test_each_image_is_denoised_on_its_own(block):
+    """GroupNorm normalises per image, so one image's output does not depend on its batch."""
+    model = _randomise(UNet(UNetConfig(base_channels=8, norm_groups=4, num_res_blocks=1,
+                                       block=block))).eval()
+    x, t = torch.randn(3, 1, 28, 28), torch.tensor([1, 50, 999])
+    assert torch.allclose(model(x, t)[1:2], model(x[1:2], t[1:2]), atol=1e-5)
+
+
+def test_patches_fold_pixels_into_channels():
+    """patch_size 2: the first level sees 4 channels at 14x14; the output is unfolded back, and
+    each output pixel depends on its own patch at the first layer (pixel_unshuffle's layout)."""
+    config = UNetConfig(base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
+                        attention_resolutions=(7,), norm_groups=4, patch_size=2)
+    model = _randomise(UNet(config)).eval()
+    assert model.conv_in.in_channels == 4 and model.conv_out.out_channels == 4
+    x = torch.randn(2, 1, 28, 28)
+    assert model(x, torch.tensor([3, 500])).shape == x.shape
+    unfolded = torch.nn.functional.pixel_unshuffle(x, 2)
+    assert unfolded.shape == (2, 4, 14, 14) and torch.equal(unfolded[0, 1, 0, 0], x[0, 0, 0, 1])
+
+
+def test_convnext_blocks_replace_the_residual_blocks():
+    config = UNetConfig(base_channels=8, norm_groups=4, num_res_blocks=1, block="convnext")
+    kinds = {type(m).__name__ for m in UNet(config).modules()}
+    assert "ConvNeXtBlock" in kinds and "ResBlock" not in kinds
+    depthwise = [m for m in UNet(config).modules() if isinstance(m, torch.nn.Conv2d)
+                 and m.kernel_size == (7, 7)]
+    assert depthwise and all(m.groups == m.in_channels for m in depthwise)
+
+
 def test_sinusoidal_embedding():
     emb = timestep_embedding(torch.tensor([0, 1, 500]), 16)
     assert emb.shape == (3, 16)
@@ -62,6 +99,9 @@ def test_sinusoidal_embedding():
         (dict(image_size=30), "image size 30 cannot be halved 2 times"),
         (dict(attention_resolutions=(5,)), r"attention resolutions \[5\] match no level"),
         (dict(num_res_blocks=0), "num_res_blocks must be at least 1"),
+        (dict(block="transformer"), "unknown block 'transformer'; choose one of resnet, convnext"),
+        (dict(patch_size=3), "patch size 3 must be at least 1 and divide the image size 28"),
+        (dict(patch_size=2), "cannot be halved 2 times .* after patches of 2: use a size divisible by 8"),
     ],
 )
 def test_bad_shapes_are_explained(kwargs, message):

@@ -9,24 +9,30 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import socket
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from . import __version__
+from .bench import bench, format_table
 from .checkpoint import CHECKPOINT_DIR, CheckpointError, list_checkpoints
 from .classifier import CLASSIFIER_DATASETS, train_classifier
 from .config import DEFAULT_PRESET, PRESETS, DataConfig, RunConfig, get_preset
-from .data import DATASETS, DatasetNotFoundError, load_images, to_uint8
+from .data import DATASETS, DatasetNotFoundError, load_dataset, load_images, to_uint8
 from .diffusion import LOSS_WEIGHTINGS, LOSSES, PREDICTION_TYPES
 from .models import UNet, count_parameters
+from .models.unet import BLOCKS
 from .metrics import (EXTRACTORS, INCEPTION_FILE, SPLITS, EvalResult, Evaluator,
                       WeightsNotFoundError)
 from .pipeline import PRECISIONS, X0_TRANSFORMS, load_pipeline, resolve_device
 from .samplers import SAMPLERS, SPACINGS, VARIANCES
 from .schedules import SCHEDULES
-from .train import CONFIG_FILE, LR_SCHEDULES, resume_config, train
+from .train import CONFIG_FILE, LR_SCHEDULES, check_run, resume_config, train
 from .viz import save_grid, save_images, save_npz
 
 EXIT_USAGE = 2
@@ -62,6 +68,19 @@ _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
 
 
+def _int_list(min_items: int):
+    """An argparse type: comma-separated whole numbers >= 1, e.g. ``1,2,2``."""
+
+    def parse(text: str) -> tuple[int, ...]:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        if len(items) < min_items or not all(i.isdigit() and int(i) > 0 for i in items):
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated whole numbers > 0 such as 1,2,2, got {text!r}")
+        return tuple(int(i) for i in items)
+
+    return parse
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -84,6 +103,31 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _add_architecture_options(p: argparse.ArgumentParser) -> None:
+    m = p.add_argument_group("model (default: the preset's)")
+    m.add_argument("--arch", choices=BLOCKS,
+                   help="U-Net blocks: resnet (Ho et al. 2020) or convnext (Liu et al. 2022)")
+    m.add_argument("--base-channels", type=_positive_int, help="width of the first level")
+    m.add_argument("--channel-mults", type=_int_list(1), metavar="M1,M2,...",
+                   help="width of each level in base channels; each level after the first "
+                        "halves the image")
+    m.add_argument("--num-res-blocks", type=_positive_int, help="blocks per level on the way down")
+    m.add_argument("--attention-resolutions", type=_int_list(0), metavar="PX,...",
+                   help="feature-map sizes with self-attention, e.g. 14,7 ('' for none)")
+    m.add_argument("--dropout", type=float, help="dropout inside the blocks, in [0, 1)")
+    m.add_argument("--patch-size", type=_positive_int,
+                   help="fold PxP pixels into channels before the first level: ~P^2 fewer "
+                        "FLOPs, but a grid texture on 28 px images (BENCHMARKS.md)")
+
+
+def _add_speed_options(p: argparse._ActionsContainer) -> None:
+    p.add_argument("--channels-last", action="store_true", default=None,
+                   help="NHWC memory layout for the convolutions")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the training step's network (compiling takes a minute "
+                        "or two first)")
 
 
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
@@ -115,13 +159,15 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--lr", type=_positive_float, help="AdamW peak learning rate")
     g.add_argument("--warmup-steps", type=_non_negative_int, help="linear learning-rate warm-up")
     g.add_argument("--lr-schedule", choices=LR_SCHEDULES,
-                   help="after warm-up: constant, or cosine decay to 0 at --steps")
+                   help="after warm-up: constant, or cosine decay to 0 at --steps (or over "
+                        "--minutes)")
     g.add_argument("--grad-clip", type=_positive_float, help="clip the gradient norm to this")
     g.add_argument("--ema-decay", type=_decay, help="EMA decay of the sampling weights")
     g.add_argument("--precision", choices=PRECISIONS,
                    help="autocast precision: auto is bf16 on CUDA, fp32 on CPU; fp16 needs CUDA "
                         "and uses a gradient scaler")
     g.add_argument("--seed", type=int, help="seed of every random draw of the run")
+    _add_architecture_options(p)
     d = p.add_argument_group("diffusion and data (default: the preset's)")
     d.add_argument("--schedule", choices=SCHEDULES, help="beta schedule")
     d.add_argument("--num-timesteps", type=_positive_int, help="diffusion steps T")
@@ -154,7 +200,12 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="steps between checkpoints (0: only at the end)")
     o.add_argument("--keep-checkpoints", type=_positive_int, help="newest checkpoints to keep")
     o.add_argument("--device", help="cpu, cuda, cuda:N or auto")
-    o.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
+    o.add_argument("--threads", type=_positive_int, help="CPU threads for torch (per process)")
+    _add_speed_options(o)
+    o.add_argument("--num-processes", type=_positive_int, default=1, metavar="N",
+                   help="train with N processes on this machine through 'accelerate launch' "
+                        "(PyTorch DDP: gloo on CPUs, NCCL on GPUs); --batch-size is split between "
+                        "them. For several machines run 'accelerate launch -m ddpm train' (README)")
     o.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
     o.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(func=_cmd_train)
@@ -267,6 +318,31 @@ def _add_train_classifier_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_train_classifier)
 
 
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench", help="measure training and sampling speed, FLOPs and utilisation here",
+        description=(
+            "Time a preset's real training step (data, forward, backward, AdamW, EMA) on "
+            "synthetic images and its sampling network evaluation, count their FLOPs with "
+            "torch's FLOP counter, and measure this machine's peak float32 and bfloat16 matmul "
+            "rate; utilisation is the training step's FLOP/s over the faster peak."),
+    )
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
+                   help="configuration to measure")
+    _add_architecture_options(p)
+    p.add_argument("--batch-size", type=_positive_int, help="training batch (default: the preset's)")
+    p.add_argument("--precision", choices=PRECISIONS, help="default: the preset's")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+    _add_speed_options(p)
+    p.add_argument("--seconds", type=_positive_float, default=10.0,
+                   help="time each of training and sampling this long")
+    p.add_argument("--sample-batch-size", type=_positive_int, default=128)
+    p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+    p.set_defaults(func=_cmd_bench, steps=None, minutes=None, wandb=False,
+                   zero_terminal_snr=False, download=False, no_hflip=False)
+
+
 def _add_presets_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("presets", help="list the named presets and their settings",
                        description="Print every preset's full configuration as JSON.")
@@ -287,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample_parser(sub)
     _add_eval_parser(sub)
     _add_train_classifier_parser(sub)
+    _add_bench_parser(sub)
     _add_presets_parser(sub)
     return parser
 
@@ -307,7 +384,8 @@ def _override(config: RunConfig, args: argparse.Namespace) -> RunConfig:
                  precision="precision", seed="seed", log_every="log_every",
                  sample_every="sample_every", checkpoint_every="checkpoint_every",
                  fid_every="fid_every", fid_n="fid_n", fid_steps="fid_steps",
-                 keep_checkpoints="keep_checkpoints", device="device", threads="threads")
+                 keep_checkpoints="keep_checkpoints", device="device", threads="threads",
+                 channels_last="channels_last", compile="compile")
     if args.steps is not None:
         train = dataclasses.replace(train, steps=args.steps, minutes=None)
     if args.minutes is not None:
@@ -318,6 +396,10 @@ def _override(config: RunConfig, args: argparse.Namespace) -> RunConfig:
                      loss="loss", prediction_type="prediction_type",
                      loss_weighting="loss_weighting", min_snr_gamma="min_snr_gamma")
     data = pick(config.data, dataset="dataset", data_dir="data_dir")
+    model = pick(config.model, block="arch", base_channels="base_channels",
+                 channel_mults="channel_mults", num_res_blocks="num_res_blocks",
+                 attention_resolutions="attention_resolutions", dropout="dropout",
+                 patch_size="patch_size")
     if args.zero_terminal_snr:
         diffusion = dataclasses.replace(diffusion, zero_terminal_snr=True)
     if args.download:
@@ -329,14 +411,15 @@ def _override(config: RunConfig, args: argparse.Namespace) -> RunConfig:
     sample = dataclasses.replace(config.sample, num_sample_steps=min(config.sample.num_sample_steps, T))
     train = dataclasses.replace(train, sample_steps=min(train.sample_steps, T),
                                 fid_steps=min(train.fid_steps, T))
-    return RunConfig(model=config.model, diffusion=diffusion, data=data, train=train, sample=sample)
+    return RunConfig(model=model, diffusion=diffusion, data=data, train=train, sample=sample)
 
 
 def _summary(config: RunConfig) -> str:
     m, d, t = config.model, config.diffusion, config.train
     stop = f"{t.steps} steps" if t.steps is not None else f"{t.minutes:g} minutes"
     return (
-        f"model: U-Net {m.base_channels}x{list(m.channel_mults)}, {m.num_res_blocks} blocks/level, "
+        f"model: U-Net of {m.block} blocks {m.base_channels}x{list(m.channel_mults)}, "
+        f"{m.num_res_blocks} blocks/level, "
         f"attention at {list(m.attention_resolutions)} px, {m.in_channels}x{m.image_size}x{m.image_size}\n"
         f"diffusion: {d.schedule} schedule, T={d.num_train_timesteps}, {d.loss} loss\n"
         f"training: {stop}, batch {t.batch_size}x{t.grad_accum}, lr {t.lr:g}, EMA {t.ema_decay}, "
@@ -344,7 +427,53 @@ def _summary(config: RunConfig) -> str:
     )
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """``ddpm train --num-processes N ...`` is ``accelerate launch ... -m ddpm train ...``,
+    run in this process so that a failed training process ends in its own message, not in the
+    launcher's traceback."""
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    rest, skip = [], False
+    for arg in args.argv:
+        if skip:
+            skip = False
+        elif arg == "--num-processes":
+            skip = True
+        elif not arg.startswith("--num-processes="):
+            rest.append(arg)
+    launch = [
+        # Accelerate's torchrun-based launcher; on a machine without GPUs it uses gloo on CPUs.
+        "--multi_gpu", "--num_processes", str(args.num_processes), "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()), "-m", "ddpm", *rest,
+    ]
+    if "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available():
+        # The processes share this machine's cores (torchrun alone would give each one thread).
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.num_processes))
+    print(f"launching {args.num_processes} processes: accelerate launch {' '.join(launch)}",
+          flush=True)
+    try:
+        launch_command(launch_command_parser().parse_args(launch))
+    except ChildFailedError as exc:
+        codes = sorted({f.exitcode for f in exc.failures.values()})
+        print(f"ddpm train: error: {len(exc.failures)} of {args.num_processes} training processes "
+              f"failed (exit code {', '.join(map(str, codes))}); their messages are above",
+              file=sys.stderr)
+        return max(codes) if codes and max(codes) > 0 else 1
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    launcher = args.num_processes > 1 and "WORLD_SIZE" not in os.environ
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    log = print if main_process and not launcher else (lambda *a, **k: None)
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -356,19 +485,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 f"start a new run with 'ddpm train --out {run_dir}'"
             )
         config = resume_config(run_dir, steps=args.steps, minutes=args.minutes)
-        print(f"resuming {run_dir}")
+        log(f"resuming {run_dir}")
     else:
         run_dir = Path(args.out or f"runs/{args.preset}")
         config = _override(get_preset(args.preset), args)
-        config.model.validate()
-        config.diffusion.validate()
-        if config.train.lr_schedule == "cosine" and config.train.steps is None:
-            raise UsageError("--lr-schedule cosine decays to zero at --steps: give --steps N "
-                             "instead of --minutes, or use --lr-schedule constant")
-    print(_summary(config))
-    print(f"parameters: {count_parameters(UNet(config.model)):,}")
-    print(f"run directory: {run_dir}  (config in {run_dir / CONFIG_FILE})")
+    check_run(config, run_dir, resume=bool(args.resume),
+              num_processes=args.num_processes if launcher else 1)
+    if launcher:  # checked here once, not N times by the processes; the data fetched once
+        d = config.data
+        load_dataset(d.dataset, d.data_dir, d.split, download=d.download)
+        return _launch(args)
+    log(_summary(config))
+    log(f"parameters: {count_parameters(UNet(config.model)):,}")
+    log(f"run directory: {run_dir}  (config in {run_dir / CONFIG_FILE})")
     result = train(config, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    if not main_process:
+        return 0
     print(f"trained {result.step} steps in {result.elapsed_s / 60:.1f} min, last loss {result.last_loss:.4f}")
     print(f"checkpoint: {result.checkpoint}")
     if result.grid is not None:
@@ -490,6 +622,16 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    config = _override(get_preset(args.preset), args)
+    config.model.validate()
+    progress = (lambda message: None) if args.json else (lambda m: print(f"measuring {m}", flush=True))
+    result = bench(config, seconds=args.seconds, sample_batch_size=args.sample_batch_size,
+                   progress=progress)
+    print(json.dumps(result.to_dict()) if args.json else format_table(result))
+    return 0
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     names = [args.name] if args.name else sorted(PRESETS)
     print(json.dumps({n: get_preset(n).to_dict() for n in names}, indent=2))
@@ -498,7 +640,9 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # as typed: 'ddpm train --num-processes N' hands them on to its processes
     try:
         return args.func(args)
     except (UsageError, ValueError, CheckpointError, DatasetNotFoundError, WeightsNotFoundError) as exc:
@@ -514,6 +658,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ddpm {args.command}: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        if int(os.environ.get("RANK", "0")) == 0:
+            raise
+        # Another training process failed and this one lost it mid-collective: the cause is in
+        # that process's message, so one line here, not a second traceback.
+        print(f"ddpm {args.command} (process {os.environ['RANK']}): stopped: "
+              f"{str(exc).splitlines()[0]}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

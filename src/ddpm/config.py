@@ -80,6 +80,8 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
+    channels_last: bool = False  # NHWC tensors for the convolutions
+    compile: bool = False  # torch.compile the training forward and backward
     device: str = "auto"
     wandb: bool = False
     wandb_project: str = "ddpm"

@@ -122,6 +122,16 @@ def _elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss: str) -> to
     raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
 
 
+def draw_t_eps(
+    schedule: NoiseSchedule, shape: torch.Size | tuple[int, ...], generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Algorithm 1's draws for a batch of ``shape``: t ~ Uniform{0..T-1} and eps ~ N(0, I), on the
+    generator's device, so a run is reproducible from the generator alone."""
+    device = generator.device if generator is not None else None
+    t = torch.randint(0, schedule.num_train_timesteps, (shape[0],), generator=generator, device=device)
+    return t, torch.randn(shape, generator=generator, device=device)
+
+
 def training_loss(
     denoiser: Denoiser,
     schedule: NoiseSchedule,
@@ -132,17 +142,21 @@ def training_loss(
     prediction_type: str = "eps",
     weighting: str = "uniform",
     min_snr_gamma: float = 5.0,
+    t: torch.Tensor | None = None,
+    eps: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The simplified objective L_simple (Algorithm 1), a scalar averaged over the batch.
 
     t ~ Uniform{0..T-1}, eps ~ N(0, I), x_t from eq. 4, and loss(target, network(x_t, t)) with the
     target eps (eq. 14), x0 or v; ``weighting="min-snr"`` weights each sample by min-SNR-gamma.
+    ``t`` and ``eps`` may be given (a process's share of draws made for a whole batch); otherwise
+    they are drawn here, from ``generator``.
     """
-    # Draw on the generator's device so a run is reproducible from the generator alone.
-    device = generator.device if generator is not None else x0.device
-    t = torch.randint(0, schedule.num_train_timesteps, (x0.shape[0],), generator=generator, device=device)
-    eps = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
-    t, eps = t.to(x0.device), eps.to(x0.device)
+    if (t is None) != (eps is None):
+        raise ValueError("give both t and eps, or neither")
+    if t is None:
+        t, eps = draw_t_eps(schedule, x0.shape, generator)
+    t, eps = t.to(x0.device), eps.to(x0.device, x0.dtype)
     x_t = q_sample(schedule, x0, t, eps)
     prediction = denoiser(x_t, t)
     alpha_bar = extract(schedule.alphas_cumprod, t, x0)

@@ -7,7 +7,9 @@ the uninterrupted run would have made.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import datetime
 import json
 import math
 import os
@@ -17,16 +19,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import InitProcessGroupKwargs, broadcast
 from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write_bytes, list_checkpoints, load_run_or_file, save_checkpoint
 from .config import RunConfig
 from .data import BatchStream, load_dataset, to_uint8
-from .diffusion import training_loss
+from .diffusion import draw_t_eps, training_loss
 from .models import count_parameters
-from .pipeline import (Pipeline, autocast, build_model, build_schedule, checkpoint_config,
-                       resolve_device)
+from .pipeline import (Pipeline, build_model, build_schedule, checkpoint_config, resolve_device,
+                       resolve_precision)
 from .samplers import get_sampler
 from .schedules import NoiseSchedule
 from .metrics import Evaluator
@@ -73,7 +78,7 @@ class EMA:
 class TrainResult:
     run_dir: Path
     step: int
-    checkpoint: Path
+    checkpoint: Path | None  # None on the processes that are not the main one
     grid: Path | None
     elapsed_s: float
     last_loss: float
@@ -126,13 +131,20 @@ class _Loggers:
 LR_SCHEDULES = ("constant", "cosine")
 
 
-def learning_rate(config: RunConfig, step: int) -> float:
+def learning_rate(config: RunConfig, step: int, time_fraction: float | None = None) -> float:
     """Linear warm-up over ``warmup_steps``, then constant (Ho et al. 2020) or a cosine decay
-    to zero at ``steps`` (Loshchilov & Hutter 2017), which helps short runs end sharper."""
+    to zero (Loshchilov & Hutter 2017), which helps short runs end sharper. The cosine runs over
+    ``steps``, or, for a run limited by minutes only, over ``time_fraction`` of the budget."""
     tc = config.train
     lr = tc.lr * min(1.0, (step + 1) / tc.warmup_steps) if tc.warmup_steps > 0 else tc.lr
-    if tc.lr_schedule == "cosine" and tc.steps is not None and step >= tc.warmup_steps:
-        progress = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
+    if tc.lr_schedule == "cosine" and step >= tc.warmup_steps:
+        if tc.steps is not None:
+            progress = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
+        elif time_fraction is not None:
+            progress = time_fraction
+        else:
+            raise ValueError("the cosine learning-rate schedule needs steps, or minutes and the "
+                             "fraction of them spent")
         lr *= 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return lr
 
@@ -141,37 +153,71 @@ def train_step(
     model: nn.Module,
     schedule: NoiseSchedule,
     optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None,
     batches: list[torch.Tensor],
     *,
+    accelerator: Accelerator,
     generator: torch.Generator,
     config: RunConfig,
     device: torch.device,
     lr: float,
 ) -> tuple[float, float]:
-    """One optimiser update over ``batches`` (gradient accumulation); returns (loss, grad norm)."""
+    """One optimiser update over ``batches`` (whole batches of every process; gradient
+    accumulation when more than one); returns (this process's loss, the gradient norm).
+
+    Each process draws t and eps for the whole batch from the same generator and keeps its own
+    rows, so N processes with B/N images each make the update one process makes with B.
+    """
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    dc = config.diffusion
+    memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
     total = 0.0
-    for x0 in batches:
-        with autocast(device, config.train.precision):
-            dc = config.diffusion
-            loss = training_loss(model, schedule, x0.to(device), generator=generator, loss=dc.loss,
-                                 prediction_type=dc.prediction_type, weighting=dc.loss_weighting,
-                                 min_snr_gamma=dc.min_snr_gamma)
-        loss = loss / len(batches)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        total += loss.item()
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
+    for i, x0 in enumerate(batches):
+        t, eps = draw_t_eps(schedule, x0.shape, generator)
+        rows = slice(rank * x0.shape[0] // world, (rank + 1) * x0.shape[0] // world)
+        # Gradients are averaged across processes once per update, after the last micro-batch.
+        last = i == len(batches) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            with accelerator.autocast():
+                x = x0[rows].to(device, memory_format=memory_format)
+                loss = training_loss(model, schedule, x, t=t[rows], eps=eps[rows],
+                                     loss=dc.loss, prediction_type=dc.prediction_type,
+                                     weighting=dc.loss_weighting, min_snr_gamma=dc.min_snr_gamma)
+            accelerator.backward(loss / len(batches))  # scaled for fp16 by Accelerate
+        total += loss.item() / len(batches)
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+    optimizer.step()  # Accelerate's wrapper: unscales and skips non-finite fp16 steps
     return total, float(grad_norm)
+
+
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # ours -> Accelerate's names
+
+
+def make_accelerator(precision: str, device: torch.device) -> Accelerator:
+    """The Accelerate handle of this process: one of ``accelerate launch``'s processes, or alone.
+
+    ``precision`` auto follows ``accelerate launch --mixed_precision`` (or ``accelerate config``)
+    when that asks for bf16 or fp16, and is otherwise bf16 on CUDA and fp32 on a CPU.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not launched:
+        # Accelerate keeps its state in a process-wide singleton; a second run in one Python
+        # process (a notebook, the tests) may use another precision, so start afresh.
+        AcceleratorState._reset_state(reset_partial_state=True)
+    from_launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision == "auto" and from_launcher in ("bf16", "fp16"):
+        precision = from_launcher
+    precision = resolve_precision(precision, device)
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs a CUDA device; on a CPU use bf16 or fp32")
+    return Accelerator(
+        cpu=device.type == "cpu",
+        mixed_precision=MIXED_PRECISION[precision],
+        # The main process alone draws preview grids and measures FID while the others wait.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(hours=2))],
+    )
 
 
 def _rng_state(noise_gen: torch.Generator, stream: BatchStream) -> dict[str, Any]:
@@ -198,6 +244,53 @@ def preview(pipe: Pipeline, n: int, steps: int, path: Path) -> Path:
     return save_grid(pipe.generate(n, seed=PREVIEW_SEED, num_sample_steps=steps), path)
 
 
+def build_training(
+    config: RunConfig, accelerator: Accelerator, device: torch.device
+) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer]:
+    """The network, what the training step calls (DistributedDataParallel when launched, compiled
+    with ``train.compile``) and the AdamW optimiser wrapped by Accelerate (fp16 loss scaling)."""
+    tc = config.train
+    net = build_model(config).to(device)
+    if tc.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    # One fused kernel for the whole update instead of a loop over tensors: faster on CPU and
+    # GPU (BENCHMARKS.md); other devices keep torch's default.
+    fused = device.type in ("cpu", "cuda")
+    optimizer = torch.optim.AdamW(net.parameters(), lr=tc.lr, betas=tc.adam_betas,
+                                  weight_decay=tc.weight_decay, fused=fused or None)
+    model = accelerator.prepare_model(net, device_placement=False)
+    if tc.compile:
+        model = torch.compile(model)
+    return net, model, accelerator.prepare_optimizer(optimizer, device_placement=False)
+
+
+def check_run(config: RunConfig, run_dir: str | os.PathLike, *, resume: bool,
+              num_processes: int = 1) -> None:
+    """Raise ValueError, before anything is written or launched, for a run that would fail later."""
+    run_dir, tc = Path(run_dir), config.train
+    if not resume and list_checkpoints(run_dir):
+        raise ValueError(
+            f"{run_dir} already holds a run; continue it with 'ddpm train --resume {run_dir}' "
+            f"(train(..., resume=True) in Python) or choose a new folder"
+        )
+    config.model.validate()
+    config.diffusion.validate()
+    T = config.diffusion.num_train_timesteps
+    for name, steps in (("train.sample_steps", tc.sample_steps),
+                        ("sample.num_sample_steps", config.sample.num_sample_steps),
+                        ("train.fid_steps", tc.fid_steps)):
+        if not 1 <= steps <= T:  # checked now, not at the first preview grid mid-run
+            raise ValueError(f"{name} is {steps} but must be between 1 and T = {T}")
+    if tc.fid_every:
+        get_sampler(tc.fid_sampler)  # an unknown name fails now, not at the first measurement
+    resolve_precision(tc.precision, resolve_device(tc.device))
+    if tc.batch_size % num_processes:
+        raise ValueError(
+            f"batch size {tc.batch_size} is the whole batch of all {num_processes} processes and "
+            f"must split evenly between them; use a multiple of {num_processes}"
+        )
+
+
 def train(
     config: RunConfig,
     run_dir: str | os.PathLike,
@@ -210,39 +303,29 @@ def train(
 
     A new run writes ``config.json``; a resumed run reads its state from the newest checkpoint
     and trains to ``config.train.steps`` in total (or for ``config.train.minutes`` more minutes).
+
+    Under ``accelerate launch`` every process calls this: each computes its share of every batch
+    (``batch_size`` is the whole batch, split evenly), and the main process alone keeps the EMA,
+    draws grids, measures FID, logs and writes checkpoints. The checkpoint holds nothing
+    per-process, so a run resumes with any number of processes.
     """
     run_dir = Path(run_dir)
     tc = config.train
-    if not resume and list_checkpoints(run_dir):
-        raise ValueError(
-            f"{run_dir} already holds a run; continue it with 'ddpm train --resume {run_dir}' "
-            f"(train(..., resume=True) in Python) or choose a new folder"
-        )
-    T = config.diffusion.num_train_timesteps
-    for name, steps in (("train.sample_steps", tc.sample_steps),
-                        ("sample.num_sample_steps", config.sample.num_sample_steps),
-                        ("train.fid_steps", tc.fid_steps)):
-        if not 1 <= steps <= T:  # checked now, not at the first preview grid mid-run
-            raise ValueError(f"{name} is {steps} but must be between 1 and T = {T}")
-    if tc.fid_every:
-        get_sampler(tc.fid_sampler)  # an unknown name fails now, not at the first measurement
-    device = resolve_device(tc.device)
+    accelerator = make_accelerator(tc.precision, resolve_device(tc.device))
+    main, world = accelerator.is_main_process, accelerator.num_processes
+    check_run(config, run_dir, resume=resume, num_processes=world)
+    # One process: the device asked for (cuda:1 stays cuda:1); launched: the launcher's choice.
+    device = resolve_device(tc.device) if world == 1 else accelerator.device
     if tc.threads:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
-    config.model.validate()
-    config.diffusion.validate()
     schedule = build_schedule(config)
-    model = build_model(config).to(device)
-    ema = EMA(model, tc.ema_decay, tc.ema_warmup)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay
-    )
-    autocast(device, tc.precision)  # fails early, with a message, on fp16 without CUDA
-    scaler = torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None
+    net, model, optimizer = build_training(config, accelerator, device)
+    ema = EMA(net, tc.ema_decay, tc.ema_warmup) if main else None
 
-    data = load_dataset(config.data.dataset, config.data.data_dir, config.data.split,
-                        download=config.data.download)
+    with accelerator.main_process_first():  # one download, which the others then read
+        data = load_dataset(config.data.dataset, config.data.data_dir, config.data.split,
+                            download=config.data.download)
     if tuple(data.images.shape[1:]) != (config.model.in_channels, config.model.image_size,
                                          config.model.image_size):
         raise ValueError(
@@ -250,6 +333,7 @@ def train(
             f"model expects ({config.model.in_channels}, {config.model.image_size}, "
             f"{config.model.image_size}); set the channels and image size to match"
         )
+    # Every process walks the same shuffled stream of whole batches and keeps its rows of each.
     stream = BatchStream(data, tc.batch_size, hflip=config.data.hflip,
                          generator=torch.Generator().manual_seed(tc.seed))
     noise_gen = torch.Generator(device).manual_seed(tc.seed + 1)
@@ -257,25 +341,27 @@ def train(
     step, elapsed_before = 0, 0.0
     if resume:
         _, state = load_run_or_file(run_dir, map_location=device)
-        model.load_state_dict(state["model"])
-        ema.model.load_state_dict(state["ema"])
-        ema.num_updates = state["ema_state"]["num_updates"]
+        net.load_state_dict(state["model"])
+        if main:
+            ema.model.load_state_dict(state["ema"])
+            ema.num_updates = state["ema_state"]["num_updates"]
         optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
+        if accelerator.scaler is not None and state.get("scaler"):
+            accelerator.scaler.load_state_dict(state["scaler"])
         stream.load_state_dict(state["data_stream"])
         _set_rng_state(state["rng"], noise_gen, stream)
         step, elapsed_before = int(state["step"]), float(state["elapsed_s"])
-    else:
+    elif main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(json.dumps(config.to_dict(), indent=2).encode(), run_dir / CONFIG_FILE)
 
-    pipe = Pipeline(ema.model, schedule, config, step, device)
-    evaluator = None
-    if tc.fid_every:  # reference statistics once, before training (cached across runs)
-        evaluator = Evaluator(config.data.dataset, config.data.data_dir, split=config.data.split,
-                              device=device)
-    loggers = _Loggers(run_dir, config, step if resume else None)
+    pipe = evaluator = loggers = None
+    if main:
+        pipe = Pipeline(ema.model, schedule, config, step, device)
+        if tc.fid_every:  # reference statistics once, before training (cached across runs)
+            evaluator = Evaluator(config.data.dataset, config.data.data_dir,
+                                  split=config.data.split, device=device)
+        loggers = _Loggers(run_dir, config, step if resume else None)
 
     def measure_fid() -> None:
         begin = time.perf_counter()
@@ -290,61 +376,81 @@ def train(
 
     saved_step = None
 
-    def checkpoint() -> Path:
+    def checkpoint() -> Path | None:
         nonlocal saved_step
         saved_step = step
+        if not main:
+            return None
         return save_checkpoint(
             {
                 "step": step,
                 "elapsed_s": elapsed_before + (time.perf_counter() - start),
                 "config": config.to_dict(),
-                "model": model.state_dict(),
+                "model": net.state_dict(),
                 "ema": ema.model.state_dict(),
                 "ema_state": ema.state_dict(),
                 "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 "data_stream": stream.state_dict(),
                 "rng": _rng_state(noise_gen, stream),
-                "num_params": count_parameters(model),
+                "num_params": count_parameters(net),
+                "num_processes": world,
             },
             run_dir,
             keep=tc.keep_checkpoints,
         )
 
-    def done() -> bool:
+    def time_fraction() -> float | None:
+        """The share of ``minutes`` spent, as the main process sees it: every process must stop
+        at the same step (or one would wait forever for the others' gradients) and use the
+        same learning rate."""
+        if tc.minutes is None:
+            return None
+        fraction = (time.perf_counter() - start) / (60.0 * tc.minutes)
+        if world > 1:
+            fraction = float(broadcast(torch.tensor([fraction], device=device))[0])
+        return fraction
+
+    def done(fraction: float | None) -> bool:
         if tc.steps is not None and step >= tc.steps:
             return True
-        return tc.minutes is not None and time.perf_counter() - start >= 60.0 * tc.minutes
+        return fraction is not None and fraction >= 1.0
 
     start = time.perf_counter()
-    bar = tqdm(total=tc.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True,
-               desc="training")
+    bar = tqdm(total=tc.steps, initial=step, disable=not (progress and main), unit="step",
+               dynamic_ncols=True, desc="training")
     ckpt_path = None
     window_images, window_start, loss = 0, time.perf_counter(), float("nan")
     model.train()
     try:
-        finished = done()
+        fraction = time_fraction()
+        finished = done(fraction)
         while not finished:
             batches = [stream.next() for _ in range(tc.grad_accum)]
+            lr = learning_rate(config, step, fraction)
             loss, grad_norm = train_step(
-                model, schedule, optimizer, scaler, batches, generator=noise_gen, config=config,
-                device=device, lr=learning_rate(config, step),
+                model, schedule, optimizer, batches, accelerator=accelerator,
+                generator=noise_gen, config=config, device=device, lr=lr,
             )
+            if world > 1:  # the loss of the whole batch, for the log and the check below
+                loss = float(accelerator.reduce(torch.tensor([loss], device=device), "mean")[0])
             if not math.isfinite(loss):
                 raise FloatingPointError(
                     f"the loss became {loss} at step {step + 1}; the last checkpoint is intact. "
                     f"Lower the learning rate (now {tc.lr}) or use --precision fp32"
                 )
-            ema.update(model)
+            if main:
+                ema.update(net)
             step += 1
             window_images += tc.batch_size * tc.grad_accum
             bar.update(1)
-            finished = done()
-            if step % tc.log_every == 0 or step == 1 or finished:
+            fraction = time_fraction()
+            finished = done(fraction)
+            if main and (step % tc.log_every == 0 or step == 1 or finished):
                 now = time.perf_counter()
                 images_per_s = window_images / max(now - window_start, 1e-9)
                 loggers.log(step, {
-                    "loss": loss, "grad_norm": grad_norm, "lr": learning_rate(config, step - 1),
+                    "loss": loss, "grad_norm": grad_norm, "lr": lr,
                     "images_per_s": images_per_s, "elapsed_s": elapsed_before + now - start,
                 })
                 postfix = {"loss": f"{loss:.4f}", "img_s": f"{images_per_s:.0f}"}
@@ -353,7 +459,7 @@ def train(
                 bar.set_postfix(postfix)
                 window_images, window_start = 0, now
             side_start = time.perf_counter()
-            if tc.sample_every and step % tc.sample_every == 0:
+            if main and tc.sample_every and step % tc.sample_every == 0:
                 preview(pipe, tc.sample_n, tc.sample_steps, run_dir / "samples" / f"step-{step:08d}.png")
             if evaluator is not None and (step % tc.fid_every == 0 or finished):
                 measure_fid()
@@ -365,15 +471,19 @@ def train(
             ckpt_path = checkpoint()
     finally:
         bar.close()
-        loggers.close()
+        if loggers is not None:
+            loggers.close()
+    elapsed = elapsed_before + time.perf_counter() - start
+    accelerator.wait_for_everyone()  # the final checkpoint is on disk before any process returns
+    if not main:
+        return TrainResult(run_dir, step, None, None, elapsed, loss)
     plot_curves(run_dir / METRICS_FILE, run_dir / CURVES_FILE)
     grid = None
     if final_grid:
         grid = save_grid(
             pipe.generate(tc.sample_n, seed=PREVIEW_SEED, progress=progress), run_dir / "grid.png"
         )
-    return TrainResult(run_dir, step, ckpt_path, grid, elapsed_before + time.perf_counter() - start,
-                       loss)
+    return TrainResult(run_dir, step, ckpt_path, grid, elapsed, loss)
 
 
 def resume_config(run_dir: str | os.PathLike, *, steps: int | None = None,

@@ -27,6 +27,12 @@ class UNetConfig:
     attention_head_dim: int = 32
     dropout: float = 0.1
     norm_groups: int = 32
+    block: str = "resnet"  # resnet (Ho et al.) | convnext (Liu et al. 2022, as in the seeds' U-Net)
+    # Fold p x p pixels into channels before the first level (space-to-depth; the patches of
+    # ViT-style diffusion models): with p = 2 a 1x28x28 image enters as 4x14x14,
+    # so every level costs ~p^2 fewer FLOPs at the same width.
+    patch_size: int = 1
+    convnext_mult: int = 2  # convnext: width of the block's inner layer, in output channels
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field, its value and what would work."""
@@ -39,20 +45,27 @@ class UNetConfig:
             )
         if self.num_res_blocks < 1:
             raise ValueError(f"num_res_blocks must be at least 1, got {self.num_res_blocks}")
-        factor = 2 ** (len(self.channel_mults) - 1)
+        if self.patch_size < 1 or self.image_size % self.patch_size:
+            raise ValueError(
+                f"patch size {self.patch_size} must be at least 1 and divide the image size "
+                f"{self.image_size}"
+            )
+        factor = self.patch_size * 2 ** (len(self.channel_mults) - 1)
         if self.image_size < factor or self.image_size % factor:
             raise ValueError(
                 f"image size {self.image_size} cannot be halved {len(self.channel_mults) - 1} "
-                f"times by a U-Net with channel_mults {self.channel_mults}: use a size divisible "
-                f"by {factor}, or fewer levels"
+                f"times by a U-Net with channel_mults {self.channel_mults} after patches of "
+                f"{self.patch_size}: use a size divisible by {factor}, or fewer levels"
             )
-        sizes = [self.image_size // 2**i for i in range(len(self.channel_mults))]
+        sizes = [self.image_size // self.patch_size // 2**i for i in range(len(self.channel_mults))]
         unused = [r for r in self.attention_resolutions if r not in sizes]
         if unused:
             raise ValueError(
                 f"attention resolutions {unused} match no level of this U-Net; its feature maps "
                 f"are {sizes} pixels"
             )
+        if self.block not in BLOCKS:
+            raise ValueError(f"unknown block {self.block!r}; choose one of {', '.join(BLOCKS)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -95,6 +108,34 @@ class ResBlock(nn.Module):
         h = h + self.time_proj(temb)[:, :, None, None]  # [B, C] -> [B, C, 1, 1]
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return self.skip(x) + h
+
+
+class ConvNeXtBlock(nn.Module):
+    """A ConvNeXt block (Liu et al. 2022) as diffusion U-Nets adapt it: a 7x7 depthwise conv, the
+    time embedding added, then norm, a 3x3 conv widening by ``mult``, GELU, norm, a 3x3 conv back,
+    and a skip connection. It mixes space once, cheaply, and spends its FLOPs on channels."""
+
+    def __init__(self, in_ch: int, out_ch: int, time_dim: int, dropout: float, mult: int):
+        super().__init__()
+        self.depthwise = nn.Conv2d(in_ch, in_ch, 7, padding=3, groups=in_ch)
+        self.time_proj = nn.Sequential(nn.GELU(), nn.Linear(time_dim, in_ch))
+        self.norm1 = nn.GroupNorm(1, in_ch)  # one group: LayerNorm over (C, H, W)
+        self.conv1 = nn.Conv2d(in_ch, out_ch * mult, 3, padding=1)
+        self.norm2 = nn.GroupNorm(1, out_ch * mult)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch * mult, out_ch, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.depthwise(x) + self.time_proj(temb)[:, :, None, None]
+        h = F.gelu(self.conv1(self.norm1(h)))
+        h = self.conv2(self.dropout(self.norm2(h)))
+        return self.skip(x) + h
+
+
+BLOCKS = ("resnet", "convnext")
 
 
 class AttentionBlock(nn.Module):
@@ -140,7 +181,7 @@ class Upsample(nn.Module):
 class _Level(nn.Module):
     """The residual blocks (each optionally followed by attention) of one U-Net resolution."""
 
-    def __init__(self, blocks: list[ResBlock], attns: list[nn.Module]):
+    def __init__(self, blocks: list[nn.Module], attns: list[nn.Module]):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.attns = nn.ModuleList(attns)
@@ -156,8 +197,14 @@ class UNet(nn.Module):
         ch = config.base_channels
         time_dim = 4 * ch
         groups = config.norm_groups
+
+        def block(in_ch: int, out_ch: int) -> nn.Module:
+            if config.block == "convnext":
+                return ConvNeXtBlock(in_ch, out_ch, time_dim, config.dropout, config.convnext_mult)
+            return ResBlock(in_ch, out_ch, time_dim, config.dropout, groups)
         self.time_mlp = nn.Sequential(nn.Linear(ch, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
-        self.conv_in = nn.Conv2d(config.in_channels, ch, 3, padding=1)
+        patch_channels = config.in_channels * config.patch_size**2
+        self.conv_in = nn.Conv2d(patch_channels, ch, 3, padding=1)
 
         def attention(channels: int, size: int) -> nn.Module:
             if size in config.attention_resolutions:
@@ -168,12 +215,12 @@ class UNet(nn.Module):
         skip_channels = [ch]
         self.down_levels = nn.ModuleList()
         self.downsamples = nn.ModuleList()
-        size, cur = config.image_size, ch
+        size, cur = config.image_size // config.patch_size, ch
         for level, mult in enumerate(config.channel_mults):
             out = ch * mult
             blocks, attns = [], []
             for _ in range(config.num_res_blocks):
-                blocks.append(ResBlock(cur, out, time_dim, config.dropout, groups))
+                blocks.append(block(cur, out))
                 attns.append(attention(out, size))
                 cur = out
                 skip_channels.append(cur)
@@ -183,9 +230,9 @@ class UNet(nn.Module):
                 skip_channels.append(cur)
                 size //= 2
 
-        self.mid_block1 = ResBlock(cur, cur, time_dim, config.dropout, groups)
+        self.mid_block1 = block(cur, cur)
         self.mid_attn = AttentionBlock(cur, config.attention_head_dim, groups)
-        self.mid_block2 = ResBlock(cur, cur, time_dim, config.dropout, groups)
+        self.mid_block2 = block(cur, cur)
 
         # Up path: one more block per level than on the way down, each eating one skip.
         self.up_levels = nn.ModuleList()
@@ -194,7 +241,7 @@ class UNet(nn.Module):
             out = ch * mult
             blocks, attns = [], []
             for _ in range(config.num_res_blocks + 1):
-                blocks.append(ResBlock(cur + skip_channels.pop(), out, time_dim, config.dropout, groups))
+                blocks.append(block(cur + skip_channels.pop(), out))
                 attns.append(attention(out, size))
                 cur = out
             self.up_levels.append(_Level(blocks, attns))
@@ -203,13 +250,14 @@ class UNet(nn.Module):
                 size *= 2
 
         self.norm_out = _group_norm(cur, groups)
-        self.conv_out = nn.Conv2d(cur, config.in_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(cur, patch_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         temb = self.time_mlp(timestep_embedding(t, self.config.base_channels))  # [B, 4ch]
-        h = self.conv_in(x)
+        p = self.config.patch_size
+        h = self.conv_in(F.pixel_unshuffle(x, p) if p > 1 else x)  # [B, C p^2, H/p, W/p]
         skips = [h]
         for i, level in enumerate(self.down_levels):
             for block, attn in zip(level.blocks, level.attns):
@@ -224,7 +272,8 @@ class UNet(nn.Module):
                 h = attn(block(torch.cat([h, skips.pop()], dim=1), temb))
             if i < len(self.upsamples):
                 h = self.upsamples[i](h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return F.pixel_shuffle(out, p) if p > 1 else out
 
 
 def count_parameters(model: nn.Module) -> int:
