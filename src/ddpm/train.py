@@ -253,8 +253,8 @@ def build_training(
     net = build_model(config).to(device)
     if tc.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    # One fused kernel for the whole update instead of a loop over tensors: faster on CPU and
-    # GPU (BENCHMARKS.md); other devices keep torch's default.
+    # One fused kernel for the whole update: PyTorch's fast path on CUDA, and measured neutral
+    # on the CPU (BENCHMARKS.md); other devices keep torch's default.
     fused = device.type in ("cpu", "cuda")
     optimizer = torch.optim.AdamW(net.parameters(), lr=tc.lr, betas=tc.adam_betas,
                                   weight_decay=tc.weight_decay, fused=fused or None)
