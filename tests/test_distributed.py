@@ -134,3 +134,10 @@ def test_cosine_over_minutes_follows_the_time_budget():
 def test_resume_config_keeps_a_two_process_run_trainable(two_process_run):
     config = resume_config(two_process_run[0], steps=8)
     assert config.train.steps == 8 and config.train.batch_size == 16
+
+
+def test_fp16_on_a_cpu_is_refused_before_launching(fake_fashion, tmp_path):
+    r = ddpm_train(*ARGS, "--precision", "fp16", "--steps", 2, "--data-dir", fake_fashion,
+                   "--out", tmp_path / "run", "--device", "cpu", processes=2)
+    assert r.returncode == 2 and "launching" not in r.stdout
+    assert "precision fp16 needs a CUDA device" in r.stderr and "Traceback" not in r.stderr

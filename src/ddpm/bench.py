@@ -21,8 +21,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from .config import RunConfig
 from .data import BatchStream, ImageData
 from .models import count_parameters
-from .pipeline import autocast, build_schedule, resolve_device, resolve_precision
-from .train import EMA, build_training, make_accelerator, train_step
+from .pipeline import autocast, build_schedule, resolve_device
+from .train import EMA, MIXED_PRECISION, build_training, make_accelerator, train_step
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,8 @@ def bench(
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
     accelerator = make_accelerator(tc.precision, device)
-    precision = resolve_precision(tc.precision, device)
+    # What Accelerate autocasts to (auto may follow 'accelerate launch --mixed_precision').
+    precision = {ours: theirs for theirs, ours in MIXED_PRECISION.items()}[accelerator.mixed_precision]
     schedule = build_schedule(config)
     net, model, optimizer = build_training(config, accelerator, device)
     ema = EMA(net, tc.ema_decay, tc.ema_warmup)
@@ -138,14 +139,14 @@ def bench(
     train_gflops = count_gflops(lambda: one_training_step(net)) / (tc.batch_size * tc.grad_accum)
 
     progress(f"sampling evaluation: batch {sample_batch_size}, {seconds:g} s")
-    net = ema.model
+    sampling_net = ema.model
     m = config.model
     x = torch.randn(sample_batch_size, m.in_channels, m.image_size, m.image_size, device=device)
     t = torch.full((sample_batch_size,), schedule.num_train_timesteps // 2, device=device)
 
     def one_evaluation() -> None:
         with torch.inference_mode(), autocast(device, precision):
-            net(x, t)
+            sampling_net(x, t)
 
     calls, elapsed = _timed(one_evaluation, seconds, 2, sync)
     sample_images_per_s = calls * sample_batch_size / elapsed

@@ -624,7 +624,6 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     config = _override(get_preset(args.preset), args)
-    config.model.validate()
     progress = (lambda message: None) if args.json else (lambda m: print(f"measuring {m}", flush=True))
     result = bench(config, seconds=args.seconds, sample_batch_size=args.sample_batch_size,
                    progress=progress)

@@ -42,11 +42,13 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` is bf16 on CUDA and fp32 on a CPU, where bf16 autocast measured ~10x slower
-    (BENCHMARKS.md); the others are returned as given."""
+    (BENCHMARKS.md); the others are returned as given, fp16 only on CUDA."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs a CUDA device; on a CPU use bf16 or fp32")
     return precision
 
 
@@ -55,8 +57,6 @@ def autocast(device: torch.device, precision: str):
     precision = resolve_precision(precision, device)
     if precision == "fp32":
         return contextlib.nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision fp16 needs a CUDA device; on a CPU use bf16 or fp32")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
 
