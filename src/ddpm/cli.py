@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -23,7 +25,8 @@ from .bench import bench, format_table
 from .checkpoint import CHECKPOINT_DIR, CheckpointError, list_checkpoints
 from .classifier import CLASSIFIER_DATASETS, train_classifier
 from .config import DEFAULT_PRESET, PRESETS, DataConfig, RunConfig, get_preset
-from .data import DATASETS, DatasetNotFoundError, load_dataset, load_images, to_uint8
+from .data import (DATASETS, DatasetNotFoundError, load_dataset, load_images, to_model_range,
+                   to_uint8)
 from .diffusion import LOSS_WEIGHTINGS, LOSSES, PREDICTION_TYPES
 from .models import UNet, count_parameters
 from .models.unet import BLOCKS
@@ -31,9 +34,10 @@ from .metrics import (EXTRACTORS, INCEPTION_FILE, SPLITS, EvalResult, Evaluator,
                       WeightsNotFoundError)
 from .pipeline import PRECISIONS, X0_TRANSFORMS, load_pipeline, resolve_device
 from .samplers import SAMPLERS, SPACINGS, VARIANCES
-from .schedules import SCHEDULES
-from .train import CONFIG_FILE, LR_SCHEDULES, check_run, resume_config, train
-from .viz import save_grid, save_images, save_npz
+from .schedules import SCHEDULES, make_schedule
+from .train import CONFIG_FILE, LR_SCHEDULES, METRICS_FILE, check_run, resume_config, train
+from .viz import (ANIMATION_SUFFIXES, FIGURE_SUFFIXES, forward_noised, plot_curves, plot_schedules,
+                  reverse_frames, save_animation, save_grid, save_image_table, save_images, save_npz)
 
 EXIT_USAGE = 2
 
@@ -343,6 +347,107 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    zero_terminal_snr=False, download=False, no_hflip=False)
 
 
+def _name_list(valid: Sequence[str]):
+    """An argparse type: comma-separated names, each one of ``valid``."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(n.strip() for n in text.split(",") if n.strip())
+        unknown = [n for n in names if n not in valid]
+        if not names or unknown:
+            raise argparse.ArgumentTypeError(
+                f"unknown {', '.join(map(repr, unknown)) or 'empty list'}; choose from {', '.join(valid)}")
+        return names
+
+    return parse
+
+
+def _whole_list(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated whole numbers >= 0 such as 0,10,50."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items or not all(i.isdigit() for i in items):
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers such as 0,10,50, got {text!r}")
+    return tuple(int(i) for i in items)
+
+
+FORWARD_TIMESTEPS = (0, 10, 50, 100, 150, 200, 250, 300, 400, 600, 800, 999)
+
+
+def _add_viz_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "viz", help="pictures: forward noising, the reverse process, data, schedules, curves",
+        description="Draw the figures of diffusion. Each command writes the file given by --out; "
+                    "its extension picks the format.",
+    )
+    vs = p.add_subparsers(dest="figure", metavar="FIGURE", parser_class=_Parser)
+    vs.required = True
+    figure = f"figure file: {', '.join(FIGURE_SUFFIXES)}"
+
+    f = vs.add_parser("forward", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                      help="real images noised by q(x_t | x_0) at chosen t, one column per t",
+                      description="The forward process: the same real images at each t (t = 0 is "
+                                  "the data, t = k after k noising steps), one row block per "
+                                  "schedule.")
+    f.add_argument("--out", required=True, help=figure)
+    f.add_argument("--dataset", choices=DATASETS, default="fashion-mnist")
+    f.add_argument("--data-dir", help="folder holding the dataset (default: the Debian package's)")
+    f.add_argument("--n", type=_positive_int, default=4, help="images (rows per schedule)")
+    f.add_argument("--timesteps", type=_whole_list, default=FORWARD_TIMESTEPS, metavar="T1,T2,...",
+                   help="the t of each column, in 0..T-1")
+    f.add_argument("--schedule", type=_name_list(SCHEDULES), default=("linear",), metavar="NAME,...",
+                   help=f"beta schedules, from {', '.join(SCHEDULES)}")
+    f.add_argument("--num-timesteps", type=_positive_int, default=1000, help="diffusion steps T")
+    f.add_argument("--seed", type=int, default=0, help="seed of the images chosen and the noise")
+    f.set_defaults(func=_cmd_viz_forward)
+
+    r = vs.add_parser("reverse", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                      help="the reverse process from noise to images as a GIF or MP4",
+                      description="Animate a trained model's reverse process: a grid of samples "
+                                  "per frame from x_T to the output, the last frame held.")
+    r.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT")
+    r.add_argument("--out", required=True, help=f"animation: {', '.join(ANIMATION_SUFFIXES)}")
+    r.add_argument("--n", type=_int_at_least(1), default=16, help="images in each frame's grid")
+    r.add_argument("--frames", type=_int_at_least(2),
+                   help="frames, spread evenly from x_T to the output (default: min(steps, 40))")
+    r.add_argument("--sampler", choices=SAMPLERS, help="default: the run's")
+    r.add_argument("--steps", type=_positive_int, help="sampling steps, 1..T (default: the run's)")
+    r.add_argument("--spacing", choices=SPACINGS, help="default: the sampler's")
+    r.add_argument("--seed", type=int, default=0, help="seed of the noise (as 'ddpm sample --seed')")
+    r.add_argument("--show-x0", action="store_true",
+                   help="show the network's prediction of x0 beside each x_t")
+    r.add_argument("--sheet", metavar="SHEET.png",
+                   help=f"also write a contact sheet of chosen steps ({figure})")
+    r.add_argument("--sheet-columns", type=_int_at_least(2), default=8, help="steps on the sheet")
+    r.add_argument("--fps", type=_positive_float, default=12.0, help="frames per second")
+    r.add_argument("--hold", type=float, default=1.5, help="seconds the last frame is held")
+    r.add_argument("--scale", type=_positive_int, default=2, help="pixels per image pixel")
+    _add_model_options(r)
+    r.set_defaults(func=_cmd_viz_reverse)
+
+    d = vs.add_parser("data", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                      help="a grid of real training images")
+    d.add_argument("--out", required=True, help="image file: .png, .jpg or .webp")
+    d.add_argument("--dataset", choices=DATASETS, default="fashion-mnist")
+    d.add_argument("--data-dir", help="folder holding the dataset (default: the Debian package's)")
+    d.add_argument("--split", choices=SPLITS, default="train")
+    d.add_argument("--n", type=_positive_int, default=64, help="images, chosen at random")
+    d.add_argument("--seed", type=int, default=0, help="seed of the choice")
+    d.set_defaults(func=_cmd_viz_data)
+
+    c = vs.add_parser("schedule", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                      help="beta_t, alpha-bar_t and log-SNR against t")
+    c.add_argument("--out", required=True, help=figure)
+    c.add_argument("--schedule", type=_name_list(SCHEDULES), default=SCHEDULES, metavar="NAME,...",
+                   help=f"from {', '.join(SCHEDULES)}")
+    c.add_argument("--num-timesteps", type=_positive_int, default=1000, help="diffusion steps T")
+    c.set_defaults(func=_cmd_viz_schedule)
+
+    u = vs.add_parser("curves", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                      help="loss (and FID when logged) against step, from a run's metrics")
+    u.add_argument("run_dir", metavar="RUN_DIR")
+    u.add_argument("--out", required=True, help=figure)
+    u.set_defaults(func=_cmd_viz_curves)
+
+
 def _add_presets_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("presets", help="list the named presets and their settings",
                        description="Print every preset's full configuration as JSON.")
@@ -365,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_classifier_parser(sub)
     _add_bench_parser(sub)
     _add_presets_parser(sub)
+    _add_viz_parser(sub)
     return parser
 
 
@@ -505,6 +611,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"checkpoint: {result.checkpoint}")
     if result.grid is not None:
         print(f"sample grid: {result.grid}")
+    if result.progress is not None:
+        print(f"training progress: {result.progress}")
     return 0
 
 
@@ -637,11 +745,145 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- ddpm viz -------------------------------------------------------------------------------------
+
+
+def _check_out(path: str, suffixes: Sequence[str], option: str = "--out") -> Path:
+    """Refuse, before any work, an output whose suffix is not one of ``suffixes`` or whose folder
+    cannot be written."""
+    out = Path(path)
+    if out.is_dir():
+        raise UsageError(f"{option} {path} is a folder; give a file name ending in {suffixes[0]}")
+    if out.suffix.lower() not in suffixes:
+        raise UsageError(f"{option} {path}: the file must end in {', '.join(suffixes)}")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise UsageError(f"{option} {path}: cannot write in {out.parent}, which is a file; "
+                         f"choose a folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: cannot write in {out.parent} ({exc.strerror}); "
+                         f"choose a writable folder") from None
+    return out
+
+
+def _check_timesteps_in_range(timesteps: Sequence[int], T: int) -> None:
+    bad = [t for t in timesteps if not 0 <= t < T]
+    if bad:
+        raise UsageError(f"--timesteps {bad[0]} is outside 0..{T - 1} (T = {T}); "
+                         f"give steps in 0..{T - 1} or raise --num-timesteps")
+
+
+def _viz_data(args: argparse.Namespace):
+    data_dir = args.data_dir or (DataConfig().data_dir if args.dataset == "fashion-mnist" else None)
+    if data_dir is None:
+        raise UsageError(f"--data-dir is needed for {args.dataset}: the folder with its IDX files")
+    return load_dataset(args.dataset, data_dir, getattr(args, "split", "train"))
+
+
+def _random_images(args: argparse.Namespace) -> torch.Tensor:
+    data = _viz_data(args)
+    if args.n > len(data):
+        raise UsageError(f"--n {args.n} but the split holds only {len(data)} images")
+    generator = torch.Generator().manual_seed(args.seed)
+    index = torch.randperm(len(data), generator=generator)[: args.n]
+    return to_model_range(data.images[index])
+
+
+def _cmd_viz_forward(args: argparse.Namespace) -> int:
+    out = _check_out(args.out, FIGURE_SUFFIXES)
+    _check_timesteps_in_range(args.timesteps, args.num_timesteps)
+    x0 = _random_images(args)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(args.seed + 1))
+    blocks = []
+    for name in args.schedule:
+        schedule = make_schedule(name, args.num_timesteps)
+        blocks.append((name, forward_noised(x0, schedule, args.timesteps, eps).transpose(0, 1)))
+    save_image_table(blocks, [f"t={t}" for t in args.timesteps], out,
+                     title=f"q(x_t | x_0), T = {args.num_timesteps}")
+    print(f"wrote the forward process of {args.n} {args.dataset} images at "
+          f"{len(args.timesteps)} steps ({', '.join(args.schedule)}) to {out}")
+    return 0
+
+
+def _cmd_viz_reverse(args: argparse.Namespace) -> int:
+    out = _check_out(args.out, ANIMATION_SUFFIXES)
+    sheet = _check_out(args.sheet, FIGURE_SUFFIXES, "--sheet") if args.sheet else None
+    if args.hold < 0:
+        raise UsageError(f"--hold must be 0 or more seconds, got {args.hold}")
+    if out.suffix.lower() == ".mp4" and importlib.util.find_spec("imageio_ffmpeg") is None:
+        raise UsageError("writing MP4 needs imageio-ffmpeg (its wheel carries ffmpeg): pip install "
+                         "'ddpm[video]', or write a .gif instead")
+    if args.n > 256:
+        raise UsageError(f"--n {args.n} is more than a frame can show well; use at most 256")
+    pipe = load_pipeline(args.checkpoint, device=args.device, use_ema=not args.no_ema)
+    settings = {k: v for k, v in {"sampler": args.sampler, "num_sample_steps": args.steps,
+                                  "spacing": args.spacing}.items() if v is not None}
+    sc = dataclasses.replace(pipe.config.sample, **settings)
+    _check_steps(sc.num_sample_steps, pipe.schedule.num_train_timesteps)
+    if sc.num_sample_steps < 2:
+        raise UsageError("an animation of the reverse process needs --steps 2 or more")
+    frames = args.frames or min(sc.num_sample_steps, 40)
+    if frames > sc.num_sample_steps:
+        raise UsageError(f"--frames {frames} is more than the {sc.num_sample_steps} sampling steps; "
+                         f"use at most {sc.num_sample_steps} frames or more --steps")
+    if sheet is not None and args.sheet_columns > sc.num_sample_steps:
+        raise UsageError(f"--sheet-columns {args.sheet_columns} is more than the "
+                         f"{sc.num_sample_steps} sampling steps")
+    states, x0_preds, timesteps = pipe.trace(args.n, seed=args.seed, progress=not args.no_progress,
+                                             **settings)
+    images, _ = reverse_frames(states, x0_preds if args.show_x0 else None, frames, scale=args.scale)
+    save_animation(images, out, fps=args.fps, hold_s=args.hold)
+    print(f"wrote the reverse process of {args.n} images ({sc.sampler}, {sc.num_sample_steps} "
+          f"steps) as {len(images)} frames to {out}")
+    if sheet is not None:
+        last = states.shape[0] - 1
+        columns = [round(i * last / (args.sheet_columns - 1)) for i in range(args.sheet_columns)]
+        labels = [f"t={timesteps[i]:.0f}" if i < last else "output" for i in columns]
+        rows = min(args.n, 8)
+        blocks = [("x_t", to_model_range(states[columns, :rows]).transpose(0, 1))]
+        if args.show_x0:
+            blocks.append(("predicted x0", to_model_range(x0_preds[columns, :rows]).transpose(0, 1)))
+        save_image_table(blocks, labels, sheet, title=f"reverse process ({sc.sampler}, "
+                                                      f"{sc.num_sample_steps} steps)")
+        print(f"wrote a contact sheet of {len(columns)} steps to {sheet}")
+    return 0
+
+
+def _cmd_viz_data(args: argparse.Namespace) -> int:
+    out = _check_out(args.out, (".png", ".jpg", ".jpeg", ".webp"))
+    save_grid(_random_images(args), out)
+    print(f"wrote {args.n} {args.dataset} {args.split} images to {out}")
+    return 0
+
+
+def _cmd_viz_schedule(args: argparse.Namespace) -> int:
+    out = _check_out(args.out, FIGURE_SUFFIXES)
+    plot_schedules([make_schedule(name, args.num_timesteps) for name in args.schedule], out)
+    print(f"wrote beta, alpha-bar and log-SNR of {', '.join(args.schedule)} to {out}")
+    return 0
+
+
+def _cmd_viz_curves(args: argparse.Namespace) -> int:
+    out = _check_out(args.out, FIGURE_SUFFIXES)
+    metrics = Path(args.run_dir) / METRICS_FILE
+    if not metrics.is_file():
+        raise UsageError(f"{args.run_dir} has no {METRICS_FILE}; give the folder of a training run")
+    if plot_curves(metrics, out) is None:
+        raise UsageError(f"{metrics} has no logged loss yet; train longer than --log-every steps")
+    print(f"wrote the curves of {metrics} to {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv  # as typed: 'ddpm train --num-processes N' hands them on to its processes
+    if args.command == "viz":
+        args.command = f"viz {args.figure}"  # messages name the figure: 'ddpm viz reverse: error'
     try:
         return args.func(args)
     except (UsageError, ValueError, CheckpointError, DatasetNotFoundError, WeightsNotFoundError) as exc:

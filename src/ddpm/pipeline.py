@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, load_run_or_file
 from .config import RunConfig
+from .data import to_uint8
 from .models import UNet
 from .samplers import (DEFAULT_SPACING, StepCallback, clip_x0, dynamic_threshold, get_sampler,
                        initial_noise, make_timesteps)
@@ -122,6 +123,25 @@ class Pipeline:
             )
         bar.close()
         return torch.cat(out)
+
+    @torch.inference_mode()
+    def trace(
+        self, n: int, *, seed: int = 0, progress: bool = False, **settings: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+        """The whole reverse process of ``n`` images, as ``generate(n, seed=seed, batch_size=n,
+        **settings)`` walks it: ``states`` uint8 ``[S + 1, n, C, H, W]`` holds x_T, the x_t the
+        network sees at each of the S steps, and last the output; ``x0_preds`` (same shape) the
+        predicted x0 at each step, and last the output again; ``timesteps`` the S steps."""
+        states, x0_preds, timesteps = [], [], []
+
+        def record(i: int, t: float, x_t: torch.Tensor, x0_pred: torch.Tensor) -> None:
+            states.append(to_uint8(x_t.cpu()))
+            x0_preds.append(to_uint8(x0_pred.cpu()))
+            timesteps.append(float(t))
+
+        final = to_uint8(self.generate(n, seed=seed, batch_size=n, callback=record,
+                                       progress=progress, **settings))
+        return torch.stack(states + [final]), torch.stack(x0_preds + [final]), timesteps
 
 
 X0_TRANSFORMS = ("clip", "dynamic", "none")

@@ -35,13 +35,14 @@ from .pipeline import (Pipeline, build_model, build_schedule, checkpoint_config,
 from .samplers import get_sampler
 from .schedules import NoiseSchedule
 from .metrics import Evaluator
-from .viz import plot_curves, save_grid
+from .viz import plot_curves, progress_animation, save_grid
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 PREVIEW_SEED = 1234  # fixed noise, so successive preview grids show the same samples improving
 FID_SEED = 4321  # the same noise at every FID measurement: the curve shows the model, not luck
 CURVES_FILE = "curves.png"
+PROGRESS_FILE = "progress.gif"  # the preview grids of the run as one animation
 
 
 class EMA:
@@ -82,6 +83,7 @@ class TrainResult:
     grid: Path | None
     elapsed_s: float
     last_loss: float
+    progress: Path | None = None  # the preview grids as a GIF, when there were two or more
 
 
 class _Loggers:
@@ -481,7 +483,8 @@ def train(
         grid = save_grid(
             pipe.generate(tc.sample_n, seed=PREVIEW_SEED, progress=progress), run_dir / "grid.png"
         )
-    return TrainResult(run_dir, step, ckpt_path, grid, elapsed, loss)
+    animation = progress_animation(run_dir / "samples", run_dir / PROGRESS_FILE)
+    return TrainResult(run_dir, step, ckpt_path, grid, elapsed, loss, animation)
 
 
 def resume_config(run_dir: str | os.PathLike, *, steps: int | None = None,

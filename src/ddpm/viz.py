@@ -1,4 +1,10 @@
-"""Pictures: sample grids and per-image PNGs (the reverse-process figures build on these)."""
+"""Pictures: sample grids, the forward-noising strip, the reverse process as GIF/MP4 and its
+contact sheet, the noise schedules, training curves and the training-progress GIF.
+
+Figures with labels (strips, sheets, schedules, curves) go through matplotlib and take any format
+it writes (.png, .pdf, .svg, .jpg); grids and animation frames are exact pixels: image i of a
+frame is ``data.to_uint8`` of sample i, so a frame can be compared with the sampler's output.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,9 @@ import io
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -14,6 +22,10 @@ from torchvision.utils import make_grid, save_image
 
 from .checkpoint import atomic_write_bytes
 from .data import to_uint8, to_unit_range
+from .schedules import NoiseSchedule
+
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+ANIMATION_SUFFIXES = (".gif", ".mp4")
 
 
 def grid_image(x: torch.Tensor, nrow: int | None = None, padding: int = 2) -> torch.Tensor:
@@ -76,6 +88,25 @@ def read_metrics(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndar
     return {k: (np.asarray(s), np.asarray(v, dtype=float)) for k, (s, v) in series.items()}
 
 
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display is needed or opened
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_figure(fig: Any, out: str | os.PathLike, dpi: int = 110) -> Path:
+    """Write a matplotlib figure atomically, in the format its suffix names, and close it."""
+    out = Path(out)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=out.suffix.lstrip(".").lower().replace("jpg", "jpeg"), dpi=dpi)
+    _pyplot().close(fig)
+    atomic_write_bytes(buf.getvalue(), out)
+    return out
+
+
 def plot_curves(metrics_path: str | os.PathLike, out: str | os.PathLike) -> Path | None:
     """Loss against step (raw and smoothed), and FID against step with the real-image floor when
     the run measured it, as one PNG. Returns None when there is nothing to plot yet."""
@@ -85,11 +116,7 @@ def plot_curves(metrics_path: str | os.PathLike, out: str | os.PathLike) -> Path
     series = read_metrics(metrics_path)
     if "loss" not in series:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     has_fid = "fid" in series
     fig, axes = plt.subplots(1, 2 if has_fid else 1, figsize=(10 if has_fid else 5.5, 3.6),
                              squeeze=False)
@@ -111,9 +138,258 @@ def plot_curves(metrics_path: str | os.PathLike, out: str | os.PathLike) -> Path
         ax.set(xlabel="step", ylabel="FID", yscale="log", title=f"FID (n = {n})" if n else "FID")
         ax.legend(frameon=False)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
+    return _save_figure(fig, out)
+
+
+# --- labelled image tables (forward strip, reverse contact sheet) ---------------------------------
+
+
+def save_image_table(
+    blocks: Sequence[tuple[str, torch.Tensor]],
+    column_labels: Sequence[str],
+    out: str | os.PathLike,
+    *,
+    title: str | None = None,
+    scale: float = 2.0,
+) -> Path:
+    """One figure of image tables stacked top to bottom: each block ``(name, [R, K, C, H, W])``
+    in [-1, 1] shows R rows of K images, labelled ``name`` on the left and ``column_labels`` on
+    top. Pixels are shown unsmoothed, ``scale`` screen pixels per image pixel at 100 dpi."""
+    plt = _pyplot()
+    grids = []
+    for _, images in blocks:
+        rows, cols = images.shape[:2]
+        grid = make_grid(to_unit_range(images.flatten(0, 1).cpu()), nrow=cols, padding=2, pad_value=1.0)
+        grids.append(grid.permute(1, 2, 0).numpy())
+    width = grids[0].shape[1]
+    heights = [g.shape[0] for g in grids]
+    dpi = 100
+    label_w, label_h = 0.9, 0.35  # inches for the row names and the column labels
+    fig_w = width * scale / dpi + label_w + 0.15
+    fig_h = sum(heights) * scale / dpi + label_h * len(grids) + (0.35 if title else 0.1)
+    fig, axes = plt.subplots(len(grids), 1, figsize=(fig_w, fig_h), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    cell = blocks[0][1].shape[-1] + 2
+    centres = [2 + cell * j + (cell - 2) / 2 for j in range(len(column_labels))]
+    for ax, grid, (name, _) in zip(axes[:, 0], grids, blocks):
+        ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1,
+                  interpolation="nearest")
+        ax.set_xticks(centres, list(column_labels), fontsize=7)
+        ax.xaxis.tick_top()
+        ax.tick_params(length=0)
+        ax.set_yticks([])
+        ax.set_ylabel(name, fontsize=9)
+        for side in ax.spines.values():
+            side.set_visible(False)
+    top = 1.0
+    if title:
+        fig.suptitle(title, fontsize=10)
+        top = 1.0 - 0.3 / fig_h  # keep the title clear of the first row of column labels
+    fig.tight_layout(pad=0.3, rect=(0, 0, 1, top))
+    return _save_figure(fig, out, dpi=dpi)
+
+
+# --- the forward process --------------------------------------------------------------------------
+
+
+def forward_noised(
+    x0: torch.Tensor, schedule: NoiseSchedule, timesteps: Sequence[int], eps: torch.Tensor
+) -> torch.Tensor:
+    """x_t after t forward steps for each t of ``timesteps``: ``[K, B, C, H, W]`` from data
+    ``x0 [B, C, H, W]`` and one noise ``eps`` shared by every column, so a row shows the same
+    image drowning. Eq. 4, x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, counting t as
+    the paper does: t = 0 is the data itself (alpha_bar_0 = 1), t = k is k noising steps, which
+    is ``alphas_cumprod_prev[k]`` of the 0-based schedule."""
+    alpha_bar = schedule.alphas_cumprod_prev[list(timesteps)].to(x0.dtype).view(-1, 1, 1, 1, 1)
+    return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps
+
+
+# --- animations -----------------------------------------------------------------------------------
+
+
+def frame_grid(x: torch.Tensor, nrow: int | None = None, padding: int = 2) -> np.ndarray:
+    """Images ``[B, C, H, W]`` in [-1, 1] (or uint8) -> one uint8 frame ``[H', W', C]`` whose
+    cell i is exactly ``to_uint8(x[i])``, on a white background."""
+    images = x.cpu() if x.dtype == torch.uint8 else to_uint8(x.cpu())
+    nrow = nrow or max(1, math.ceil(math.sqrt(images.shape[0])))
+    grid = make_grid(images, nrow=nrow, padding=padding, pad_value=255).permute(1, 2, 0).numpy()
+    # make_grid repeats one channel three times; keep grey frames grey (GIFs stay lossless)
+    return grid[..., :1] if images.shape[1] == 1 else grid
+
+
+def side_by_side(left: np.ndarray, right: np.ndarray, gap: int = 6) -> np.ndarray:
+    """Two frames ``[H, W, C]`` next to each other with a white gap."""
+    white = np.full((left.shape[0], gap, left.shape[2]), 255, dtype=np.uint8)
+    return np.concatenate([left, white, right], axis=1)
+
+
+def upscale(frame: np.ndarray, scale: int) -> np.ndarray:
+    """Nearest-neighbour enlargement by a whole factor (small images stay crisp)."""
+    return frame if scale == 1 else frame.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def _even(frame: np.ndarray) -> np.ndarray:
+    """Pad with white to even height and width: H.264 in yuv420p needs both."""
+    h, w = frame.shape[:2]
+    return np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)), constant_values=255)
+
+
+def save_animation(
+    frames: Sequence[np.ndarray], out: str | os.PathLike, *, fps: float = 12.0, hold_s: float = 1.5
+) -> Path:
+    """Write uint8 frames ``[H, W, C]`` (C = 1 or 3) as a looping GIF or an H.264 MP4, by the
+    suffix of ``out``, holding the last frame ``hold_s`` seconds longer, atomically.
+
+    A GIF gets exactly ``len(frames)`` frames (the hold is the last frame's duration; note that
+    Pillow merges a frame identical to the one before into it); an MP4 runs at ``fps`` constant,
+    so it repeats the last frame ``round(hold_s * fps)`` times."""
     out = Path(out)
-    atomic_write_bytes(buf.getvalue(), out)
+    suffix = out.suffix.lower()
+    if suffix not in ANIMATION_SUFFIXES:
+        raise ValueError(f"{out}: an animation is written as {' or '.join(ANIMATION_SUFFIXES)}")
+    frames = [np.ascontiguousarray(f) for f in frames]
+    if suffix == ".gif":
+        from PIL import Image
+
+        frame_ms = round(1000.0 / fps)
+        durations = [frame_ms] * (len(frames) - 1) + [frame_ms + round(1000.0 * hold_s)]
+        # Grey frames are written as grey ('L'), which GIF holds exactly; colour frames are
+        # reduced to a 256-colour palette by Pillow, as GIF requires.
+        grey = all(f.shape[2] == 1 or (f == f[..., :1]).all() for f in frames)
+        images = [Image.fromarray(f[..., 0], "L") if grey else Image.fromarray(f, "RGB")
+                  for f in frames]
+        buf = io.BytesIO()
+        # optimize=False: Pillow's palette optimisation remaps grey levels of a frame that uses
+        # more than ~250 of them (measured: up to 3 levels off on 1/3 of the pixels)
+        images[0].save(buf, format="GIF", save_all=True, append_images=images[1:],
+                       duration=durations, loop=0, optimize=False)
+        atomic_write_bytes(buf.getvalue(), out)
+        return out
+    try:
+        import imageio_ffmpeg
+    except ImportError:
+        raise ValueError(
+            "writing MP4 needs imageio-ffmpeg (its wheel carries ffmpeg): pip install "
+            "'ddpm[video]', or write a .gif instead"
+        ) from None
+    frames = [_even(f if f.shape[2] == 3 else f.repeat(3, axis=2)) for f in frames]
+    frames += [frames[-1]] * round(hold_s * fps)
+    h, w = frames[0].shape[:2]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".mp4", dir=out.parent)
+    os.close(fd)
+    try:
+        writer = imageio_ffmpeg.write_frames(
+            tmp, (w, h), fps=fps, codec="libx264", pix_fmt_in="rgb24", pix_fmt_out="yuv420p",
+            macro_block_size=1, quality=None, output_params=["-crf", "18"], ffmpeg_log_level="error",
+        )
+        writer.send(None)  # start ffmpeg
+        for f in frames:
+            writer.send(f)
+        writer.close()
+        os.replace(tmp, out)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     return out
+
+
+def read_animation(path: str | os.PathLike) -> np.ndarray:
+    """Decode a GIF or MP4 into uint8 frames ``[N, H, W, C]``: C = 1 for a grey GIF, else 3."""
+    path = Path(path)
+    if path.suffix.lower() == ".gif":
+        from PIL import Image, ImageSequence
+
+        with Image.open(path) as im:  # each frame may carry its own palette: decode through RGB
+            frames = np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)])
+        grey = (frames == frames[..., :1]).all()
+        return frames[..., :1] if grey else frames
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
+    meta = next(reader)
+    w, h = meta["size"]
+    return np.stack([np.frombuffer(b, dtype=np.uint8).reshape(h, w, 3) for b in reader])
+
+
+# --- the reverse process --------------------------------------------------------------------------
+
+
+def reverse_frames(
+    states: torch.Tensor,
+    x0_preds: torch.Tensor | None,
+    frames: int,
+    *,
+    nrow: int | None = None,
+    scale: int = 1,
+) -> tuple[list[np.ndarray], list[int]]:
+    """``frames`` frames from the S + 1 states of a reverse process (x_T, ..., the output), evenly
+    spread over them and always holding the first and the last; with ``x0_preds`` each frame
+    shows the prediction of x0 at that state on the right. Returns the frames and the indices."""
+    last = states.shape[0] - 1
+    if not 2 <= frames <= last + 1:
+        raise ValueError(f"frames must be between 2 and {last + 1}, got {frames}")
+    # spacing last / (frames - 1) >= 1, so the rounded indices are distinct
+    chosen = [round(i * last / (frames - 1)) for i in range(frames)]
+    out = []
+    for i in chosen:
+        frame = frame_grid(states[i], nrow)
+        if x0_preds is not None:
+            frame = side_by_side(frame, frame_grid(x0_preds[i], nrow))
+        out.append(upscale(frame, scale))
+    return out, chosen
+
+
+# --- noise schedules ------------------------------------------------------------------------------
+
+
+def plot_schedules(schedules: Sequence[NoiseSchedule], out: str | os.PathLike) -> Path:
+    """beta_t, alpha_bar_t and log-SNR_t = log(alpha_bar / (1 - alpha_bar)) against t, one line
+    per schedule."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.3))
+    for s in schedules:
+        t = np.arange(s.num_train_timesteps)
+        axes[0].plot(t, s.betas.numpy(), label=s.name)
+        axes[1].plot(t, s.alphas_cumprod.numpy(), label=s.name)
+        axes[2].plot(t, s.log_snr.numpy(), label=s.name)
+    axes[0].set(xlabel="t", ylabel=r"$\beta_t$", yscale="log", title="noise added per step")
+    axes[1].set(xlabel="t", ylabel=r"$\bar\alpha_t$", title="signal kept (eq. 4)")
+    axes[2].set(xlabel="t", ylabel=r"$\log(\bar\alpha_t / (1 - \bar\alpha_t))$", title="log-SNR")
+    axes[0].legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return _save_figure(fig, out)
+
+
+# --- training progress ----------------------------------------------------------------------------
+
+
+def caption(frame: np.ndarray, text: str, height: int = 14) -> np.ndarray:
+    """A white band with ``text`` under a frame ``[H, W, C]``."""
+    from PIL import Image, ImageDraw
+
+    band = Image.new("L", (frame.shape[1], height), 255)
+    ImageDraw.Draw(band).text((3, 1), text, fill=0)
+    band = np.asarray(band)[..., None].repeat(frame.shape[2], axis=2)
+    return np.concatenate([frame, band], axis=0)
+
+
+def progress_animation(
+    samples_dir: str | os.PathLike, out: str | os.PathLike, *, fps: float = 4.0
+) -> Path | None:
+    """The preview grids ``samples_dir/step-*.png`` (drawn from the same noise at every step) as
+    one animation, each frame captioned with its step. Grids of another size than the newest
+    (a run resumed with another --sample-n) are left out. None when there are fewer than two."""
+    from PIL import Image
+
+    grids = []
+    for path in sorted(Path(samples_dir).glob("step-*.png")):
+        with Image.open(path) as im:
+            image = np.asarray(im.convert("RGB"))
+        grids.append((int(path.stem.split("-")[1]), image))
+    if grids:
+        size = grids[-1][1].shape
+        grids = [(step, g) for step, g in grids if g.shape == size]
+    if len(grids) < 2:
+        return None
+    frames = [caption(g, f"step {step}") for step, g in grids]
+    return save_animation(frames, out, fps=fps, hold_s=1.5)
