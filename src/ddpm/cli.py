@@ -53,6 +53,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that ends with an option's default, except when there is none to show (None) or the
+    help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _int_at_least(minimum: int):
     """An argparse type: a whole number >= ``minimum``, with a message naming the bad value."""
 
@@ -143,7 +153,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
             "sample grids, metrics.jsonl and TensorBoard logs go to the run directory. Unset "
             "options keep the preset's value (shown by 'ddpm presets')."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Defaults,
     )
     p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
                    help="named configuration to start from")
@@ -221,7 +231,7 @@ def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
         help="generate images from a trained run or checkpoint",
         description="Generate images from the EMA weights of a run's newest checkpoint or of a "
                     "checkpoint file, with any sampler and step count.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Defaults,
     )
     p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT",
                    help="a run directory (its newest checkpoint is used) or a .pt checkpoint")
@@ -262,7 +272,7 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
             "held-out real images, what a perfect generator would score. Reference statistics "
             "are computed once and cached per dataset, split and feature extractor."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Defaults,
     )
     p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT", nargs="?",
                    help="a run directory or .pt checkpoint to generate from (or use --images)")
@@ -308,7 +318,7 @@ def _add_train_classifier_parser(sub: argparse._SubParsersAction) -> None:
         description="Train the classifier that serves as the offline feature extractor for "
                     "MNIST or Fashion-MNIST and save its weights with its test accuracy. The "
                     "package ships weights made with the defaults.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Defaults,
     )
     p.add_argument("--dataset", choices=sorted(CLASSIFIER_DATASETS), default="fashion-mnist",
                    help="dataset to learn to classify")
@@ -382,7 +392,7 @@ def _add_viz_parser(sub: argparse._SubParsersAction) -> None:
     vs.required = True
     figure = f"figure file: {', '.join(FIGURE_SUFFIXES)}"
 
-    f = vs.add_parser("forward", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    f = vs.add_parser("forward", formatter_class=_Defaults,
                       help="real images noised by q(x_t | x_0) at chosen t, one column per t",
                       description="The forward process: the same real images at each t (t = 0 is "
                                   "the data, t = k after k noising steps), one row block per "
@@ -399,7 +409,7 @@ def _add_viz_parser(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--seed", type=int, default=0, help="seed of the images chosen and the noise")
     f.set_defaults(func=_cmd_viz_forward)
 
-    r = vs.add_parser("reverse", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    r = vs.add_parser("reverse", formatter_class=_Defaults,
                       help="the reverse process from noise to images as a GIF or MP4",
                       description="Animate a trained model's reverse process: a grid of samples "
                                   "per frame from x_T to the output, the last frame held.")
@@ -423,7 +433,7 @@ def _add_viz_parser(sub: argparse._SubParsersAction) -> None:
     _add_model_options(r)
     r.set_defaults(func=_cmd_viz_reverse)
 
-    d = vs.add_parser("data", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    d = vs.add_parser("data", formatter_class=_Defaults,
                       help="a grid of real training images")
     d.add_argument("--out", required=True, help="image file: .png, .jpg or .webp")
     d.add_argument("--dataset", choices=DATASETS, default="fashion-mnist")
@@ -433,7 +443,7 @@ def _add_viz_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--seed", type=int, default=0, help="seed of the choice")
     d.set_defaults(func=_cmd_viz_data)
 
-    c = vs.add_parser("schedule", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    c = vs.add_parser("schedule", formatter_class=_Defaults,
                       help="beta_t, alpha-bar_t and log-SNR against t")
     c.add_argument("--out", required=True, help=figure)
     c.add_argument("--schedule", type=_name_list(SCHEDULES), default=SCHEDULES, metavar="NAME,...",
@@ -441,7 +451,7 @@ def _add_viz_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--num-timesteps", type=_positive_int, default=1000, help="diffusion steps T")
     c.set_defaults(func=_cmd_viz_schedule)
 
-    u = vs.add_parser("curves", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    u = vs.add_parser("curves", formatter_class=_Defaults,
                       help="loss (and FID when logged) against step, from a run's metrics")
     u.add_argument("run_dir", metavar="RUN_DIR")
     u.add_argument("--out", required=True, help=figure)
