@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import socket
@@ -36,8 +35,9 @@ from .pipeline import PRECISIONS, X0_TRANSFORMS, load_pipeline, resolve_device
 from .samplers import SAMPLERS, SPACINGS, VARIANCES
 from .schedules import SCHEDULES, make_schedule
 from .train import CONFIG_FILE, LR_SCHEDULES, METRICS_FILE, check_run, resume_config, train
-from .viz import (ANIMATION_SUFFIXES, FIGURE_SUFFIXES, forward_noised, plot_curves, plot_schedules,
-                  reverse_frames, save_animation, save_grid, save_image_table, save_images, save_npz)
+from .viz import (ANIMATION_SUFFIXES, FIGURE_SUFFIXES, evenly_spaced, forward_noised, plot_curves,
+                  plot_schedules, reverse_frames, save_animation, save_grid, save_image_table,
+                  save_images, save_npz, video_writer)
 
 EXIT_USAGE = 2
 
@@ -823,9 +823,8 @@ def _cmd_viz_reverse(args: argparse.Namespace) -> int:
     sheet = _check_out(args.sheet, FIGURE_SUFFIXES, "--sheet") if args.sheet else None
     if args.hold < 0:
         raise UsageError(f"--hold must be 0 or more seconds, got {args.hold}")
-    if out.suffix.lower() == ".mp4" and importlib.util.find_spec("imageio_ffmpeg") is None:
-        raise UsageError("writing MP4 needs imageio-ffmpeg (its wheel carries ffmpeg): pip install "
-                         "'ddpm[video]', or write a .gif instead")
+    if out.suffix.lower() == ".mp4":
+        video_writer()  # missing imageio-ffmpeg is told now, not after sampling
     if args.n > 256:
         raise UsageError(f"--n {args.n} is more than a frame can show well; use at most 256")
     pipe = load_pipeline(args.checkpoint, device=args.device, use_ema=not args.no_ema)
@@ -849,13 +848,12 @@ def _cmd_viz_reverse(args: argparse.Namespace) -> int:
     print(f"wrote the reverse process of {args.n} images ({sc.sampler}, {sc.num_sample_steps} "
           f"steps) as {len(images)} frames to {out}")
     if sheet is not None:
-        last = states.shape[0] - 1
-        columns = [round(i * last / (args.sheet_columns - 1)) for i in range(args.sheet_columns)]
-        labels = [f"t={timesteps[i]:.0f}" if i < last else "output" for i in columns]
+        columns = evenly_spaced(states.shape[0], args.sheet_columns)
+        labels = [f"t={timesteps[i]:.0f}" if i < len(timesteps) else "output" for i in columns]
         rows = min(args.n, 8)
-        blocks = [("x_t", to_model_range(states[columns, :rows]).transpose(0, 1))]
+        blocks = [("x_t", states[columns, :rows].transpose(0, 1))]
         if args.show_x0:
-            blocks.append(("predicted x0", to_model_range(x0_preds[columns, :rows]).transpose(0, 1)))
+            blocks.append(("predicted x0", x0_preds[columns, :rows].transpose(0, 1)))
         save_image_table(blocks, labels, sheet, title=f"reverse process ({sc.sampler}, "
                                                       f"{sc.num_sample_steps} steps)")
         print(f"wrote a contact sheet of {len(columns)} steps to {sheet}")

@@ -153,14 +153,12 @@ def save_image_table(
     scale: float = 2.0,
 ) -> Path:
     """One figure of image tables stacked top to bottom: each block ``(name, [R, K, C, H, W])``
-    in [-1, 1] shows R rows of K images, labelled ``name`` on the left and ``column_labels`` on
+    in [-1, 1] (or uint8) shows R rows of K images, labelled ``name`` on the left and ``column_labels`` on
     top. Pixels are shown unsmoothed, ``scale`` screen pixels per image pixel at 100 dpi."""
     plt = _pyplot()
-    grids = []
-    for _, images in blocks:
-        rows, cols = images.shape[:2]
-        grid = make_grid(to_unit_range(images.flatten(0, 1).cpu()), nrow=cols, padding=2, pad_value=1.0)
-        grids.append(grid.permute(1, 2, 0).numpy())
+    padding = 2
+    grids = [frame_grid(images.flatten(0, 1), nrow=images.shape[1], padding=padding)
+             for _, images in blocks]
     width = grids[0].shape[1]
     heights = [g.shape[0] for g in grids]
     dpi = 100
@@ -169,10 +167,10 @@ def save_image_table(
     fig_h = sum(heights) * scale / dpi + label_h * len(grids) + (0.35 if title else 0.1)
     fig, axes = plt.subplots(len(grids), 1, figsize=(fig_w, fig_h), squeeze=False,
                              gridspec_kw={"height_ratios": heights})
-    cell = blocks[0][1].shape[-1] + 2
-    centres = [2 + cell * j + (cell - 2) / 2 for j in range(len(column_labels))]
+    cell = blocks[0][1].shape[-1] + padding
+    centres = [padding + cell * j + (cell - padding) / 2 for j in range(len(column_labels))]
     for ax, grid, (name, _) in zip(axes[:, 0], grids, blocks):
-        ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1,
+        ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255,
                   interpolation="nearest")
         ax.set_xticks(centres, list(column_labels), fontsize=7)
         ax.xaxis.tick_top()
@@ -234,6 +232,18 @@ def _even(frame: np.ndarray) -> np.ndarray:
     return np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)), constant_values=255)
 
 
+def video_writer() -> Any:
+    """The imageio_ffmpeg module, or a ValueError saying how to install it."""
+    try:
+        import imageio_ffmpeg
+    except ImportError:
+        raise ValueError(
+            "writing MP4 needs imageio-ffmpeg (its wheel carries ffmpeg): pip install "
+            "'ddpm[video]', or write a .gif instead"
+        ) from None
+    return imageio_ffmpeg
+
+
 def save_animation(
     frames: Sequence[np.ndarray], out: str | os.PathLike, *, fps: float = 12.0, hold_s: float = 1.5
 ) -> Path:
@@ -265,13 +275,7 @@ def save_animation(
                        duration=durations, loop=0, optimize=False)
         atomic_write_bytes(buf.getvalue(), out)
         return out
-    try:
-        import imageio_ffmpeg
-    except ImportError:
-        raise ValueError(
-            "writing MP4 needs imageio-ffmpeg (its wheel carries ffmpeg): pip install "
-            "'ddpm[video]', or write a .gif instead"
-        ) from None
+    imageio_ffmpeg = video_writer()
     frames = [_even(f if f.shape[2] == 3 else f.repeat(3, axis=2)) for f in frames]
     frames += [frames[-1]] * round(hold_s * fps)
     h, w = frames[0].shape[:2]
@@ -314,6 +318,14 @@ def read_animation(path: str | os.PathLike) -> np.ndarray:
 # --- the reverse process --------------------------------------------------------------------------
 
 
+def evenly_spaced(n: int, k: int) -> list[int]:
+    """``k`` indices into ``n`` items, evenly spread, the first and the last always among them."""
+    if not 2 <= k <= n:
+        raise ValueError(f"frames must be between 2 and {n}, got {k}")
+    # spacing (n - 1) / (k - 1) >= 1, so the rounded indices are distinct
+    return [round(i * (n - 1) / (k - 1)) for i in range(k)]
+
+
 def reverse_frames(
     states: torch.Tensor,
     x0_preds: torch.Tensor | None,
@@ -325,11 +337,7 @@ def reverse_frames(
     """``frames`` frames from the S + 1 states of a reverse process (x_T, ..., the output), evenly
     spread over them and always holding the first and the last; with ``x0_preds`` each frame
     shows the prediction of x0 at that state on the right. Returns the frames and the indices."""
-    last = states.shape[0] - 1
-    if not 2 <= frames <= last + 1:
-        raise ValueError(f"frames must be between 2 and {last + 1}, got {frames}")
-    # spacing last / (frames - 1) >= 1, so the rounded indices are distinct
-    chosen = [round(i * last / (frames - 1)) for i in range(frames)]
+    chosen = evenly_spaced(states.shape[0], frames)
     out = []
     for i in chosen:
         frame = frame_grid(states[i], nrow)
