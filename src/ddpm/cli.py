@@ -415,7 +415,7 @@ def _add_viz_parser(sub: argparse._SubParsersAction) -> None:
                                   "per frame from x_T to the output, the last frame held.")
     r.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT")
     r.add_argument("--out", required=True, help=f"animation: {', '.join(ANIMATION_SUFFIXES)}")
-    r.add_argument("--n", type=_int_at_least(1), default=16, help="images in each frame's grid")
+    r.add_argument("--n", type=_positive_int, default=16, help="images in each frame's grid")
     r.add_argument("--frames", type=_int_at_least(2),
                    help="frames, spread evenly from x_T to the output (default: min(steps, 40))")
     r.add_argument("--sampler", choices=SAMPLERS, help="default: the run's")
