@@ -49,3 +49,127 @@ def _private_cache(tmp_path_factory):
     """Reference statistics go to a temporary folder, never the user's ~/.cache/ddpm."""
     os.environ["DDPM_CACHE_DIR"] = str(tmp_path_factory.mktemp("ddpm-cache"))
     yield
+
+
+# --- tiny datasets in the other on-disk formats (tests/test_datasets.py) ---------------------------
+# Each image carries its label in its pixels, so a test can check that the right image got the
+# right label: a flat colour ``label_colour(label)``, exact in PNG and within a few levels in JPEG.
+
+
+def label_colour(label: int) -> tuple[int, int, int]:
+    return (20 * (label % 10) + 10, 40 * (label // 10 % 5) + 30, 200)
+
+
+def _write_picture(path: Path, label: int, size: tuple[int, int], mode: str = "RGB") -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.new("RGB", size, label_colour(label))
+    im = im.convert(mode)
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        im.save(path, format="JPEG", quality=95)
+    elif path.suffix.lower() == ".webp":
+        im.save(path, lossless=True)
+    else:
+        im.save(path)
+
+
+def cifar_rows(labels: np.ndarray) -> np.ndarray:
+    """CIFAR rows [N, 3072]: R plane 2 * label, G plane a ramp along x, B along y (so a wrong
+    reshape or transpose shows)."""
+    n = len(labels)
+    ramp = np.arange(32, dtype=np.uint8) * 8
+    planes = np.empty((n, 3, 32, 32), np.uint8)
+    planes[:, 0] = (2 * labels).astype(np.uint8)[:, None, None]
+    planes[:, 1] = ramp[None, None, :]
+    planes[:, 2] = ramp[None, :, None]
+    return planes.reshape(n, 3072)
+
+
+def make_fake_cifar(root: Path, kind: str = "cifar10", n_per_batch: int = 6, seed: int = 0,
+                    str_keys: bool = False, protocol: int = 2) -> Path:
+    """CIFAR's python batches as the real archive unpacks them: dicts with bytes keys (Python 2
+    wrote them), data uint8 [N, 3072], labels a list. ``str_keys``/``protocol`` vary the writer."""
+    import pickle
+
+    rng = np.random.default_rng(seed)
+    key = (lambda k: k) if str_keys else (lambda k: k.encode())
+    if kind == "cifar10":
+        folder, n_classes = root / "cifar-10-batches-py", 10
+        files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+        label_key, meta_name = "labels", "batches.meta"
+        meta = {key("label_names"): [f"class{i}".encode() for i in range(10)],
+                key("num_cases_per_batch"): n_per_batch}
+    else:
+        folder, n_classes = root / "cifar-100-python", 100
+        files, label_key, meta_name = ["train", "test"], "fine_labels", "meta"
+        meta = {key("fine_label_names"): [f"fine{i}".encode() for i in range(100)],
+                key("coarse_label_names"): [f"coarse{i}".encode() for i in range(20)]}
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        labels = rng.integers(0, n_classes, n_per_batch)
+        batch = {key("batch_label"): name.encode(), key(label_key): labels.tolist(),
+                 key("data"): cifar_rows(labels), key("filenames"): [b"x.png"] * n_per_batch}
+        if kind == "cifar100":
+            batch[key("coarse_labels")] = (labels // 5).tolist()
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=protocol)
+    with open(folder / meta_name, "wb") as f:
+        pickle.dump(meta, f, protocol=protocol)
+    return root
+
+
+def make_fake_flowers102(root: Path, n: int = 12) -> dict[str, list[int]]:
+    """Flowers-102 as torchvision downloads it: flowers-102/jpg/image_00001.jpg ...,
+    imagelabels.mat ('labels', 1-based) and setid.mat (trnid, valid, tstid: 1-based image ids).
+    Returns the 1-based ids of each set."""
+    from scipy.io import savemat
+
+    base = root / "flowers-102"
+    labels = [(i * 7) % 102 + 1 for i in range(n)]  # 1-based classes
+    for i in range(1, n + 1):  # sizes vary and are not square, like the real photos
+        _write_picture(base / "jpg" / f"image_{i:05d}.jpg", labels[i - 1] - 1, (40 + 3 * i, 30 + 2 * i))
+    savemat(base / "imagelabels.mat", {"labels": np.array([labels], np.uint8)})
+    sets = {"trnid": [1, 5, 9], "valid": [2, 6, 10], "tstid": [3, 4, 7, 8, 11, 12][: max(0, n - 6)]}
+    savemat(base / "setid.mat", {k: np.array([v], np.uint16) for k, v in sets.items()})
+    return sets
+
+
+def make_fake_tinyimagenet(root: Path, wnids=("n01443537", "n01629819", "n01641577"),
+                           per_class: int = 3, n_val: int = 5) -> list[int]:
+    """tiny-imagenet-200/ as its zip unpacks: wnids.txt, words.txt (with synsets beyond the 200,
+    as the real one lists all of ImageNet), train/<wnid>/images/*.JPEG and <wnid>_boxes.txt,
+    val/images + val_annotations.txt. Some images are greyscale JPEGs, as a few real ones are.
+    Returns the labels of the validation images in file-name order."""
+    base = root / "tiny-imagenet-200"
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "wnids.txt").write_text("".join(w + "\n" for w in wnids))
+    (base / "words.txt").write_text("n00000001\tentity\n" + "".join(
+        f"{w}\tthing {i}, other name\n" for i, w in enumerate(wnids)))
+    for i, w in enumerate(wnids):
+        for k in range(per_class):
+            _write_picture(base / "train" / w / "images" / f"{w}_{k}.JPEG", i, (64, 64),
+                           mode="L" if k == 0 and i == 0 else "RGB")
+        (base / "train" / w / f"{w}_boxes.txt").write_text("")
+    val_labels, lines = [], []
+    for k in range(n_val):
+        label = (k * 2) % len(wnids)
+        _write_picture(base / "val" / "images" / f"val_{k}.JPEG", label, (64, 64))
+        lines.append(f"val_{k}.JPEG\t{wnids[label]}\t0\t0\t63\t63\n")
+        val_labels.append(label)
+    (base / "val" / "val_annotations.txt").write_text("".join(reversed(lines)))
+    (base / "test" / "images").mkdir(parents=True)  # unlabelled; never read
+    return val_labels
+
+
+def make_image_folder(root: Path) -> dict[str, int]:
+    """A nested folder of PNGs and JPEGs in two class folders, plus a corrupt 'x.png' and a
+    'notes.txt'. Returns {relative path: label} of the good images (labels as in label_colour;
+    classes 'cats' = 0 and 'dogs' = 1)."""
+    images = {"cats/a.png": 0, "cats/deep/b.png": 0, "cats/c.JPG": 0, "dogs/d.PNG": 1,
+              "dogs/e.webp": 1, "dogs/more/f.bmp": 1}
+    for i, (rel, label) in enumerate(images.items()):
+        _write_picture(root / rel, label, (20 + 4 * i, 16 + 2 * i))
+    (root / "dogs" / "x.png").write_bytes(np.random.default_rng(0).bytes(300))
+    (root / "dogs" / "notes.txt").write_text("not an image")
+    return images

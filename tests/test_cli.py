@@ -155,3 +155,54 @@ def test_smaller_T_than_the_preset_samples_with_all_steps(tmp_path, fake_fashion
     config = json.loads((tmp_path / "run/config.json").read_text())
     assert config["train"]["sample_steps"] == 8 and config["sample"]["num_sample_steps"] == 8
     assert (tmp_path / "run/samples/step-00000002.png").is_file()
+
+
+def test_train_on_an_image_folder_with_labels_follows_its_size_and_classes(tmp_path):
+    """The CLI path of a file dataset: the model takes the folder's size and channels, the
+    labels come from subfolders, the corrupt file is skipped with a warning, and a class can be
+    asked for by its folder's name."""
+    import json
+
+    import numpy as np
+
+    from conftest import make_image_folder
+
+    make_image_folder(tmp_path / "pets")
+    run = tmp_path / "run"
+    r = ddpm("train", "--preset", "tiny", "--dataset", "folder", "--data-dir", tmp_path / "pets",
+             "--image-size", 16, "--folder-labels", "--conditional", "--batch-size", 4,
+             "--steps", 2, "--sample-every", 0, "--out", run, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "x.png" in r.stderr and "skip" in r.stderr.lower()
+    config = json.loads((run / "config.json").read_text())
+    assert (config["model"]["in_channels"], config["model"]["image_size"]) == (3, 16)
+    assert config["model"]["num_classes"] == 2
+    assert config["data"]["image_size"] == 16 and config["data"]["data_dir"] == str(tmp_path / "pets")
+    r = ddpm("sample", run, "--class", "dogs", "--n", 2, "--steps", 3, "--out", tmp_path / "d.npz",
+             "--no-progress")
+    assert r.returncode == 0 and "of class 1 (dogs)" in r.stdout, r.stderr
+    with np.load(tmp_path / "d.npz") as z:
+        assert z["arr_0"].shape == (2, 16, 16, 3)
+
+
+def test_conditional_training_on_unlabelled_images_is_refused(tmp_path):
+    from conftest import make_image_folder
+
+    make_image_folder(tmp_path / "pets")
+    r = ddpm("train", "--preset", "tiny", "--dataset", "folder", "--data-dir", tmp_path / "pets",
+             "--conditional", "--out", tmp_path / "run")
+    assert r.returncode == 2 and "add --folder-labels" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--dataset", "folder"), "pass --data-dir"),
+    (("--dataset", "cifar10", "--data-dir", "{tmp}/none"), "--download"),
+    (("--image-size", "30"), "image size 30 cannot be halved"),
+    (("--dataset", "folder", "--data-dir", "{tmp}", "--split", "test"), "no test split"),
+])
+def test_bad_data_options_are_one_line_errors(tmp_path, args, message):
+    r = ddpm("train", "--preset", "tiny", *[a.replace("{tmp}", str(tmp_path)) for a in args],
+             "--out", tmp_path / "run")
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()

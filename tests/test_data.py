@@ -64,19 +64,20 @@ def test_real_fashion_mnist_from_the_debian_package():
 def test_batch_stream_epochs_flips_and_resume(fake_fashion):
     data = load_dataset("fashion-mnist", fake_fashion, "train")
     a = BatchStream(data, 100, hflip=False, generator=torch.Generator().manual_seed(0))
-    seen = torch.cat([a.next(), a.next()])
+    seen = torch.cat([a.next()[0], a.next()[0]])
     # two batches of one epoch are distinct images (a permutation, no repeats)
     assert torch.unique(seen.flatten(1), dim=0).shape[0] == 200
     a.next()  # 256 // 100 = 2 batches per epoch; the third starts epoch 1
     assert a.epoch == 1
     state, gstate = a.state_dict(), a.generator.get_state()
-    expected = [a.next() for _ in range(3)]
+    expected = [a.next() for _ in range(3)]  # (x, y) pairs
     b = BatchStream(data, 100, hflip=False, generator=torch.Generator().manual_seed(99))
     b.load_state_dict(state)
     b.generator.set_state(gstate)
-    assert all(torch.equal(x, y) for x, y in zip(expected, [b.next() for _ in range(3)]))
-    flips = BatchStream(data, 256, hflip=True, generator=torch.Generator().manual_seed(0)).next()
-    plain = BatchStream(data, 256, hflip=False, generator=torch.Generator().manual_seed(0)).next()
+    resumed = [b.next() for _ in range(3)]
+    assert all(torch.equal(e[0], r[0]) and torch.equal(e[1], r[1]) for e, r in zip(expected, resumed))
+    flips = BatchStream(data, 256, hflip=True, generator=torch.Generator().manual_seed(0)).next()[0]
+    plain = BatchStream(data, 256, hflip=False, generator=torch.Generator().manual_seed(0)).next()[0]
     same = (flips == plain).flatten(1).all(1)
     mirrored = (flips == plain.flip(-1)).flatten(1).all(1)
     assert (same | mirrored).all() and 0.3 < mirrored.float().mean() < 0.7

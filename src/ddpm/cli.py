@@ -24,12 +24,13 @@ from .bench import bench, format_table
 from .checkpoint import CHECKPOINT_DIR, CheckpointError, list_checkpoints
 from .classifier import CLASSIFIER_DATASETS, train_classifier
 from .config import DEFAULT_PRESET, PRESETS, DataConfig, RunConfig, get_preset
-from .data import (DATASETS, DatasetNotFoundError, load_dataset, load_images, to_model_range,
-                   to_uint8)
+from .data import (CROPS, DATASETS, DatasetNotFoundError, load_dataset, load_images, open_dataset,
+                   to_model_range, to_uint8)
+from .data import resolve as resolve_data_config
 from .diffusion import LOSS_WEIGHTINGS, LOSSES, PREDICTION_TYPES
-from .models import UNet, count_parameters
+from .models import UNet, UNetConfig, count_parameters
 from .models.unet import BLOCKS
-from .metrics import (EXTRACTORS, INCEPTION_FILE, SPLITS, EvalResult, Evaluator,
+from .metrics import (EXTRACTORS, INCEPTION_FILE, SPLITS, EvalResult, Evaluator, data_options,
                       WeightsNotFoundError)
 from .pipeline import PRECISIONS, X0_TRANSFORMS, load_pipeline, resolve_device
 from .samplers import SAMPLERS, SPACINGS, VARIANCES
@@ -102,6 +103,23 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = _non_negative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {value}")
     return value
 
 
@@ -195,11 +213,40 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--zero-terminal-snr", action="store_true",
                    help="rescale the schedule so the last step is pure noise (Lin et al. 2024); "
                         "needs --prediction-type v or x0")
-    d.add_argument("--dataset", choices=DATASETS, help="training data")
-    d.add_argument("--data-dir", help="folder holding the dataset's IDX files")
+    d.add_argument("--dataset", choices=DATASETS,
+                   help="training data; the README has a section on each")
+    d.add_argument("--data-dir",
+                   help="the dataset's folder (default: /usr/share/datasets/fashion-mnist for "
+                        "fashion-mnist, ~/.cache/ddpm/data/DATASET for the others; folder and "
+                        "flowers-folder need it)")
     d.add_argument("--download", action="store_true",
-                   help="fetch the dataset with torchvision if it is missing (needs internet)")
+                   help="fetch the dataset if it is missing (needs internet)")
+    d.add_argument("--split", choices=SPLITS, help="which images to train on (all: every one)")
+    d.add_argument("--image-size", type=_int_at_least(8),
+                   help="side of the square images the model sees (default: the dataset's own; "
+                        "64 for flowers and folders)")
+    d.add_argument("--channels", type=int, choices=(1, 3),
+                   help="1 (grey) or 3 (RGB), converting images as needed (default: the dataset's)")
+    d.add_argument("--crop", choices=CROPS,
+                   help="how images reach the size: center (resize the shorter side, centre "
+                        "crop), resize (squash) or random (a random crop from 9/8 of the size)")
+    d.add_argument("--folder-labels", action="store_true",
+                   help="folder: one class per first-level subfolder (for --conditional)")
+    d.add_argument("--strict", action="store_true",
+                   help="stop at a corrupt image file instead of skipping it")
+    d.add_argument("--workers", type=_non_negative_int,
+                   help="processes decoding image files (DataLoader workers)")
+    d.add_argument("--max-memory-gb", type=_positive_float,
+                   help="image files whose decoded images would take more stream from disk "
+                        "(default: 4)")
     d.add_argument("--no-hflip", action="store_true", help="turn off random horizontal flips")
+    c = p.add_argument_group("class-conditional generation (Ho & Salimans 2022)")
+    c.add_argument("--conditional", action="store_true",
+                   help="condition the model on the dataset's class labels")
+    c.add_argument("--class-dropout", type=_probability,
+                   help="probability of training on the null label instead (default: 0.1)")
+    c.add_argument("--guidance", type=_non_negative_float,
+                   help="guidance scale w of the run's preview and final grids (default: 0)")
     o = p.add_argument_group("outputs and machine")
     o.add_argument("--log-every", type=_positive_int, help="steps between metric lines")
     o.add_argument("--sample-every", type=_non_negative_int,
@@ -258,8 +305,19 @@ def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and every step")
     p.add_argument("--batch-size", type=_positive_int, default=128,
                    help="images per batch (128 was fastest on a 2-core CPU)")
+    _add_class_options(p)
     _add_model_options(p)
     p.set_defaults(func=_cmd_sample)
+
+
+def _add_class_options(p: argparse.ArgumentParser, all_classes: bool = True) -> None:
+    p.add_argument("--class", dest="class_", metavar="INDEX|NAME" + ("|all" if all_classes else ""),
+                   help="class-conditional models: the class to draw, by index or name"
+                        + (", or all for --n images of every class, one row each" if all_classes
+                           else "") + " (default: every class in turn)")
+    p.add_argument("--guidance", type=_non_negative_float, default=None,
+                   help="classifier-free guidance scale w: 0 is the conditional model, larger w "
+                        "gives more typical images of the class (default: the run's, 0)")
 
 
 def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
@@ -301,6 +359,9 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the generated images and of KID's subsets")
     p.add_argument("--batch-size", type=_positive_int, default=128,
                    help="images per sampling batch (128 was fastest on a 2-core CPU)")
+    p.add_argument("--guidance", type=_non_negative_float, default=None,
+                   help="class-conditional models: guidance scale w of the generated images, "
+                        "drawn from every class in turn (default: the run's, 0)")
     p.add_argument("--save-samples", metavar="SAMPLES.npz", default=None,
                    help="also keep the generated images, for other tools")
     p.add_argument("--cache-dir", default=None,
@@ -399,7 +460,7 @@ def _add_viz_parser(sub: argparse._SubParsersAction) -> None:
                                   "schedule.")
     f.add_argument("--out", required=True, help=figure)
     f.add_argument("--dataset", choices=DATASETS, default="fashion-mnist")
-    f.add_argument("--data-dir", help="folder holding the dataset (default: the Debian package's)")
+    f.add_argument("--data-dir", help="folder holding the dataset (default: its usual folder, see ddpm train --help)")
     f.add_argument("--n", type=_positive_int, default=4, help="images (rows per schedule)")
     f.add_argument("--timesteps", type=_whole_list, default=FORWARD_TIMESTEPS, metavar="T1,T2,...",
                    help="the t of each column, in 0..T-1")
@@ -427,6 +488,7 @@ def _add_viz_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--sheet", metavar="SHEET.png",
                    help=f"also write a contact sheet of chosen steps ({figure})")
     r.add_argument("--sheet-columns", type=_int_at_least(2), default=8, help="steps on the sheet")
+    _add_class_options(r, all_classes=False)
     r.add_argument("--fps", type=_positive_float, default=12.0, help="frames per second")
     r.add_argument("--hold", type=float, default=1.5, help="seconds the last frame is held")
     r.add_argument("--scale", type=_positive_int, default=2, help="pixels per image pixel")
@@ -437,7 +499,7 @@ def _add_viz_parser(sub: argparse._SubParsersAction) -> None:
                       help="a grid of real training images")
     d.add_argument("--out", required=True, help="image file: .png, .jpg or .webp")
     d.add_argument("--dataset", choices=DATASETS, default="fashion-mnist")
-    d.add_argument("--data-dir", help="folder holding the dataset (default: the Debian package's)")
+    d.add_argument("--data-dir", help="folder holding the dataset (default: its usual folder, see ddpm train --help)")
     d.add_argument("--split", choices=SPLITS, default="train")
     d.add_argument("--n", type=_positive_int, default=64, help="images, chosen at random")
     d.add_argument("--seed", type=int, default=0, help="seed of the choice")
@@ -511,23 +573,48 @@ def _override(config: RunConfig, args: argparse.Namespace) -> RunConfig:
     diffusion = pick(config.diffusion, schedule="schedule", num_train_timesteps="num_timesteps",
                      loss="loss", prediction_type="prediction_type",
                      loss_weighting="loss_weighting", min_snr_gamma="min_snr_gamma")
-    data = pick(config.data, dataset="dataset", data_dir="data_dir")
+    if getattr(args, "dataset", None) and not getattr(args, "data_dir", None):
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, data_dir=None))
+    data = pick(config.data, dataset="dataset", data_dir="data_dir", split="split",
+                image_size="image_size", channels="channels", crop="crop", workers="workers",
+                max_memory_gb="max_memory_gb")
+    for flag, field, value in (("download", "download", True), ("no_hflip", "hflip", False),
+                               ("folder_labels", "folder_labels", True), ("strict", "strict", True)):
+        if getattr(args, flag, False):
+            data = dataclasses.replace(data, **{field: value})
+    data = resolve_data_config(data)  # the dataset's own size, channels and folder made explicit
     model = pick(config.model, block="arch", base_channels="base_channels",
                  channel_mults="channel_mults", num_res_blocks="num_res_blocks",
                  attention_resolutions="attention_resolutions", dropout="dropout",
                  patch_size="patch_size")
+    model = _follow_data(model, data, attention_given=getattr(args, "attention_resolutions", None) is not None)
     if args.zero_terminal_snr:
         diffusion = dataclasses.replace(diffusion, zero_terminal_snr=True)
-    if args.download:
-        data = dataclasses.replace(data, download=True)
-    if args.no_hflip:
-        data = dataclasses.replace(data, hflip=False)
     # A preset's sampling steps suit its own T; with a smaller --num-timesteps, use all of them.
     T = diffusion.num_train_timesteps
     sample = dataclasses.replace(config.sample, num_sample_steps=min(config.sample.num_sample_steps, T))
     train = dataclasses.replace(train, sample_steps=min(train.sample_steps, T),
                                 fid_steps=min(train.fid_steps, T))
+    if getattr(args, "class_dropout", None) is not None:
+        train = dataclasses.replace(train, class_dropout=args.class_dropout)
+    if getattr(args, "guidance", None) is not None:
+        sample = dataclasses.replace(sample, guidance=args.guidance)
     return RunConfig(model=model, diffusion=diffusion, data=data, train=train, sample=sample)
+
+
+def _follow_data(model: UNetConfig, data: DataConfig, *, attention_given: bool) -> UNetConfig:
+    """The preset's U-Net reshaped for the data: its channels and image size, with attention kept
+    at the same levels (the preset's 7 px of 28 px images is 8 px of 32 px ones)."""
+    if model.image_size == data.image_size:
+        return dataclasses.replace(model, in_channels=data.channels)
+    attention = model.attention_resolutions
+    if not attention_given:
+        p, levels = model.patch_size, range(len(model.channel_mults))
+        old = [model.image_size // p // 2**i for i in levels]
+        new = [data.image_size // p // 2**i for i in levels]
+        attention = tuple(n for o, n in zip(old, new) if o in attention)
+    return dataclasses.replace(model, in_channels=data.channels, image_size=data.image_size,
+                               attention_resolutions=attention)
 
 
 def _summary(config: RunConfig) -> str:
@@ -540,6 +627,8 @@ def _summary(config: RunConfig) -> str:
         f"diffusion: {d.schedule} schedule, T={d.num_train_timesteps}, {d.loss} loss\n"
         f"training: {stop}, batch {t.batch_size}x{t.grad_accum}, lr {t.lr:g}, EMA {t.ema_decay}, "
         f"{t.precision}, on {config.data.dataset}"
+        + (f", conditional on {m.num_classes} classes (label dropout {t.class_dropout:g})"
+           if m.num_classes else "")
     )
 
 
@@ -605,11 +694,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         run_dir = Path(args.out or f"runs/{args.preset}")
         config = _override(get_preset(args.preset), args)
+        if args.conditional:
+            config = _conditional(config)
+        elif args.class_dropout is not None or args.guidance is not None:
+            raise UsageError("--class-dropout and --guidance are settings of a class-conditional "
+                             "model; add --conditional")
     check_run(config, run_dir, resume=bool(args.resume),
               num_processes=args.num_processes if launcher else 1)
     if launcher:  # checked here once, not N times by the processes; the data fetched once
-        d = config.data
-        load_dataset(d.dataset, d.data_dir, d.split, download=d.download)
+        open_dataset(config.data)
         return _launch(args)
     log(_summary(config))
     log(f"parameters: {count_parameters(UNet(config.model)):,}")
@@ -626,6 +719,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _conditional(config: RunConfig) -> RunConfig:
+    """The config of a model conditioned on the dataset's classes (their number read from it)."""
+    classes = open_dataset(config.data).classes
+    if not classes:
+        raise UsageError(f"--conditional needs class labels, and {config.data.dataset} in "
+                         f"{config.data.data_dir} has none; add --folder-labels to take them "
+                         f"from its subfolders")
+    model = dataclasses.replace(config.model, num_classes=len(classes))
+    return dataclasses.replace(config, model=model)
+
+
 def _check_steps(steps: int, T: int) -> None:
     """Sampling steps are a subset of the model's T training timesteps (--steps >= 1 is argparse's)."""
     if steps > T:
@@ -638,6 +742,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     settings = {k: v for k, v in {
         "sampler": args.sampler, "num_sample_steps": args.steps, "spacing": args.spacing,
         "eta": args.eta, "variance": args.variance, "x0_transform": args.x0_transform,
+        "guidance": args.guidance,
     }.items() if v is not None}
     sc = dataclasses.replace(pipe.config.sample, **settings)
     _check_steps(sc.num_sample_steps, pipe.schedule.num_train_timesteps)
@@ -645,13 +750,19 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise UsageError(f"--eta is a DDIM setting; add --sampler ddim or drop --eta {args.eta}")
     if not 0.0 <= sc.eta <= 1.0:
         raise UsageError(f"--eta must be between 0 and 1, got {sc.eta}")
+    labels, nrow, n = _class_request(pipe, args.class_, args.n)
     t0 = time.perf_counter()
-    images = pipe.generate(args.n, seed=args.seed, batch_size=args.batch_size,
+    images = pipe.generate(n, seed=args.seed, batch_size=args.batch_size, labels=labels,
                            progress=not args.no_progress, **settings)
     seconds = time.perf_counter() - t0
-    what = f"{args.n} images ({sc.sampler}, {sc.num_sample_steps} steps, {seconds:.1f} s)"
+    guided = f", guidance {sc.guidance:g}" if pipe.num_classes else ""
+    what = f"{n} images ({sc.sampler}, {sc.num_sample_steps} steps{guided}, {seconds:.1f} s)"
+    if args.class_ == "all":
+        what += f", {args.n} of each of {pipe.num_classes} classes"
+    elif args.class_ is not None:
+        what += f" of class {labels}{_class_name(pipe, labels)}"
     if out.suffix.lower() == ".png":
-        save_grid(images, out)
+        save_grid(images, out, nrow=nrow)
         print(f"wrote a grid of {what} to {out}")
     elif out.suffix.lower() == ".npz":
         save_npz(images, out)
@@ -660,6 +771,38 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         save_images(images, out)
         print(f"wrote {what} to {out}/")
     return 0
+
+
+def _class_name(pipe, index: int) -> str:
+    return f" ({pipe.classes[index]})" if index < len(pipe.classes) else ""
+
+
+def _class_request(pipe, text: str | None, n: int, *, allow_all: bool = True,
+                   ) -> tuple[torch.Tensor | int | None, int | None, int]:
+    """``--class`` as (labels for generate, grid row length, number of images): an index, a
+    class name (any case), or all (``n`` of each class, one grid row per class)."""
+    if text is None:
+        return None, None, n
+    if pipe.num_classes == 0:
+        raise UsageError(f"--class {text}: this model was trained without class labels; drop "
+                         f"--class, or train a model with --conditional")
+    if text == "all" and not allow_all:
+        raise UsageError("--class all is for 'ddpm sample'; here give one class, by index or name")
+    if text == "all":
+        return torch.arange(pipe.num_classes).repeat_interleave(n), n, n * pipe.num_classes
+    names = [c.lower() for c in pipe.classes]
+    if text.lower() in names:
+        return names.index(text.lower()), None, n
+    try:
+        index = int(text)
+    except ValueError:
+        known = f"one of {', '.join(pipe.classes)}" if pipe.classes else "a class index"
+        raise UsageError(f"--class {text!r} is not a class of this model; give {known}, an index "
+                         f"0..{pipe.num_classes - 1}, or all") from None
+    if not 0 <= index < pipe.num_classes:
+        raise UsageError(f"--class {index} is out of range: this model has classes "
+                         f"0..{pipe.num_classes - 1}")
+    return index, None, n
 
 
 def _eval_table(r: EvalResult) -> str:
@@ -683,7 +826,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError("give either a run directory or checkpoint to generate from, or "
                          "--images DIR|SAMPLES.npz, not both")
     sample_options = {"--sampler": args.sampler, "--steps": args.steps, "--spacing": args.spacing,
-                      "--save-samples": args.save_samples, "--no-ema": args.no_ema or None}
+                      "--save-samples": args.save_samples, "--no-ema": args.no_ema or None,
+                      "--guidance": args.guidance}
     if args.images is not None:
         given = [k for k, v in sample_options.items() if v is not None]
         if given:
@@ -696,19 +840,26 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             if args.n > len(images):
                 raise UsageError(f"--n {args.n} but {args.images} holds only {len(images)} images")
             images = images[: args.n]
-        dataset, data_dir = args.dataset, args.data_dir or DataConfig().data_dir
-        provenance: dict = {}
+        dataset, data_dir = args.dataset, args.data_dir
+        options, provenance = {}, {}
     else:
         pipe = load_pipeline(args.checkpoint, device=args.device, use_ema=not args.no_ema)
         dataset = args.dataset or pipe.config.data.dataset
         data_dir = args.data_dir or pipe.config.data.data_dir
+        # The run's own images, as its model saw them; another --dataset is taken as it comes.
+        options = data_options(pipe.config.data) if dataset == pipe.config.data.dataset else {}
         settings = {k: v for k, v in {"sampler": args.sampler, "num_sample_steps": args.steps,
-                                      "spacing": args.spacing}.items() if v is not None}
+                                      "spacing": args.spacing, "guidance": args.guidance,
+                                      }.items() if v is not None}
         sc = dataclasses.replace(pipe.config.sample, **settings)
         _check_steps(sc.num_sample_steps, pipe.schedule.num_train_timesteps)
+        if sc.guidance and not pipe.num_classes:
+            raise UsageError(f"--guidance {sc.guidance:g} needs a class-conditional model; this "
+                             f"one was trained without labels")
         if args.save_samples and Path(args.save_samples).exists():  # checked before sampling
             raise UsageError(f"--save-samples {args.save_samples} exists; choose a new file")
     evaluator = Evaluator(dataset, data_dir, split=args.split, extractor=args.extractor,
+                          data_options=options,
                           inception_weights=args.inception_weights, cache_dir=args.cache_dir,
                           device=resolve_device(args.device), progress=not args.no_progress)
     if args.images is None:
@@ -730,10 +881,7 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise UsageError(f"{out} exists; add --force to replace it or choose another --out")
-    data_dir = args.data_dir or (DataConfig().data_dir if args.dataset == "fashion-mnist" else None)
-    if data_dir is None:
-        raise UsageError(f"--data-dir is needed for {args.dataset}: the folder with its IDX files")
-    acc, seconds = train_classifier(args.dataset, data_dir, out, epochs=args.epochs, seed=args.seed,
+    acc, seconds = train_classifier(args.dataset, args.data_dir, out, epochs=args.epochs, seed=args.seed,
                                     progress=not args.no_progress)
     print(f"{args.dataset} classifier: test accuracy {acc:.2%} after {args.epochs} epochs "
           f"({seconds / 60:.1f} min); weights in {out}")
@@ -787,10 +935,7 @@ def _check_timesteps_in_range(timesteps: Sequence[int], T: int) -> None:
 
 
 def _viz_data(args: argparse.Namespace):
-    data_dir = args.data_dir or (DataConfig().data_dir if args.dataset == "fashion-mnist" else None)
-    if data_dir is None:
-        raise UsageError(f"--data-dir is needed for {args.dataset}: the folder with its IDX files")
-    return load_dataset(args.dataset, data_dir, getattr(args, "split", "train"))
+    return load_dataset(args.dataset, args.data_dir, getattr(args, "split", "train"))
 
 
 def _random_images(args: argparse.Namespace) -> torch.Tensor:
@@ -829,7 +974,8 @@ def _cmd_viz_reverse(args: argparse.Namespace) -> int:
         raise UsageError(f"--n {args.n} is more than a frame can show well; use at most 256")
     pipe = load_pipeline(args.checkpoint, device=args.device, use_ema=not args.no_ema)
     settings = {k: v for k, v in {"sampler": args.sampler, "num_sample_steps": args.steps,
-                                  "spacing": args.spacing}.items() if v is not None}
+                                  "spacing": args.spacing, "guidance": args.guidance,
+                                  }.items() if v is not None}
     sc = dataclasses.replace(pipe.config.sample, **settings)
     _check_steps(sc.num_sample_steps, pipe.schedule.num_train_timesteps)
     if sc.num_sample_steps < 2:
@@ -841,8 +987,9 @@ def _cmd_viz_reverse(args: argparse.Namespace) -> int:
     if sheet is not None and args.sheet_columns > sc.num_sample_steps:
         raise UsageError(f"--sheet-columns {args.sheet_columns} is more than the "
                          f"{sc.num_sample_steps} sampling steps")
-    states, x0_preds, timesteps = pipe.trace(args.n, seed=args.seed, progress=not args.no_progress,
-                                             **settings)
+    labels, _, _ = _class_request(pipe, args.class_, args.n, allow_all=False)
+    states, x0_preds, timesteps = pipe.trace(args.n, seed=args.seed, labels=labels,
+                                             progress=not args.no_progress, **settings)
     images, _ = reverse_frames(states, x0_preds if args.show_x0 else None, frames, scale=args.scale)
     save_animation(images, out, fps=args.fps, hold_s=args.hold)
     print(f"wrote the reverse process of {args.n} images ({sc.sampler}, {sc.num_sample_steps} "

@@ -46,11 +46,21 @@ class DiffusionConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
+    """What to train on; ``data.resolve`` validates it and fills in the Nones."""
+
     dataset: str = "fashion-mnist"
-    data_dir: str = "/usr/share/datasets/fashion-mnist"
-    split: str = "train"
+    data_dir: str | None = None  # None: data.default_data_dir(dataset)
+    split: str = "train"  # train | test | all (every labelled image of the dataset)
+    image_size: int | None = None  # None: the dataset's own (64 for flowers and folders)
+    channels: int | None = None  # None: the dataset's own (1 MNIST/Fashion-MNIST, else 3)
+    crop: str = "center"  # center | resize (squash) | random (stored at 9/8 size, cropped per batch)
     hflip: bool = True
+    folder_labels: bool = False  # folder: class labels from first-level subfolder names
     download: bool = False
+    cache_dir: str | None = None  # decoded image files; None: $DDPM_CACHE_DIR or ~/.cache/ddpm
+    max_memory_gb: float = 4.0  # image files whose decoded split exceeds this stream from disk
+    workers: int = 2  # DataLoader processes decoding image files
+    strict: bool = False  # an image file PIL cannot decode: an error instead of a skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,6 +75,10 @@ class TrainConfig:
     grad_accum: int = 1
     ema_decay: float = 0.999
     ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)), so early EMA tracks the model
+    # Class-conditional models: the label is replaced by the null class with this probability,
+    # so one network also learns the unconditional model guidance needs (Ho & Salimans 2022,
+    # Algorithm 1, p_uncond; they found 0.1 to 0.2 equally good).
+    class_dropout: float = 0.1
     steps: int | None = 10_000
     minutes: float | None = None
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
@@ -97,6 +111,9 @@ class SampleConfig:
     variance: str = "posterior"  # ddpm: the paper's sigma_t^2 = beta-tilde_t; or "beta"
     eta: float = 0.0  # ddim: 0 deterministic ... 1 DDPM-like
     x0_transform: str = "clip"  # clip | dynamic | none: applied to every predicted x0
+    # Classifier-free guidance scale w of a class-conditional model (Ho & Salimans 2022, eq. 6):
+    # 0 samples the conditional model as trained; larger w trades diversity for class fidelity.
+    guidance: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)

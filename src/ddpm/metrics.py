@@ -34,13 +34,14 @@ from tqdm.auto import tqdm
 
 from .checkpoint import atomic_save
 from .classifier import CLASSIFIER_DATASETS, WeightsNotFoundError, load_classifier
-from .data import ImageData, load_dataset, to_model_range
+from .config import DataConfig
+from .data import ImageData, default_cache_dir, load_dataset, to_model_range
 
 INCEPTION = "inception-v3"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
 EXTRACTORS = ("auto", *(f"{d}-cnn" for d in CLASSIFIER_DATASETS), INCEPTION)
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "all")
 CACHE_FORMAT = 1
 #: real images kept per cached reference for KID, precision/recall and the floor (all of them
 #: for the small classifier features; a fixed random subset of Inception's 2048-d ones).
@@ -233,13 +234,6 @@ class Reference:
     path: Path  # the cache file
 
 
-def default_cache_dir() -> Path:
-    """``$DDPM_CACHE_DIR``, else ``$XDG_CACHE_HOME/ddpm``, else ``~/.cache/ddpm``."""
-    if os.environ.get("DDPM_CACHE_DIR"):
-        return Path(os.environ["DDPM_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ddpm"
-
-
 def reference_key(data: ImageData, split: str, extractor: FeatureExtractor, limit: int | None) -> str:
     """A digest of everything the statistics depend on: the pixels, the split, the weights."""
     digest = hashlib.sha256()
@@ -317,6 +311,14 @@ class EvalResult:
         return asdict(self)
 
 
+def data_options(data: DataConfig) -> dict:
+    """The :func:`load_dataset` options that give the real images a run was trained on (as its
+    model sees them: a random crop's reference is the centre crop)."""
+    return {"image_size": data.image_size, "channels": data.channels,
+            "crop": "center" if data.crop == "random" else data.crop,
+            "folder_labels": data.folder_labels, "cache_dir": data.cache_dir, "strict": data.strict}
+
+
 class Evaluator:
     """Scores images against one dataset split; holds the extractor, reference and floor."""
 
@@ -331,21 +333,32 @@ class Evaluator:
         cache_dir: str | os.PathLike | None = None,
         device: str | torch.device = "cpu",
         progress: bool = False,
+        data_options: dict | None = None,
     ):
+        """``data_options`` go to :func:`load_dataset` (image size, channels, crop, ...), so the
+        real images are the ones the model was trained to make."""
         if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; choose train or test")
+            raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
         if isinstance(extractor, str):
             extractor = load_extractor(extractor, dataset, inception_weights=inception_weights,
                                        device=device)
         self.dataset, self.split, self.extractor, self.progress = dataset, split, extractor, progress
         start = time.perf_counter()
-        self.reference = reference_statistics(load_dataset(dataset, data_dir, split), split,
-                                              extractor, cache_dir=cache_dir, progress=progress)
-        # The floor's real images come from the other split, so they are not the reference's own.
-        held_split = "test" if split == "train" else "train"
-        self.held_out = reference_statistics(load_dataset(dataset, data_dir, held_split), held_split,
-                                             extractor, cache_dir=cache_dir, limit=10_000,
-                                             progress=progress)
+        options = dict(data_options or {})
+        self.reference = reference_statistics(load_dataset(dataset, data_dir, split, **options),
+                                              split, extractor, cache_dir=cache_dir, progress=progress)
+        # The floor's real images come from the other split, so they are not the reference's own;
+        # a dataset without one (an image folder, or split "all") draws them from the reference.
+        held_split = {"train": "test", "test": "train"}.get(split)
+        try:
+            held = load_dataset(dataset, data_dir, held_split, **options) if held_split else None
+        except (ValueError, FileNotFoundError):
+            held = None
+        if held is None:
+            held_split = split
+            held = load_dataset(dataset, data_dir, split, **options)
+        self.held_out = reference_statistics(held, held_split, extractor, cache_dir=cache_dir,
+                                             limit=10_000, progress=progress)
         self.setup_seconds = time.perf_counter() - start
         self._floor: dict[tuple[int, int, bool], dict[str, float]] = {}
 

@@ -6,6 +6,7 @@ This is the small Python API behind ``ddpm sample``::
     pipe = load_pipeline("runs/demo")          # a run directory or a .pt checkpoint
     images = pipe.generate(16, seed=0)         # [16, 1, 28, 28] in [-1, 1], the run's sampler
     fast = pipe.generate(16, sampler="dpm++", num_sample_steps=20)
+    shoes = pipe.generate(8, labels=7, guidance=3.0)  # a class-conditional run: class 7, w = 3
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import contextlib
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -23,8 +24,8 @@ from .checkpoint import CheckpointError, load_run_or_file
 from .config import RunConfig
 from .data import to_uint8
 from .models import UNet
-from .samplers import (DEFAULT_SPACING, StepCallback, clip_x0, dynamic_threshold, get_sampler,
-                       initial_noise, make_timesteps)
+from .samplers import (DEFAULT_SPACING, StepCallback, classifier_free_guidance, clip_x0,
+                       dynamic_threshold, get_sampler, initial_noise, make_timesteps)
 from .schedules import NoiseSchedule, make_schedule
 
 
@@ -72,6 +73,34 @@ class Pipeline:
     step: int
     device: torch.device
     precision: str = "fp32"
+    classes: tuple[str, ...] = ()  # the training data's class names, label i = classes[i]
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of a class-conditional model; 0 for an unconditional one."""
+        return self.config.model.num_classes
+
+    def class_labels(self, n: int, labels: torch.Tensor | Sequence[int] | int | None) -> torch.Tensor | None:
+        """The label of each of ``n`` images: ``labels`` as given (one int for all), or for a
+        conditional model without them every class in turn (0, 1, ..., K-1, 0, ...); None for an
+        unconditional model. Raises ValueError for labels this model cannot take."""
+        k = self.num_classes
+        if k == 0:
+            if labels is not None:
+                raise ValueError("this model was trained without class labels, so it cannot draw "
+                                 "a chosen class; drop --class, or train one with --conditional")
+            return None
+        if labels is None:
+            return torch.arange(n) % k
+        y = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        y = y.expand(n).clone() if y.numel() == 1 else y
+        if y.numel() != n:
+            raise ValueError(f"got {y.numel()} labels for {n} images; give one label or one per image")
+        bad = y[(y < 0) | (y >= k)]
+        if bad.numel():
+            raise ValueError(f"class {int(bad[0])} is out of range: this model knows classes "
+                             f"0..{k - 1}{_names_hint(self.classes)}")
+        return y
 
     @torch.inference_mode()
     def generate(
@@ -80,6 +109,7 @@ class Pipeline:
         *,
         seed: int = 0,
         batch_size: int = 128,
+        labels: torch.Tensor | Sequence[int] | int | None = None,
         callback: StepCallback | None = None,
         progress: bool = False,
         **settings: Any,
@@ -87,11 +117,18 @@ class Pipeline:
         """Generate ``n`` images ``[n, C, H, W]`` in [-1, 1].
 
         ``settings`` override the run's :class:`SampleConfig` (``sampler``, ``num_sample_steps``,
-        ``spacing``, ``eta``, ``variance``, ``x0_transform``). The same ``seed`` and
+        ``spacing``, ``eta``, ``variance``, ``x0_transform``, ``guidance``). The same ``seed`` and
         ``batch_size`` give the same images: all noise comes from one generator seeded with
-        ``seed``, drawn batch after batch.
+        ``seed``, drawn batch after batch. A class-conditional model draws class ``labels``
+        (see :meth:`class_labels`) with classifier-free guidance of scale ``guidance``.
         """
         sc = replace(self.config.sample, **settings)
+        if sc.guidance != 0 and self.num_classes == 0:
+            raise ValueError(f"guidance {sc.guidance} needs a class-conditional model, and this one "
+                             f"was trained without labels; drop --guidance, or train with --conditional")
+        if sc.guidance < 0:
+            raise ValueError(f"the guidance scale must be 0 or more, got {sc.guidance}")
+        labels = self.class_labels(n, labels)
         sampler = get_sampler(sc.sampler)
         timesteps = make_timesteps(self.schedule.num_train_timesteps, sc.num_sample_steps,
                                    sc.spacing or DEFAULT_SPACING[sc.sampler], schedule=self.schedule)
@@ -101,12 +138,14 @@ class Pipeline:
         mc = self.config.model
         out = []
         evaluations = 2 * len(timesteps) - 1 if sc.sampler == "heun" else len(timesteps)
+        if labels is not None and sc.guidance > 0:
+            evaluations *= 2  # conditional and unconditional, as one batch
         bar = tqdm(total=n * evaluations, unit="img-eval", unit_scale=True, disable=not progress,
                    desc=f"sampling ({sc.sampler}, {sc.num_sample_steps} steps)")
 
-        def denoiser(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        def network(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
             with autocast(self.device, self.precision):
-                prediction = self.model(x_t, t)
+                prediction = self.model(x_t, t, y)
             bar.update(x_t.shape[0])
             return prediction.float()
 
@@ -114,6 +153,8 @@ class Pipeline:
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
             x_T = initial_noise((b, mc.in_channels, mc.image_size, mc.image_size), generator, self.device)
+            denoiser = network if labels is None else classifier_free_guidance(
+                network, labels[start : start + b], self.config.model.num_classes, sc.guidance)
             out.append(
                 sampler(
                     denoiser, self.schedule, x_T, timesteps,
@@ -126,10 +167,11 @@ class Pipeline:
 
     @torch.inference_mode()
     def trace(
-        self, n: int, *, seed: int = 0, progress: bool = False, **settings: Any
+        self, n: int, *, seed: int = 0, labels: torch.Tensor | Sequence[int] | int | None = None,
+        progress: bool = False, **settings: Any
     ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
         """The whole reverse process of ``n`` images, as ``generate(n, seed=seed, batch_size=n,
-        **settings)`` walks it: ``states`` uint8 ``[S + 1, n, C, H, W]`` holds x_T, the x_t the
+        labels=labels, **settings)`` walks it: ``states`` uint8 ``[S + 1, n, C, H, W]`` holds x_T, the x_t the
         network sees at each of the S steps, and last the output; ``x0_preds`` (same shape) the
         predicted x0 at each step, and last the output again; ``timesteps`` the S steps."""
         states, x0_preds, timesteps = [], [], []
@@ -139,9 +181,16 @@ class Pipeline:
             x0_preds.append(to_uint8(x0_pred.cpu()))
             timesteps.append(float(t))
 
-        final = to_uint8(self.generate(n, seed=seed, batch_size=n, callback=record,
+        final = to_uint8(self.generate(n, seed=seed, batch_size=n, labels=labels, callback=record,
                                        progress=progress, **settings))
         return torch.stack(states + [final]), torch.stack(x0_preds + [final]), timesteps
+
+
+def _names_hint(classes: Sequence[str]) -> str:
+    if not classes:
+        return ""
+    shown = ", ".join(f"{i} {name}" for i, name in enumerate(classes[:12]))
+    return f" ({shown}{', ...' if len(classes) > 12 else ''})"
 
 
 X0_TRANSFORMS = ("clip", "dynamic", "none")
@@ -197,4 +246,5 @@ def load_pipeline(
             f"({str(exc).splitlines()[0]})"
         ) from None
     model.to(dev).eval().requires_grad_(False)
-    return Pipeline(model, build_schedule(config), config, int(state["step"]), dev, precision)
+    return Pipeline(model, build_schedule(config), config, int(state["step"]), dev, precision,
+                    classes=tuple(state.get("classes", ())))

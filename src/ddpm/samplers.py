@@ -117,6 +117,34 @@ def _check_timesteps(timesteps: Sequence[float], num_train_timesteps: int) -> li
     return ts
 
 
+# --- classifier-free guidance -------------------------------------------------------------------
+
+# A class-conditional network: (x_t [B, C, H, W], t [B], y [B]) -> prediction [B, C, H, W].
+ConditionalDenoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def classifier_free_guidance(
+    model: ConditionalDenoiser, labels: torch.Tensor, null_label: int, scale: float
+) -> Denoiser:
+    """The guided denoiser every sampler can walk (Ho & Salimans 2022, eq. 6):
+    eps~(z, c) = (1 + w) eps(z, c) - w eps(z), with w = ``scale`` and eps(z) the network given
+    ``null_label``. The same mix is right for x0 and v predictions, since each is affine in eps
+    with weights that sum to one at fixed x_t and t. w = 0 is the conditional model alone (one
+    evaluation per step); otherwise both evaluations run as one batch of 2B."""
+    if scale < 0:
+        raise ValueError(f"the guidance scale must be 0 or more, got {scale}")
+
+    def denoiser(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        y = labels.to(x_t.device)
+        if scale == 0:
+            return model(x_t, t, y)
+        null = torch.full_like(y, null_label)
+        cond, uncond = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+        return cond + scale * (cond - uncond)  # = (1 + w) cond - w uncond
+
+    return denoiser
+
+
 # --- shared pieces ------------------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import functools
 import json
 import math
 import os
@@ -27,14 +28,15 @@ from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write_bytes, list_checkpoints, load_run_or_file, save_checkpoint
 from .config import RunConfig
-from .data import BatchStream, load_dataset, to_uint8
+from .data import BatchStream, open_dataset, to_uint8
+from .data import resolve as resolve_data_config
 from .diffusion import draw_t_eps, training_loss
 from .models import count_parameters
 from .pipeline import (Pipeline, build_model, build_schedule, checkpoint_config, resolve_device,
                        resolve_precision)
 from .samplers import get_sampler
 from .schedules import NoiseSchedule
-from .metrics import Evaluator
+from .metrics import Evaluator, data_options
 from .viz import plot_curves, progress_animation, save_grid
 
 METRICS_FILE = "metrics.jsonl"
@@ -155,7 +157,7 @@ def train_step(
     model: nn.Module,
     schedule: NoiseSchedule,
     optimizer: torch.optim.Optimizer,
-    batches: list[torch.Tensor],
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
     *,
     accelerator: Accelerator,
     generator: torch.Generator,
@@ -163,11 +165,12 @@ def train_step(
     device: torch.device,
     lr: float,
 ) -> tuple[float, float]:
-    """One optimiser update over ``batches`` (whole batches of every process; gradient
-    accumulation when more than one); returns (this process's loss, the gradient norm).
+    """One optimiser update over ``batches`` of (images, labels) (whole batches of every process;
+    gradient accumulation when more than one); returns (this process's loss, the gradient norm).
 
-    Each process draws t and eps for the whole batch from the same generator and keeps its own
-    rows, so N processes with B/N images each make the update one process makes with B.
+    Each process draws t and eps (and, for a class-conditional model, which labels to drop) for
+    the whole batch from the same generator and keeps its own rows, so N processes with B/N
+    images each make the update one process makes with B.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -176,15 +179,22 @@ def train_step(
     dc = config.diffusion
     memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
     total = 0.0
-    for i, x0 in enumerate(batches):
+    num_classes = config.model.num_classes
+    for i, (x0, y) in enumerate(batches):
         t, eps = draw_t_eps(schedule, x0.shape, generator)
         rows = slice(rank * x0.shape[0] // world, (rank + 1) * x0.shape[0] // world)
+        denoiser = model
+        if num_classes:
+            # Ho & Salimans 2022, Algorithm 1, line 3: c <- null with probability p_uncond.
+            drop = torch.rand(x0.shape[0], generator=generator, device=generator.device).cpu()
+            y = torch.where(drop < config.train.class_dropout, num_classes, y)
+            denoiser = functools.partial(model, y=y[rows].to(device))
         # Gradients are averaged across processes once per update, after the last micro-batch.
         last = i == len(batches) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
             with accelerator.autocast():
                 x = x0[rows].to(device, memory_format=memory_format)
-                loss = training_loss(model, schedule, x, t=t[rows], eps=eps[rows],
+                loss = training_loss(denoiser, schedule, x, t=t[rows], eps=eps[rows],
                                      loss=dc.loss, prediction_type=dc.prediction_type,
                                      weighting=dc.loss_weighting, min_snr_gamma=dc.min_snr_gamma)
             accelerator.backward(loss / len(batches))  # scaled for fp16 by Accelerate
@@ -239,9 +249,24 @@ def _set_rng_state(state: dict[str, Any], noise_gen: torch.Generator, stream: Ba
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def preview(pipe: Pipeline, n: int, steps: int, path: Path) -> Path:
-    """A grid of ``n`` EMA samples from fixed noise, with ``steps`` respaced ancestral steps."""
-    return save_grid(pipe.generate(n, seed=PREVIEW_SEED, num_sample_steps=steps), path)
+def grid_labels(n: int, num_classes: int) -> tuple[torch.Tensor | None, int | None]:
+    """Labels and row length for a grid of about ``n`` samples: for a class-conditional model, one
+    row per class (``n // num_classes`` each), or one image per class when there are more classes
+    than images; for an unconditional one, (None, None)."""
+    if num_classes == 0:
+        return None, None
+    if num_classes > n:
+        return torch.arange(n), None
+    per_class = n // num_classes
+    return torch.arange(num_classes).repeat_interleave(per_class), per_class
+
+
+def sample_grid(pipe: Pipeline, n: int, path: Path, *, progress: bool = False, **settings) -> Path:
+    """A grid of EMA samples from the fixed preview noise (one row per class when conditional)."""
+    labels, nrow = grid_labels(n, pipe.num_classes)
+    count = n if labels is None else len(labels)
+    images = pipe.generate(count, seed=PREVIEW_SEED, labels=labels, progress=progress, **settings)
+    return save_grid(images, path, nrow=nrow)
 
 
 def build_training(
@@ -275,6 +300,15 @@ def check_run(config: RunConfig, run_dir: str | os.PathLike, *, resume: bool,
         )
     config.model.validate()
     config.diffusion.validate()
+    model, data = config.model, resolve_data_config(config.data)
+    if (model.in_channels, model.image_size) != (data.channels, data.image_size):
+        raise ValueError(
+            f"the data are {data.channels}x{data.image_size}x{data.image_size} images but the "
+            f"model takes {model.in_channels}x{model.image_size}x{model.image_size}; give the "
+            f"same --channels and --image-size to both"
+        )
+    if not 0.0 <= tc.class_dropout < 1.0:
+        raise ValueError(f"class dropout must be in [0, 1), got {tc.class_dropout}")
     T = config.diffusion.num_train_timesteps
     for name, steps in (("train.sample_steps", tc.sample_steps),
                         ("sample.num_sample_steps", config.sample.num_sample_steps),
@@ -310,6 +344,8 @@ def train(
     per-process, so a run resumes with any number of processes.
     """
     run_dir = Path(run_dir)
+    # The dataset's defaults made explicit, so config.json says exactly what was read.
+    config = replace(config, data=resolve_data_config(config.data))
     tc = config.train
     accelerator = make_accelerator(tc.precision, resolve_device(tc.device))
     main, world = accelerator.is_main_process, accelerator.num_processes
@@ -323,19 +359,20 @@ def train(
     net, model, optimizer = build_training(config, accelerator, device)
     ema = EMA(net, tc.ema_decay, tc.ema_warmup) if main else None
 
-    with accelerator.main_process_first():  # one download, which the others then read
-        data = load_dataset(config.data.dataset, config.data.data_dir, config.data.split,
-                            download=config.data.download)
-    if tuple(data.images.shape[1:]) != (config.model.in_channels, config.model.image_size,
-                                         config.model.image_size):
+    dc = config.data
+    with accelerator.main_process_first():  # one download and one cache, which the others read
+        data = open_dataset(dc, progress=progress and main)
+    if config.model.num_classes and config.model.num_classes != len(data.classes):
         raise ValueError(
-            f"dataset {data.name} holds images of shape {tuple(data.images.shape[1:])} but the "
-            f"model expects ({config.model.in_channels}, {config.model.image_size}, "
-            f"{config.model.image_size}); set the channels and image size to match"
+            f"the model is conditioned on {config.model.num_classes} classes but {data.name} "
+            f"has {len(data.classes) or 'no'} labelled classes"
+            + ("; use --folder-labels to take labels from subfolders" if not data.classes else "")
         )
     # Every process walks the same shuffled stream of whole batches and keeps its rows of each.
-    stream = BatchStream(data, tc.batch_size, hflip=config.data.hflip,
-                         generator=torch.Generator().manual_seed(tc.seed))
+    stream = BatchStream(data, tc.batch_size, hflip=dc.hflip,
+                         generator=torch.Generator().manual_seed(tc.seed),
+                         crop_size=dc.image_size if dc.crop == "random" else None,
+                         workers=dc.workers)
     noise_gen = torch.Generator(device).manual_seed(tc.seed + 1)
 
     step, elapsed_before = 0, 0.0
@@ -357,10 +394,10 @@ def train(
 
     pipe = evaluator = loggers = None
     if main:
-        pipe = Pipeline(ema.model, schedule, config, step, device)
+        pipe = Pipeline(ema.model, schedule, config, step, device, classes=data.classes)
         if tc.fid_every:  # reference statistics once, before training (cached across runs)
-            evaluator = Evaluator(config.data.dataset, config.data.data_dir,
-                                  split=config.data.split, device=device)
+            evaluator = Evaluator(dc.dataset, dc.data_dir, split=dc.split, device=device,
+                                  data_options=data_options(dc))
         loggers = _Loggers(run_dir, config, step if resume else None)
 
     def measure_fid() -> None:
@@ -394,6 +431,7 @@ def train(
                 "data_stream": stream.state_dict(),
                 "rng": _rng_state(noise_gen, stream),
                 "num_params": count_parameters(net),
+                "classes": list(data.classes),
                 "num_processes": world,
             },
             run_dir,
@@ -460,7 +498,8 @@ def train(
                 window_images, window_start = 0, now
             side_start = time.perf_counter()
             if main and tc.sample_every and step % tc.sample_every == 0:
-                preview(pipe, tc.sample_n, tc.sample_steps, run_dir / "samples" / f"step-{step:08d}.png")
+                sample_grid(pipe, tc.sample_n, run_dir / "samples" / f"step-{step:08d}.png",
+                            num_sample_steps=tc.sample_steps)
             if evaluator is not None and (step % tc.fid_every == 0 or finished):
                 measure_fid()
                 plot_curves(run_dir / METRICS_FILE, run_dir / CURVES_FILE)
@@ -480,9 +519,7 @@ def train(
     plot_curves(run_dir / METRICS_FILE, run_dir / CURVES_FILE)
     grid = None
     if final_grid:
-        grid = save_grid(
-            pipe.generate(tc.sample_n, seed=PREVIEW_SEED, progress=progress), run_dir / "grid.png"
-        )
+        grid = sample_grid(pipe, tc.sample_n, run_dir / "grid.png", progress=progress)
     animation = progress_animation(run_dir / "samples", run_dir / PROGRESS_FILE)
     return TrainResult(run_dir, step, ckpt_path, grid, elapsed, loss, animation)
 

@@ -1,7 +1,8 @@
 """The DDPM U-Net noise predictor (Ho et al. 2020, appendix B; PixelCNN++-style residual blocks).
 
-It knows nothing of noise schedules: it maps ``x_t`` ``[B, C, H, W]`` and integer timesteps ``t``
-``[B]`` to a tensor of the same shape as ``x_t``.
+It knows nothing of noise schedules: it maps ``x_t`` ``[B, C, H, W]``, integer timesteps ``t``
+``[B]`` and, for a class-conditional model, labels ``y`` ``[B]`` to a tensor of the same shape as
+``x_t``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ class UNetConfig:
     # so every level costs ~p^2 fewer FLOPs at the same width.
     patch_size: int = 1
     convnext_mult: int = 2  # convnext: width of the block's inner layer, in output channels
+    # Class-conditional with this many classes (0: unconditional). Label ``num_classes`` is the
+    # null class, "no label", which classifier-free guidance needs (Ho & Salimans 2022).
+    num_classes: int = 0
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field, its value and what would work."""
@@ -66,6 +70,8 @@ class UNetConfig:
             )
         if self.block not in BLOCKS:
             raise ValueError(f"unknown block {self.block!r}; choose one of {', '.join(BLOCKS)}")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be 0 (unconditional) or more, got {self.num_classes}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -188,7 +194,9 @@ class _Level(nn.Module):
 
 
 class UNet(nn.Module):
-    """The DDPM noise predictor: ``forward(x_t [B, C, H, W], t [B]) -> eps_pred [B, C, H, W]``."""
+    """The DDPM noise predictor: ``forward(x_t [B, C, H, W], t [B], y [B] | None) ->
+    prediction [B, C, H, W]``. ``y`` is ignored by an unconditional model; a conditional one reads
+    ``y = None`` as the null class everywhere."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -203,6 +211,10 @@ class UNet(nn.Module):
                 return ConvNeXtBlock(in_ch, out_ch, time_dim, config.dropout, config.convnext_mult)
             return ResBlock(in_ch, out_ch, time_dim, config.dropout, groups)
         self.time_mlp = nn.Sequential(nn.Linear(ch, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
+        # A learned vector per class, added to the time embedding (as in Ho & Salimans 2022 and
+        # diffusers' class_embed_type=None); the last row is the null class.
+        self.class_emb = (nn.Embedding(config.num_classes + 1, time_dim)
+                          if config.num_classes else None)
         patch_channels = config.in_channels * config.patch_size**2
         self.conv_in = nn.Conv2d(patch_channels, ch, 3, padding=1)
 
@@ -254,8 +266,17 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    @property
+    def null_class(self) -> int:
+        """The label that means "no class" (classifier-free guidance's unconditional model)."""
+        return self.config.num_classes
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         temb = self.time_mlp(timestep_embedding(t, self.config.base_channels))  # [B, 4ch]
+        if self.class_emb is not None:
+            if y is None:
+                y = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
+            temb = temb + self.class_emb(y)
         p = self.config.patch_size
         h = self.conv_in(F.pixel_unshuffle(x, p) if p > 1 else x)  # [B, C p^2, H/p, W/p]
         skips = [h]
