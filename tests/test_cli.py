@@ -198,7 +198,7 @@ def test_conditional_training_on_unlabelled_images_is_refused(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (("--dataset", "folder"), "pass --data-dir"),
     (("--dataset", "cifar10", "--data-dir", "{tmp}/none"), "--download"),
-    (("--image-size", "30"), "image size 30 cannot be halved"),
+    (("--image-size", "29"), "image size 29 cannot be halved"),
     (("--dataset", "folder", "--data-dir", "{tmp}", "--split", "test"), "no test split"),
 ])
 def test_bad_data_options_are_one_line_errors(tmp_path, args, message):
