@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from .checkpoint import atomic_save
 from .classifier import CLASSIFIER_DATASETS, WeightsNotFoundError, load_classifier
 from .config import DataConfig
-from .data import ImageData, default_cache_dir, load_dataset, to_model_range
+from .data import FOLDER_DATASETS, ImageData, default_cache_dir, load_dataset, to_model_range
 
 INCEPTION = "inception-v3"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -345,18 +345,14 @@ class Evaluator:
         self.dataset, self.split, self.extractor, self.progress = dataset, split, extractor, progress
         start = time.perf_counter()
         options = dict(data_options or {})
-        self.reference = reference_statistics(load_dataset(dataset, data_dir, split, **options),
-                                              split, extractor, cache_dir=cache_dir, progress=progress)
+        data = load_dataset(dataset, data_dir, split, **options)
+        self.reference = reference_statistics(data, split, extractor, cache_dir=cache_dir,
+                                              progress=progress)
         # The floor's real images come from the other split, so they are not the reference's own;
         # a dataset without one (an image folder, or split "all") draws them from the reference.
-        held_split = {"train": "test", "test": "train"}.get(split)
-        try:
-            held = load_dataset(dataset, data_dir, held_split, **options) if held_split else None
-        except (ValueError, FileNotFoundError):
-            held = None
-        if held is None:
-            held_split = split
-            held = load_dataset(dataset, data_dir, split, **options)
+        held_split = split if split == "all" or dataset in FOLDER_DATASETS else (
+            "test" if split == "train" else "train")
+        held = data if held_split == split else load_dataset(dataset, data_dir, held_split, **options)
         self.held_out = reference_statistics(held, held_split, extractor, cache_dir=cache_dir,
                                              limit=10_000, progress=progress)
         self.setup_seconds = time.perf_counter() - start

@@ -126,8 +126,6 @@ class Pipeline:
         if sc.guidance != 0 and self.num_classes == 0:
             raise ValueError(f"guidance {sc.guidance} needs a class-conditional model, and this one "
                              f"was trained without labels; drop --guidance, or train with --conditional")
-        if sc.guidance < 0:
-            raise ValueError(f"the guidance scale must be 0 or more, got {sc.guidance}")
         labels = self.class_labels(n, labels)
         sampler = get_sampler(sc.sampler)
         timesteps = make_timesteps(self.schedule.num_train_timesteps, sc.num_sample_steps,
