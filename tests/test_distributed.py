@@ -106,9 +106,10 @@ def test_bf16_autocast_comes_from_accelerate(fake_fashion):
     dtypes = []
     model.conv_in.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
     optimizer = accelerator.prepare_optimizer(torch.optim.AdamW(model.parameters()))
-    loss, _ = train_step(model, make_schedule("linear", 100), optimizer, [(torch.zeros(4, 1, 28, 28), torch.zeros(4, dtype=torch.long))],
-                         accelerator=accelerator, generator=torch.Generator().manual_seed(0),
-                         config=config, device=torch.device("cpu"), lr=1e-3)
+    loss = train_step(model, make_schedule("linear", 100), optimizer,
+                      [(torch.zeros(4, 1, 28, 28), torch.zeros(4, dtype=torch.long))],
+                      accelerator=accelerator, generator=torch.Generator().manual_seed(0),
+                      config=config, device=torch.device("cpu"), lr=1e-3).loss
     assert dtypes == [torch.bfloat16] and loss > 0
     assert all(p.dtype == torch.float32 for p in model.parameters()), "weights stay float32"
     assert make_accelerator("fp32", torch.device("cpu")).mixed_precision == "no"

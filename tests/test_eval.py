@@ -46,6 +46,18 @@ def test_training_logs_fid_and_plots_loss_and_fid(fid_run):
     assert any((cache / "reference").iterdir())  # the reference statistics were cached
 
 
+def test_the_checkpoint_of_the_lowest_fid_is_kept(fid_run):
+    from ddpm.checkpoint import list_checkpoints, load_checkpoint
+
+    run = fid_run[0]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    best = min((r for r in records if "fid" in r), key=lambda r: r["fid"])
+    state = load_checkpoint(run / "checkpoints/best.pt")
+    assert (state["step"], state["fid"], state["best_fid"]) == (best["step"], best["fid"], best["fid"])
+    assert [p.name for p in list_checkpoints(run)] == ["ckpt-00000004.pt"]  # apart from the rotation
+    assert load_checkpoint(run / "checkpoints/ckpt-00000004.pt")["best_fid"] == best["fid"]
+
+
 def test_eval_checkpoint_json_line(fid_run, tmp_path):
     run, cache, _ = fid_run
     r = ddpm("eval", run, "--n", 24, "--sampler", "dpm++", "--steps", 3, "--json", "--no-progress",

@@ -116,7 +116,9 @@ def test_newest_unloadable_checkpoint_falls_back(tmp_path):
     save_checkpoint({"step": 1, "config": {}}, tmp_path)
     newest = save_checkpoint({"step": 2, "config": {}}, tmp_path)
     newest.write_bytes(newest.read_bytes()[:50])  # e.g. a disk that lost the file's tail
-    path, state = load_run_or_file(tmp_path)
+    with pytest.warns(UserWarning, match=r"ckpt-00000002\.pt does not load .* using the newest "
+                                         r"checkpoint that does, .*ckpt-00000001\.pt"):
+        path, state = load_run_or_file(tmp_path)
     assert state["step"] == 1 and path.name == "ckpt-00000001.pt"
     with pytest.raises(CheckpointError, match="truncated"):
         load_checkpoint(newest)

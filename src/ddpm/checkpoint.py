@@ -3,14 +3,19 @@
 A checkpoint holds the model, the EMA model, the optimiser, the gradient scaler, the step, the
 elapsed training time, the RNG states, the data-stream position and the resolved config (plain
 data). It is written to a temporary file in the same folder, flushed to disk and renamed over
-the final name, so the final name only ever holds a whole checkpoint.
+the final name, so the final name only ever holds a whole checkpoint: a process killed mid-write
+(even by SIGKILL) or a full disk leaves the previous checkpoint as it was. Loading uses
+``torch.load(weights_only=True)``, which rebuilds tensors and plain containers and refuses any
+other pickled object, so a crafted file cannot run code.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -18,11 +23,18 @@ import torch
 
 FORMAT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
+BEST_NAME = "best.pt"  # the checkpoint with the lowest FID so far, kept beside the newest ones
 _NAME = re.compile(r"^ckpt-(\d+)\.pt$")
+_TEMPORARY = re.compile(r"^\..+\.tmp$")  # what _atomic_write writes before its rename
 
 
 class CheckpointError(ValueError):
     """A file that is not a loadable ddpm checkpoint; the message says which and why."""
+
+
+class SaveError(Exception):
+    """A checkpoint could not be written (a full disk, a folder made read-only); the previous
+    checkpoint is untouched and the message names it."""
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -83,14 +95,51 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
+def best_checkpoint_path(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / BEST_NAME
+
+
+def _save(state: dict[str, Any], path: Path) -> None:
+    """``atomic_save`` that turns a failed write into a SaveError naming what is kept."""
+    try:
+        atomic_save({"format_version": FORMAT_VERSION, **state}, path)
+    except (OSError, RuntimeError) as exc:
+        # torch's zip writer reports a failed write as a RuntimeError; its text names the cause.
+        full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        reason = "the disk is full" if full or "No space left" in str(exc) else (
+            exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0])
+        kept = list_checkpoints(path.parent.parent)  # whole files: each was renamed into place
+        raise SaveError(
+            f"could not write {path} ({reason}); "
+            + (f"the newest checkpoint {kept[0]} is intact" if kept else "no earlier checkpoint exists")
+        ) from None
+
+
 def save_checkpoint(state: dict[str, Any], run_dir: str | os.PathLike, *, keep: int = 3) -> Path:
-    """Write ``state`` as the checkpoint of ``state['step']`` and keep only the newest ``keep``."""
-    state = {"format_version": FORMAT_VERSION, **state}
+    """Write ``state`` as the checkpoint of ``state['step']``, then keep only the newest ``keep``
+    (older ones are deleted only once the new one is whole on disk). Raises SaveError."""
     path = checkpoint_path(run_dir, int(state["step"]))
-    atomic_save(state, path)
+    _save(state, path)
     for old in list_checkpoints(run_dir)[max(keep, 1) :]:
         old.unlink(missing_ok=True)
     return path
+
+
+def save_best_checkpoint(state: dict[str, Any], run_dir: str | os.PathLike) -> Path:
+    """Write ``state`` as the run's best checkpoint (``checkpoints/best.pt``), outside the
+    rotation of ``save_checkpoint``. Raises SaveError."""
+    path = best_checkpoint_path(run_dir)
+    _save(state, path)
+    return path
+
+
+def remove_partial_writes(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of checkpoint writes that a killed process left behind."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    found = [p for p in folder.iterdir() if _TEMPORARY.match(p.name)] if folder.is_dir() else []
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -125,11 +174,15 @@ def load_run_or_file(
         return p, load_checkpoint(p, map_location)
     if p.is_dir():
         candidates = list_checkpoints(p)
-        for candidate in candidates:
+        for i, candidate in enumerate(candidates):
             try:
-                return candidate, load_checkpoint(candidate, map_location)
+                state = load_checkpoint(candidate, map_location)
             except CheckpointError:
                 continue  # a newer file that does not load: fall back to the one before
+            if i:
+                warnings.warn(f"{candidates[0]} does not load (damaged, or not written by ddpm); "
+                              f"using the newest checkpoint that does, {candidate}", stacklevel=2)
+            return candidate, state
         raise CheckpointError(
             f"no loadable checkpoint in {p / CHECKPOINT_DIR}"
             + (f" ({len(candidates)} files failed to load)" if candidates else "")

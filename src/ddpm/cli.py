@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
+import signal
 import socket
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -21,7 +24,8 @@ import torch
 
 from . import __version__
 from .bench import bench, format_table
-from .checkpoint import CHECKPOINT_DIR, CheckpointError, list_checkpoints
+from .checkpoint import (CHECKPOINT_DIR, CheckpointError, SaveError, best_checkpoint_path,
+                         list_checkpoints)
 from .classifier import CLASSIFIER_DATASETS, train_classifier
 from .config import DEFAULT_PRESET, PRESETS, DataConfig, RunConfig, get_preset
 from .data import (CROPS, DATASETS, DatasetNotFoundError, load_dataset, load_images, open_dataset,
@@ -35,7 +39,8 @@ from .metrics import (EXTRACTORS, INCEPTION_FILE, SPLITS, EvalResult, Evaluator,
 from .pipeline import PRECISIONS, X0_TRANSFORMS, load_pipeline, resolve_device
 from .samplers import SAMPLERS, SPACINGS, VARIANCES
 from .schedules import SCHEDULES, make_schedule
-from .train import CONFIG_FILE, LR_SCHEDULES, METRICS_FILE, check_run, resume_config, train
+from .train import (CONFIG_FILE, LR_SCHEDULES, METRICS_FILE, ON_NAN, check_run, check_writable,
+                    resume_config, train)
 from .viz import (ANIMATION_SUFFIXES, FIGURE_SUFFIXES, evenly_spaced, forward_noised, plot_curves,
                   plot_schedules, reverse_frames, save_animation, save_grid, save_image_table,
                   save_images, save_npz, video_writer)
@@ -259,7 +264,12 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="DPM-Solver++ steps for the FID measurement's images")
     o.add_argument("--checkpoint-every", type=_non_negative_int,
                    help="steps between checkpoints (0: only at the end)")
-    o.add_argument("--keep-checkpoints", type=_positive_int, help="newest checkpoints to keep")
+    o.add_argument("--keep-checkpoints", type=_positive_int,
+                   help="newest checkpoints to keep (with --fid-every, checkpoints/best.pt, the "
+                        "one of the lowest FID, is kept as well)")
+    o.add_argument("--on-nan", choices=ON_NAN,
+                   help="a step with a non-finite loss never reaches the weights; then stop "
+                        "(default) or skip the update, count it and go on")
     o.add_argument("--device", help="cpu, cuda, cuda:N or auto")
     o.add_argument("--threads", type=_positive_int, help="CPU threads for torch (per process)")
     _add_speed_options(o)
@@ -563,7 +573,7 @@ def _override(config: RunConfig, args: argparse.Namespace) -> RunConfig:
                  sample_every="sample_every", checkpoint_every="checkpoint_every",
                  fid_every="fid_every", fid_n="fid_n", fid_steps="fid_steps",
                  keep_checkpoints="keep_checkpoints", device="device", threads="threads",
-                 channels_last="channels_last", compile="compile")
+                 channels_last="channels_last", compile="compile", on_nan="on_nan")
     if args.steps is not None:
         train = dataclasses.replace(train, steps=args.steps, minutes=None)
     if args.minutes is not None:
@@ -690,6 +700,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 f"start a new run with 'ddpm train --out {run_dir}'"
             )
         config = resume_config(run_dir, steps=args.steps, minutes=args.minutes)
+        machine = {k: getattr(args, k) for k in RESUME_MACHINE if getattr(args, k) is not None}
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, **machine))
+        _check_resume_options(args, config)
         log(f"resuming {run_dir}")
     else:
         run_dir = Path(args.out or f"runs/{args.preset}")
@@ -709,14 +722,47 @@ def _cmd_train(args: argparse.Namespace) -> int:
     log(f"run directory: {run_dir}  (config in {run_dir / CONFIG_FILE})")
     result = train(config, run_dir, resume=bool(args.resume), progress=not args.no_progress)
     if not main_process:
-        return 0
-    print(f"trained {result.step} steps in {result.elapsed_s / 60:.1f} min, last loss {result.last_loss:.4f}")
+        return 0 if result.stopped_by is None else 128 + result.stopped_by
+    if result.stopped_by is not None:
+        name = signal.Signals(result.stopped_by).name
+        print(f"ddpm train: stopped by {name} at step {result.step}; checkpoint: "
+              f"{result.checkpoint}; continue with 'ddpm train --resume {run_dir}'",
+              file=sys.stderr)
+        return 128 + result.stopped_by  # the shell's code for a process ended by that signal
+    print(f"trained {result.step} steps in {result.elapsed_s / 60:.1f} min, last loss {result.last_loss:.4f}"
+          + (f", {result.skipped_steps} updates skipped (non-finite loss)"
+             if result.skipped_steps else ""))
     print(f"checkpoint: {result.checkpoint}")
+    if best_checkpoint_path(run_dir).is_file():
+        print(f"best checkpoint (lowest FID): {best_checkpoint_path(run_dir)}")
     if result.grid is not None:
         print(f"sample grid: {result.grid}")
     if result.progress is not None:
         print(f"training progress: {result.progress}")
     return 0
+
+
+# 'ddpm train --resume' continues a run with the config it started with. Options may be repeated
+# (a job script that is simply run again), but only these may change:
+RESUME_MACHINE = ("device", "threads")  # where it runs, which changes no result
+RESUME_MAY_CHANGE = {("train", "steps"), ("train", "minutes"),  # the stopping rule
+                     *(("train", k) for k in RESUME_MACHINE)}
+
+
+def _check_resume_options(args: argparse.Namespace, saved: RunConfig) -> None:
+    """Refuse an option given with --resume that differs from the run's saved config: it would
+    otherwise be silently ignored, or change the run half-way."""
+    asked = _override(saved, args).to_dict()
+    if args.conditional and not saved.model.num_classes:
+        asked["model"]["num_classes"] = "the dataset's classes"
+    for section, values in saved.to_dict().items():
+        for key, value in values.items():
+            new = asked[section][key]
+            if (section, key) not in RESUME_MAY_CHANGE and new != value:
+                raise UsageError(
+                    f"--resume continues {args.resume} with the settings it was started with "
+                    f"({CONFIG_FILE}), but the command line changes {section}.{key} from "
+                    f"{value!r} to {new!r}; drop that option, or start a new run with --out")
 
 
 def _conditional(config: RunConfig) -> RunConfig:
@@ -739,6 +785,12 @@ def _check_steps(steps: int, T: int) -> None:
 def _cmd_sample(args: argparse.Namespace) -> int:
     out = Path(args.out)
     pipe = load_pipeline(args.checkpoint, device=args.device, use_ema=not args.no_ema)
+    if out.suffix.lower() in (".png", ".npz"):  # checked now, not after minutes of sampling
+        _check_out(args.out, (".png", ".npz"))
+    elif out.is_file():
+        raise UsageError(f"--out {out} is a file; give a folder, a .png grid or an .npz")
+    else:
+        check_writable(out, "the output folder")
     settings = {k: v for k, v in {
         "sampler": args.sampler, "num_sample_steps": args.steps, "spacing": args.spacing,
         "eta": args.eta, "variance": args.variance, "x0_transform": args.x0_transform,
@@ -1032,6 +1084,12 @@ def _cmd_viz_curves(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line_warning(command: str, message, category, filename, lineno, file=None,
+                      line=None) -> None:
+    """Warnings (skipped files, a damaged newest checkpoint) as one line, like the errors."""
+    print(f"ddpm {command}: warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -1040,10 +1098,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "viz":
         args.command = f"viz {args.figure}"  # messages name the figure: 'ddpm viz reverse: error'
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = functools.partial(_one_line_warning, args.command)
+            return args.func(args)
     except (UsageError, ValueError, CheckpointError, DatasetNotFoundError, WeightsNotFoundError) as exc:
         print(f"ddpm {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except SaveError as exc:  # e.g. a full disk: the machine's fault, not a usage error
+        print(f"ddpm {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except (PermissionError, IsADirectoryError, NotADirectoryError) as exc:
         print(f"ddpm {args.command}: error: cannot write {exc.filename}: {exc.strerror}; "
               f"choose a writable path", file=sys.stderr)

@@ -92,7 +92,10 @@ class TrainConfig:
     fid_sampler: str = "dpm++"
     fid_steps: int = 20
     checkpoint_every: int = 1000
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = 3  # the newest ones; with fid_every, checkpoints/best.pt as well
+    # A step whose loss (or, without fp16's scaler, gradient) is not finite never reaches the
+    # weights; then stop (the default: something is wrong) or skip the update and count it.
+    on_nan: str = "stop"  # stop | skip
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
     channels_last: bool = False  # NHWC tensors for the convolutions
     compile: bool = False  # torch.compile the training forward and backward

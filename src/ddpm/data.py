@@ -891,6 +891,15 @@ class _EpochBatches(torch.utils.data.Sampler):
         return (len(self.perm) - self.start) // self.batch_size
 
 
+def _own_process_group(worker_id: int) -> None:
+    """A decoding worker leaves the training process's group, so that Ctrl-C at a terminal (or
+    a signal to the group) reaches only the training process, which finishes its step with the
+    batch the worker is preparing and saves a checkpoint. The worker ends with it (DataLoader
+    stops its workers, and they watch their parent)."""
+    if hasattr(os, "setpgid"):  # not on Windows, where there are no signals to the group
+        os.setpgid(0, 0)
+
+
 class BatchStream:
     """Endless shuffled batches, resumable from its ``state_dict``.
 
@@ -951,7 +960,7 @@ class BatchStream:
             self._sampler = _EpochBatches(self.batch_size)
             self._loader = torch.utils.data.DataLoader(
                 self.data, batch_sampler=self._sampler, num_workers=self.workers,
-                persistent_workers=self.workers > 0)
+                persistent_workers=self.workers > 0, worker_init_fn=_own_process_group)
         if self._batches is None:
             self._sampler.perm, self._sampler.start = self.perm, self.pos
             self._batches = iter(self._loader)

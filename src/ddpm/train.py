@@ -3,6 +3,11 @@
 Everything random comes from two generators saved in every checkpoint (data order and flips;
 timesteps and noise) plus torch's global RNG (dropout), so a resumed run makes exactly the updates
 the uninterrupted run would have made.
+
+Nothing is lost to a fault: SIGINT or SIGTERM ends the current step and writes a checkpoint of
+it; checkpoints are written atomically (``checkpoint.py``), so SIGKILL at any moment leaves the
+previous one loadable; a non-finite loss never reaches the weights; a checkpoint that cannot be
+written (a full disk) keeps the previous one and says so.
 """
 
 from __future__ import annotations
@@ -14,19 +19,25 @@ import functools
 import json
 import math
 import os
+import signal
+import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import InitProcessGroupKwargs, broadcast
+from accelerate.utils import InitProcessGroupKwargs
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write_bytes, list_checkpoints, load_run_or_file, save_checkpoint
+from .checkpoint import (CheckpointError, SaveError, atomic_write_bytes, list_checkpoints,
+                         load_run_or_file, remove_partial_writes, save_best_checkpoint,
+                         save_checkpoint)
 from .config import RunConfig
 from .data import BatchStream, open_dataset, to_uint8
 from .data import resolve as resolve_data_config
@@ -45,6 +56,11 @@ PREVIEW_SEED = 1234  # fixed noise, so successive preview grids show the same sa
 FID_SEED = 4321  # the same noise at every FID measurement: the curve shows the model, not luck
 CURVES_FILE = "curves.png"
 PROGRESS_FILE = "progress.gif"  # the preview grids of the run as one animation
+LOCK_FILE = ".lock"  # held by the training process, so two cannot write one run at once
+ON_NAN = ("stop", "skip")
+# With --on-nan skip, this many non-finite steps in a row stop the run anyway: the weights do not
+# change on a skipped step, so a fault that persists this long will not pass by skipping.
+MAX_SKIPS_IN_A_ROW = 100
 
 
 class EMA:
@@ -86,13 +102,16 @@ class TrainResult:
     elapsed_s: float
     last_loss: float
     progress: Path | None = None  # the preview grids as a GIF, when there were two or more
+    stopped_by: int | None = None  # the signal (SIGINT, SIGTERM) that ended the run early
+    skipped_steps: int = 0  # steps whose update was skipped for a non-finite loss (--on-nan skip)
 
 
 class _Loggers:
     """The metrics JSONL file, TensorBoard, and Weights & Biases when asked for."""
 
-    def __init__(self, run_dir: Path, config: RunConfig, resume_step: int | None):
-        self.path = run_dir / METRICS_FILE
+    def __init__(self, run_dir: Path, config: RunConfig, resume_step: int | None,
+                 warnings: _Warnings):
+        self.path, self.warnings = run_dir / METRICS_FILE, warnings
         if resume_step is not None and self.path.exists():
             # Drop lines logged after the checkpoint we resume from: they will be logged again.
             kept = [
@@ -119,7 +138,11 @@ class _Loggers:
             )
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        try:
+            self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        except OSError as exc:  # e.g. a full disk: the metrics are lost, the training is not
+            self.warnings.once("metrics", f"could not write {self.path} ({exc.strerror}); "
+                                          f"training goes on")
         for k, v in metrics.items():
             self.tb.add_scalar(k, v, step)
         if self.wandb is not None:
@@ -130,6 +153,79 @@ class _Loggers:
         self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+class _Warnings:
+    """A run's warnings about side outputs, each said once (a full disk would repeat them)."""
+
+    def __init__(self) -> None:
+        self.said: set[str] = set()
+
+    def once(self, what: str, message: str) -> None:
+        if what not in self.said:
+            self.said.add(what)
+            tqdm.write(f"warning: {message}", file=sys.stderr)
+
+    def best_effort(self, what: str, write, *args, **kwargs):
+        """Write a side output (grid, plot, animation); if that fails, say so once, train on."""
+        try:
+            return write(*args, **kwargs)
+        except OSError as exc:
+            self.once(what, f"could not write the {what} ({exc.strerror or exc}); training goes on")
+            return None
+
+
+class _StopRequest:
+    """SIGINT and SIGTERM while training: remembered, so the loop finishes its step, writes a
+    checkpoint and returns (a scheduler's SIGTERM before a kill, Ctrl-C at a terminal). The same
+    signal a second time interrupts at once; the other one is ignored, since a launcher that
+    got Ctrl-C passes it on to its processes as SIGTERM."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():  # Python's rule for handlers
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum == signum:
+            self.__exit__()
+            raise KeyboardInterrupt
+        if self.signum is not None:
+            return
+        self.signum = signum
+        tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint at the end of this step "
+                   f"(send it again to stop at once, without saving)", file=sys.stderr)
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path):
+    """Hold an exclusive lock on the run while training it (released by the OS, even on SIGKILL)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; nothing to hold
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK_FILE, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ValueError(f"{run_dir} is being trained by another process; wait for it to end "
+                             f"or choose another folder") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -164,9 +260,11 @@ def train_step(
     config: RunConfig,
     device: torch.device,
     lr: float,
-) -> tuple[float, float]:
+) -> "StepStats":
     """One optimiser update over ``batches`` of (images, labels) (whole batches of every process;
-    gradient accumulation when more than one); returns (this process's loss, the gradient norm).
+    gradient accumulation when more than one); returns the loss of the whole batch, the gradient
+    norm and whether the weights were updated: a non-finite loss or gradient leaves them as
+    they were (every process sees the same loss, so all of them skip together).
 
     Each process draws t and eps (and, for a class-conditional model, which labels to drop) for
     the whole batch from the same generator and keeps its own rows, so N processes with B/N
@@ -199,9 +297,22 @@ def train_step(
                                      weighting=dc.loss_weighting, min_snr_gamma=dc.min_snr_gamma)
             accelerator.backward(loss / len(batches))  # scaled for fp16 by Accelerate
         total += loss.item() / len(batches)
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.train.grad_clip)
-    optimizer.step()  # Accelerate's wrapper: unscales and skips non-finite fp16 steps
-    return total, float(grad_norm)
+    if world > 1:  # the loss of the whole batch, for the log and the check below
+        total = float(accelerator.reduce(torch.tensor([total], device=device), "mean")[0])
+    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), config.train.grad_clip))
+    scaled = accelerator.scaler is not None
+    updated = math.isfinite(total) and (scaled or math.isfinite(grad_norm))
+    if updated or scaled:
+        # Accelerate's wrapper: with fp16's scaler it unscales, and skips a non-finite step itself
+        # while lowering the scale (which it must see, so it is called for those steps too).
+        optimizer.step()
+    return StepStats(total, grad_norm, updated)
+
+
+class StepStats(NamedTuple):
+    loss: float  # mean over the whole batch (all processes)
+    grad_norm: float  # before clipping
+    updated: bool  # False: non-finite, and the weights were left as they were
 
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # ours -> Accelerate's names
@@ -309,6 +420,9 @@ def check_run(config: RunConfig, run_dir: str | os.PathLike, *, resume: bool,
         )
     if not 0.0 <= tc.class_dropout < 1.0:
         raise ValueError(f"class dropout must be in [0, 1), got {tc.class_dropout}")
+    if tc.on_nan not in ON_NAN:
+        raise ValueError(f"on_nan is {tc.on_nan!r}; choose one of {', '.join(ON_NAN)}")
+    check_writable(run_dir, "the run directory")
     T = config.diffusion.num_train_timesteps
     for name, steps in (("train.sample_steps", tc.sample_steps),
                         ("sample.num_sample_steps", config.sample.num_sample_steps),
@@ -323,6 +437,22 @@ def check_run(config: RunConfig, run_dir: str | os.PathLike, *, resume: bool,
             f"batch size {tc.batch_size} is the whole batch of all {num_processes} processes and "
             f"must split evenly between them; use a multiple of {num_processes}"
         )
+
+
+def check_writable(folder: str | os.PathLike, what: str = "the folder") -> None:
+    """Raise ValueError, without creating anything, if ``folder`` cannot be made and written."""
+    folder = existing = Path(folder)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"cannot create {what} {folder}: {existing} is a file; choose another "
+                         f"folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):  # a nameless file, gone when closed
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot create {what} {folder}: files cannot be made in {existing} "
+                         f"({exc.strerror}); choose a writable folder") from None
 
 
 def train(
@@ -348,8 +478,18 @@ def train(
     config = replace(config, data=resolve_data_config(config.data))
     tc = config.train
     accelerator = make_accelerator(tc.precision, resolve_device(tc.device))
+    check_run(config, run_dir, resume=resume, num_processes=accelerator.num_processes)
+    with contextlib.ExitStack() as hold:  # the run directory's lock, from its first write
+        return _train(config, run_dir, accelerator, hold, resume=resume, progress=progress,
+                      final_grid=final_grid)
+
+
+def _train(config: RunConfig, run_dir: Path, accelerator: Accelerator,
+           hold: contextlib.ExitStack, *, resume: bool, progress: bool,
+           final_grid: bool) -> TrainResult:
+    """The body of :func:`train`; it takes the run directory's lock into ``hold``."""
+    tc = config.train
     main, world = accelerator.is_main_process, accelerator.num_processes
-    check_run(config, run_dir, resume=resume, num_processes=world)
     # One process: the device asked for (cuda:1 stays cuda:1); launched: the launcher's choice.
     device = resolve_device(tc.device) if world == 1 else accelerator.device
     if tc.threads:
@@ -375,12 +515,22 @@ def train(
                          workers=dc.workers)
     noise_gen = torch.Generator(device).manual_seed(tc.seed + 1)
 
-    step, elapsed_before = 0, 0.0
+    if main:  # the first write to the run directory; held until train() returns
+        hold.enter_context(_run_lock(run_dir))
+        remove_partial_writes(run_dir)  # the temporary files of a killed checkpoint write
+    step, elapsed_before, skipped, best_fid = 0, 0.0, 0, math.inf
     if resume:
-        _, state = load_run_or_file(run_dir, map_location=device)
-        net.load_state_dict(state["model"])
+        path, state = load_run_or_file(run_dir, map_location=device)
+        try:
+            net.load_state_dict(state["model"])
+            if main:
+                ema.model.load_state_dict(state["ema"])
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"{path} holds weights of another model than its config describes "
+                f"({str(exc).splitlines()[0]}); it was not written by this run's 'ddpm train'"
+            ) from None
         if main:
-            ema.model.load_state_dict(state["ema"])
             ema.num_updates = state["ema_state"]["num_updates"]
         optimizer.load_state_dict(state["optimizer"])
         if accelerator.scaler is not None and state.get("scaler"):
@@ -388,19 +538,46 @@ def train(
         stream.load_state_dict(state["data_stream"])
         _set_rng_state(state["rng"], noise_gen, stream)
         step, elapsed_before = int(state["step"]), float(state["elapsed_s"])
+        skipped = int(state.get("skipped_steps", 0))
+        best_fid = float(state.get("best_fid", math.inf))
     elif main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(json.dumps(config.to_dict(), indent=2).encode(), run_dir / CONFIG_FILE)
 
     pipe = evaluator = loggers = None
+    outputs = _Warnings()  # about side outputs that could not be written
     if main:
         pipe = Pipeline(ema.model, schedule, config, step, device, classes=data.classes)
         if tc.fid_every:  # reference statistics once, before training (cached across runs)
             evaluator = Evaluator(dc.dataset, dc.data_dir, split=dc.split, device=device,
                                   data_options=data_options(dc))
-        loggers = _Loggers(run_dir, config, step if resume else None)
+        loggers = _Loggers(run_dir, config, step if resume else None, outputs)
+
+    def state() -> dict[str, Any]:
+        """Everything a resume needs, as it stands after ``step`` updates."""
+        if not all(torch.isfinite(p).all() for p in net.parameters()):  # never save NaN weights
+            raise FloatingPointError(f"the weights are not finite at step {step}; nothing was "
+                                     f"saved over the existing checkpoints")
+        return {
+            "step": step,
+            "elapsed_s": elapsed_before + (time.perf_counter() - start),
+            "config": config.to_dict(),
+            "model": net.state_dict(),
+            "ema": ema.model.state_dict(),
+            "ema_state": ema.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            "data_stream": stream.state_dict(),
+            "rng": _rng_state(noise_gen, stream),
+            "num_params": count_parameters(net),
+            "classes": list(data.classes),
+            "num_processes": world,
+            "skipped_steps": skipped,
+            "best_fid": best_fid,
+        }
 
     def measure_fid() -> None:
+        nonlocal best_fid
         begin = time.perf_counter()
         images = pipe.generate(tc.fid_n, seed=FID_SEED, sampler=tc.fid_sampler,
                                num_sample_steps=tc.fid_steps, batch_size=128)
@@ -410,44 +587,48 @@ def train(
                            "fid_seconds": time.perf_counter() - begin})
         bar.write(f"step {step}: FID {r.fid:.2f}, KID {r.kid:.4f} ({r.extractor}, n={r.n}; "
                   f"real images: FID {r.floor_fid:.2f})")
+        if r.fid < best_fid:
+            best_fid = r.fid  # set first: best.pt records its own FID as the best
+            try:
+                save_best_checkpoint({**state(), "fid": r.fid}, run_dir)
+            except SaveError as exc:
+                bar.write(f"warning: the best checkpoint (FID {r.fid:.2f}) was not saved: {exc}",
+                          file=sys.stderr)
 
-    saved_step = None
+    saved_step, ckpt_path = None, None
 
-    def checkpoint() -> Path | None:
-        nonlocal saved_step
+    def checkpoint(final: bool) -> None:
+        """Write the checkpoint of ``step`` (the main process). A failed write keeps the
+        previous checkpoint; it ends the run only when it was the last chance to save."""
+        nonlocal saved_step, ckpt_path
+        if main:
+            try:
+                ckpt_path = save_checkpoint(state(), run_dir, keep=tc.keep_checkpoints)
+            except SaveError as exc:
+                if final:
+                    raise
+                bar.write(f"warning: {exc}; training goes on and tries again at the next "
+                          f"checkpoint", file=sys.stderr)
+                return
         saved_step = step
-        if not main:
-            return None
-        return save_checkpoint(
-            {
-                "step": step,
-                "elapsed_s": elapsed_before + (time.perf_counter() - start),
-                "config": config.to_dict(),
-                "model": net.state_dict(),
-                "ema": ema.model.state_dict(),
-                "ema_state": ema.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                "data_stream": stream.state_dict(),
-                "rng": _rng_state(noise_gen, stream),
-                "num_params": count_parameters(net),
-                "classes": list(data.classes),
-                "num_processes": world,
-            },
-            run_dir,
-            keep=tc.keep_checkpoints,
-        )
+
+    def agree(fraction: float | None, stop: _StopRequest) -> tuple[float | None, bool]:
+        """The share of ``minutes`` spent (as the main process sees it) and whether a signal
+        asked any process to stop: every process must stop at the same step, or one would wait
+        forever for the others' gradients, and use the same learning rate."""
+        stopping = stop.signum is not None
+        if world > 1:  # one collective: the main process's share (the others give 0) and the flag
+            both = torch.tensor([fraction if fraction is not None and main else 0.0,
+                                 float(stopping)], device=device)
+            torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+            fraction = None if fraction is None else float(both[0])
+            stopping = bool(both[1] > 0)
+        return fraction, stopping
 
     def time_fraction() -> float | None:
-        """The share of ``minutes`` spent, as the main process sees it: every process must stop
-        at the same step (or one would wait forever for the others' gradients) and use the
-        same learning rate."""
         if tc.minutes is None:
             return None
-        fraction = (time.perf_counter() - start) / (60.0 * tc.minutes)
-        if world > 1:
-            fraction = float(broadcast(torch.tensor([fraction], device=device))[0])
-        return fraction
+        return (time.perf_counter() - start) / (60.0 * tc.minutes)
 
     def done(fraction: float | None) -> bool:
         if tc.steps is not None and step >= tc.steps:
@@ -457,57 +638,84 @@ def train(
     start = time.perf_counter()
     bar = tqdm(total=tc.steps, initial=step, disable=not (progress and main), unit="step",
                dynamic_ncols=True, desc="training")
-    ckpt_path = None
+    in_a_row = 0  # non-finite steps in a row
     window_images, window_start, loss = 0, time.perf_counter(), float("nan")
     model.train()
     try:
-        fraction = time_fraction()
-        finished = done(fraction)
-        while not finished:
-            batches = [stream.next() for _ in range(tc.grad_accum)]
-            lr = learning_rate(config, step, fraction)
-            loss, grad_norm = train_step(
-                model, schedule, optimizer, batches, accelerator=accelerator,
-                generator=noise_gen, config=config, device=device, lr=lr,
-            )
-            if world > 1:  # the loss of the whole batch, for the log and the check below
-                loss = float(accelerator.reduce(torch.tensor([loss], device=device), "mean")[0])
-            if not math.isfinite(loss):
-                raise FloatingPointError(
-                    f"the loss became {loss} at step {step + 1}; the last checkpoint is intact. "
-                    f"Lower the learning rate (now {tc.lr}) or use --precision fp32"
+        with _StopRequest() as stop:
+            fraction, interrupted = agree(time_fraction(), stop)
+            finished = done(fraction) or interrupted
+            while not finished:
+                try:
+                    batches = [stream.next() for _ in range(tc.grad_accum)]
+                except Exception:
+                    if stop.signum is None:
+                        raise
+                    # The signal reached the DataLoader workers as well (a scheduler signalling
+                    # every process of the job) and ended them: save the steps done.
+                    break
+                lr = learning_rate(config, step, fraction)
+                loss, grad_norm, updated = train_step(
+                    model, schedule, optimizer, batches, accelerator=accelerator,
+                    generator=noise_gen, config=config, device=device, lr=lr,
                 )
-            if main:
-                ema.update(net)
-            step += 1
-            window_images += tc.batch_size * tc.grad_accum
-            bar.update(1)
-            fraction = time_fraction()
-            finished = done(fraction)
-            if main and (step % tc.log_every == 0 or step == 1 or finished):
-                now = time.perf_counter()
-                images_per_s = window_images / max(now - window_start, 1e-9)
-                loggers.log(step, {
-                    "loss": loss, "grad_norm": grad_norm, "lr": lr,
-                    "images_per_s": images_per_s, "elapsed_s": elapsed_before + now - start,
-                })
-                postfix = {"loss": f"{loss:.4f}", "img_s": f"{images_per_s:.0f}"}
-                if tc.minutes is not None:
-                    postfix["min_left"] = f"{max(0.0, tc.minutes - (now - start) / 60):.1f}"
-                bar.set_postfix(postfix)
-                window_images, window_start = 0, now
-            side_start = time.perf_counter()
-            if main and tc.sample_every and step % tc.sample_every == 0:
-                sample_grid(pipe, tc.sample_n, run_dir / "samples" / f"step-{step:08d}.png",
-                            num_sample_steps=tc.sample_steps)
-            if evaluator is not None and (step % tc.fid_every == 0 or finished):
-                measure_fid()
-                plot_curves(run_dir / METRICS_FILE, run_dir / CURVES_FILE)
-            if tc.checkpoint_every and step % tc.checkpoint_every == 0:
-                ckpt_path = checkpoint()
-            window_start += time.perf_counter() - side_start  # images/s counts training only
-        if saved_step != step:
-            ckpt_path = checkpoint()
+                if not updated:
+                    newest = list_checkpoints(run_dir)
+                    kept = f"the newest checkpoint {newest[0]} is intact" if newest else \
+                        "no checkpoint was written yet"
+                    if tc.on_nan == "stop":
+                        raise FloatingPointError(
+                            f"the loss became {loss} at step {step + 1}; the weights were not "
+                            f"updated and {kept}. Lower the learning rate (now {tc.lr:g}), use "
+                            f"--precision fp32, or skip such steps with --on-nan skip")
+                    skipped, in_a_row = skipped + 1, in_a_row + 1
+                    if in_a_row >= MAX_SKIPS_IN_A_ROW:
+                        raise FloatingPointError(
+                            f"{in_a_row} steps in a row had a non-finite loss (the last at step "
+                            f"{step + 1}); skipping does not help, so training stops and {kept}. "
+                            f"Lower the learning rate (now {tc.lr:g}) or check the data")
+                    bar.write(f"step {step + 1}: the loss is {loss}; update skipped "
+                              f"({skipped} so far)", file=sys.stderr)
+                else:
+                    in_a_row = 0
+                    if main:
+                        ema.update(net)
+                step += 1
+                window_images += tc.batch_size * tc.grad_accum
+                bar.update(1)
+                fraction, interrupted = agree(time_fraction(), stop)
+                finished = done(fraction) or interrupted
+                if main and (step % tc.log_every == 0 or step == 1 or finished):
+                    now = time.perf_counter()
+                    images_per_s = window_images / max(now - window_start, 1e-9)
+                    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr,
+                               "images_per_s": images_per_s,
+                               "elapsed_s": elapsed_before + now - start}
+                    if tc.on_nan == "skip":
+                        metrics["skipped_steps"] = skipped
+                    loggers.log(step, metrics)
+                    postfix = {"loss": f"{loss:.4f}", "img_s": f"{images_per_s:.0f}"}
+                    if tc.minutes is not None:
+                        postfix["min_left"] = f"{max(0.0, tc.minutes - (now - start) / 60):.1f}"
+                    bar.set_postfix(postfix)
+                    window_images, window_start = 0, now
+                if interrupted:  # save now; grids and FID would only delay a scheduler's kill
+                    break
+                side_start = time.perf_counter()
+                if main and tc.sample_every and step % tc.sample_every == 0:
+                    outputs.best_effort("preview grid", sample_grid, pipe, tc.sample_n,
+                                 run_dir / "samples" / f"step-{step:08d}.png",
+                                 num_sample_steps=tc.sample_steps)
+                if evaluator is not None and (step % tc.fid_every == 0 or finished):
+                    measure_fid()
+                    outputs.best_effort("FID curves", plot_curves, run_dir / METRICS_FILE,
+                                 run_dir / CURVES_FILE)
+                if tc.checkpoint_every and step % tc.checkpoint_every == 0:
+                    checkpoint(final=False)
+                window_start += time.perf_counter() - side_start  # images/s counts training only
+            if saved_step != step:
+                checkpoint(final=True)
+            stopped_by = stop.signum
     finally:
         bar.close()
         if loggers is not None:
@@ -515,13 +723,17 @@ def train(
     elapsed = elapsed_before + time.perf_counter() - start
     accelerator.wait_for_everyone()  # the final checkpoint is on disk before any process returns
     if not main:
-        return TrainResult(run_dir, step, None, None, elapsed, loss)
-    plot_curves(run_dir / METRICS_FILE, run_dir / CURVES_FILE)
-    grid = None
-    if final_grid:
-        grid = sample_grid(pipe, tc.sample_n, run_dir / "grid.png", progress=progress)
-    animation = progress_animation(run_dir / "samples", run_dir / PROGRESS_FILE)
-    return TrainResult(run_dir, step, ckpt_path, grid, elapsed, loss, animation)
+        return TrainResult(run_dir, step, None, None, elapsed, loss, skipped_steps=skipped)
+    outputs.best_effort("loss curves", plot_curves, run_dir / METRICS_FILE, run_dir / CURVES_FILE)
+    grid = animation = None
+    if stopped_by is None:
+        if final_grid:
+            grid = outputs.best_effort("final grid", sample_grid, pipe, tc.sample_n,
+                                run_dir / "grid.png", progress=progress)
+        animation = outputs.best_effort("progress animation", progress_animation, run_dir / "samples",
+                                 run_dir / PROGRESS_FILE)
+    return TrainResult(run_dir, step, ckpt_path, grid, elapsed, loss, animation, stopped_by,
+                       skipped)
 
 
 def resume_config(run_dir: str | os.PathLike, *, steps: int | None = None,
