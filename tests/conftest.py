@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 import os
 import struct
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +34,21 @@ def make_fake_fashion(folder: Path, n_train: int = 256, n_test: int = 64, seed: 
         write_idx(folder / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
         write_idx(folder / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, (n,)))
     return folder
+
+
+def ddpm_in_process(*args) -> subprocess.CompletedProcess:
+    """``ddpm ARGS`` through the CLI's ``main`` in this process, as ``subprocess.run`` reports it:
+    the same exit code and output, without the seconds a new Python spends importing torch. An
+    exception that escaped ``main`` (a traceback for a user) fails the calling test."""
+    from ddpm.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse's errors and --help
+            code = exc.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")

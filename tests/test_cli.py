@@ -6,6 +6,8 @@ import sys
 import pytest
 from PIL import Image
 
+from conftest import ddpm_in_process
+
 
 def ddpm(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "ddpm", *map(str, args)], capture_output=True,
@@ -78,7 +80,7 @@ def test_resume_continues_the_run(trained_run, tmp_path):
     ],
 )
 def test_bad_input_is_one_line_exit_2(args, message, tmp_path):
-    r = ddpm(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    r = ddpm_in_process(*[a.replace("{tmp}", str(tmp_path)) for a in args])
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
@@ -89,24 +91,26 @@ def test_bad_input_is_one_line_exit_2(args, message, tmp_path):
 def test_existing_run_is_not_overwritten(trained_run):
     run, _ = trained_run
     before = (run / "checkpoints/ckpt-00000006.pt").read_bytes()
-    r = ddpm("train", "--preset", "tiny", "--out", run, "--steps", 2)
+    r = ddpm_in_process("train", "--preset", "tiny", "--out", run, "--steps", 2)
     assert r.returncode == 2 and "--resume" in r.stderr
     assert (run / "checkpoints/ckpt-00000006.pt").read_bytes() == before
 
 
 def test_sample_steps_beyond_T_is_refused(trained_run, tmp_path):
-    r = ddpm("sample", trained_run[0], "--n", 1, "--steps", 5000, "--out", tmp_path / "x.png")
+    r = ddpm_in_process("sample", trained_run[0], "--n", 1, "--steps", 5000, "--out",
+                        tmp_path / "x.png")
     assert r.returncode == 2 and "more than the model's 100 training timesteps" in r.stderr
 
 
 def test_help_explains_every_option():
-    r = ddpm("train", "--help")
+    r = ddpm_in_process("train", "--help")
     assert r.returncode == 0
     for option in ("--preset", "--steps", "--minutes", "--out", "--resume", "--checkpoint-every",
                    "--precision", "--lr", "--ema-decay"):
         assert option in r.stdout
     assert "default" in r.stdout
-    assert ddpm("sample", "--help").returncode == 0 and ddpm("--help").returncode == 0
+    assert ddpm_in_process("sample", "--help").returncode == 0
+    assert ddpm_in_process("--help").returncode == 0
 
 
 @pytest.mark.parametrize("sampler, steps", [("ddim", 5), ("dpm++", 4), ("euler", 3), ("heun", 3)])
@@ -123,11 +127,11 @@ def test_every_sampler_from_the_command_line(trained_run, tmp_path, sampler, ste
 
 
 def test_sampler_options_are_checked(trained_run, tmp_path):
-    r = ddpm("sample", trained_run[0], "--sampler", "euler", "--eta", "0.5", "--out", tmp_path / "x.png")
+    r = ddpm_in_process("sample", trained_run[0], "--sampler", "euler", "--eta", "0.5", "--out", tmp_path / "x.png")
     assert r.returncode == 2 and "--eta is a DDIM setting" in r.stderr
-    r = ddpm("sample", trained_run[0], "--sampler", "ddim", "--eta", "1.5", "--out", tmp_path / "x.png")
+    r = ddpm_in_process("sample", trained_run[0], "--sampler", "ddim", "--eta", "1.5", "--out", tmp_path / "x.png")
     assert r.returncode == 2 and "between 0 and 1, got 1.5" in r.stderr
-    r = ddpm("sample", trained_run[0], "--sampler", "plms", "--out", tmp_path / "x.png")
+    r = ddpm_in_process("sample", trained_run[0], "--sampler", "plms", "--out", tmp_path / "x.png")
     assert r.returncode == 2 and "invalid choice: 'plms'" in r.stderr
     assert not (tmp_path / "x.png").exists()
 
@@ -138,11 +142,11 @@ def test_checkpoint_from_another_version_is_explained(trained_run, tmp_path):
     state = torch.load(trained_run[0] / "checkpoints/ckpt-00000006.pt", weights_only=True)
     state["config"]["sample"]["clip_x0"] = True  # a field this version does not know
     torch.save(state, tmp_path / "old.pt")
-    r = ddpm("sample", tmp_path / "old.pt", "--n", 1, "--out", tmp_path / "x.png")
+    r = ddpm_in_process("sample", tmp_path / "old.pt", "--n", 1, "--out", tmp_path / "x.png")
     assert r.returncode == 2 and "written by another version" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
-    r = ddpm("sample", tmp_path / "junk.pt", "--n", 1, "--out", tmp_path / "x.png")
+    r = ddpm_in_process("sample", tmp_path / "junk.pt", "--n", 1, "--out", tmp_path / "x.png")
     assert r.returncode == 2 and "not a readable ddpm checkpoint" in r.stderr
 
 
@@ -189,7 +193,7 @@ def test_conditional_training_on_unlabelled_images_is_refused(tmp_path):
     from conftest import make_image_folder
 
     make_image_folder(tmp_path / "pets")
-    r = ddpm("train", "--preset", "tiny", "--dataset", "folder", "--data-dir", tmp_path / "pets",
+    r = ddpm_in_process("train", "--preset", "tiny", "--dataset", "folder", "--data-dir", tmp_path / "pets",
              "--conditional", "--out", tmp_path / "run")
     assert r.returncode == 2 and "add --folder-labels" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "run").exists()
@@ -202,7 +206,7 @@ def test_conditional_training_on_unlabelled_images_is_refused(tmp_path):
     (("--dataset", "folder", "--data-dir", "{tmp}", "--split", "test"), "no test split"),
 ])
 def test_bad_data_options_are_one_line_errors(tmp_path, args, message):
-    r = ddpm("train", "--preset", "tiny", *[a.replace("{tmp}", str(tmp_path)) for a in args],
+    r = ddpm_in_process("train", "--preset", "tiny", *[a.replace("{tmp}", str(tmp_path)) for a in args],
              "--out", tmp_path / "run")
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "run").exists()

@@ -218,11 +218,9 @@ def conditional_run(tmp_path_factory, fake_fashion):
 
 
 def cli(*args):
-    import subprocess
-    import sys
+    from conftest import ddpm_in_process
 
-    return subprocess.run([sys.executable, "-m", "ddpm", *map(str, args)], capture_output=True,
-                          text=True)
+    return ddpm_in_process(*args)
 
 
 def test_conditional_run_saves_classes_and_draws_a_grid_row_per_class(conditional_run, tmp_path):
@@ -269,14 +267,10 @@ def test_bad_class_requests_are_one_line_errors(conditional_run, tmp_path, args,
     assert not (tmp_path / "x.png").exists()
 
 
-def test_class_or_guidance_for_an_unconditional_model_is_refused(fake_fashion, tmp_path):
-    out = tmp_path / "run"
-    assert cli("train", "--preset", "tiny", "--data-dir", fake_fashion, "--steps", "1", "--out",
-               out, "--no-progress", "--sample-every", "0").returncode == 0
-    for args, message in ((("--class", "3"), "trained without class labels"),
-                          (("--guidance", "2"), "trained without labels")):
-        r = cli("sample", out, "--out", tmp_path / "x.png", "--no-progress", *args)
-        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
-    r = cli("train", "--preset", "tiny", "--data-dir", fake_fashion, "--guidance", "2",
-            "--out", tmp_path / "other")
-    assert r.returncode == 2 and "add --conditional" in r.stderr
+def test_guidance_or_label_dropout_without_conditional_is_refused(fake_fashion, tmp_path):
+    # (a class or guidance asked of an unconditional model: tests/test_reliability.py)
+    for option in ("--guidance", "--class-dropout"):
+        r = cli("train", "--preset", "tiny", "--data-dir", fake_fashion, option, "0.2",
+                            "--out", tmp_path / "other")
+        assert r.returncode == 2 and "add --conditional" in r.stderr, r.stderr
+        assert not (tmp_path / "other").exists()

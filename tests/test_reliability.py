@@ -381,7 +381,7 @@ def test_sigkill_during_checkpoint_writes_never_loses_the_run(tmp_path, fake_fas
     assert reference.returncode == 0, reference.stderr
     run, rng, kills, mid_write = tmp_path / "run", random.Random(0), 0, 0
     folder = run / "checkpoints"
-    for round_ in range(8):
+    for round_ in range(6):
         resume = bool(list_checkpoints(run))
         start_step = load_run_or_file(run)[1]["step"] if resume else 0
         if start_step >= steps - 3:
@@ -392,7 +392,7 @@ def test_sigkill_during_checkpoint_writes_never_loses_the_run(tmp_path, fake_fas
         if round_ % 2:  # as soon as a checkpoint's temporary file is seen
             wait_for(lambda: any(f.name.endswith(".tmp") for f in folder.iterdir()), p, poll=0.001)
         else:
-            time.sleep(rng.uniform(0.0, 0.3))
+            time.sleep(rng.uniform(0.0, 0.15))
         p.kill()
         p.wait()
         kills += 1

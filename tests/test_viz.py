@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import ddpm_in_process
 from ddpm.data import load_dataset, to_model_range, to_uint8
 from ddpm.pipeline import load_pipeline
 from ddpm.samplers import initial_noise
@@ -73,8 +74,8 @@ def test_forward_command_writes_a_figure_per_format(tmp_path, fake_fashion):
     heights = {}
     for schedules in ("linear", "linear,cosine"):
         out = tmp_path / f"forward-{schedules.count(',')}.png"
-        r = ddpm("viz", "forward", "--out", out, "--data-dir", fake_fashion, "--n", 3,
-                 "--schedule", schedules, "--timesteps", "0,50,999")
+        r = ddpm_in_process("viz", "forward", "--out", out, "--data-dir", fake_fashion, "--n", 3,
+                            "--schedule", schedules, "--timesteps", "0,50,999")
         assert r.returncode == 0, r.stderr
         with Image.open(out) as im:
             assert im.format == "PNG"
@@ -84,7 +85,7 @@ def test_forward_command_writes_a_figure_per_format(tmp_path, fake_fashion):
     assert heights["linear,cosine"] > 1.7 * heights["linear"]  # one row block per schedule
     for suffix, magic in ((".svg", b"<svg"), (".pdf", b"%PDF")):
         out = tmp_path / f"forward{suffix}"
-        r = ddpm("viz", "forward", "--out", out, "--data-dir", fake_fashion, "--n", 2)
+        r = ddpm_in_process("viz", "forward", "--out", out, "--data-dir", fake_fashion, "--n", 2)
         assert r.returncode == 0, r.stderr
         assert magic in out.read_bytes()[:400]
 
@@ -217,7 +218,7 @@ def test_to_model_range_round_trips_frames():
 def test_bad_figure_requests_are_one_line(args, message, tmp_path, fake_fashion):
     out = tmp_path / "f.png"
     extra = ["--data-dir", str(fake_fashion)] if args[0] in ("forward", "data") else []
-    r = ddpm("viz", *args, "--out", out, *extra)
+    r = ddpm_in_process("viz", *args, "--out", out, *extra)
     assert r.returncode == 2 and r.stdout == ""
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "Traceback" not in r.stderr and not out.exists()
@@ -239,12 +240,12 @@ def test_bad_reverse_requests_are_one_line(run, tmp_path):
         (["--out", gif, "--steps", 1], "needs --steps 2 or more"),
     ]
     for args, message in cases:
-        r = ddpm("viz", "reverse", run, *args, "--no-progress")
+        r = ddpm_in_process("viz", "reverse", run, *args, "--no-progress")
         assert r.returncode == 2, (args, r.stderr)
         assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
         assert "Traceback" not in r.stderr
     assert not gif.exists()
-    r = ddpm("viz", "curves", tmp_path, "--out", tmp_path / "c.png")
+    r = ddpm_in_process("viz", "curves", tmp_path, "--out", tmp_path / "c.png")
     assert r.returncode == 2 and "has no metrics.jsonl" in r.stderr
 
 
