@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import ddpm_in_process
 from ddpm import get_preset, train
 from ddpm.checkpoint import (CheckpointError, list_checkpoints, load_checkpoint,
                              load_run_or_file)
-from ddpm.cli import main
 
 
 def tiny_config(data_dir, **train_overrides):
@@ -34,14 +34,10 @@ def tiny_config(data_dir, **train_overrides):
         train=dataclasses.replace(c.train, **{"sample_every": 0, **train_overrides}))
 
 
-def cli(capsys, *args) -> tuple[int, str, str]:
-    """``ddpm ARGS`` in this process: (exit code, stdout, stderr). argparse's errors exit."""
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
+def cli(*args) -> tuple[int, str, str]:
+    """``ddpm ARGS`` through the CLI's main, in this process: (exit code, stdout, stderr)."""
+    r = ddpm_in_process(*args)
+    return r.returncode, r.stdout, r.stderr
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -138,11 +134,10 @@ BAD_INPUT = [
 
 
 @pytest.mark.parametrize("command, message", BAD_INPUT, ids=[c.split(" --out")[0] for c, _ in BAD_INPUT])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(world, fake_fashion, capsys, command,
-                                                         message):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(world, fake_fashion, command, message):
     before = snapshot(world)
     fill = {"root": world, "fake": fake_fashion}
-    code, out, err = cli(capsys, *command.format(**fill).split())
+    code, out, err = cli(*command.format(**fill).split())
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2, err
     assert len(lines) == 1, err
@@ -153,11 +148,11 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(world, fake_fashion, ca
     assert not (world / "new").exists()
 
 
-def test_a_run_being_trained_cannot_be_trained_twice(world, capsys):
+def test_a_run_being_trained_cannot_be_trained_twice(world):
     before = snapshot(world / "run")
     with open(world / "run/.lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a training process holds it
-        code, _, err = cli(capsys, "train", "--resume", world / "run", "--steps", 4, "--no-progress")
+        code, _, err = cli("train", "--resume", world / "run", "--steps", 4, "--no-progress")
     assert code == 2 and "is being trained by another process" in err
     assert snapshot(world / "run") == before
 
@@ -183,7 +178,7 @@ class _RunsCode:
         return (open, (str(self.marker), "w"))
 
 
-def test_a_checkpoint_crafted_to_run_code_does_not_run_it(world, tmp_path, capsys):
+def test_a_checkpoint_crafted_to_run_code_does_not_run_it(world, tmp_path):
     marker = tmp_path / "the-code-ran"
     state = load_checkpoint(world / "run/checkpoints/ckpt-00000002.pt")
     run = tmp_path / "run"
@@ -196,7 +191,7 @@ def test_a_checkpoint_crafted_to_run_code_does_not_run_it(world, tmp_path, capsy
     for command in (("sample", tmp_path / "evil.pt", "--out", tmp_path / "x.png"),
                     ("eval", tmp_path / "evil.pt", "--n", 4),
                     ("train", "--resume", run, "--steps", 4)):
-        code, _, err = cli(capsys, *command)
+        code, _, err = cli(*command)
         assert code == 2, err
         assert "not a readable ddpm checkpoint" in err or "no loadable checkpoint" in err, err
         assert not marker.exists(), f"ddpm {command[0]} ran the file's code"
@@ -239,9 +234,9 @@ def test_a_nan_loss_stops_and_leaves_the_last_checkpoint_intact(tmp_path, fake_f
     assert state["step"] == 4 and same_weights(state, load_checkpoint(reference.checkpoint))
 
 
-def test_a_nan_loss_is_skipped_and_counted_when_asked(tmp_path, fake_fashion, nan_at, capsys):
+def test_a_nan_loss_is_skipped_and_counted_when_asked(tmp_path, fake_fashion, nan_at):
     nan_at({3, 5})
-    code, out, err = cli(capsys, "train", "--preset", "tiny", "--data-dir", fake_fashion,
+    code, out, err = cli("train", "--preset", "tiny", "--data-dir", fake_fashion,
                          "--steps", 6, "--checkpoint-every", 1, "--keep-checkpoints", 6,
                          "--sample-every", 0, "--log-every", 1, "--on-nan", "skip",
                          "--out", tmp_path / "run", "--no-progress")
@@ -278,12 +273,11 @@ def full_disk(monkeypatch):
     return inject
 
 
-def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, fake_fashion, full_disk,
-                                                                capsys):
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, fake_fashion, full_disk):
     # writes: config.json, then the checkpoints of steps 1, 2 (fails), 3, 4 (fails) and the last
     # try at the end (fails)
     full_disk({3, 5, 6})
-    code, out, err = cli(capsys, "train", "--preset", "tiny", "--data-dir", fake_fashion,
+    code, out, err = cli("train", "--preset", "tiny", "--data-dir", fake_fashion,
                          "--steps", 4, "--checkpoint-every", 1, "--sample-every", 0,
                          "--out", tmp_path / "run", "--no-progress")
     checkpoints = tmp_path / "run/checkpoints"
