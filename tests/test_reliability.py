@@ -403,3 +403,18 @@ def test_sigkill_during_checkpoint_writes_never_loses_the_run(tmp_path, fake_fas
     assert final["step"] == expected["step"] == steps
     assert same_weights(final, expected)
 
+
+
+def test_a_side_output_that_cannot_be_written_warns_once_and_training_goes_on(capsys):
+    from ddpm.train import _Warnings
+
+    def full(*_):
+        raise OSError(28, "No space left on device")
+
+    outputs = _Warnings()
+    assert outputs.best_effort("preview grid", full) is None
+    assert outputs.best_effort("preview grid", full) is None
+    assert outputs.best_effort("progress animation", lambda: "written") == "written"
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["warning: could not write the preview grid (No space left on device); "
+                     "training goes on"]

@@ -14,7 +14,6 @@ import os
 import signal
 import socket
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -40,7 +39,7 @@ from .pipeline import PRECISIONS, X0_TRANSFORMS, load_pipeline, resolve_device
 from .samplers import SAMPLERS, SPACINGS, VARIANCES
 from .schedules import SCHEDULES, make_schedule
 from .train import (CONFIG_FILE, LR_SCHEDULES, METRICS_FILE, ON_NAN, check_run, check_writable,
-                    resume_config, train)
+                    resume_config, train, unwritable)
 from .viz import (ANIMATION_SUFFIXES, FIGURE_SUFFIXES, evenly_spaced, forward_noised, plot_curves,
                   plot_schedules, reverse_frames, save_animation, save_grid, save_image_table,
                   save_images, save_npz, video_writer)
@@ -966,16 +965,14 @@ def _check_out(path: str, suffixes: Sequence[str], option: str = "--out") -> Pat
         raise UsageError(f"{option} {path} is a folder; give a file name ending in {suffixes[0]}")
     if out.suffix.lower() not in suffixes:
         raise UsageError(f"{option} {path}: the file must end in {', '.join(suffixes)}")
-    if out.parent.exists() and not out.parent.is_dir():
+    reason = unwritable(out.parent)
+    if reason == f"{out.parent} is a file":
         raise UsageError(f"{option} {path}: cannot write in {out.parent}, which is a file; "
                          f"choose a folder")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out.parent):
-            pass
-    except OSError as exc:
-        raise UsageError(f"{option} {path}: cannot write in {out.parent} ({exc.strerror}); "
-                         f"choose a writable folder") from None
+    if reason is not None:
+        raise UsageError(f"{option} {path}: cannot write in {out.parent}: {reason}; "
+                         f"choose a writable folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
     return out
 
 

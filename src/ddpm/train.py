@@ -138,11 +138,9 @@ class _Loggers:
             )
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        try:
-            self.file.write(json.dumps({"step": step, **metrics}) + "\n")
-        except OSError as exc:  # e.g. a full disk: the metrics are lost, the training is not
-            self.warnings.once("metrics", f"could not write {self.path} ({exc.strerror}); "
-                                          f"training goes on")
+        # On a full disk the metrics are lost, the training is not.
+        self.warnings.best_effort(f"metrics in {self.path}", self.file.write,
+                                  json.dumps({"step": step, **metrics}) + "\n")
         for k, v in metrics.items():
             self.tb.add_scalar(k, v, step)
         if self.wandb is not None:
@@ -161,17 +159,15 @@ class _Warnings:
     def __init__(self) -> None:
         self.said: set[str] = set()
 
-    def once(self, what: str, message: str) -> None:
-        if what not in self.said:
-            self.said.add(what)
-            tqdm.write(f"warning: {message}", file=sys.stderr)
-
     def best_effort(self, what: str, write, *args, **kwargs):
-        """Write a side output (grid, plot, animation); if that fails, say so once, train on."""
+        """Write a side output (grid, plot, metrics line); if that fails, say so once, train on."""
         try:
             return write(*args, **kwargs)
         except OSError as exc:
-            self.once(what, f"could not write the {what} ({exc.strerror or exc}); training goes on")
+            if what not in self.said:
+                self.said.add(what)
+                tqdm.write(f"warning: could not write the {what} ({exc.strerror or exc}); "
+                           f"training goes on", file=sys.stderr)
             return None
 
 
@@ -439,20 +435,26 @@ def check_run(config: RunConfig, run_dir: str | os.PathLike, *, resume: bool,
         )
 
 
-def check_writable(folder: str | os.PathLike, what: str = "the folder") -> None:
-    """Raise ValueError, without creating anything, if ``folder`` cannot be made and written."""
-    folder = existing = Path(folder)
+def unwritable(folder: str | os.PathLike) -> str | None:
+    """Why files cannot be made in ``folder`` (which may not exist yet), or None; creates
+    nothing: the nearest existing folder above it is tested with a nameless temporary file."""
+    existing = Path(folder)
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise ValueError(f"cannot create {what} {folder}: {existing} is a file; choose another "
-                         f"folder")
+        return f"{existing} is a file"
     try:
-        with tempfile.TemporaryFile(dir=existing):  # a nameless file, gone when closed
-            pass
+        with tempfile.TemporaryFile(dir=existing):  # gone when closed
+            return None
     except OSError as exc:
-        raise ValueError(f"cannot create {what} {folder}: files cannot be made in {existing} "
-                         f"({exc.strerror}); choose a writable folder") from None
+        return f"files cannot be made in {existing} ({exc.strerror})"
+
+
+def check_writable(folder: str | os.PathLike, what: str = "the folder") -> None:
+    """Raise ValueError, without creating anything, if ``folder`` cannot be made and written."""
+    reason = unwritable(folder)
+    if reason is not None:
+        raise ValueError(f"cannot create {what} {folder}: {reason}; choose a writable folder")
 
 
 def train(
