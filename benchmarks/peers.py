@@ -272,7 +272,7 @@ def row_ours(args: argparse.Namespace, row_dir: Path) -> dict:
              "--fid-every", "0", "--sample-every", "0", "--checkpoint-every", "0",
              "--threads", str(args.threads), "--seed", str(args.seed))
     full = json.loads((run / "config.json").read_text())
-    config, m = full["train"], full["model"]
+    config, m, d = full["train"], full["model"], full["diffusion"]
     last = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()
             if '"elapsed_s"' in ln][-1]
     from ddpm.checkpoint import load_run_or_file
@@ -286,7 +286,10 @@ def row_ours(args: argparse.Namespace, row_dir: Path) -> dict:
     per_step = config["batch_size"] * config["grad_accum"]
     return result("ddpm (ours)",
                   f"preset fashion-cpu: batch {per_step}, AdamW lr {lr(config['lr'])} cosine, "
-                  f"EMA {config['ema_decay']:g}; U-Net {m['base_channels']}x"
+                  f"EMA {config['ema_decay']:g}, predicts {d['prediction_type']}"
+                  + (f", min-SNR-{d['min_snr_gamma']:g}" if d["loss_weighting"] == "min-snr" else "")
+                  + ("" if full["data"]["hflip"] else ", no flips")
+                  + f"; U-Net {m['base_channels']}x"
                   f"({','.join(map(str, m['channel_mults']))}), {m['block']} blocks", params, last["step"], per_step,
                   last["elapsed_s"], "DPM-Solver++ 20 steps", r["seconds"]["sampling"], r)
 

@@ -14,7 +14,8 @@ from torchvision.transforms.v2 import functional as F
 import ddpm.data as data
 from conftest import (label_colour, make_fake_cifar, make_fake_fashion, make_fake_flowers102,
                       make_fake_tinyimagenet, make_image_folder)
-from ddpm.config import DataConfig
+from ddpm.cli import _override, build_parser
+from ddpm.config import DataConfig, get_preset
 from ddpm.data import (FASHION_MNIST_CLASSES, BatchStream, DatasetNotFoundError, ImageData,
                        StreamingImages, load_dataset, open_dataset, resolve, to_model_range,
                        to_uint8)
@@ -327,10 +328,31 @@ def test_resolve_fills_in_the_defaults(monkeypatch, tmp_path):
     assert resolve(DataConfig(dataset="tinyimagenet", channels=1)).image_size == 64
     flowers = resolve(DataConfig(dataset="flowers102", image_size=128))
     assert (flowers.image_size, flowers.channels) == (128, 3)
+    # flips only where the images have no one orientation; an explicit choice always stands
+    assert (fashion.hflip, resolve(DataConfig(dataset="mnist")).hflip, cifar.hflip, flowers.hflip) \
+        == (False, False, True, True)
+    assert resolve(DataConfig(hflip=True)).hflip is True
+    assert resolve(DataConfig(dataset="cifar10", hflip=False)).hflip is False
     # a run config saved before these options existed still loads, and means what it meant
+    # (flips were on for every dataset then)
     saved = {"dataset": "fashion-mnist", "data_dir": "/usr/share/datasets/fashion-mnist",
              "split": "train", "hflip": True, "download": False}
-    assert resolve(DataConfig(**saved)) == fashion
+    assert resolve(DataConfig(**saved)) == dataclasses.replace(fashion, hflip=True)
+
+
+@pytest.mark.parametrize("flags, fashion, cifar", [
+    ((), False, True), (("--hflip",), True, True), (("--no-hflip",), False, False)])
+def test_flip_flags_reach_the_run_config(flags, fashion, cifar):
+    def hflip(*options):
+        return _override(get_preset("fashion-cpu"), build_parser().parse_args(["train", *options])).data.hflip
+
+    assert hflip(*flags) is fashion
+    assert hflip("--dataset", "cifar10", "--data-dir", "/x", *flags) is cifar
+
+
+def test_flip_flags_exclude_each_other():
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--hflip", "--no-hflip"])
 
 
 @pytest.mark.parametrize("change, message", [

@@ -243,7 +243,11 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--max-memory-gb", type=_positive_float,
                    help="image files whose decoded images would take more stream from disk "
                         "(default: 4)")
-    d.add_argument("--no-hflip", action="store_true", help="turn off random horizontal flips")
+    flips = d.add_mutually_exclusive_group()
+    flips.add_argument("--hflip", action="store_true",
+                       help="random horizontal flips (default: on, except for MNIST and "
+                            "Fashion-MNIST, whose digits and shoes have one orientation)")
+    flips.add_argument("--no-hflip", action="store_true", help="no random horizontal flips")
     c = p.add_argument_group("class-conditional generation (Ho & Salimans 2022)")
     c.add_argument("--conditional", action="store_true",
                    help="condition the model on the dataset's class labels")
@@ -424,7 +428,7 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sample-batch-size", type=_positive_int, default=128)
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     p.set_defaults(func=_cmd_bench, steps=None, minutes=None, wandb=False,
-                   zero_terminal_snr=False, download=False, no_hflip=False)
+                   zero_terminal_snr=False, download=False, hflip=False, no_hflip=False)
 
 
 def _name_list(valid: Sequence[str]):
@@ -588,6 +592,7 @@ def _override(config: RunConfig, args: argparse.Namespace) -> RunConfig:
                 image_size="image_size", channels="channels", crop="crop", workers="workers",
                 max_memory_gb="max_memory_gb")
     for flag, field, value in (("download", "download", True), ("no_hflip", "hflip", False),
+                               ("hflip", "hflip", True),
                                ("folder_labels", "folder_labels", True), ("strict", "strict", True)):
         if getattr(args, flag, False):
             data = dataclasses.replace(data, **{field: value})
@@ -633,7 +638,9 @@ def _summary(config: RunConfig) -> str:
         f"model: U-Net of {m.block} blocks {m.base_channels}x{list(m.channel_mults)}, "
         f"{m.num_res_blocks} blocks/level, "
         f"attention at {list(m.attention_resolutions)} px, {m.in_channels}x{m.image_size}x{m.image_size}\n"
-        f"diffusion: {d.schedule} schedule, T={d.num_train_timesteps}, {d.loss} loss\n"
+        f"diffusion: {d.schedule} schedule, T={d.num_train_timesteps}, predicts {d.prediction_type}, "
+        f"{d.loss} loss" + (f" with min-SNR-{d.min_snr_gamma:g} weights" if d.loss_weighting == "min-snr" else "")
+        + "\n"
         f"training: {stop}, batch {t.batch_size}x{t.grad_accum}, lr {t.lr:g}, EMA {t.ema_decay}, "
         f"{t.precision}, on {config.data.dataset}"
         + (f", conditional on {m.num_classes} classes (label dropout {t.class_dropout:g})"
