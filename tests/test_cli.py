@@ -193,8 +193,8 @@ def test_conditional_training_on_unlabelled_images_is_refused(tmp_path):
     from conftest import make_image_folder
 
     make_image_folder(tmp_path / "pets")
-    r = ddpm_in_process("train", "--preset", "tiny", "--dataset", "folder", "--data-dir", tmp_path / "pets",
-             "--conditional", "--out", tmp_path / "run")
+    r = ddpm_in_process("train", "--preset", "tiny", "--dataset", "folder", "--data-dir",
+                        tmp_path / "pets", "--conditional", "--out", tmp_path / "run")
     assert r.returncode == 2 and "add --folder-labels" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "run").exists()
 
@@ -206,7 +206,7 @@ def test_conditional_training_on_unlabelled_images_is_refused(tmp_path):
     (("--dataset", "folder", "--data-dir", "{tmp}", "--split", "test"), "no test split"),
 ])
 def test_bad_data_options_are_one_line_errors(tmp_path, args, message):
-    r = ddpm_in_process("train", "--preset", "tiny", *[a.replace("{tmp}", str(tmp_path)) for a in args],
-             "--out", tmp_path / "run")
+    r = ddpm_in_process("train", "--preset", "tiny",
+                        *[a.replace("{tmp}", str(tmp_path)) for a in args], "--out", tmp_path / "run")
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "run").exists()

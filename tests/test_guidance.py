@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from conftest import ddpm_in_process as cli
 from ddpm.models import UNet, UNetConfig
 from ddpm.samplers import ancestral_sample, classifier_free_guidance, initial_noise, make_timesteps
 from ddpm.schedules import make_schedule
@@ -217,12 +218,6 @@ def conditional_run(tmp_path_factory, fake_fashion):
     return out
 
 
-def cli(*args):
-    from conftest import ddpm_in_process
-
-    return ddpm_in_process(*args)
-
-
 def test_conditional_run_saves_classes_and_draws_a_grid_row_per_class(conditional_run, tmp_path):
     from PIL import Image
 
@@ -271,6 +266,6 @@ def test_guidance_or_label_dropout_without_conditional_is_refused(fake_fashion, 
     # (a class or guidance asked of an unconditional model: tests/test_reliability.py)
     for option in ("--guidance", "--class-dropout"):
         r = cli("train", "--preset", "tiny", "--data-dir", fake_fashion, option, "0.2",
-                            "--out", tmp_path / "other")
+                "--out", tmp_path / "other")
         assert r.returncode == 2 and "add --conditional" in r.stderr, r.stderr
         assert not (tmp_path / "other").exists()

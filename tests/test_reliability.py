@@ -404,7 +404,6 @@ def test_sigkill_during_checkpoint_writes_never_loses_the_run(tmp_path, fake_fas
     assert same_weights(final, expected)
 
 
-
 def test_a_side_output_that_cannot_be_written_warns_once_and_training_goes_on(capsys):
     from ddpm.train import _Warnings
 

@@ -972,11 +972,10 @@ def _check_out(path: str, suffixes: Sequence[str], option: str = "--out") -> Pat
         raise UsageError(f"{option} {path} is a folder; give a file name ending in {suffixes[0]}")
     if out.suffix.lower() not in suffixes:
         raise UsageError(f"{option} {path}: the file must end in {', '.join(suffixes)}")
-    reason = unwritable(out.parent)
-    if reason == f"{out.parent} is a file":
+    if out.parent.exists() and not out.parent.is_dir():
         raise UsageError(f"{option} {path}: cannot write in {out.parent}, which is a file; "
                          f"choose a folder")
-    if reason is not None:
+    if (reason := unwritable(out.parent)) is not None:
         raise UsageError(f"{option} {path}: cannot write in {out.parent}: {reason}; "
                          f"choose a writable folder")
     out.parent.mkdir(parents=True, exist_ok=True)
