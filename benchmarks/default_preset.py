@@ -11,18 +11,18 @@ does not depend on them.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import time
 
 import torch
 
-from ddpm import get_preset
-from ddpm.data import BatchStream, load_dataset
+from ddpm import get_preset, with_overrides
+from ddpm.data import load_dataset
 from ddpm.models import count_parameters
-from ddpm.pipeline import Pipeline, build_schedule, resolve_device
-from ddpm.train import EMA, build_training, make_accelerator, train_step
+from ddpm.pipeline import Pipeline
+from ddpm.runtime import make_accelerator, resolve_device
+from ddpm.train import build_training
 
 
 def main() -> None:
@@ -33,24 +33,15 @@ def main() -> None:
     ap.add_argument("--precision", default=None, help="override the preset's precision")
     args = ap.parse_args()
 
-    config = get_preset(args.preset)
-    if args.precision:
-        config = dataclasses.replace(
-            config, train=dataclasses.replace(config.train, precision=args.precision))
+    config = with_overrides(get_preset(args.preset),
+                            {"train": {"precision": args.precision}} if args.precision else {})
     device = resolve_device(config.train.device)
-    schedule = build_schedule(config)
-    accelerator = make_accelerator(config.train.precision, device)
-    model, _, opt = build_training(config, accelerator, device)
-    ema = EMA(model, config.train.ema_decay)
-    data = load_dataset(config.data.dataset, config.data.data_dir, "train")
-    stream = BatchStream(data, config.train.batch_size, hflip=config.data.hflip,
-                         generator=torch.Generator().manual_seed(0))
-    noise = torch.Generator().manual_seed(1)
+    # The set-up of 'ddpm train' itself: network, AdamW, EMA, the data stream.
+    run = build_training(config, make_accelerator(device), device,
+                         lambda: load_dataset(config.data.dataset, config.data.data_dir, "train"))
 
     def step() -> None:
-        train_step(model, schedule, opt, [stream.next()], accelerator=accelerator, generator=noise,
-                   config=config, device=device, lr=config.train.lr)
-        ema.update(model)
+        run.update(run.next_batches(), config.train.lr)
 
     for _ in range(3):
         step()
@@ -59,7 +50,7 @@ def main() -> None:
         step()
     train_ips = args.train_steps * config.train.batch_size / (time.perf_counter() - t0)
 
-    pipe = Pipeline(ema.model, schedule, config, 0, device, config.train.precision)
+    pipe = Pipeline(run.ema.model, run.schedule, config, 0, device, run.precision)
     sample_s = {}
     for steps in args.sample_steps:
         t0 = time.perf_counter()
@@ -68,8 +59,8 @@ def main() -> None:
 
     print(json.dumps({
         "preset": args.preset,
-        "precision": config.train.precision,
-        "params": count_parameters(model),
+        "precision": run.precision,
+        "params": count_parameters(run.net),
         "train_images_per_s": round(train_ips, 1),
         "seconds_to_sample_64": sample_s,
         "threads": torch.get_num_threads(),

@@ -20,7 +20,8 @@ import torch
 from torchvision.utils import save_image
 
 from ddpm import get_preset
-from ddpm.pipeline import Pipeline, build_model, build_schedule, load_pipeline
+from ddpm.models import UNet
+from ddpm.pipeline import Pipeline, build_schedule, load_pipeline
 from ddpm.samplers import DEFAULT_SPACING, SAMPLERS, get_sampler, initial_noise, make_timesteps
 from ddpm.schedules import make_schedule
 from ddpm.toy import mixture_denoiser
@@ -59,7 +60,7 @@ def main() -> None:
         pipe = load_pipeline(args.checkpoint, device="cpu")
     else:
         config = get_preset("fashion-cpu")
-        pipe = Pipeline(build_model(config).eval(), build_schedule(config), config, 0,
+        pipe = Pipeline(UNet(config.model).eval(), build_schedule(config), config, 0,
                         torch.device("cpu"))
     if args.grid:
         grids = []

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from ddpm.bench import count_gflops, peak_matmul_gflops
+from ddpm.bench import count_gflops
 from ddpm.cli import main
 from ddpm.models import UNet, UNetConfig
 
@@ -52,8 +52,25 @@ def test_unet_flops_equal_the_sum_over_its_layers(block, patch):
     assert expected > 0 and counted == expected
 
 
-def test_peak_matmul_is_measured():
-    assert peak_matmul_gflops(torch.float32, torch.device("cpu"), seconds=0.2) > 1.0
+def test_peak_matmul_is_the_best_rate_and_stops_growing_when_slow(monkeypatch):
+    """The peak is 2 n^3 FLOPs per product times the products per second, the best over the
+    sizes tried; sizes stop growing once one product takes a tenth of the time budget."""
+    from ddpm import bench
+
+    per_product = {512: 0.001, 1024: 0.004, 2048: 0.5, 4096: 9.0}  # seconds per n x n product
+    tried = []
+
+    def timed(step, seconds, warmup, sync):  # the sizes come in the order given below
+        n = (512, 1024, 2048, 4096)[len(tried)]
+        tried.append(n)
+        return 10, 10 * per_product[n]  # 10 products
+
+    monkeypatch.setattr(bench, "_timed", timed)
+    peak = bench.peak_matmul_gflops(torch.float32, torch.device("cpu"), seconds=2.0,
+                                    sizes=(512, 1024, 2048, 4096))
+    # 2048 takes 0.5 s > 2.0 / 10, so 4096 is never tried
+    assert tried == [512, 1024, 2048]
+    assert peak == pytest.approx(max(2 * n**3 / per_product[n] / 1e9 for n in (512, 1024, 2048)))
 
 
 def test_bench_json_holds_the_figures_and_they_add_up(capsys):
@@ -86,16 +103,20 @@ def test_bench_table_and_a_bad_option(capsys):
 
 def test_speed_options_reach_the_training_step():
     """--compile wraps what the step calls (the plain network is still what is saved and
-    averaged), --channels-last stores the convolutions NHWC, and AdamW is the fused kernel."""
-    from ddpm import get_preset
-    from ddpm.bench import with_overrides
-    from ddpm.train import build_training, make_accelerator
+    averaged), --channels-last stores the convolutions NHWC, and AdamW is the fused kernel;
+    bench builds all of it with train's own set-up."""
+    from ddpm import get_preset, with_overrides
+    from ddpm.bench import _synthetic_data
+    from ddpm.runtime import make_accelerator
+    from ddpm.train import build_training
 
-    config = with_overrides(get_preset("tiny"), compile=True, channels_last=True)
+    config = with_overrides(get_preset("tiny"), {"train": {"compile": True, "channels_last": True}})
     cpu = torch.device("cpu")
-    net, model, optimizer = build_training(config, make_accelerator("fp32", cpu), cpu)
-    assert isinstance(model, torch._dynamo.eval_frame.OptimizedModule) and model._orig_mod is net
-    assert net.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    assert optimizer.param_groups[0]["fused"] is True
-    plain = build_training(get_preset("tiny"), make_accelerator("fp32", cpu), cpu)
-    assert plain[1] is plain[0] and plain[0].conv_in.weight.is_contiguous()
+    run = build_training(config, make_accelerator(cpu), cpu, lambda: _synthetic_data(config, 64))
+    assert isinstance(run.model, torch._dynamo.eval_frame.OptimizedModule)
+    assert run.model._orig_mod is run.net
+    assert run.net.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert run.optimizer.param_groups[0]["fused"] is True
+    plain = build_training(get_preset("tiny"), make_accelerator(cpu), cpu,
+                           lambda: _synthetic_data(config, 64))
+    assert plain.model is plain.net and plain.net.conv_in.weight.is_contiguous()

@@ -128,9 +128,12 @@ def test_every_sampler_from_the_command_line(trained_run, tmp_path, sampler, ste
 
 def test_sampler_options_are_checked(trained_run, tmp_path):
     r = ddpm_in_process("sample", trained_run[0], "--sampler", "euler", "--eta", "0.5", "--out", tmp_path / "x.png")
-    assert r.returncode == 2 and "--eta is a DDIM setting" in r.stderr
+    assert r.returncode == 2 and "--eta is a setting of the ddim sampler, not of euler" in r.stderr
     r = ddpm_in_process("sample", trained_run[0], "--sampler", "ddim", "--eta", "1.5", "--out", tmp_path / "x.png")
-    assert r.returncode == 2 and "between 0 and 1, got 1.5" in r.stderr
+    assert r.returncode == 2 and "expected a number in [0, 1], got 1.5" in r.stderr
+    r = ddpm_in_process("sample", trained_run[0], "--sampler", "dpm++", "--variance", "beta",
+                        "--out", tmp_path / "x.png")
+    assert r.returncode == 2 and "--variance is a setting of the ddpm sampler" in r.stderr
     r = ddpm_in_process("sample", trained_run[0], "--sampler", "plms", "--out", tmp_path / "x.png")
     assert r.returncode == 2 and "invalid choice: 'plms'" in r.stderr
     assert not (tmp_path / "x.png").exists()

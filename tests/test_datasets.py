@@ -3,22 +3,25 @@
 import dataclasses
 import os
 import pickle
+import subprocess
 import sys
 from pathlib import Path
 from urllib.error import URLError
 
+import numpy as np
 import pytest
 import torch
 from torchvision.transforms.v2 import functional as F
 
-import ddpm.data as data
 from conftest import (label_colour, make_fake_cifar, make_fake_fashion, make_fake_flowers102,
                       make_fake_tinyimagenet, make_image_folder)
-from ddpm.cli import _override, build_parser
-from ddpm.config import DataConfig, get_preset
-from ddpm.data import (FASHION_MNIST_CLASSES, BatchStream, DatasetNotFoundError, ImageData,
-                       StreamingImages, load_dataset, open_dataset, resolve, to_model_range,
-                       to_uint8)
+from ddpm.cli import build_parser
+from ddpm.cli.options import given_settings
+from ddpm.config import DataConfig, get_preset, with_overrides
+from ddpm.data import (FASHION_MNIST_CLASSES, BatchStream, DatasetNotFoundError,
+                       ImageData, StreamingImages, check_options, load_dataset, load_images,
+                       open_dataset, resolve, stored_size, to_model_range, to_uint8)
+from ddpm.data import registry, sources
 
 
 def assert_colours_match_labels(images: torch.Tensor, labels: torch.Tensor, tol: float = 4.0):
@@ -184,8 +187,8 @@ def test_decoded_files_are_cached_and_rebuilt_on_any_change(tmp_path, monkeypatc
     make_image_folder(tmp_path / "pics")
     (tmp_path / "pics" / "dogs" / "x.png").unlink()  # only the good images here
     decoded = []
-    real = data.decode_image
-    monkeypatch.setattr(data, "decode_image", lambda path, *a: decoded.append(path) or real(path, *a))
+    real = sources.decode_image  # StreamingImages decodes each file through it
+    monkeypatch.setattr(sources, "decode_image", lambda path, *a: decoded.append(path) or real(path, *a))
 
     def load(**options):
         decoded.clear()
@@ -226,7 +229,8 @@ def test_streaming_gives_the_batches_of_memory(tmp_path, workers):
     assert streamed.image_shape == memory.image_shape == (3, 18, 18)
     assert len(streamed) == len(memory) == 12 and torch.equal(streamed.labels, memory.labels)
     assert streamed.classes == memory.classes and streamed.name == memory.name == "tinyimagenet"
-    assert torch.equal(streamed.read([0, 5]), memory.read([0, 5]))
+    assert torch.equal(torch.stack([streamed[i][1] for i in (0, 5)]), memory.images[[0, 5]])
+    assert [streamed[i][2] for i in (0, 5)] == ["", ""]  # no decoding errors
 
     def stream(source):
         return BatchStream(source, 5, hflip=True, generator=torch.Generator().manual_seed(3),
@@ -344,7 +348,8 @@ def test_resolve_fills_in_the_defaults(monkeypatch, tmp_path):
     ((), False, True), (("--hflip",), True, True), (("--no-hflip",), False, False)])
 def test_flip_flags_reach_the_run_config(flags, fashion, cifar):
     def hflip(*options):
-        return _override(get_preset("fashion-cpu"), build_parser().parse_args(["train", *options])).data.hflip
+        args = build_parser().parse_args(["train", *options])
+        return with_overrides(get_preset("fashion-cpu"), given_settings(args)).data.hflip
 
     assert hflip(*flags) is fashion
     assert hflip("--dataset", "cifar10", "--data-dir", "/x", *flags) is cifar
@@ -368,6 +373,62 @@ def test_flip_flags_exclude_each_other():
 def test_bad_options_say_what_would_work(change, message):
     with pytest.raises(ValueError, match=message):
         resolve(DataConfig(**change))
+
+
+def test_check_options_is_the_check_of_resolve_and_load_dataset():
+    check_options("cifar10", "all", 16, 1, "random")  # all good: no error
+    check_options("folder", "train", None, None, "resize")  # None: the dataset's own
+    with pytest.raises(ValueError, match="unknown split 'val'; choose one of train, test, all"):
+        check_options("mnist", "val", None, None, "center")
+    with pytest.raises(ValueError, match="folder has no test split"):
+        check_options("folder", "test", None, None, "center")
+    with pytest.raises(ValueError, match="at least 8 pixels, got 4"):
+        load_dataset("fashion-mnist", "/nowhere", image_size=4)
+
+
+def test_load_dataset_fills_in_the_defaults_resolve_does(fake_fashion, tmp_path):
+    make_fake_cifar(tmp_path / "cifar", "cifar10", n_per_batch=2)
+    make_fake_tinyimagenet(tmp_path / "tiny", per_class=1, n_val=1)
+    make_image_folder(tmp_path / "pics")
+    (tmp_path / "pics" / "dogs" / "x.png").unlink()  # only the good images here
+    for dataset, root, options, shape in (
+        ("fashion-mnist", fake_fashion, {}, (1, 28, 28)),
+        ("fashion-mnist", fake_fashion, dict(channels=3, crop="random"), (3, 32, 32)),
+        ("cifar10", tmp_path / "cifar", {}, (3, 32, 32)),
+        ("cifar10", tmp_path / "cifar", dict(channels=1, image_size=16), (1, 16, 16)),
+        ("tinyimagenet", tmp_path / "tiny", dict(crop="random"), (3, 72, 72)),
+        ("folder", tmp_path / "pics", {}, (3, 64, 64)),  # files of any size: FILE_IMAGE_SIZE
+        ("folder", tmp_path / "pics", dict(channels=1, crop="resize"), (1, 64, 64)),
+    ):
+        c = resolve(DataConfig(dataset=dataset, data_dir=str(root), **options))
+        loaded = load_dataset(dataset, root, cache_dir=tmp_path / "cache", **options)
+        side = stored_size(c.image_size, c.crop)
+        assert loaded.image_shape == (c.channels, side, side) == shape, (dataset, options)
+
+
+def test_the_registry_imports_nothing_heavy():
+    """config.py takes the dataset names from the registry: it stays free of torch and numpy."""
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('registry', {registry.__file__!r})\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        "heavy = sorted({'torch', 'numpy', 'PIL', 'torchvision'} & set(sys.modules))\n"
+        "assert not heavy and module.SPLITS == ('train', 'test', 'all'), heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_public_names_stay_importable():
+    import ddpm.data
+
+    names = ("load_dataset open_dataset resolve check_options BatchStream ImageData StreamingImages "
+             "to_model_range to_unit_range to_uint8 DatasetNotFoundError DATASETS SPLITS CROPS "
+             "FOLDER_DATASETS FILE_DATASETS IMAGE_SUFFIXES default_cache_dir default_data_dir "
+             "load_images decode_image read_idx random_crop stored_size FASHION_MNIST_CLASSES "
+             "MNIST_CLASSES FILE_IMAGE_SIZE").split()
+    assert [n for n in names if not hasattr(ddpm.data, n)] == []
+    assert sorted(ddpm.data.__all__) == sorted(names)
 
 
 def test_missing_and_empty_data_say_what_to_do(tmp_path):
@@ -403,3 +464,48 @@ def test_download_offline_says_how_to_get_the_files(tmp_path, monkeypatch, datas
     assert f"could not download {dataset} from" in message
     assert "Temporary failure in name resolution" in message
     assert f"into {target} (" in message and f"--data-dir {target}" in message
+
+
+# --- ddpm eval --images ---------------------------------------------------------------------------
+
+
+def test_load_images_finds_the_files_training_finds(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "samples"
+    for rel, label in (("a.png", 0), ("deep/b.PNG", 1), ("deep/c.bmp", 2)):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), label_colour(label)).save(root / rel)
+    # What macOS leaves behind: "._x" resource forks (not images), and hidden folders whose
+    # pictures (here of another size) are no samples.
+    (root / "._a.png").write_bytes(b"\x00\x05\x16\x07" + bytes(60))
+    (root / "deep" / "._b.PNG").write_bytes(b"\x00\x05\x16\x07" + bytes(60))
+    (root / ".thumbnails").mkdir()
+    Image.new("RGB", (4, 4)).save(root / ".thumbnails" / "a.png")
+    (root / "notes.txt").write_text("not an image")
+    images = load_images(root)
+    assert images.shape == (3, 3, 8, 8) and images.dtype == torch.uint8
+    assert_colours_match_labels(images, torch.tensor([0, 1, 2]), tol=0)
+    assert torch.equal(images, load_dataset("folder", root, image_size=8,
+                                            cache_dir=tmp_path / "cache").images)
+
+
+def test_load_images_picks_the_array_of_an_npz(tmp_path):
+    samples = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    expected = torch.from_numpy(samples).permute(0, 3, 1, 2)
+    np.savez(tmp_path / "one.npz", samples=samples)  # one array, whatever its name
+    assert torch.equal(load_images(tmp_path / "one.npz"), expected)
+    np.savez(tmp_path / "arr0.npz", samples, labels=np.arange(2))  # arr_0 among others
+    assert torch.equal(load_images(tmp_path / "arr0.npz"), expected)
+    several = tmp_path / "several.npz"
+    np.savez(several, samples=samples, labels=np.arange(2))
+    with pytest.raises(ValueError) as info:
+        load_images(several)
+    message = str(info.value)
+    assert str(several) in message and "samples" in message and "labels" in message
+    assert "--npz-key NAME" in message
+    assert torch.equal(load_images(several, npz_key="samples"), expected)
+    with pytest.raises(ValueError, match=r"labels must be uint8 \[N, H, W, C\]"):
+        load_images(several, npz_key="labels")
+    with pytest.raises(ValueError, match=r"no array 'images', only (samples, labels|labels, samples)"):
+        load_images(several, npz_key="images")

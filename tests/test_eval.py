@@ -89,6 +89,15 @@ def test_eval_table_and_images_from_elsewhere(fid_run, tmp_path):
     assert scores[0]["fid"] == pytest.approx(scores[1]["fid"], rel=1e-6)
     assert scores[0]["split"] == "test" and scores[0]["n"] == 20 and scores[0]["sampler"] is None
     assert scores[0]["seed"] == 0  # KID's subsets and the floor's images
+    # an npz from another tool: its one array under another name, or one of several by --npz-key
+    np.savez(tmp_path / "named.npz", samples=np.load(tmp_path / "x.npz")["arr_0"])
+    np.savez(tmp_path / "two.npz", labels=np.zeros(20, np.int64),
+             samples=np.load(tmp_path / "x.npz")["arr_0"])
+    for source, key in ((tmp_path / "named.npz", ()), (tmp_path / "two.npz", ("--npz-key", "samples"))):
+        r = ddpm("eval", "--images", source, *key, "--dataset", "fashion-mnist", "--data-dir", data,
+                 "--split", "test", "--json", "--no-progress", "--cache-dir", cache)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["fid"] == pytest.approx(scores[0]["fid"], rel=1e-6)
     r = ddpm("eval", "--images", tmp_path / "x.npz", "--dataset", "fashion-mnist", "--data-dir", data,
              "--prc", "--no-progress", "--cache-dir", cache)
     assert r.returncode == 0, r.stderr
@@ -108,11 +117,16 @@ def test_eval_table_and_images_from_elsewhere(fid_run, tmp_path):
     (["{run}", "--steps", "500"], "more than the model's 100"),
     (["{run}", "--n", "1"], "expected a number >= 2"),
     (["{run}", "--save-samples", "{tmp}/x.npz"], "exists; choose a new file"),
+    (["--images", "{tmp}/two.npz", "--dataset", "fashion-mnist"],
+     "holds several arrays (a, b) and none named 'arr_0'; pick one with --npz-key NAME"),
+    (["--images", "{tmp}/two.npz", "--dataset", "fashion-mnist", "--npz-key", "c"], "only a, b"),
+    (["{run}", "--npz-key", "a"], "--npz-key names an array of --images"),
 ])
 def test_eval_bad_input_is_one_line_exit_2(fid_run, tmp_path, args, message):
     run, cache, data = fid_run
     np.savez(tmp_path / "x.npz", arr_0=np.zeros((4, 28, 28, 1), np.uint8))
     np.savez(tmp_path / "bad.npz", arr_0=np.zeros((4, 28, 28, 1), np.float32))
+    np.savez(tmp_path / "two.npz", a=np.zeros((4, 28, 28, 1), np.uint8), b=np.zeros(3, np.uint8))
     import os
 
     env = dict(os.environ, TORCH_HOME=str(tmp_path / "torch"))  # no Inception weights there

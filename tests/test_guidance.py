@@ -187,13 +187,18 @@ def test_training_drops_labels_at_the_class_dropout_rate():
     """Algorithm 1 of Ho & Salimans: each label becomes the null class with probability p, the
     others reach the network unchanged."""
     from ddpm import get_preset
-    from ddpm.train import build_training, make_accelerator, train_step
+    from ddpm.data import ImageData
+    from ddpm.runtime import make_accelerator
+    from ddpm.train import build_training, train_step
 
     c = get_preset("tiny")
     config = dataclasses.replace(c, model=dataclasses.replace(c.model, num_classes=10),
                                  train=dataclasses.replace(c.train, class_dropout=0.25))
-    accelerator = make_accelerator("fp32", torch.device("cpu"))
-    net, model, optimizer = build_training(config, accelerator, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    accelerator = make_accelerator(cpu)
+    data = ImageData(torch.zeros(64, 1, 28, 28, dtype=torch.uint8), torch.arange(64) % 10, "x")
+    run = build_training(config, accelerator, cpu, lambda: data)
+    net, model, optimizer = run.net, run.model, run.optimizer
     seen = []
     forward = net.forward
     net.forward = lambda x, t, y=None: (seen.append(y.clone()), forward(x, t, y))[1]

@@ -79,12 +79,41 @@ def test_min_snr_weights():
     assert torch.allclose(min_snr_weight(snr, 5.0, "v"), torch.tensor([0.1 / 1.1, 0.5, 5 / 6, 5 / 101]))
 
 
-def test_v_loss_of_a_zero_predictor_is_one():
-    """v = sqrt(ab) eps - sqrt(1 - ab) x0 has unit variance for unit-variance x0: E[v^2] = 1."""
+@pytest.mark.parametrize("loss", ["mse", "l1", "huber"])
+@pytest.mark.parametrize("weighting", ["uniform", "min-snr"])
+@pytest.mark.parametrize("prediction_type", ["eps", "x0", "v"])
+def test_loss_matches_its_closed_form(prediction_type, weighting, loss):
+    """With t and eps fixed and the network x_t -> x_t / 2, the loss written out by hand in
+    float64 from the betas: x_t (eq. 4), the target (eps, x0 or v = sqrt(ab) eps - sqrt(1 - ab) x0,
+    Salimans & Ho 2022), the elementwise loss, min-SNR-5 weights (Hang et al. 2023) and the mean."""
     schedule = make_schedule("linear", 1000)
     g = torch.Generator().manual_seed(0)
-    x0 = torch.randn(4000, 1, 4, 4, generator=g)
-    value = training_loss(lambda x, t: torch.zeros_like(x), schedule, x0, generator=g,
-                          prediction_type="v")
-    assert value.item() == pytest.approx(1.0, rel=0.02)
-    assert not math.isnan(value.item())
+    x0 = torch.randn(5, 1, 2, 2, generator=g)
+    eps = torch.randn(5, 1, 2, 2, generator=g)
+    t = torch.tensor([0, 1, 40, 500, 999])
+    value = training_loss(lambda x_t, t: 0.5 * x_t, schedule, x0, t=t, eps=eps, loss=loss,
+                          prediction_type=prediction_type, weighting=weighting)
+
+    betas = [1e-4 + i * (0.02 - 1e-4) / 999 for i in range(1000)]  # Ho et al.'s linear betas
+
+    def elementwise(d):
+        if loss == "mse":
+            return d * d
+        if loss == "l1":
+            return abs(d)
+        return 0.5 * d * d if abs(d) < 1 else abs(d) - 0.5  # Huber with threshold 1
+
+    per_sample = []
+    for b, step in enumerate(t.tolist()):
+        ab = math.prod(1 - beta for beta in betas[:step + 1])  # index step holds t = step + 1
+        errors = []
+        for x, e in zip(x0[b].flatten().tolist(), eps[b].flatten().tolist()):
+            x_t = math.sqrt(ab) * x + math.sqrt(1 - ab) * e
+            target = {"eps": e, "x0": x, "v": math.sqrt(ab) * e - math.sqrt(1 - ab) * x}
+            errors.append(elementwise(0.5 * x_t - target[prediction_type]))
+        weight = 1.0
+        if weighting == "min-snr":
+            snr = ab / (1 - ab)
+            weight = min(snr, 5.0) / {"eps": snr, "x0": 1.0, "v": snr + 1}[prediction_type]
+        per_sample.append(weight * sum(errors) / len(errors))
+    assert value.item() == pytest.approx(sum(per_sample) / len(per_sample), rel=1e-5)

@@ -105,7 +105,7 @@ BAD_INPUT = [
      "--steps 101 is more than the model's 100 training timesteps; use 1..100"),
     ("sample {root}/run --steps 0 --out {root}/existing.png", "expected a number >= 1, got 0"),
     # checkpoints: another configuration, another version, truncated, not a checkpoint
-    ("sample {root}/other_config.pt --out {root}/existing.png", "do not fit its own config"),
+    ("sample {root}/other_config.pt --out {root}/existing.png", "holds weights of another model"),
     ("train --resume {root}/other_config_run --steps 4", "holds weights of another model"),
     ("sample {root}/other_version.pt --out {root}/existing.png", "has checkpoint format 99"),
     ("sample {root}/truncated.pt --out {root}/existing.png", "it may be truncated"),
@@ -405,12 +405,12 @@ def test_sigkill_during_checkpoint_writes_never_loses_the_run(tmp_path, fake_fas
 
 
 def test_a_side_output_that_cannot_be_written_warns_once_and_training_goes_on(capsys):
-    from ddpm.train import _Warnings
+    from ddpm.rundir import SideOutputs
 
     def full(*_):
         raise OSError(28, "No space left on device")
 
-    outputs = _Warnings()
+    outputs = SideOutputs()
     assert outputs.best_effort("preview grid", full) is None
     assert outputs.best_effort("preview grid", full) is None
     assert outputs.best_effort("progress animation", lambda: "written") == "written"

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ddpm.samplers import ancestral_sample, ddim_sample, initial_noise, make_timesteps
-from ddpm.schedules import make_schedule
+from ddpm.schedules import broadcast_per_sample, make_schedule
 from ddpm.toy import gaussian_denoiser, mixture_denoiser
 
 
@@ -219,7 +219,7 @@ def test_samplers_work_with_every_prediction_type(prediction_type):
     eps_den = gaussian_denoiser(schedule, mu, s)
 
     def denoiser(x_t, t):
-        ab = schedule.alpha_bar_at(t.double().cpu()).to(x_t.dtype).reshape(-1, 1, 1, 1)
+        ab = broadcast_per_sample(schedule.alpha_bar_at(t.double().cpu()), x_t)  # [B, 1, 1, 1]
         eps = eps_den(x_t, t)
         x0 = (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
         return training_target(prediction_type, x0, eps, ab)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ddpm.schedules import SCHEDULES, extract, make_schedule
+from ddpm.schedules import SCHEDULES, broadcast_per_sample, extract, make_schedule
 
 
 @pytest.mark.parametrize("name", SCHEDULES)
@@ -55,13 +55,19 @@ def test_cosine_alpha_bar_closed_form(T):
     assert s.betas[-1].item() == pytest.approx(0.999)
 
 
-def test_sigmoid_alpha_bar_is_a_sigmoid():
-    s = make_schedule("sigmoid", 1000)
+@pytest.mark.parametrize("T", [1000, 350])
+def test_sigmoid_alpha_bar_is_a_sigmoid(T):
+    s = make_schedule("sigmoid", T)
     sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
-    u = 500 / 1000  # index 499 holds t = 500, the midpoint, where alpha_bar = 1/2 by symmetry
-    expected = (sig(3) - sig(6 * u - 3)) / (sig(3) - sig(-3))
-    assert s.alphas_cumprod[499].item() == pytest.approx(expected, rel=1e-9)
-    assert expected == pytest.approx(0.5)
+
+    def alpha_bar(t):  # the sigmoid over [-3, 3] at u = t / T, rescaled to fall from 1 to 0
+        return (sig(3) - sig(6 * t / T - 3)) / (sig(3) - sig(-3))
+
+    # index i holds t = i + 1; the final beta is clipped to 0.999, so compare all but the last.
+    expected = torch.tensor([alpha_bar(i + 1) for i in range(T - 1)], dtype=torch.float64)
+    assert torch.allclose(s.alphas_cumprod[:-1], expected, rtol=1e-10, atol=1e-14)
+    assert s.betas[-1].item() == pytest.approx(0.999)
+    assert s.alphas_cumprod[T // 2 - 1].item() == pytest.approx(0.5, abs=1e-12)  # the midpoint
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine"])
@@ -92,6 +98,25 @@ def test_extract_broadcasts_and_casts():
     out = extract(s.betas, torch.tensor([0, 10, 999]), x)
     assert out.shape == (3, 1, 1, 1) and out.dtype == torch.float32
     assert out[2, 0, 0, 0].item() == pytest.approx(0.02)
+
+
+def test_broadcast_per_sample_shapes_and_casts():
+    values = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    out = broadcast_per_sample(values, torch.zeros(3, 2, 5, 5, dtype=torch.float32))
+    assert out.shape == (3, 1, 1, 1) and out.dtype == torch.float32
+    assert torch.equal(out.flatten(), values.float())
+    assert broadcast_per_sample(values, torch.zeros(3, 7)).shape == (3, 1)  # any rank of ``like``
+
+
+def test_alpha_bar_scalar_reads_the_table_interpolates_and_knows_the_data():
+    s = make_schedule("cosine", 1000)
+    for t in (0, 10, 10.0, 999):
+        value = s.alpha_bar_scalar(t)
+        assert isinstance(value, float) and value == s.alphas_cumprod[int(t)].item()
+    between = s.alpha_bar_scalar(10.5)
+    assert between == s.alpha_bar_at(10.5).item()
+    assert s.alphas_cumprod[11].item() < between < s.alphas_cumprod[10].item()
+    assert s.alpha_bar_scalar(-1) == 1.0  # the samplers' step after the last one: the data
 
 
 def test_unknown_schedule_names_the_choices():

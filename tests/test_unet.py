@@ -65,16 +65,55 @@ def test_each_image_is_denoised_on_its_own(block):
 
 
 def test_patches_fold_pixels_into_channels():
-    """patch_size 2: the first level sees 4 channels at 14x14; the output is unfolded back, and
-    each output pixel depends on its own patch at the first layer (pixel_unshuffle's layout)."""
+    """patch_size 2: the first layer sees each 2x2 patch as one position of 4 channels, so one
+    pixel reaches conv_in's output only within the 3x3 neighbourhood of its patch; and the last
+    layer's channels unfold to the same pixels they were folded from, so the output keeps the
+    input's shape and pixel order."""
     config = UNetConfig(base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
                         attention_resolutions=(7,), norm_groups=4, patch_size=2)
     model = _randomise(UNet(config)).eval()
     assert model.conv_in.in_channels == 4 and model.conv_out.out_channels == 4
-    x = torch.randn(2, 1, 28, 28)
-    assert model(x, torch.tensor([3, 500])).shape == x.shape
-    unfolded = torch.nn.functional.pixel_unshuffle(x, 2)
-    assert unfolded.shape == (2, 4, 14, 14) and torch.equal(unfolded[0, 1, 0, 0], x[0, 0, 0, 1])
+    x, t = torch.randn(1, 1, 28, 28), torch.tensor([3])
+    seen = {}
+    model.conv_in.register_forward_hook(
+        lambda module, inputs, output: seen.update(patches=inputs[0], features=output))
+    out = model(x, t).detach()
+    patches, features = seen["patches"], seen["features"]  # [1, 4, 14, 14], [1, 8, 14, 14]
+    assert out.shape == x.shape and patches.shape == (1, 4, 14, 14)
+
+    def nudge(r, c):
+        """Add 1 to pixel (r, c): the (channel, i, j) of conv_in's input that changed, and the
+        [14, 14] mask of conv_in's output positions that changed."""
+        nudged = x.clone()
+        nudged[0, 0, r, c] += 1.0
+        model(nudged, t)
+        changed = [tuple(p[1:]) for p in (seen["patches"] != patches).nonzero().tolist()]
+        return changed, (seen["features"] != features).any(dim=1)[0]
+
+    def unfold(channel, i, j):
+        """The output pixels [b, c, row, col] that move when conv_out's output gets 1 added at
+        (channel, i, j)."""
+        def add_one(module, inputs, output):
+            output = output.clone()
+            output[0, channel, i, j] += 1.0
+            return output
+
+        hook = model.conv_out.register_forward_hook(add_one)
+        moved = (model(x, t) != out).nonzero().tolist()
+        hook.remove()
+        return moved
+
+    with torch.no_grad():
+        for r, c in [(0, 0), (0, 1), (1, 0), (1, 1), (6, 9), (13, 14), (27, 26), (27, 27)]:
+            changed, reached = nudge(r, c)
+            assert len(changed) == 1 and changed[0][1:] == (r // 2, c // 2), (r, c, changed)
+            expected = torch.zeros(14, 14, dtype=torch.bool)  # the patch's 3x3 neighbourhood
+            expected[max(r // 2 - 1, 0):r // 2 + 2, max(c // 2 - 1, 0):c // 2 + 2] = True
+            assert torch.equal(reached, expected), (r, c)
+            assert unfold(*changed[0]) == [[0, 0, r, c]], (r, c)
+        # the four pixels of one patch fill its four channels at one position
+        folded = sorted(nudge(r, c)[0] for r, c in [(4, 6), (4, 7), (5, 6), (5, 7)])
+        assert folded == [[(k, 2, 3)] for k in range(4)]
 
 
 def test_convnext_blocks_replace_the_residual_blocks():

@@ -13,7 +13,7 @@ from ddpm.data import load_dataset, to_model_range, to_uint8
 from ddpm.pipeline import load_pipeline
 from ddpm.samplers import initial_noise
 from ddpm.schedules import make_schedule
-from ddpm.train import PREVIEW_SEED, PROGRESS_FILE
+from ddpm.rundir import PREVIEW_SEED, PROGRESS_FILE
 from ddpm.viz import (forward_noised, frame_grid, read_animation, reverse_frames, save_animation,
                       upscale)
 
@@ -59,6 +59,9 @@ def test_forward_strip_starts_at_the_data_and_its_variance_follows_the_schedule(
     # Var(x_t) = alpha_bar_t Var(x0) + (1 - alpha_bar_t) (eq. 4, x0 and eps independent), where
     # alpha_bar_t is the product of (1 - beta_s) over the t steps s = 1..t.
     alpha_bar = torch.cat([torch.ones(1, dtype=torch.float64), schedule.betas.neg().add(1).cumprod(0)])
+    for k, t in enumerate(ts):  # each column is eq. 4 after exactly t steps (t - 1 is 6e-5 off)
+        expected = alpha_bar[t].sqrt() * x0.double() + (1 - alpha_bar[t]).sqrt() * eps.double()
+        assert torch.allclose(strip[k].double(), expected, rtol=0, atol=1e-5), t  # float32 roots
     var0 = x0.var().item()
     variances = [strip[k].var().item() for k in range(len(ts))]
     for t, v in zip(ts, variances):

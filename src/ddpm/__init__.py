@@ -7,7 +7,8 @@ The Python API mirrors the command line::
 
 __version__ = "0.1.0"
 
-from .config import DataConfig, DiffusionConfig, RunConfig, SampleConfig, TrainConfig, get_preset
+from .config import (DataConfig, DiffusionConfig, RunConfig, SampleConfig, TrainConfig, get_preset,
+                     with_overrides)
 from .diffusion import q_posterior, q_sample, training_loss
 from .models import UNet, UNetConfig
 from .pipeline import Pipeline, load_pipeline
@@ -20,5 +21,5 @@ __all__ = [
     "DataConfig", "DiffusionConfig", "NoiseSchedule", "Pipeline", "RunConfig", "SampleConfig",
     "TrainConfig", "UNet", "UNetConfig", "ancestral_sample", "ddim_sample", "dpmpp_2m_sample",
     "euler_sample", "get_preset", "heun_sample", "load_pipeline", "make_schedule",
-    "make_timesteps", "q_posterior", "q_sample", "train", "training_loss",
+    "make_timesteps", "q_posterior", "q_sample", "train", "training_loss", "with_overrides",
 ]

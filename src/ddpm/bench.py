@@ -9,20 +9,19 @@ against a ceiling measured here rather than a datasheet.
 
 from __future__ import annotations
 
-import contextlib
-import platform
+import dataclasses
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import RunConfig
-from .data import BatchStream, ImageData
+from .data import ImageData
 from .models import count_parameters
-from .pipeline import autocast, build_schedule, resolve_device
-from .train import EMA, MIXED_PRECISION, build_training, make_accelerator, train_step
+from .runtime import autocast, make_accelerator, processor_name, resolve_device, torch_state_kept
+from .train import Training, build_training
 
 
 @dataclass(frozen=True)
@@ -107,74 +106,57 @@ def bench(
     peak_seconds: float = 2.0,
     progress: Callable[[str], None] = lambda message: None,
 ) -> BenchResult:
-    """Measure ``config``'s training step and sampling evaluation on its device and precision."""
+    """Measure ``config``'s training step and sampling evaluation on its device and precision.
+    The network, optimiser and data stream are built as ``ddpm train`` builds them
+    (``train.build_training``), on synthetic images."""
     tc = config.train
     device = resolve_device(tc.device)
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    torch.manual_seed(tc.seed)
-    accelerator = make_accelerator(tc.precision, device)
-    # What Accelerate autocasts to (auto may follow 'accelerate launch --mixed_precision').
-    precision = {ours: theirs for theirs, ours in MIXED_PRECISION.items()}[accelerator.mixed_precision]
-    schedule = build_schedule(config)
-    net, model, optimizer = build_training(config, accelerator, device)
-    ema = EMA(net, tc.ema_decay, tc.ema_warmup)
-    stream = BatchStream(_synthetic_data(config, 8 * tc.batch_size), tc.batch_size,
-                         hflip=config.data.hflip, generator=torch.Generator().manual_seed(0))
-    noise = torch.Generator(device).manual_seed(1)
-    sync = _synchronizer(device)
+    with torch_state_kept():
+        run = build_training(config, make_accelerator(device), device,
+                             lambda: _synthetic_data(config, 8 * tc.batch_size))
+        sync = _synchronizer(device)
 
-    def one_training_step(model: torch.nn.Module = model) -> None:
-        batches = [stream.next() for _ in range(tc.grad_accum)]
-        train_step(model, schedule, optimizer, batches, accelerator=accelerator, generator=noise,
-                   config=config, device=device, lr=tc.lr)
-        ema.update(net)
+        def one_training_step(run: Training = run) -> None:
+            run.update(run.next_batches(), tc.lr)
 
-    progress(f"training step: batch {tc.batch_size}x{tc.grad_accum}, {precision}, "
-             f"{torch.get_num_threads()} threads, {seconds:g} s")
-    model.train()
-    steps, elapsed = _timed(one_training_step, seconds, 3, sync)
-    train_images_per_s = steps * tc.batch_size * tc.grad_accum / elapsed
-    # Counted on the plain network: a compiled one computes the same products.
-    train_gflops = count_gflops(lambda: one_training_step(net)) / (tc.batch_size * tc.grad_accum)
+        progress(f"training step: batch {tc.batch_size}x{tc.grad_accum}, {run.precision}, "
+                 f"{torch.get_num_threads()} threads, {seconds:g} s")
+        run.model.train()
+        steps, elapsed = _timed(one_training_step, seconds, 3, sync)
+        train_images_per_s = steps * tc.batch_size * tc.grad_accum / elapsed
+        # Counted on the plain network: a compiled one computes the same products.
+        plain = dataclasses.replace(run, model=run.net)
+        train_gflops = count_gflops(lambda: one_training_step(plain)) / (tc.batch_size * tc.grad_accum)
 
-    progress(f"sampling evaluation: batch {sample_batch_size}, {seconds:g} s")
-    sampling_net = ema.model
-    m = config.model
-    x = torch.randn(sample_batch_size, m.in_channels, m.image_size, m.image_size, device=device)
-    t = torch.full((sample_batch_size,), schedule.num_train_timesteps // 2, device=device)
+        progress(f"sampling evaluation: batch {sample_batch_size}, {seconds:g} s")
+        sampling_net = run.ema.model
+        m = config.model
+        x = torch.randn(sample_batch_size, m.in_channels, m.image_size, m.image_size, device=device)
+        t = torch.full((sample_batch_size,), run.schedule.num_train_timesteps // 2, device=device)
 
-    def one_evaluation() -> None:
-        with torch.inference_mode(), autocast(device, precision):
-            sampling_net(x, t)
+        def one_evaluation() -> None:
+            with torch.inference_mode(), autocast(device, run.precision):
+                sampling_net(x, t)
 
-    calls, elapsed = _timed(one_evaluation, seconds, 2, sync)
-    sample_images_per_s = calls * sample_batch_size / elapsed
-    forward_gflops = count_gflops(one_evaluation) / sample_batch_size
+        calls, elapsed = _timed(one_evaluation, seconds, 2, sync)
+        sample_images_per_s = calls * sample_batch_size / elapsed
+        forward_gflops = count_gflops(one_evaluation) / sample_batch_size
 
-    progress(f"peak matmul: float32 and bfloat16, {peak_seconds:g} s each")
-    peak32 = peak_matmul_gflops(torch.float32, device, seconds=peak_seconds)
-    peak16 = peak_matmul_gflops(torch.bfloat16, device, seconds=peak_seconds)
+        progress(f"peak matmul: float32 and bfloat16, {peak_seconds:g} s each")
+        peak32 = peak_matmul_gflops(torch.float32, device, seconds=peak_seconds)
+        peak16 = peak_matmul_gflops(torch.bfloat16, device, seconds=peak_seconds)
+        threads = torch.get_num_threads()
     achieved = train_gflops * train_images_per_s
     return BenchResult(
-        params=count_parameters(net), batch_size=tc.batch_size, precision=precision,
-        threads=torch.get_num_threads(), device=str(device),
+        params=count_parameters(run.net), batch_size=tc.batch_size, precision=run.precision,
+        threads=threads, device=str(device),
         train_images_per_s=train_images_per_s, train_steps=steps,
         sample_batch_size=sample_batch_size, sample_images_per_s=sample_images_per_s,
         forward_gflops_per_image=forward_gflops, train_gflops_per_image=train_gflops,
         achieved_gflops=achieved, peak_gflops_fp32=peak32, peak_gflops_bf16=peak16,
-        utilisation=achieved / max(peak32, peak16), cpu=cpu_name(device), torch=torch.__version__,
+        utilisation=achieved / max(peak32, peak16), cpu=processor_name(device),
+        torch=torch.__version__,
     )
-
-
-def cpu_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def format_table(r: BenchResult) -> str:
@@ -195,7 +177,3 @@ def format_table(r: BenchResult) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
-
-def with_overrides(config: RunConfig, **train: Any) -> RunConfig:
-    return replace(config, train=replace(config.train, **train))

@@ -1,5 +1,9 @@
 """Checkpoints: one versioned dict, written atomically, loaded without running code.
 
+:class:`TrainState` is the one place the dict's layout is written down: training saves and
+resumes through its ``state_dict``/``load_state_dict``, and the sampling pipeline reads a
+checkpoint's config and weights through :func:`checkpoint_config` and :func:`load_weights`.
+
 A checkpoint holds the model, the EMA model, the optimiser, the gradient scaler, the step, the
 elapsed training time, the RNG states, the data-stream position and the resolved config (plain
 data). It is written to a temporary file in the same folder, flushed to disk and renamed over
@@ -12,7 +16,9 @@ other pickled object, so a crafted file cannot run code.
 from __future__ import annotations
 
 import errno
+import math
 import os
+import time
 import re
 import tempfile
 import warnings
@@ -20,6 +26,9 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 import torch
+from torch import nn
+
+from .config import RunConfig
 
 FORMAT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
@@ -189,3 +198,112 @@ def load_run_or_file(
             + "; pass a run directory written by 'ddpm train' or a .pt checkpoint file"
         )
     raise CheckpointError(f"{p} is neither a checkpoint file nor a run directory")
+
+
+# --- the layout -----------------------------------------------------------------------------------
+
+
+def checkpoint_config(state: dict[str, Any], path: str | os.PathLike) -> RunConfig:
+    """The RunConfig saved in a checkpoint, or a CheckpointError saying it is from elsewhere."""
+    try:
+        return RunConfig.from_dict(state["config"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path} holds a config this version of ddpm cannot read ({exc}); it was written by "
+            f"another version: sample or resume it with that version"
+        ) from None
+
+
+def load_weights(model: nn.Module, state: dict[str, Any], path: str | os.PathLike, *,
+                 ema: bool) -> None:
+    """Load the checkpoint's EMA (``ema=True``) or raw weights into ``model``; weights of another
+    shape than the checkpoint's own config describes are a CheckpointError."""
+    try:
+        model.load_state_dict(state["ema" if ema else "model"])
+    except (RuntimeError, KeyError) as exc:
+        raise CheckpointError(
+            f"{Path(path)} holds weights of another model than its config describes "
+            f"({str(exc).splitlines()[0]}); it was not written by this run's 'ddpm train'"
+        ) from None
+
+
+class TrainState:
+    """Everything a run is at a step: the network, its EMA, the optimiser, fp16's scaler, the
+    step, the elapsed time, the random states (torch's global one for dropout, the noise
+    generator of t and eps, the data stream's), the data stream's position, the best FID so far
+    and the count of skipped steps. ``state_dict()`` is the checkpoint; ``load_state_dict()``
+    puts a checkpoint back, so that resuming makes exactly the updates the uninterrupted run
+    would have made. ``ema`` is None on the processes that do not keep one (all but the main).
+
+    Nothing in it is per-process, so a run resumes with any number of processes.
+    """
+
+    def __init__(self, *, config: RunConfig, model: nn.Module, ema: Any, optimizer: Any,
+                 scaler: Any, stream: Any, noise_generator: torch.Generator,
+                 classes: tuple[str, ...] = (), num_processes: int = 1):
+        self.config, self.model, self.ema, self.optimizer, self.scaler = (
+            config, model, ema, optimizer, scaler)
+        self.stream, self.noise_generator = stream, noise_generator
+        self.classes, self.num_processes = tuple(classes), num_processes
+        self.step = 0
+        self.skipped_steps = 0  # updates skipped for a non-finite loss (--on-nan skip)
+        self.best_fid = math.inf
+        self._elapsed_before = 0.0  # training time of the run before this process took it up
+        self._clock = time.perf_counter()
+
+    def start_clock(self) -> None:
+        """Count training time from now (after the set-up: data, reference statistics)."""
+        self._clock = time.perf_counter()
+
+    @property
+    def elapsed_s(self) -> float:
+        """Training time of the run so far, across resumes."""
+        return self._elapsed_before + time.perf_counter() - self._clock
+
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint of this step; refuses (FloatingPointError) to hold non-finite weights."""
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise FloatingPointError(f"the weights are not finite at step {self.step}; nothing "
+                                     f"was saved over the existing checkpoints")
+        rng = {"torch": torch.get_rng_state(), "noise": self.noise_generator.get_state(),
+               "data": self.stream.generator.get_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "step": self.step,
+            "elapsed_s": self.elapsed_s,
+            "config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "ema": self.ema.model.state_dict(),
+            "ema_state": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "data_stream": self.stream.state_dict(),
+            "rng": rng,
+            "num_params": sum(p.numel() for p in self.model.parameters()),
+            "classes": list(self.classes),
+            "num_processes": self.num_processes,
+            "skipped_steps": self.skipped_steps,
+            "best_fid": self.best_fid,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], path: str | os.PathLike = "checkpoint") -> None:
+        """Continue from the checkpoint ``state`` (read from ``path``, named in errors)."""
+        load_weights(self.model, state, path, ema=False)
+        if self.ema is not None:
+            load_weights(self.ema.model, state, path, ema=True)
+            self.ema.load_state_dict(state["ema_state"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.stream.load_state_dict(state["data_stream"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        self.noise_generator.set_state(rng["noise"])
+        self.stream.generator.set_state(rng["data"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.step = int(state["step"])
+        self._elapsed_before = float(state["elapsed_s"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.best_fid = float(state.get("best_fid", math.inf))

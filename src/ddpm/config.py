@@ -1,42 +1,72 @@
-"""Frozen, keyword-only dataclass configs and the named presets.
+"""The run's configuration: frozen dataclasses, one declaration per setting, and the presets.
 
-Strings from the command line are parsed in ``cli.py`` only; everything here is already typed.
+Every user-settable field is declared once with :func:`ddpm.settings.setting` (its default, flag,
+allowed values, help and resume rule); the command line's options, the overrides onto a preset
+(:func:`with_overrides`), the resume check (:func:`resume_changes`) and the help text are made
+from those declarations, so an option can never be parsed and then ignored. Each section
+validates itself (``validate()``); :meth:`RunConfig.validate` adds the rules between sections and
+is what the command line and the Python API both call.
+
 A run's resolved config is saved as JSON beside its checkpoints and inside each checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from .data.registry import CROPS, DATASETS, SPLITS, check_options
+from .data.registry import resolve as resolve_data
+from .diffusion import LOSS_WEIGHTINGS, LOSSES, PREDICTION_TYPES
 from .models import UNetConfig
+from .samplers import SAMPLERS, SPACINGS, VARIANCES
+from .schedules import SCHEDULES
+from .settings import check_fields, coerce, names, setting, settings_of
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LR_SCHEDULES = ("constant", "cosine")
+ON_NAN = ("stop", "skip")
+X0_TRANSFORMS = ("clip", "dynamic", "none")
+
+
+class SettingError(ValueError):
+    """A setting whose value breaks a rule between settings. The message names the setting by
+    its config key; the command line names it by the flag the user typed (:meth:`for_flag`)."""
+
+    def __init__(self, key: str, message: str):
+        self.key, self.message = key, message  # message: '{setting}' where the name goes
+        super().__init__(message.format(setting=key))
+
+    def for_flag(self, flag: str) -> str:
+        return self.message.format(setting=flag)
 
 
 @dataclass(frozen=True, kw_only=True)
 class DiffusionConfig:
-    schedule: str = "linear"
-    num_train_timesteps: int = 1000
-    loss: str = "mse"
-    prediction_type: str = "eps"  # eps | x0 | v
-    loss_weighting: str = "uniform"  # uniform | min-snr
-    min_snr_gamma: float = 5.0
-    zero_terminal_snr: bool = False  # Lin et al. 2024; needs prediction_type v or x0
+    schedule: str = setting("linear", flag="--schedule", choices=SCHEDULES, help="beta schedule")
+    num_train_timesteps: int = setting(1000, flag="--num-timesteps", at_least=2,
+                                       help="diffusion steps T")
+    loss: str = setting("mse", flag="--loss", choices=LOSSES,
+                        help="elementwise loss on the network's prediction")
+    prediction_type: str = setting(
+        "eps", flag="--prediction-type", choices=PREDICTION_TYPES,
+        help="what the network predicts: the noise eps, the image x0, or v (Salimans & Ho 2022)")
+    loss_weighting: str = setting("uniform", flag="--loss-weighting", choices=LOSS_WEIGHTINGS,
+                                  help="uniform, or min-snr (Hang et al. 2023) with --min-snr-gamma")
+    min_snr_gamma: float = setting(5.0, flag="--min-snr-gamma", above=0,
+                                   help="gamma of min-SNR weighting")
+    # Lin et al. 2024; needs prediction_type v or x0
+    zero_terminal_snr: bool = setting(
+        False, flag="--zero-terminal-snr",
+        help="rescale the schedule so the last step is pure noise (Lin et al. 2024); needs "
+             "--prediction-type v or x0")
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field, its value and what would work."""
-        from .diffusion import LOSS_WEIGHTINGS, LOSSES, PREDICTION_TYPES
-        from .schedules import SCHEDULES
-
-        for field_name, value, choices in (
-            ("schedule", self.schedule, SCHEDULES), ("loss", self.loss, LOSSES),
-            ("prediction_type", self.prediction_type, PREDICTION_TYPES),
-            ("loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS),
-        ):
-            if value not in choices:
-                raise ValueError(f"unknown {field_name} {value!r}; choose one of {', '.join(choices)}")
-        if self.num_train_timesteps < 2:
-            raise ValueError(f"num_train_timesteps must be at least 2, got {self.num_train_timesteps}")
+        check_fields(self)
         if self.zero_terminal_snr and self.prediction_type == "eps":
             raise ValueError(
                 "zero terminal SNR makes the last step pure noise, where predicting eps says "
@@ -46,77 +76,193 @@ class DiffusionConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    """What to train on; ``data.resolve`` validates it and fills in the Nones."""
+    """What to train on; :func:`resolve` fills in the Nones from the dataset's own facts."""
 
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None  # None: data.default_data_dir(dataset)
-    split: str = "train"  # train | test | all (every labelled image of the dataset)
-    image_size: int | None = None  # None: the dataset's own (64 for flowers and folders)
-    channels: int | None = None  # None: the dataset's own (1 MNIST/Fashion-MNIST, else 3)
-    crop: str = "center"  # center | resize (squash) | random (stored at 9/8 size, cropped per batch)
-    hflip: bool | None = None  # random horizontal flips; None: the dataset's own (data.resolve)
-    folder_labels: bool = False  # folder: class labels from first-level subfolder names
-    download: bool = False
-    cache_dir: str | None = None  # decoded image files; None: $DDPM_CACHE_DIR or ~/.cache/ddpm
-    max_memory_gb: float = 4.0  # image files whose decoded split exceeds this stream from disk
-    workers: int = 2  # DataLoader processes decoding image files
-    strict: bool = False  # an image file PIL cannot decode: an error instead of a skip
+    dataset: str = setting("fashion-mnist", flag="--dataset", choices=DATASETS,
+                           help="training data; the README has a section on each")
+    data_dir: str | None = setting(
+        None, flag="--data-dir", metavar="DIR",
+        help="the dataset's folder (default: /usr/share/datasets/fashion-mnist for "
+             "fashion-mnist, ~/.cache/ddpm/data/DATASET for the others; folder and "
+             "flowers-folder need it)")
+    split: str = setting("train", flag="--split", choices=SPLITS,
+                         help="which images to train on (all: every labelled one)")
+    image_size: int | None = setting(
+        None, flag="--image-size", at_least=8,
+        help="side of the square images the model sees (default: the dataset's own; 64 for "
+             "flowers and folders)")
+    channels: int | None = setting(
+        None, flag="--channels", choices=(1, 3),
+        help="1 (grey) or 3 (RGB), converting images as needed (default: the dataset's)")
+    crop: str = setting(
+        "center", flag="--crop", choices=CROPS,
+        help="how images reach the size: center (resize the shorter side, centre crop), resize "
+             "(squash) or random (a random crop from 9/8 of the size)")
+    hflip: bool | None = setting(
+        None, flag="--hflip",
+        help="random horizontal flips (default: on, except for MNIST and Fashion-MNIST, whose "
+             "digits and shoes have one orientation)")
+    folder_labels: bool = setting(False, flag="--folder-labels",
+                                  help="folder: one class per first-level subfolder (for "
+                                       "--conditional)")
+    download: bool = setting(False, flag="--download",
+                             help="fetch the dataset if it is missing (needs internet)")
+    cache_dir: str | None = setting(
+        None, flag="--cache-dir", metavar="DIR",
+        help="where decoded image files are cached (default: $DDPM_CACHE_DIR or ~/.cache/ddpm)")
+    max_memory_gb: float = setting(
+        4.0, flag="--max-memory-gb", above=0,
+        help="image files whose decoded images would take more stream from disk")
+    workers: int = setting(2, flag="--workers", at_least=0,
+                           help="processes decoding image files (DataLoader workers)")
+    strict: bool = setting(False, flag="--strict",
+                           help="stop at a corrupt image file instead of skipping it")
+
+    def validate(self) -> None:
+        check_fields(self)
+        check_options(self.dataset, self.split, self.image_size, self.channels, self.crop)
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    batch_size: int = 128
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 200
-    lr_schedule: str = "constant"  # constant | cosine (decays to 0 at ``steps``; needs steps)
-    grad_clip: float = 1.0
-    grad_accum: int = 1
-    ema_decay: float = 0.999
-    ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)), so early EMA tracks the model
+    batch_size: int = setting(128, flag="--batch-size", at_least=1, group="optimisation",
+                              help="images per micro-batch (all processes together)")
+    lr: float = setting(2e-4, flag="--lr", above=0, group="optimisation",
+                        help="AdamW peak learning rate")
+    weight_decay: float = setting(0.0, flag="--weight-decay", at_least=0, group="optimisation",
+                                  help="AdamW's decoupled weight decay")
+    adam_betas: tuple[float, float] = setting(
+        (0.9, 0.999), flag="--adam-betas", at_least=0, below=1, min_items=2, group="optimisation",
+        metavar="B1,B2", help="AdamW's moment decays")
+    warmup_steps: int = setting(200, flag="--warmup-steps", at_least=0, group="optimisation",
+                                help="linear learning-rate warm-up")
+    lr_schedule: str = setting(
+        "constant", flag="--lr-schedule", choices=LR_SCHEDULES, group="optimisation",
+        help="after warm-up: constant, or cosine decay to 0 at --steps (or over --minutes)")
+    grad_clip: float = setting(1.0, flag="--grad-clip", above=0, group="optimisation",
+                               help="clip the gradient norm to this")
+    grad_accum: int = setting(1, flag="--grad-accum", at_least=1, group="optimisation",
+                              help="micro-batches per optimiser step")
+    ema_decay: float = setting(0.999, flag="--ema-decay", above=0, below=1, group="optimisation",
+                               help="EMA decay of the sampling weights")
+    # decay min(ema_decay, (1 + n) / (10 + n)), so early EMA tracks the model
+    ema_warmup: bool = setting(True, flag="--ema-warmup", group="optimisation",
+                               help="EMA decay (1 + n) / (10 + n) while that is below --ema-decay")
     # Class-conditional models: the label is replaced by the null class with this probability,
     # so one network also learns the unconditional model guidance needs (Ho & Salimans 2022,
     # Algorithm 1, p_uncond; they found 0.1 to 0.2 equally good).
-    class_dropout: float = 0.1
-    steps: int | None = 10_000
-    minutes: float | None = None
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
-    seed: int = 0
-    log_every: int = 50
-    sample_every: int = 1000
-    sample_n: int = 64
-    sample_steps: int = 100  # network evaluations for the in-training preview grids
-    fid_every: int = 0  # steps between FID/KID measurements of the EMA model (0: none)
-    fid_n: int = 1000  # images generated for each
-    fid_sampler: str = "dpm++"
-    fid_steps: int = 20
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 3  # the newest ones; with fid_every, checkpoints/best.pt as well
+    class_dropout: float = setting(0.1, flag="--class-dropout", at_least=0, below=1,
+                                   group="class-conditional generation (Ho & Salimans 2022)",
+                                   help="probability of training on the null label instead")
+    steps: int | None = setting(
+        10_000, flag="--steps", at_least=1, resume=True, exclusive="stop", group="stopping",
+        help="train until this many optimiser steps in total (with --resume: counted from the "
+             "start of the run)")
+    minutes: float | None = setting(
+        None, flag="--minutes", above=0, resume=True, exclusive="stop", group="stopping",
+        help="train for this many minutes of wall-clock time (this invocation)")
+    precision: str = setting(
+        "auto", flag="--precision", choices=PRECISIONS, group="optimisation",
+        help="autocast precision: auto is bf16 on CUDA, fp32 on CPU (under 'accelerate launch' "
+             "its --mixed_precision); fp16 needs CUDA and uses a gradient scaler")
+    seed: int = setting(0, flag="--seed", group="optimisation",
+                        help="seed of every random draw of the run")
+    log_every: int = setting(50, flag="--log-every", at_least=1, group="outputs",
+                             help="steps between metric lines")
+    sample_every: int = setting(1000, flag="--sample-every", at_least=0, group="outputs",
+                                help="steps between preview grids (0: none)")
+    sample_n: int = setting(64, flag="--sample-n", at_least=1, group="outputs",
+                            help="images in each preview grid and the final grid")
+    sample_steps: int = setting(100, flag="--sample-steps", at_least=1, group="outputs",
+                                help="sampling steps of the preview grids")
+    fid_every: int = setting(0, flag="--fid-every", at_least=0, group="outputs",
+                             help="steps between FID/KID measurements of the EMA model, logged "
+                                  "and plotted in curves.png (0: none)")
+    fid_n: int = setting(1000, flag="--fid-n", at_least=2, group="outputs",
+                         help="images generated for each FID measurement")
+    fid_sampler: str = setting("dpm++", flag="--fid-sampler", choices=SAMPLERS, group="outputs",
+                               help="sampler of the FID measurement's images")
+    fid_steps: int = setting(20, flag="--fid-steps", at_least=1, group="outputs",
+                             help="sampling steps of the FID measurement's images")
+    checkpoint_every: int = setting(1000, flag="--checkpoint-every", at_least=0, group="outputs",
+                                    help="steps between checkpoints (0: only at the end)")
+    keep_checkpoints: int = setting(
+        3, flag="--keep-checkpoints", at_least=1, group="outputs",
+        help="newest checkpoints to keep (with --fid-every, checkpoints/best.pt, the one of the "
+             "lowest FID, is kept as well)")
     # A step whose loss (or, without fp16's scaler, gradient) is not finite never reaches the
     # weights; then stop (the default: something is wrong) or skip the update and count it.
-    on_nan: str = "stop"  # stop | skip
-    threads: int | None = None  # torch intra-op threads; None keeps torch's default
-    channels_last: bool = False  # NHWC tensors for the convolutions
-    compile: bool = False  # torch.compile the training forward and backward
-    device: str = "auto"
-    wandb: bool = False
-    wandb_project: str = "ddpm"
+    on_nan: str = setting("stop", flag="--on-nan", choices=ON_NAN, group="outputs",
+                          help="a step with a non-finite loss never reaches the weights; then "
+                               "stop, or skip the update, count it and go on")
+    threads: int | None = setting(None, flag="--threads", at_least=1, resume=True,
+                                  group="machine", help="CPU threads for torch (per process)")
+    channels_last: bool = setting(False, flag="--channels-last", group="machine",
+                                  help="NHWC memory layout for the convolutions")
+    compile: bool = setting(False, flag="--compile", group="machine",
+                            help="torch.compile the training step's network (compiling takes a "
+                                 "minute or two first)")
+    device: str = setting("auto", flag="--device", resume=True, group="machine", metavar="DEVICE",
+                          help="cpu, cuda, cuda:N or auto")
+    wandb: bool = setting(False, flag="--wandb", group="outputs",
+                          help="also log to Weights & Biases")
+    wandb_project: str = setting("ddpm", flag="--wandb-project", group="outputs", metavar="NAME",
+                                 help="the Weights & Biases project")
+
+    def validate(self) -> None:
+        check_fields(self)
+        if self.steps is None and self.minutes is None:
+            raise ValueError("train.steps and train.minutes are both unset, so training would "
+                             "never stop; give one of them")
 
 
 @dataclass(frozen=True, kw_only=True)
 class SampleConfig:
     """How the run's final grid and ``ddpm sample`` draw images by default."""
 
-    sampler: str = "ddpm"  # ddpm | ddim | dpm++ | euler | heun
-    num_sample_steps: int = 1000
-    spacing: str | None = None  # None: the sampler's own default (karras for euler/heun)
-    variance: str = "posterior"  # ddpm: the paper's sigma_t^2 = beta-tilde_t; or "beta"
-    eta: float = 0.0  # ddim: 0 deterministic ... 1 DDPM-like
-    x0_transform: str = "clip"  # clip | dynamic | none: applied to every predicted x0
+    sampler: str = setting(
+        "ddpm", flag="--sampler", choices=SAMPLERS,
+        help="ddpm (ancestral, Ho et al. 2020), ddim (Song et al. 2021), dpm++ "
+             "(DPM-Solver++(2M), Lu et al. 2022), euler or heun (Karras et al. 2022)")
+    num_sample_steps: int = setting(1000, flag="--steps", at_least=1,
+                                    help="sampling steps, 1..T")
+    # None: the sampler's own default (karras for euler/heun, logsnr for dpm++)
+    spacing: str | None = setting(
+        None, flag="--spacing", choices=SPACINGS,
+        help="how the steps are spread over 0..T-1 (default: karras for euler/heun, logsnr for "
+             "dpm++, linspace for ddpm/ddim)")
+    variance: str = setting(
+        "posterior", flag="--variance", choices=VARIANCES,
+        help="ddpm only: sigma_t^2 of each step, the posterior beta-tilde_t (the paper's) or beta_t")
+    eta: float = setting(0.0, flag="--eta", at_least=0, at_most=1,
+                         help="ddim only: 0 is deterministic, 1 adds DDPM-like noise")
+    x0_transform: str = setting(
+        "clip", flag="--x0", choices=X0_TRANSFORMS,
+        help="what to do with each predicted x0: clip to [-1, 1], dynamic thresholding "
+             "(Saharia et al. 2022) or none")
     # Classifier-free guidance scale w of a class-conditional model (Ho & Salimans 2022, eq. 6):
     # 0 samples the conditional model as trained; larger w trades diversity for class fidelity.
-    guidance: float = 0.0
+    guidance: float = setting(
+        0.0, flag="--guidance", at_least=0, group="class-conditional generation (Ho & Salimans 2022)",
+        help="classifier-free guidance scale w: 0 is the conditional model, larger w gives more "
+             "typical images of the class")
+
+    def validate(self, *, num_train_timesteps: int, num_classes: int) -> None:
+        """The section's own rules and those against the model it samples: at most T steps,
+        guidance only for a class-conditional model."""
+        check_fields(self)
+        T = num_train_timesteps
+        if self.num_sample_steps > T:
+            raise SettingError("sample.num_sample_steps", f"{{setting}} {self.num_sample_steps} "
+                               f"is more than the model's {T} training timesteps; use 1..{T}")
+        if self.guidance and not num_classes:
+            raise SettingError("sample.guidance", f"{{setting}} {self.guidance:g} needs a "
+                               f"class-conditional model, and this one has no classes (add "
+                               f"--conditional to train one)")
+
+
+SECTIONS = {"model": UNetConfig, "diffusion": DiffusionConfig, "data": DataConfig,
+            "train": TrainConfig, "sample": SampleConfig}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,23 +278,156 @@ class RunConfig:
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "RunConfig":
-        """Inverse of :meth:`to_dict`; unknown keys raise, so a foreign config is caught early."""
+        """Inverse of :meth:`to_dict`. Missing keys keep their defaults; an unknown key or a
+        value of the wrong type raises ValueError naming it (and the valid names)."""
+        return with_overrides(RunConfig(), d, resolve=False)
 
-        def build(cls, values: dict[str, Any]):
-            names = {f.name: f for f in dataclasses.fields(cls)}
-            unknown = set(values) - set(names)
-            if unknown:
-                raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}")
-            kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-            return cls(**kwargs)
+    def validate(self, *, num_processes: int = 1) -> None:
+        """Every section's rules, then those between sections: the model takes the data's
+        images, sampling steps fit T, guidance needs classes, the batch splits between
+        processes. Raises ValueError (SettingError where one setting is to blame)."""
+        self.model.validate()
+        self.diffusion.validate()
+        self.data.validate()
+        self.train.validate()
+        model, data, tc = self.model, self.data, self.train
+        if data.image_size is not None and data.channels is not None and \
+                (model.in_channels, model.image_size) != (data.channels, data.image_size):
+            raise ValueError(
+                f"the data are {data.channels}x{data.image_size}x{data.image_size} images but the "
+                f"model takes {model.in_channels}x{model.image_size}x{model.image_size}; give the "
+                f"same --channels and --image-size to both")
+        T = self.diffusion.num_train_timesteps
+        self.sample.validate(num_train_timesteps=T, num_classes=model.num_classes)
+        for key, steps in (("train.sample_steps", tc.sample_steps), ("train.fid_steps", tc.fid_steps)):
+            if steps > T:  # checked now, not at the first preview grid mid-run
+                raise SettingError(key, f"{{setting}} is {steps} but must be between 1 and T = {T}")
+        if tc.batch_size % num_processes:
+            raise SettingError(
+                "train.batch_size", f"batch size {tc.batch_size} is the whole batch of all "
+                f"{num_processes} processes and must split evenly between them; use a multiple "
+                f"of {num_processes}")
 
-        return RunConfig(
-            model=build(UNetConfig, d.get("model", {})),
-            diffusion=build(DiffusionConfig, d.get("diffusion", {})),
-            data=build(DataConfig, d.get("data", {})),
-            train=build(TrainConfig, d.get("train", {})),
-            sample=build(SampleConfig, d.get("sample", {})),
-        )
+
+# --- building a config: overrides, derived settings, resume -------------------------------------
+
+
+def with_overrides(base: RunConfig, overrides: dict[str, dict[str, Any]], *,
+                   resolve: bool = True) -> RunConfig:
+    """``base`` with ``overrides`` (``{section: {field: value}}``, as a config file or the
+    command line gives them) applied, checked field by field for names and types.
+
+    With ``resolve`` (what the command line does on a preset) the settings that follow others
+    are worked out in order, so what the user gave always wins over what a preset implied:
+    the data section first, then the preset's U-Net is fitted to the data (:func:`fit_model`),
+    then the model's own overrides; a new dataset without a data_dir takes that dataset's
+    folder; the preset's sampling steps shrink to a smaller T."""
+    unknown = set(overrides) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown config section(s) {', '.join(sorted(map(repr, unknown)))}; "
+                         f"the sections are {names(SECTIONS)}")
+    checked = {name: _checked(name, overrides.get(name) or {}) for name in SECTIONS}
+    replace = dataclasses.replace
+    data = replace(base.data, **checked["data"])
+    model = base.model
+    if resolve:
+        if "dataset" in checked["data"] and "data_dir" not in checked["data"]:
+            data = replace(data, data_dir=None)
+        data = resolve_data(data)
+        model = fit_model(model, data)
+    model = replace(model, **checked["model"])
+    diffusion = replace(base.diffusion, **checked["diffusion"])
+    train, sample = base.train, base.sample
+    if resolve:
+        # A preset's sampling steps suit its own T; with a smaller T, use all of them.
+        T = diffusion.num_train_timesteps
+        sample = replace(sample, num_sample_steps=min(sample.num_sample_steps, T))
+        train = replace(train, sample_steps=min(train.sample_steps, T),
+                        fid_steps=min(train.fid_steps, T))
+    train_values = checked["train"]
+    for name in ("steps", "minutes"):  # one stopping rule: giving one clears the other
+        if train_values.get(name) is not None:
+            other = "minutes" if name == "steps" else "steps"
+            train_values = {other: None, **train_values}
+    train = replace(train, **train_values)
+    sample = replace(sample, **checked["sample"])
+    return RunConfig(model=model, diffusion=diffusion, data=data, train=train, sample=sample)
+
+
+def _checked(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` for the section's fields, with unknown names and wrong types refused."""
+    if not isinstance(values, dict):
+        raise ValueError(f"config section {section!r} must be an object of settings, got "
+                         f"{values!r}")
+    cls = SECTIONS[section]
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in values if k not in known]
+    if unknown:
+        raise ValueError(f"unknown setting {section}.{unknown[0]}; the {section} settings are "
+                         f"{names(known)}")
+    return {k: coerce(cls, k, v, key=f"{section}.{k}") for k, v in values.items()}
+
+
+def fit_model(model: UNetConfig, data: DataConfig) -> UNetConfig:
+    """The U-Net reshaped for the (resolved) data: its channels and image size, with attention
+    kept at the same levels (a 28 px preset's 7 px is 8 px of 32 px images)."""
+    if model.image_size == data.image_size:
+        return dataclasses.replace(model, in_channels=data.channels)
+    levels = zip(model.level_sizes(), dataclasses.replace(model, image_size=data.image_size).level_sizes())
+    attention = tuple(new for old, new in levels if old in model.attention_resolutions)
+    return dataclasses.replace(model, in_channels=data.channels, image_size=data.image_size,
+                               attention_resolutions=attention)
+
+
+def resolve(config: RunConfig) -> RunConfig:
+    """``config`` with the data's defaults filled in (``data.registry.resolve``) and the U-Net
+    fitted to the data: what ``train`` runs, and what a run's config.json records."""
+    data = resolve_data(config.data)
+    return dataclasses.replace(config, data=data, model=fit_model(config.model, data))
+
+
+def resume_changes(saved: RunConfig, overrides: dict[str, dict[str, Any]]) -> list[tuple[str, Any, Any]]:
+    """The settings in ``overrides`` that would change the saved run although their declaration
+    says ``--resume`` may not change them: ``[(key, saved value, new value)]``."""
+    changes = []
+    for section, values in overrides.items():
+        declared = dict((f.name, d) for f, d in settings_of(SECTIONS[section]))
+        current = getattr(saved, section)
+        for name, value in _checked(section, values).items():
+            old = getattr(current, name)
+            if value != old and not declared[name].resume:
+                changes.append((f"{section}.{name}", old, value))
+    return changes
+
+
+def resumed(saved: RunConfig, overrides: dict[str, dict[str, Any]]) -> RunConfig:
+    """The saved config with the overrides ``--resume`` allows (stopping rule, machine)."""
+    return with_overrides(saved, overrides, resolve=False)
+
+
+def load_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
+    """The overrides a ``--config`` file holds: a saved ``config.json``, a hand-written partial
+    one (``{"train": {"lr": 1e-3}}``), or the output of ``ddpm train --dry-run``."""
+    path = Path(path)
+    try:
+        values = json.loads(path.read_text())
+    except OSError as exc:
+        raise ValueError(f"cannot read --config {path}: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--config {path} is not JSON ({exc.msg} at line {exc.lineno}, column "
+                         f"{exc.colno})") from None
+    if isinstance(values, dict) and set(values) == {"config", "parameters"}:
+        values = values["config"]  # a dry run's output, as printed
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path} must hold an object of sections ({names(SECTIONS)})")
+    try:
+        with_overrides(RunConfig(), values, resolve=False)  # names and types, with the file's name
+    except ValueError as exc:
+        raise ValueError(f"--config {path}: {exc}") from None
+    return values
+
+
+# --- presets ------------------------------------------------------------------------------------
 
 
 def _fashion_cpu() -> RunConfig:
@@ -230,3 +509,4 @@ def get_preset(name: str) -> RunConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
     return PRESETS[name]()
+

@@ -15,7 +15,8 @@ from .schedules import NoiseSchedule, extract
 
 LOSSES = ("mse", "l1", "huber")
 
-# A denoiser maps (x_t [B, C, H, W], t [B]) to the predicted noise eps [B, C, H, W].
+# A denoiser maps (x_t [B, C, H, W], t [B]) to its prediction [B, C, H, W] of eps, x0 or v
+# (``prediction_type``); eps_x0_from_prediction turns any of them into both eps and x0.
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 

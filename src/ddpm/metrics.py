@@ -35,13 +35,13 @@ from tqdm.auto import tqdm
 from .checkpoint import atomic_save
 from .classifier import CLASSIFIER_DATASETS, WeightsNotFoundError, load_classifier
 from .config import DataConfig
-from .data import FOLDER_DATASETS, ImageData, default_cache_dir, load_dataset, to_model_range
+from .data import (FOLDER_DATASETS, SPLITS, ImageData, default_cache_dir, load_dataset,
+                   to_model_range)
 
 INCEPTION = "inception-v3"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
 EXTRACTORS = ("auto", *(f"{d}-cnn" for d in CLASSIFIER_DATASETS), INCEPTION)
-SPLITS = ("train", "test", "all")
 CACHE_FORMAT = 1
 #: real images kept per cached reference for KID, precision/recall and the floor (all of them
 #: for the small classifier features; a fixed random subset of Inception's 2048-d ones).

@@ -11,61 +11,26 @@ This is the small Python API behind ``ddpm sample``::
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, load_run_or_file
-from .config import RunConfig
+from .checkpoint import checkpoint_config, load_run_or_file, load_weights
+from .config import RunConfig, SampleConfig
 from .data import to_uint8
 from .models import UNet
+from .runtime import autocast, resolve_device
 from .samplers import (DEFAULT_SPACING, StepCallback, classifier_free_guidance, clip_x0,
                        dynamic_threshold, get_sampler, initial_noise, make_timesteps)
 from .schedules import NoiseSchedule, make_schedule
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` is CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for but CUDA is not available; use cpu or auto")
-    return device
-
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` is bf16 on CUDA and fp32 on a CPU, where bf16 autocast measured ~10x slower
-    (BENCHMARKS.md); the others are returned as given, fp16 only on CUDA."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision fp16 needs a CUDA device; on a CPU use bf16 or fp32")
-    return precision
-
-
-def autocast(device: torch.device, precision: str):
-    """The autocast context for ``precision`` (auto | bf16 | fp16 | fp32) on ``device``."""
-    precision = resolve_precision(precision, device)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
 @dataclass
 class Pipeline:
-    """A trained noise predictor (the EMA weights by default) with its schedule and config."""
+    """A trained denoiser (the EMA weights by default) with its schedule and config."""
 
     model: UNet
     schedule: NoiseSchedule
@@ -102,6 +67,14 @@ class Pipeline:
                              f"0..{k - 1}{_names_hint(self.classes)}")
         return y
 
+    def sample_config(self, **settings: Any) -> SampleConfig:
+        """The run's :class:`SampleConfig` with ``settings`` over it, checked against this model
+        (steps within its T, guidance only when it has classes): ValueError otherwise."""
+        sc = replace(self.config.sample, **settings)
+        sc.validate(num_train_timesteps=self.schedule.num_train_timesteps,
+                    num_classes=self.num_classes)
+        return sc
+
     @torch.inference_mode()
     def generate(
         self,
@@ -122,16 +95,13 @@ class Pipeline:
         ``seed``, drawn batch after batch. A class-conditional model draws class ``labels``
         (see :meth:`class_labels`) with classifier-free guidance of scale ``guidance``.
         """
-        sc = replace(self.config.sample, **settings)
-        if sc.guidance != 0 and self.num_classes == 0:
-            raise ValueError(f"guidance {sc.guidance} needs a class-conditional model, and this one "
-                             f"was trained without labels; drop --guidance, or train with --conditional")
+        sc = self.sample_config(**settings)
         labels = self.class_labels(n, labels)
         sampler = get_sampler(sc.sampler)
         timesteps = make_timesteps(self.schedule.num_train_timesteps, sc.num_sample_steps,
                                    sc.spacing or DEFAULT_SPACING[sc.sampler], schedule=self.schedule)
         options = {"ddpm": {"variance": sc.variance}, "ddim": {"eta": sc.eta}}.get(sc.sampler, {})
-        x0_transform = _x0_transform(sc.x0_transform)
+        x0_transform = X0_TRANSFORMS[sc.x0_transform]
         generator = torch.Generator("cpu").manual_seed(seed)
         mc = self.config.model
         out = []
@@ -191,37 +161,13 @@ def _names_hint(classes: Sequence[str]) -> str:
     return f" ({shown}{', ...' if len(classes) > 12 else ''})"
 
 
-X0_TRANSFORMS = ("clip", "dynamic", "none")
-
-
-def _x0_transform(name: str):
-    if name == "clip":
-        return clip_x0
-    if name == "dynamic":
-        return dynamic_threshold
-    if name == "none":
-        return None
-    raise ValueError(f"unknown x0 transform {name!r}; choose one of {', '.join(X0_TRANSFORMS)}")
-
-
-def build_model(config: RunConfig) -> UNet:
-    return UNet(config.model)
+# What each x0_transform setting does to every predicted x0 (config.X0_TRANSFORMS names them).
+X0_TRANSFORMS = {"clip": clip_x0, "dynamic": dynamic_threshold, "none": None}
 
 
 def build_schedule(config: RunConfig) -> NoiseSchedule:
     d = config.diffusion
     return make_schedule(d.schedule, d.num_train_timesteps, zero_terminal_snr=d.zero_terminal_snr)
-
-
-def checkpoint_config(state: dict[str, Any], path: str | os.PathLike) -> RunConfig:
-    """The RunConfig saved in a checkpoint, or a CheckpointError saying it is from elsewhere."""
-    try:
-        return RunConfig.from_dict(state["config"])
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(
-            f"{path} holds a config this version of ddpm cannot read ({exc}); it was written by "
-            f"another version: sample or resume it with that version"
-        ) from None
 
 
 def load_pipeline(
@@ -235,14 +181,8 @@ def load_pipeline(
     dev = resolve_device(device)
     path, state = load_run_or_file(run_or_checkpoint)
     config = checkpoint_config(state, path)
-    model = build_model(config)
-    try:
-        model.load_state_dict(state["ema" if use_ema else "model"])
-    except RuntimeError as exc:
-        raise ValueError(
-            f"{Path(path)} holds weights that do not fit its own config "
-            f"({str(exc).splitlines()[0]})"
-        ) from None
+    model = UNet(config.model)
+    load_weights(model, state, path, ema=use_ema)
     model.to(dev).eval().requires_grad_(False)
     return Pipeline(model, build_schedule(config), config, int(state["step"]), dev, precision,
                     classes=tuple(state.get("classes", ())))

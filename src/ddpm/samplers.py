@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import torch
 
 from .diffusion import Denoiser, eps_x0_from_prediction
-from .schedules import NoiseSchedule
+from .schedules import NoiseSchedule, broadcast_per_sample
 
 SAMPLERS = ("ddpm", "ddim", "dpm++", "euler", "heun")
 VARIANCES = ("posterior", "beta")
@@ -90,10 +90,10 @@ def make_timesteps(
                     "schedule has zero terminal SNR; use --spacing trailing, or the ddim, dpm++ "
                     "or ddpm sampler"
                 )
-            # noise level sigma = sqrt((1 - ab) / ab) = exp(-log_snr / 2)
-            sigmas = torch.tensor(karras_noise_levels(math.exp(-hi / 2), math.exp(-lo / 2), n, rho),
-                                  dtype=torch.float64)
-            log_snrs = -2 * sigmas.log()
+            # Karras' noise level sigma = sqrt((1 - ab) / ab) = exp(-log_snr / 2)
+            karras = karras_noise_levels(math.exp(-hi / 2), math.exp(-lo / 2), n, rho)
+            noise_levels = torch.tensor(karras, dtype=torch.float64)
+            log_snrs = -2 * noise_levels.log()
         else:
             log_snrs = torch.linspace(lo, hi, n, dtype=torch.float64)
         ts = schedule.t_at_log_snr(log_snrs).tolist()
@@ -156,8 +156,8 @@ def clip_x0(x0: torch.Tensor) -> torch.Tensor:
 def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.995) -> torch.Tensor:
     """Saharia et al. 2022, sec. 2.3: s = max(1, the ``percentile`` of |x0| per image); clip x0 to
     [-s, s] and divide by s, pulling saturated pixels inwards instead of flattening them."""
-    s = torch.quantile(x0.abs().flatten(1).float(), percentile, dim=1).clamp(min=1.0).to(x0.dtype)
-    s = s.reshape(-1, *([1] * (x0.dim() - 1)))  # [B] -> [B, 1, 1, 1]
+    s = torch.quantile(x0.abs().flatten(1).float(), percentile, dim=1).clamp(min=1.0)  # [B]
+    s = broadcast_per_sample(s, x0)  # [B, 1, 1, 1], in x0's dtype
     return x0.clamp(-s, s) / s
 
 
@@ -174,7 +174,7 @@ def _predict(
     integral = float(t).is_integer()
     t_batch = torch.full((x_t.shape[0],), int(t) if integral else t, device=x_t.device,
                          dtype=torch.long if integral else torch.float32)
-    alpha_bar = _alpha_bar(schedule, t)
+    alpha_bar = schedule.alpha_bar_scalar(t)
     prediction = denoiser(x_t, t_batch).to(x_t.dtype)
     eps, x0 = eps_x0_from_prediction(prediction, x_t, alpha_bar, prediction_type)
     if x0_transform is not None:
@@ -188,18 +188,12 @@ def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
 
-def _half_log_snr(alpha: float, sigma: float) -> float:
-    """lambda = log(alpha / sigma), -inf where alpha = 0 (zero terminal SNR)."""
-    return math.log(alpha / sigma) if alpha > 0 else -math.inf
-
-
-def _alpha_bar(schedule: NoiseSchedule, t: float) -> float:
-    """alpha_bar at step t; t = -1 stands for the data (alpha_bar = 1)."""
-    if t < 0:
-        return 1.0
-    if float(t).is_integer():
-        return float(schedule.alphas_cumprod[int(t)])
-    return float(schedule.alpha_bar_at(t))
+def _half_log_snr(sqrt_alpha_bar: float, sqrt_one_minus_alpha_bar: float) -> float:
+    """lambda = log(sqrt(alpha_bar) / sqrt(1 - alpha_bar)), half the log-SNR; -inf where
+    alpha_bar = 0 (zero terminal SNR)."""
+    if sqrt_alpha_bar > 0:
+        return math.log(sqrt_alpha_bar / sqrt_one_minus_alpha_bar)
+    return -math.inf
 
 
 # --- the samplers ---------------------------------------------------------------------------------
@@ -232,7 +226,7 @@ def ancestral_sample(
         _, x0_pred, alpha_bar_t = _predict(denoiser, schedule, x_t, t, prediction_type, x0_transform)
         if callback is not None:
             callback(i, t, x_t, x0_pred)
-        alpha_bar_prev = _alpha_bar(schedule, t_prev)
+        alpha_bar_prev = schedule.alpha_bar_scalar(t_prev)
         beta_t = 1.0 - alpha_bar_t / alpha_bar_prev  # respaced beta between t_prev and t
         # Eq. 7: mu-tilde = sqrt(alpha_bar_prev) beta / (1 - alpha_bar) x0
         #                   + sqrt(1 - beta) (1 - alpha_bar_prev) / (1 - alpha_bar) x_t.
@@ -241,12 +235,13 @@ def ancestral_sample(
         mean = coef_x0 * x0_pred + coef_xt * x_t
         if t_prev < 0:
             return mean  # Algorithm 2, line 4: no noise on the last step
+        # Algorithm 2's sigma_t^2: beta-tilde_t (eq. 7) or beta_t.
         if variance == "posterior":
-            sigma2 = beta_t * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t)  # beta-tilde, eq. 7
+            noise_variance = beta_t * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t)
         else:
-            sigma2 = beta_t
+            noise_variance = beta_t
         # Algorithm 2, line 4: x_{t-1} = mu + sigma_t z.
-        x_t = mean + math.sqrt(sigma2) * _noise_like(x_t, generator)
+        x_t = mean + math.sqrt(noise_variance) * _noise_like(x_t, generator)
     return x_t
 
 
@@ -272,13 +267,18 @@ def ddim_sample(
         eps, x0_pred, alpha_bar_t = _predict(denoiser, schedule, x_t, t, prediction_type, x0_transform)
         if callback is not None:
             callback(i, t, x_t, x0_pred)
-        alpha_bar_prev = _alpha_bar(schedule, t_prev)
-        # Eq. 16: sigma = eta sqrt((1 - ab_prev) / (1 - ab)) sqrt(1 - ab / ab_prev).
-        sigma = eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev))
-        # Eq. 12: x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z.
-        x_t = math.sqrt(alpha_bar_prev) * x0_pred + math.sqrt(max(0.0, 1 - alpha_bar_prev - sigma**2)) * eps
-        if sigma > 0:
-            x_t = x_t + sigma * _noise_like(x_t, generator)
+        alpha_bar_prev = schedule.alpha_bar_scalar(t_prev)
+        # Eq. 16: the noise's std, sigma_t = eta sqrt((1 - ab_prev) / (1 - ab) (1 - ab / ab_prev)).
+        noise_std = eta * math.sqrt(
+            (1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)
+        )
+        # Eq. 12: x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma_t^2) eps + sigma_t z.
+        x_t = (
+            math.sqrt(alpha_bar_prev) * x0_pred
+            + math.sqrt(max(0.0, 1 - alpha_bar_prev - noise_std**2)) * eps
+        )
+        if noise_std > 0:
+            x_t = x_t + noise_std * _noise_like(x_t, generator)
     return x_t
 
 
@@ -296,34 +296,41 @@ def dpmpp_2m_sample(
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), data prediction, multistep.
 
-    With lambda = log(alpha / sigma), h = lambda_next - lambda_t and r = h_prev / h:
-    x_next = (sigma_next / sigma_t) x_t - alpha_next (e^{-h} - 1) D, where D is the x0 prediction
-    on the first step (first order) and (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1} after it. The final
-    step to the data (sigma = 0) is first order, D = x0 (the paper's lower-order final step).
+    The paper's alpha_t and sigma_t are sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t). With
+    lambda = log(sqrt(alpha_bar) / sqrt(1 - alpha_bar)), h = lambda_prev - lambda_t and
+    r = h_last / h (h_last: the previous iteration's h):
+    x_prev = (sqrt(1 - ab_prev) / sqrt(1 - ab_t)) x_t - sqrt(ab_prev) (e^{-h} - 1) D, where D is
+    the x0 prediction on the first step (first order) and (1 + 1/(2r)) x0_pred - 1/(2r) x0_last
+    after it. The final step to the data (1 - ab_prev = 0) is first order, D = x0 (the paper's
+    lower-order final step).
     """
     del generator  # deterministic; accepted for the shared signature
     ts = _check_timesteps(timesteps, schedule.num_train_timesteps)
     x_t = x_T
-    x0_prev, h_prev = None, None
-    for i, (t, t_next) in enumerate(zip(ts, ts[1:] + [-1.0])):
+    x0_last, h_last = None, None  # the previous iteration's x0 prediction and step in lambda
+    for i, (t, t_prev) in enumerate(zip(ts, ts[1:] + [-1.0])):
         _, x0_pred, alpha_bar_t = _predict(denoiser, schedule, x_t, t, prediction_type, x0_transform)
         if callback is not None:
             callback(i, t, x_t, x0_pred)
-        if t_next < 0:
-            return x0_pred  # sigma_next = 0: x_next = D, first order
-        alpha_bar_next = _alpha_bar(schedule, t_next)
-        alpha_t, sigma_t = math.sqrt(alpha_bar_t), math.sqrt(1 - alpha_bar_t)
-        alpha_next, sigma_next = math.sqrt(alpha_bar_next), math.sqrt(1 - alpha_bar_next)
-        # h = lambda_next - lambda_t; lambda_t = -inf at zero terminal SNR gives h = inf, where
-        # the update tends to sigma_next x_t + alpha_next D (e^{-h} - 1 -> -1), as computed below.
-        h = _half_log_snr(alpha_next, sigma_next) - _half_log_snr(alpha_t, sigma_t)
-        if x0_prev is None:
+        if t_prev < 0:
+            return x0_pred  # 1 - ab_prev = 0: x_prev = D, first order
+        alpha_bar_prev = schedule.alpha_bar_scalar(t_prev)
+        sqrt_alpha_bar_t = math.sqrt(alpha_bar_t)
+        sqrt_one_minus_alpha_bar_t = math.sqrt(1 - alpha_bar_t)
+        sqrt_alpha_bar_prev = math.sqrt(alpha_bar_prev)
+        sqrt_one_minus_alpha_bar_prev = math.sqrt(1 - alpha_bar_prev)
+        # h = lambda_prev - lambda_t; lambda_t = -inf at zero terminal SNR gives h = inf, where the
+        # update tends to sqrt(1 - ab_prev) x_t + sqrt(ab_prev) D (e^{-h} - 1 -> -1), as below.
+        h = (_half_log_snr(sqrt_alpha_bar_prev, sqrt_one_minus_alpha_bar_prev)
+             - _half_log_snr(sqrt_alpha_bar_t, sqrt_one_minus_alpha_bar_t))
+        if x0_last is None:
             d = x0_pred  # first step: DPM-Solver++(1), i.e. DDIM
         else:
-            r = h_prev / h
-            d = (1 + 1 / (2 * r)) * x0_pred - (1 / (2 * r)) * x0_prev
-        x_t = (sigma_next / sigma_t) * x_t - alpha_next * math.expm1(-h) * d
-        x0_prev, h_prev = x0_pred, h
+            r = h_last / h
+            d = (1 + 1 / (2 * r)) * x0_pred - (1 / (2 * r)) * x0_last
+        x_t = ((sqrt_one_minus_alpha_bar_prev / sqrt_one_minus_alpha_bar_t) * x_t
+               - sqrt_alpha_bar_prev * math.expm1(-h) * d)
+        x0_last, h_last = x0_pred, h
     return x_t
 
 
@@ -343,34 +350,39 @@ def _edm_sample(
     d x_hat / d sigma = (x_hat - D(x_hat; sigma)) / sigma (eq. 3 with s(t) = 1, sigma(t) = t)."""
     ts = _check_timesteps(timesteps, schedule.num_train_timesteps)
 
-    def derivative(x_hat: torch.Tensor, t: float, sigma: float, i: int | None) -> torch.Tensor:
-        alpha_bar = 1 / (1 + sigma**2)
+    def derivative(
+        x_hat: torch.Tensor, t: float, noise_level: float, i: int | None
+    ) -> torch.Tensor:
+        alpha_bar = 1 / (1 + noise_level**2)
         x_t = x_hat * math.sqrt(alpha_bar)
         _, x0_pred, _ = _predict(denoiser, schedule, x_t, t, prediction_type, x0_transform)
         if callback is not None and i is not None:
             callback(i, t, x_t, x0_pred)
-        return (x_hat - x0_pred) / sigma
+        return (x_hat - x0_pred) / noise_level
 
-    def noise_level(t: float) -> float:
-        alpha_bar = _alpha_bar(schedule, t)
+    def noise_level_at(t: float) -> float:
+        alpha_bar = schedule.alpha_bar_scalar(t)
         return math.sqrt((1 - alpha_bar) / alpha_bar)
 
-    if _alpha_bar(schedule, ts[0]) == 0:
+    alpha_bar_T = schedule.alpha_bar_scalar(ts[0])
+    if alpha_bar_T == 0:
         raise ValueError(
             "euler and heun integrate x / sqrt(alpha_bar), which is infinite at zero terminal "
             "SNR; sample this model with ddim, dpm++ or ddpm"
         )
-    x_hat = x_T / math.sqrt(_alpha_bar(schedule, ts[0]))
-    for i, (t, t_next) in enumerate(zip(ts, ts[1:] + [-1.0])):
-        sigma, sigma_next = noise_level(t), (noise_level(t_next) if t_next >= 0 else 0.0)
-        d = derivative(x_hat, t, sigma, i)
-        x_next = x_hat + (sigma_next - sigma) * d  # Euler step (Karras et al., Alg. 1, line 5)
-        if second_order and sigma_next > 0:
+    x_hat = x_T / math.sqrt(alpha_bar_T)
+    for i, (t, t_prev) in enumerate(zip(ts, ts[1:] + [-1.0])):
+        noise_level = noise_level_at(t)
+        noise_level_prev = noise_level_at(t_prev) if t_prev >= 0 else 0.0
+        d = derivative(x_hat, t, noise_level, i)
+        # Euler step (Karras et al., Alg. 1, line 5): x_hat_prev = x_hat + (sigma_prev - sigma) d.
+        x_hat_prev = x_hat + (noise_level_prev - noise_level) * d
+        if second_order and noise_level_prev > 0:
             # Heun's correction (Alg. 1, lines 7-8): average the slopes at both ends.
-            d_next = derivative(x_next, t_next, sigma_next, None)
-            x_next = x_hat + (sigma_next - sigma) * 0.5 * (d + d_next)
-        x_hat = x_next
-    return x_hat  # sigma = 0: x_hat is x0
+            d_prev = derivative(x_hat_prev, t_prev, noise_level_prev, None)
+            x_hat_prev = x_hat + (noise_level_prev - noise_level) * 0.5 * (d + d_prev)
+        x_hat = x_hat_prev
+    return x_hat  # noise level 0: x_hat is x0
 
 
 @torch.no_grad()

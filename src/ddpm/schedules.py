@@ -91,7 +91,8 @@ _BETA_FUNCTIONS = {
 class NoiseSchedule:
     """Every quantity of the forward process and posterior, ``[T]`` float64 tensors on the CPU.
 
-    Build it with :func:`make_schedule`; read values at a batch of steps with :func:`extract`.
+    Build it with :func:`make_schedule`; read values at a batch of steps with :func:`extract`,
+    at real-valued steps with :meth:`alpha_bar_at`, and at one step with :meth:`alpha_bar_scalar`.
     The dataclass is frozen and nothing in the package writes to its tensors.
     """
 
@@ -125,6 +126,16 @@ class NoiseSchedule:
         # at integer t take the value itself (0 * -inf would be nan under zero terminal SNR)
         log_snr = torch.where(frac == 0, self.log_snr[lo], log_snr)
         return torch.sigmoid(log_snr)
+
+    def alpha_bar_scalar(self, t: float) -> float:
+        """alpha_bar at one step ``t`` as a Python float, for the samplers' scalar arithmetic: the
+        table's value at integer t, :meth:`alpha_bar_at` between integers, and 1 for t < 0 (the
+        samplers' t = -1 after their last step: the paper's t = 0, the data itself)."""
+        if t < 0:
+            return 1.0
+        if float(t).is_integer():
+            return float(self.alphas_cumprod[int(t)])
+        return float(self.alpha_bar_at(t))
 
     def t_at_log_snr(self, log_snr: torch.Tensor | float) -> torch.Tensor:
         """The real-valued t whose interpolated log-SNR is ``log_snr`` (inverse of
@@ -200,8 +211,15 @@ def make_schedule(
     )
 
 
+def broadcast_per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Shape one value per sample, ``[B]``, as ``[B, 1, ..., 1]`` to broadcast against ``like``
+    ``[B, C, H, W]`` (or any ``[B, ...]``), in ``like``'s dtype and device. The one place in the
+    package that reshapes a per-sample value for broadcasting."""
+    values = values.to(device=like.device, dtype=like.dtype)
+    return values.reshape(values.shape[0], *([1] * (like.dim() - 1)))  # [B] -> [B, 1, ..., 1]
+
+
 def extract(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Take ``values[t]`` for a batch ``t`` ``[B]`` and shape it ``[B, 1, ..., 1]`` to broadcast
-    against ``like`` ``[B, C, H, W]``, in ``like``'s dtype and device (the one broadcasting helper)."""
-    out = values[t.cpu()].to(device=like.device, dtype=like.dtype)
-    return out.reshape(t.shape[0], *([1] * (like.dim() - 1)))
+    """Take ``values[t]`` of a ``[T]`` schedule tensor for a batch of integer steps ``t`` ``[B]``,
+    shaped ``[B, 1, ..., 1]`` to broadcast against ``like`` (see :func:`broadcast_per_sample`)."""
+    return broadcast_per_sample(values[t.cpu()], like)

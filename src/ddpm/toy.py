@@ -14,11 +14,14 @@ from typing import Sequence
 import torch
 
 from .diffusion import Denoiser, training_target
-from .schedules import NoiseSchedule
+from .schedules import NoiseSchedule, broadcast_per_sample
 
 
-def _alpha_bar(schedule: NoiseSchedule, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return schedule.alpha_bar_at(t.double().cpu()).to(like.dtype).reshape(-1, 1, 1, 1)  # [B,1,1,1]
+def _alpha_bar_per_sample(
+    schedule: NoiseSchedule, t: torch.Tensor, like: torch.Tensor
+) -> torch.Tensor:
+    """alpha_bar at the real-valued steps ``t`` ``[B]`` as ``[B, 1, 1, 1]`` in ``like``'s dtype."""
+    return broadcast_per_sample(schedule.alpha_bar_at(t.double().cpu()), like)
 
 
 def gaussian_denoiser(
@@ -28,7 +31,7 @@ def gaussian_denoiser(
     dividing by sqrt(alpha_bar), so they hold at zero terminal SNR too."""
 
     def denoiser(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        ab = _alpha_bar(schedule, t, x_t)
+        ab = _alpha_bar_per_sample(schedule, t, x_t)
         residual = (x_t - ab.sqrt() * mu) / (ab * s**2 + 1 - ab)  # x_t's standardised offset
         eps = (1 - ab).sqrt() * residual  # E[eps | x_t]
         x0 = mu + ab.sqrt() * s**2 * residual  # E[x0 | x_t]
@@ -44,7 +47,7 @@ def mixture_denoiser(
     N(means[k] 1, stds[k]^2 I) with probability weights[k]."""
 
     def denoiser(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        ab = _alpha_bar(schedule, t, x_t)
+        ab = _alpha_bar_per_sample(schedule, t, x_t)
         dims = x_t[0].numel()
         log_r, preds = [], []
         for w, m, s in zip(weights, means, stds):
@@ -54,6 +57,6 @@ def mixture_denoiser(
                          - 0.5 * dims * var.flatten().log())
             preds.append((1 - ab).sqrt() * diff / var)
         r = torch.softmax(torch.stack(log_r, 1), dim=1)  # [B, K] posterior responsibilities
-        return sum(r[:, k].reshape(-1, 1, 1, 1) * preds[k] for k in range(len(weights)))
+        return sum(broadcast_per_sample(r[:, k], x_t) * preds[k] for k in range(len(weights)))
 
     return denoiser

@@ -22,6 +22,7 @@ from torchvision.utils import make_grid, save_image
 
 from .checkpoint import atomic_write_bytes
 from .data import to_uint8, to_unit_range
+from .diffusion import q_sample
 from .schedules import NoiseSchedule
 
 FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
@@ -195,11 +196,15 @@ def forward_noised(
 ) -> torch.Tensor:
     """x_t after t forward steps for each t of ``timesteps``: ``[K, B, C, H, W]`` from data
     ``x0 [B, C, H, W]`` and one noise ``eps`` shared by every column, so a row shows the same
-    image drowning. Eq. 4, x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, counting t as
-    the paper does: t = 0 is the data itself (alpha_bar_0 = 1), t = k is k noising steps, which
-    is ``alphas_cumprod_prev[k]`` of the 0-based schedule."""
-    alpha_bar = schedule.alphas_cumprod_prev[list(timesteps)].to(x0.dtype).view(-1, 1, 1, 1, 1)
-    return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps
+    image drowning. Eq. 4 (:func:`~ddpm.diffusion.q_sample`), counting t as the paper does: t = 0
+    is the data itself (alpha_bar_0 = 1), t = k is k noising steps, which is
+    ``alphas_cumprod_prev[k]`` of the 0-based schedule."""
+    t = torch.tensor(list(timesteps))  # [K], noising steps counted from the data
+    k = len(t)
+    x0, eps = x0.expand(k, *x0.shape), eps.expand(k, *eps.shape)  # [K, B, C, H, W]
+    # Index i of the schedule holds the paper's t = i + 1, so k steps are index k - 1.
+    noised = q_sample(schedule, x0, (t - 1).clamp(min=0), eps)
+    return torch.where((t == 0).view(-1, 1, 1, 1, 1), x0, noised)
 
 
 # --- animations -----------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
-"""The DDPM U-Net noise predictor (Ho et al. 2020, appendix B; PixelCNN++-style residual blocks).
+"""The DDPM U-Net denoiser (Ho et al. 2020, appendix B; PixelCNN++-style residual blocks).
 
 It knows nothing of noise schedules: it maps ``x_t`` ``[B, C, H, W]``, integer timesteps ``t``
 ``[B]`` and, for a class-conditional model, labels ``y`` ``[B]`` to a tensor of the same shape as
-``x_t``.
+``x_t``: the prediction of eps, x0 or v that it was trained to make.
 """
 
 from __future__ import annotations
@@ -14,41 +14,56 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..settings import check_fields, setting
+
+
+BLOCKS = ("resnet", "convnext")
+
 
 @dataclass(frozen=True, kw_only=True)
 class UNetConfig:
-    """Shape of the U-Net. ``attention_resolutions`` are feature-map sizes in pixels."""
+    """Shape of the U-Net. ``attention_resolutions`` are feature-map sizes in pixels.
 
-    in_channels: int = 1
-    image_size: int = 28
-    base_channels: int = 64
-    channel_mults: tuple[int, ...] = (1, 2, 2)
-    num_res_blocks: int = 2
-    attention_resolutions: tuple[int, ...] = (7,)
-    attention_head_dim: int = 32
-    dropout: float = 0.1
-    norm_groups: int = 32
-    block: str = "resnet"  # resnet (Ho et al.) | convnext (Liu et al. 2022, as in the seeds' U-Net)
+    ``in_channels``, ``image_size`` and ``num_classes`` follow the data (``config.resolve``,
+    ``ddpm train --conditional``); the others are settings with a flag of their own."""
+
+    in_channels: int = setting(1, flag=None, at_least=1, help="channels of the images")
+    image_size: int = setting(28, flag=None, at_least=1, help="side of the square images")
+    base_channels: int = setting(64, flag="--base-channels", at_least=1,
+                                 help="width of the first level")
+    channel_mults: tuple[int, ...] = setting(
+        (1, 2, 2), flag="--channel-mults", at_least=1, min_items=1, metavar="M1,M2,...",
+        help="width of each level in base channels; each level after the first halves the image")
+    num_res_blocks: int = setting(2, flag="--num-res-blocks", at_least=1,
+                                  help="blocks per level on the way down")
+    attention_resolutions: tuple[int, ...] = setting(
+        (7,), flag="--attention-resolutions", at_least=1, metavar="PX,...",
+        help="feature-map sizes with self-attention, e.g. 14,7 ('' for none)")
+    attention_head_dim: int = setting(32, flag="--attention-head-dim", at_least=1,
+                                      help="channels per attention head")
+    dropout: float = setting(0.1, flag="--dropout", at_least=0, below=1,
+                             help="dropout inside the blocks")
+    norm_groups: int = setting(32, flag="--norm-groups", at_least=1,
+                               help="GroupNorm groups (fewer where the width has no such divisor)")
+    # resnet (Ho et al.) | convnext (Liu et al. 2022, as in the seeds' U-Net)
+    block: str = setting("resnet", flag="--arch", choices=BLOCKS,
+                         help="U-Net blocks: resnet (Ho et al. 2020) or convnext (Liu et al. 2022)")
     # Fold p x p pixels into channels before the first level (space-to-depth; the patches of
     # ViT-style diffusion models): with p = 2 a 1x28x28 image enters as 4x14x14,
     # so every level costs ~p^2 fewer FLOPs at the same width.
-    patch_size: int = 1
-    convnext_mult: int = 2  # convnext: width of the block's inner layer, in output channels
+    patch_size: int = setting(1, flag="--patch-size", at_least=1,
+                              help="fold PxP pixels into channels before the first level: ~P^2 "
+                                   "fewer FLOPs, but a grid texture on 28 px images (BENCHMARKS.md)")
+    convnext_mult: int = setting(2, flag="--convnext-mult", at_least=1,
+                                 help="convnext: width of the block's inner layer, in output channels")
     # Class-conditional with this many classes (0: unconditional). Label ``num_classes`` is the
     # null class, "no label", which classifier-free guidance needs (Ho & Salimans 2022).
-    num_classes: int = 0
+    num_classes: int = setting(0, flag=None, at_least=0,
+                               help="classes of a class-conditional model (0: unconditional)")
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field, its value and what would work."""
-        if self.in_channels < 1:
-            raise ValueError(f"in_channels must be at least 1, got {self.in_channels}")
-        if self.base_channels < 1 or not self.channel_mults or min(self.channel_mults) < 1:
-            raise ValueError(
-                f"base_channels and every channel multiplier must be positive, got "
-                f"{self.base_channels} and {self.channel_mults}"
-            )
-        if self.num_res_blocks < 1:
-            raise ValueError(f"num_res_blocks must be at least 1, got {self.num_res_blocks}")
+        check_fields(self)
         if self.patch_size < 1 or self.image_size % self.patch_size:
             raise ValueError(
                 f"patch size {self.patch_size} must be at least 1 and divide the image size "
@@ -61,19 +76,17 @@ class UNetConfig:
                 f"times by a U-Net with channel_mults {self.channel_mults} after patches of "
                 f"{self.patch_size}: use a size divisible by {factor}, or fewer levels"
             )
-        sizes = [self.image_size // self.patch_size // 2**i for i in range(len(self.channel_mults))]
+        sizes = self.level_sizes()
         unused = [r for r in self.attention_resolutions if r not in sizes]
         if unused:
             raise ValueError(
                 f"attention resolutions {unused} match no level of this U-Net; its feature maps "
                 f"are {sizes} pixels"
             )
-        if self.block not in BLOCKS:
-            raise ValueError(f"unknown block {self.block!r}; choose one of {', '.join(BLOCKS)}")
-        if self.num_classes < 0:
-            raise ValueError(f"num_classes must be 0 (unconditional) or more, got {self.num_classes}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def level_sizes(self) -> list[int]:
+        """The side of the feature maps at each level, in pixels (after patching)."""
+        return [self.image_size // self.patch_size // 2**i for i in range(len(self.channel_mults))]
 
 
 def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -141,9 +154,6 @@ class ConvNeXtBlock(nn.Module):
         return self.skip(x) + h
 
 
-BLOCKS = ("resnet", "convnext")
-
-
 class AttentionBlock(nn.Module):
     """Multi-head self-attention over the H*W positions of a feature map, with a residual."""
 
@@ -194,9 +204,9 @@ class _Level(nn.Module):
 
 
 class UNet(nn.Module):
-    """The DDPM noise predictor: ``forward(x_t [B, C, H, W], t [B], y [B] | None) ->
-    prediction [B, C, H, W]``. ``y`` is ignored by an unconditional model; a conditional one reads
-    ``y = None`` as the null class everywhere."""
+    """The DDPM U-Net denoiser: ``forward(x_t [B, C, H, W], t [B], y [B] | None) ->
+    prediction [B, C, H, W]`` of eps, x0 or v. ``y`` is ignored by an unconditional model; a
+    conditional one reads ``y = None`` as the null class everywhere."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -278,7 +288,8 @@ class UNet(nn.Module):
                 y = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
             temb = temb + self.class_emb(y)
         p = self.config.patch_size
-        h = self.conv_in(F.pixel_unshuffle(x, p) if p > 1 else x)  # [B, C p^2, H/p, W/p]
+        # [B, C, H, W] -> patches [B, C p^2, H/p, W/p] -> [B, ch, H/p, W/p]
+        h = self.conv_in(F.pixel_unshuffle(x, p) if p > 1 else x)
         skips = [h]
         for i, level in enumerate(self.down_levels):
             for block, attn in zip(level.blocks, level.attns):

@@ -1,0 +1,255 @@
+"""``ddpm sample`` and ``ddpm eval``: images from a trained model, and their FID and KID.
+
+Both (and ``ddpm viz reverse``) take the sample settings (``config.SampleConfig``) as options
+and check them through :func:`sample_settings`, the one builder of what a command asks the
+pipeline for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import SampleConfig
+from ..data import DATASETS, SPLITS, load_images, to_uint8
+from ..metrics import EXTRACTORS, INCEPTION_FILE, EvalResult, Evaluator, data_options
+from ..pipeline import Pipeline, load_pipeline
+from ..rundir import check_writable
+from ..runtime import resolve_device
+from ..viz import save_grid, save_images, save_npz
+from .options import (Defaults, UsageError, add_model_options, add_settings, check_out,
+                      given_settings, number, positive_int, setting_flags)
+
+
+def add_sample_settings(p: argparse.ArgumentParser) -> None:
+    """The sample settings as options (each defaulting to the run's own)."""
+    add_settings(p, "sample", default_note=lambda key, default: "default: the run's")
+
+
+def sample_settings(args: argparse.Namespace, pipe: Pipeline) -> tuple[dict[str, Any], SampleConfig]:
+    """The sample settings given on the command line, and the run's SampleConfig with them
+    over it, checked against the model (steps within its T, guidance only with classes) and
+    for options that would have no effect with the chosen sampler."""
+    settings = given_settings(args).get("sample", {})
+    sc = pipe.sample_config(**settings)
+    for name, flag, sampler in (("eta", "--eta", "ddim"), ("variance", "--variance", "ddpm")):
+        if name in settings and sc.sampler != sampler:
+            raise UsageError(f"{flag} is a setting of the {sampler} sampler, not of {sc.sampler}; "
+                             f"add --sampler {sampler} or drop {flag} {settings[name]}")
+    return settings, sc
+
+
+def class_request(pipe: Pipeline, text: str | None, n: int, *, allow_all: bool = True,
+                  ) -> tuple[torch.Tensor | int | None, int | None, int]:
+    """``--class`` as (labels for generate, grid row length, number of images): an index, a
+    class name (any case), or all (``n`` of each class, one grid row per class)."""
+    if text is None:
+        return None, None, n
+    if pipe.num_classes == 0:
+        raise UsageError(f"--class {text}: this model was trained without class labels; drop "
+                         f"--class, or train a model with --conditional")
+    if text == "all" and not allow_all:
+        raise UsageError("--class all is for 'ddpm sample'; here give one class, by index or name")
+    if text == "all":
+        return torch.arange(pipe.num_classes).repeat_interleave(n), n, n * pipe.num_classes
+    names = [c.lower() for c in pipe.classes]
+    if text.lower() in names:
+        return names.index(text.lower()), None, n
+    try:
+        index = int(text)
+    except ValueError:
+        known = f"one of {', '.join(pipe.classes)}" if pipe.classes else "a class index"
+        raise UsageError(f"--class {text!r} is not a class of this model; give {known}, an index "
+                         f"0..{pipe.num_classes - 1}, or all") from None
+    if not 0 <= index < pipe.num_classes:
+        raise UsageError(f"--class {index} is out of range: this model has classes "
+                         f"0..{pipe.num_classes - 1}")
+    return index, None, n
+
+
+def add_class_option(p: argparse.ArgumentParser, all_classes: bool = True) -> None:
+    p.add_argument("--class", dest="class_", metavar="INDEX|NAME" + ("|all" if all_classes else ""),
+                   help="class-conditional models: the class to draw, by index or name"
+                        + (", or all for --n images of every class, one row each" if all_classes
+                           else "") + " (default: every class in turn)")
+
+
+# --- ddpm sample --------------------------------------------------------------------------------
+
+
+def add_sample_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sample", help="generate images from a trained run or checkpoint", formatter_class=Defaults,
+        description="Generate images from the EMA weights of a run's newest checkpoint or of a "
+                    "checkpoint file, with any sampler and step count.")
+    p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT",
+                   help="a run directory (its newest checkpoint is used) or a .pt checkpoint")
+    p.add_argument("--n", type=positive_int, default=64, help="number of images")
+    p.add_argument("--out", required=True, metavar="DIR|GRID.png|SAMPLES.npz",
+                   help="a .png path gets one grid; a .npz path one uint8 array 'arr_0' "
+                        "[N, H, W, C]; any other path becomes a folder of PNGs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and every step")
+    p.add_argument("--batch-size", type=positive_int, default=128,
+                   help="images per batch (128 was fastest on a 2-core CPU)")
+    add_class_option(p)
+    add_sample_settings(p)
+    add_model_options(p)
+    p.set_defaults(func=run_sample)
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    pipe = load_pipeline(args.checkpoint, device=args.device, use_ema=not args.no_ema)
+    if out.suffix.lower() in (".png", ".npz"):  # checked now, not after minutes of sampling
+        check_out(args.out, (".png", ".npz"))
+    elif out.is_file():
+        raise UsageError(f"--out {out} is a file; give a folder, a .png grid or an .npz")
+    else:
+        check_writable(out, "the output folder")
+    settings, sc = sample_settings(args, pipe)
+    labels, nrow, n = class_request(pipe, args.class_, args.n)
+    t0 = time.perf_counter()
+    images = pipe.generate(n, seed=args.seed, batch_size=args.batch_size, labels=labels,
+                           progress=not args.no_progress, **settings)
+    seconds = time.perf_counter() - t0
+    guided = f", guidance {sc.guidance:g}" if pipe.num_classes else ""
+    what = f"{n} images ({sc.sampler}, {sc.num_sample_steps} steps{guided}, {seconds:.1f} s)"
+    if args.class_ == "all":
+        what += f", {args.n} of each of {pipe.num_classes} classes"
+    elif args.class_ is not None:
+        name = f" ({pipe.classes[labels]})" if labels < len(pipe.classes) else ""
+        what += f" of class {labels}{name}"
+    if out.suffix.lower() == ".png":
+        save_grid(images, out, nrow=nrow)
+        print(f"wrote a grid of {what} to {out}")
+    elif out.suffix.lower() == ".npz":
+        save_npz(images, out)
+        print(f"wrote {what} to {out} (uint8 array 'arr_0', [N, H, W, C])")
+    else:
+        save_images(images, out)
+        print(f"wrote {what} to {out}/")
+    return 0
+
+
+# --- ddpm eval ----------------------------------------------------------------------------------
+
+
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval", help="FID and KID of a model or of a set of images", formatter_class=Defaults,
+        description=(
+            "Score a trained model (it generates --n images) or existing images (--images) with "
+            "FID and KID against a dataset split, beside the floor: the same metrics for --n "
+            "held-out real images, what a perfect generator would score. Reference statistics "
+            "are computed once and cached per dataset, split and feature extractor."))
+    p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT", nargs="?",
+                   help="a run directory or .pt checkpoint to generate from (or use --images)")
+    p.add_argument("--images", metavar="DIR|SAMPLES.npz",
+                   help="score these images instead: a folder of PNG/JPEG files or an .npz of "
+                        "uint8 [N, H, W, C] (needs --dataset)")
+    p.add_argument("--npz-key", metavar="NAME", default=None,
+                   help="the array of an --images .npz that holds several (default: its only one, "
+                        "or arr_0)")
+    p.add_argument("--dataset", choices=DATASETS, default=None,
+                   help="reference dataset (default: the run's)")
+    p.add_argument("--data-dir", default=None, help="folder holding the dataset (default: the run's)")
+    p.add_argument("--split", choices=SPLITS, default="train",
+                   help="reference split; the floor uses held-out images of the other split")
+    p.add_argument("--n", type=number(int, at_least=2), default=None,
+                   help="images to generate (default 10000), or to take from --images (default: all)")
+    p.add_argument("--extractor", choices=EXTRACTORS, default="auto",
+                   help="features: auto is the packaged classifier for mnist and fashion-mnist "
+                        "(offline), inception-v3 (standard FID) otherwise")
+    p.add_argument("--inception-weights", metavar="PATH", default=None,
+                   help=f"Inception-v3 FID weights ({INCEPTION_FILE}); default: the torch hub cache")
+    p.add_argument("--prc", action="store_true",
+                   help="also precision and recall (Kynkaanniemi et al. 2019, k = 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated images and of KID's subsets")
+    p.add_argument("--batch-size", type=positive_int, default=128,
+                   help="images per sampling batch (128 was fastest on a 2-core CPU)")
+    p.add_argument("--save-samples", metavar="SAMPLES.npz", default=None,
+                   help="also keep the generated images, for other tools")
+    p.add_argument("--cache-dir", default=None,
+                   help="where reference statistics are cached (default: $DDPM_CACHE_DIR or "
+                        "~/.cache/ddpm)")
+    p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+    add_sample_settings(p)
+    add_model_options(p)
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    if (args.checkpoint is None) == (args.images is None):
+        raise UsageError("give either a run directory or checkpoint to generate from, or "
+                         "--images DIR|SAMPLES.npz, not both")
+    if args.images is not None:
+        images, dataset, data_dir, options = _given_images(args)
+    else:
+        if args.npz_key is not None:
+            raise UsageError("--npz-key names an array of --images SAMPLES.npz; drop it when "
+                             "generating from a checkpoint")
+        pipe = load_pipeline(args.checkpoint, device=args.device, use_ema=not args.no_ema)
+        dataset = args.dataset or pipe.config.data.dataset
+        data_dir = args.data_dir or pipe.config.data.data_dir
+        # The run's own images, as its model saw them; another --dataset is taken as it comes.
+        options = data_options(pipe.config.data) if dataset == pipe.config.data.dataset else {}
+        settings, sc = sample_settings(args, pipe)
+        if args.save_samples and Path(args.save_samples).exists():  # checked before sampling
+            raise UsageError(f"--save-samples {args.save_samples} exists; choose a new file")
+    evaluator = Evaluator(dataset, data_dir, split=args.split, extractor=args.extractor,
+                          data_options=options,
+                          inception_weights=args.inception_weights, cache_dir=args.cache_dir,
+                          device=resolve_device(args.device), progress=not args.no_progress)
+    provenance: dict[str, Any] = {}
+    if args.images is None:
+        start = time.perf_counter()
+        generated = pipe.generate(args.n or 10_000, seed=args.seed, batch_size=args.batch_size,
+                                  progress=not args.no_progress, **settings)
+        provenance = {"sampler": sc.sampler, "steps": sc.num_sample_steps,
+                      "seconds": {"sampling": time.perf_counter() - start}}
+        if args.save_samples:
+            save_npz(generated, args.save_samples)
+        images = to_uint8(generated)
+    result = evaluator.evaluate(images, seed=args.seed, prc=args.prc, **provenance)
+    print(json.dumps(result.to_dict()) if args.json else _eval_table(result))
+    return 0
+
+
+def _given_images(args: argparse.Namespace) -> tuple[torch.Tensor, str, str | None, dict]:
+    """``--images``: the images to score (``--n`` of them), checked against the options that
+    only apply when generating."""
+    generating = [f"--{k.replace('_', '-')}" for k, v in (
+        ("save_samples", args.save_samples), ("no_ema", args.no_ema or None)) if v is not None]
+    generating += [setting_flags()[f"sample.{k}"] for k in given_settings(args).get("sample", {})]
+    if generating:
+        raise UsageError(f"{', '.join(generating)} only apply when generating from a checkpoint; "
+                         f"drop them with --images")
+    if args.dataset is None:
+        raise UsageError(f"--images needs --dataset to compare against ({', '.join(DATASETS)})")
+    images = load_images(args.images, npz_key=args.npz_key)
+    if args.n is not None:
+        if args.n > len(images):
+            raise UsageError(f"--n {args.n} but {args.images} holds only {len(images)} images")
+        images = images[: args.n]
+    return images, args.dataset, args.data_dir, {}
+
+
+def _eval_table(r: EvalResult) -> str:
+    prc = r.precision is not None
+    head = f"{'':14}{'n':>7}{'FID':>10}{'KID':>22}" + (f"{'precision':>11}{'recall':>8}" if prc else "")
+    rows = [head]
+    for name, n, fid, kid, kid_std, p, rc in (
+        ("generated", r.n, r.fid, r.kid, r.kid_std, r.precision, r.recall),
+        ("floor (real)", r.floor_n, r.floor_fid, r.floor_kid, None, r.floor_precision, r.floor_recall),
+    ):
+        kid_text = f"{kid:.5f}" + (f" +- {kid_std:.5f}" if kid_std is not None else "")
+        rows.append(f"{name:14}{n:>7}{fid:>10.3f}{kid_text:>22}" + (f"{p:>11.3f}{rc:>8.3f}" if prc else ""))
+    what = f"{r.sampler}, {r.steps} steps, seed {r.seed}" if r.sampler else "given images"
+    times = ", ".join(f"{k} {v:.1f} s" for k, v in r.seconds.items())
+    return (f"{r.extractor} features vs {r.dataset} {r.split} ({r.reference_n:,} images); "
+            f"{what}\n" + "\n".join(rows) + f"\ntime: {times}")

@@ -1,0 +1,182 @@
+"""The datasets stored as arrays in a few files: LeCun's IDX files (MNIST, Fashion-MNIST) and
+CIFAR's pickled python batches (read by a restricted unpickler). Each reader returns the whole
+split as ``(images uint8 [N, C, H, W], labels int64 [N], class names)`` at its native size."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .registry import _SOURCE, FASHION_MNIST_CLASSES, MNIST_CLASSES, DatasetNotFoundError
+
+# --- IDX: MNIST and Fashion-MNIST -----------------------------------------------------------------
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_PREFIXES = {"train": ("train",), "test": ("t10k",), "all": ("train", "t10k")}
+# Where torchvision's FashionMNIST / MNIST classes keep the files they download under ``root``.
+_TORCHVISION_FOLDER = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (LeCun's MNIST format), gzipped or not, into a numpy array."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an IDX file (bad magic number {data[:4].hex()})")
+    ndim = data[3]
+    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    expected = int(np.prod(dims)) * dtype.itemsize
+    payload = data[4 + 4 * ndim :]
+    if len(payload) != expected:
+        raise ValueError(
+            f"{path} is truncated or corrupt: header says {dims} ({expected} bytes), "
+            f"found {len(payload)} bytes"
+        )
+    return np.frombuffer(payload, dtype=dtype).reshape(dims)
+
+
+def _find_idx(data_dir: Path, dataset: str, stem: str) -> Path | None:
+    for folder in (data_dir, data_dir / _TORCHVISION_FOLDER[dataset] / "raw"):
+        for name in (stem + ".gz", stem):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def _missing_message(dataset: str, data_dir: Path, stem: str) -> str:
+    how = (
+        "install Debian's package (apt-get install dataset-fashion-mnist) and use its folder "
+        "/usr/share/datasets/fashion-mnist, or "
+        if dataset == "fashion-mnist"
+        else ""
+    )
+    return (
+        f"{dataset} not found: no {stem}[.gz] in {data_dir}. To get it, {how}pass --download "
+        f"(needs internet) to fetch it into --data-dir with torchvision"
+    )
+
+
+def _read_mnist(dataset: str, root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    images, labels = [], []
+    for prefix in _IDX_PREFIXES[split]:
+        stems = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
+        paths = [_find_idx(root, dataset, s) for s in stems]
+        for stem, path in zip(stems, paths):
+            if path is None:
+                raise DatasetNotFoundError(_missing_message(dataset, root, stem))
+        images.append(read_idx(paths[0]))
+        labels.append(read_idx(paths[1]))
+        if images[-1].ndim != 3 or labels[-1].shape != (images[-1].shape[0],):
+            raise ValueError(f"{paths[0]} and {paths[1]} do not match: images "
+                             f"{images[-1].shape}, labels {labels[-1].shape}")
+    classes = MNIST_CLASSES if dataset == "mnist" else FASHION_MNIST_CLASSES
+    return (torch.from_numpy(np.concatenate(images)).unsqueeze(1),  # [N, H, W] -> [N, 1, H, W]
+            torch.from_numpy(np.concatenate(labels).astype(np.int64)), classes)
+
+
+# --- CIFAR: pickled python batches ----------------------------------------------------------------
+
+_CIFAR = {  # folder, train files, test files, meta file, class-name key, label key
+    "cifar10": ("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)),
+                ("test_batch",), "batches.meta", "label_names", "labels"),
+    "cifar100": ("cifar-100-python", ("train",), ("test",), "meta", "fine_label_names", "fine_labels"),
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _numpy_globals() -> dict[tuple[str, str], object]:
+    """The only globals a pickled numpy array needs, under their numpy 1 and numpy 2 names."""
+    import codecs
+
+    try:
+        from numpy._core import multiarray, numeric  # numpy >= 2
+    except ImportError:
+        from numpy.core import multiarray, numeric
+    allowed = {}
+    for package in ("numpy.core", "numpy._core"):
+        allowed[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(f"{package}.multiarray", "scalar")] = multiarray.scalar
+        allowed[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer  # protocol 5
+    allowed[("numpy", "ndarray")] = np.ndarray
+    # Python 3 writes bytes at protocol 2 as _codecs.encode(text, "latin1"): a pure conversion.
+    allowed[("_codecs", "encode")] = codecs.encode
+    allowed[("numpy", "dtype")] = np.dtype
+    return allowed
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles dicts of numpy arrays, lists and strings, and nothing else: a pickle can name
+    any function to call, so every global outside numpy's array rebuilders is refused."""
+
+    def __init__(self, file, path: Path):
+        super().__init__(file, encoding="bytes")  # the CIFAR batches were written by Python 2
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        allowed = _numpy_globals()
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(
+                f"{self.path} asks to load {module}.{name}; a CIFAR batch holds only numpy arrays "
+                f"and lists, so it was refused unread (a pickle can run code). Replace the file "
+                f"with the original from its publisher"
+            )
+        return allowed[(module, name)]
+
+
+def _unpickle(path: Path) -> dict[str, object]:
+    """A CIFAR batch as a dict with str keys (Python 2 wrote them as bytes)."""
+    with open(path, "rb") as f:
+        d = _ArrayUnpickler(f, path).load()
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} holds a {type(d).__name__}, not the dict of a CIFAR batch")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in d.items()}
+
+
+def _entry(d: dict, key: str, path: Path):
+    if key not in d:
+        raise ValueError(f"{path} has no {key!r} entry (it has {sorted(d)}); is it a CIFAR python batch?")
+    return d[key]
+
+
+def _read_cifar(dataset: str, root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    folder, train, test, meta, names_key, labels_key = _CIFAR[dataset]
+    base = root / folder if (root / folder).is_dir() else root
+    files = {"train": train, "test": test, "all": train + test}[split]
+    for name in (*files, meta):
+        if not (base / name).is_file():
+            raise DatasetNotFoundError(
+                f"{dataset} not found: no {folder}/{name} in {root}. To get it, pass --download "
+                f"(needs internet) to fetch it into --data-dir with torchvision, or unpack "
+                f"{_SOURCE[dataset]} there"
+            )
+    images, labels = [], []
+    for name in files:
+        batch = _unpickle(base / name)
+        data = np.asarray(_entry(batch, "data", base / name))
+        batch_labels = np.asarray(_entry(batch, labels_key, base / name), dtype=np.int64)
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or \
+                batch_labels.shape != (data.shape[0],):
+            raise ValueError(f"{base / name}: expected uint8 data [N, 3072] and N labels, got data "
+                             f"{data.dtype} {data.shape} and labels {batch_labels.shape}")
+        images.append(data.reshape(-1, 3, 32, 32))  # rows are R, G, B planes of 32x32
+        labels.append(batch_labels)
+    names = _entry(_unpickle(base / meta), names_key, base / meta)
+    classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+    labels = np.concatenate(labels)
+    if labels.size and not 0 <= labels.min() <= labels.max() < len(classes):
+        raise ValueError(f"{dataset} labels run {labels.min()}..{labels.max()} but {base / meta} "
+                         f"names {len(classes)} classes")
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(labels), classes
+
+
+_ARRAY_READERS = {"mnist": _read_mnist, "fashion-mnist": _read_mnist,
+                  "cifar10": _read_cifar, "cifar100": _read_cifar}

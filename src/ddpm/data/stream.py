@@ -1,0 +1,127 @@
+"""Endless shuffled batches from a split in memory or streamed, every random draw from one
+generator, resumable from a ``state_dict``: :class:`BatchStream`."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from .pixels import random_crop, to_model_range
+from .sources import ImageData, StreamingImages
+
+
+class _EpochBatches(torch.utils.data.Sampler):
+    """The index lists of the current epoch's remaining batches; BatchStream sets ``perm`` and
+    ``start`` before each ``iter(loader)``, so workers persist while epochs change."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size, self.perm, self.start = batch_size, torch.empty(0, dtype=torch.long), 0
+
+    def __iter__(self):
+        ends = range(self.start + self.batch_size, len(self.perm) + 1, self.batch_size)
+        return iter([self.perm[end - self.batch_size : end].tolist() for end in ends])
+
+    def __len__(self) -> int:
+        return (len(self.perm) - self.start) // self.batch_size
+
+
+def _own_process_group(worker_id: int) -> None:
+    """A decoding worker leaves the training process's group, so that Ctrl-C at a terminal (or
+    a signal to the group) reaches only the training process, which finishes its step with the
+    batch the worker is preparing and saves a checkpoint. The worker ends with it (DataLoader
+    stops its workers, and they watch their parent)."""
+    if hasattr(os, "setpgid"):  # not on Windows, where there are no signals to the group
+        os.setpgid(0, 0)
+
+
+class BatchStream:
+    """Endless shuffled batches, resumable from its ``state_dict``.
+
+    Every draw comes from ``generator``, in the same order whether ``source`` is in memory or
+    streamed: a permutation at each epoch's start, then per batch the crop offsets (when
+    ``crop_size``) and the horizontal flips (when ``hflip``), applied to the whole batch at once.
+    A streamed source is decoded by ``workers`` DataLoader processes, a few batches ahead.
+    """
+
+    def __init__(self, source: ImageData | StreamingImages, batch_size: int, *, hflip: bool,
+                 generator: torch.Generator, crop_size: int | None = None, workers: int = 0):
+        if batch_size > len(source):
+            raise ValueError(
+                f"batch size {batch_size} is larger than the dataset ({len(source)} images)"
+            )
+        stored = source.image_shape[-1]
+        if crop_size is not None and not 0 < crop_size <= stored:
+            raise ValueError(f"crop size {crop_size} does not fit the stored {stored}x{stored} "
+                             f"images; load them with crop 'random' at that image size")
+        self.data = source
+        self.batch_size = batch_size
+        self.hflip = hflip
+        self.crop_size = crop_size
+        self.workers = workers
+        self.generator = generator
+        self.perm = torch.randperm(len(source), generator=generator)
+        self.pos = 0
+        self.epoch = 0
+        self._loader = None  # built on the first streamed batch
+        self._batches = None  # the loader's iterator over the current epoch from pos
+        self._warned: set[str] = set()
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch ``(x, y)``: x float32 ``[B, C, S, S]`` in [-1, 1], y int64 ``[B]``
+        labels (drops an epoch's ragged tail)."""
+        if self.pos + self.batch_size > len(self.data):
+            self.perm = torch.randperm(len(self.data), generator=self.generator)
+            self.pos = 0
+            self.epoch += 1
+            self._batches = None
+        idx = self.perm[self.pos : self.pos + self.batch_size]
+        if isinstance(self.data, StreamingImages):
+            images, labels = self._fetch(idx)
+        else:
+            images, labels = self.data.images[idx], self.data.labels[idx]
+        self.pos += self.batch_size
+        if self.crop_size is not None:
+            images = random_crop(images, self.crop_size, self.generator)
+        x = to_model_range(images)
+        if self.hflip:
+            flip = torch.rand(x.shape[0], generator=self.generator) < 0.5
+            x[flip] = x[flip].flip(-1)
+        return x, labels
+
+    def _fetch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoded images at ``idx`` from the workers, with undecodable ones replaced."""
+        if self._loader is None:
+            self._sampler = _EpochBatches(self.batch_size)
+            self._loader = torch.utils.data.DataLoader(
+                self.data, batch_sampler=self._sampler, num_workers=self.workers,
+                persistent_workers=self.workers > 0, worker_init_fn=_own_process_group)
+        if self._batches is None:
+            self._sampler.perm, self._sampler.start = self.perm, self.pos
+            self._batches = iter(self._loader)
+        got, images, errors = next(self._batches)
+        assert torch.equal(got, idx), "the loader's batches left the stream's order"
+        labels = self.data.labels[idx]
+        bad = [k for k, error in enumerate(errors) if error]
+        if bad:
+            paths = [str(self.data.paths[int(idx[k])]) for k in bad]
+            if self.data.strict or len(bad) == len(errors):
+                raise ValueError(f"cannot decode image {paths[0]} ({errors[bad[0]]}); delete or "
+                                 f"replace it")
+            new = [p for p in paths if p not in self._warned]
+            if new:
+                self._warned.update(new)
+                warnings.warn(f"could not decode {len(new)} image file(s), e.g. "
+                              f"{', '.join(new[:3])}; each is replaced by another image of its "
+                              f"batch", stacklevel=2)
+            good = next(k for k, error in enumerate(errors) if not error)
+            images[bad], labels[bad] = images[good].clone(), labels[good].clone()
+        return images, labels
+
+    def state_dict(self) -> dict:
+        return {"perm": self.perm.clone(), "pos": self.pos, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.perm, self.pos, self.epoch = state["perm"].clone(), int(state["pos"]), int(state["epoch"])
+        self._batches = None  # the workers restart from the loaded position

@@ -1,0 +1,129 @@
+"""Where and how a process computes: the device, the precision and its autocast, the Accelerate
+handle of a training process, and torch's process-wide state kept as the caller had it.
+
+Training, sampling and ``ddpm bench`` all come here, so a precision means the same everywhere:
+``auto`` is bf16 on CUDA and fp32 on a CPU (bf16 autocast measured ~10x slower on a CPU without
+bf16 hardware, BENCHMARKS.md), and follows ``accelerate launch --mixed_precision`` only in a
+process that ``accelerate launch`` started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from typing import Iterator
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+
+from .config import PRECISIONS
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` is CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but CUDA is not available; use cpu or auto")
+    return device
+
+
+def launched_by_accelerate() -> bool:
+    """Whether ``accelerate launch`` started this process (it sets both variables, for one
+    process or many); only then does ``auto`` precision follow its ``--mixed_precision``."""
+    return "ACCELERATE_MIXED_PRECISION" in os.environ and "ACCELERATE_DYNAMO_BACKEND" in os.environ
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` is bf16 on CUDA and fp32 on a CPU; the others are returned as given, fp16 only on
+    CUDA (its gradient scaler needs it)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs a CUDA device; on a CPU use bf16 or fp32")
+    return precision
+
+
+def training_precision(precision: str, device: torch.device) -> tuple[str, str]:
+    """The precision a training process uses, and why, for the run's summary: ``auto`` follows
+    ``accelerate launch --mixed_precision bf16|fp16`` in a process it launched, and is
+    otherwise :func:`resolve_precision`'s choice."""
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision == "auto" and launched_by_accelerate() and launcher in ("bf16", "fp16"):
+        return resolve_precision(launcher, device), f"auto: accelerate launch --mixed_precision {launcher}"
+    resolved = resolve_precision(precision, device)
+    if precision == "auto":
+        return resolved, f"auto: {resolved} on {'CUDA' if device.type == 'cuda' else 'a CPU'}"
+    return resolved, "as asked"
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context for ``precision`` (auto | bf16 | fp16 | fp32) on ``device``."""
+    precision = resolve_precision(precision, device)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def gradient_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16's loss scaler (bf16 and fp32 need none)."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+def make_accelerator(device: torch.device) -> Accelerator:
+    """The Accelerate handle of this process: one of ``accelerate launch``'s processes (then it
+    joins their process group: gloo on CPUs, NCCL on GPUs), or alone.
+
+    It is made without mixed precision: autocast and fp16's scaler are ours (:func:`autocast`,
+    :func:`gradient_scaler`), the same for training, sampling and ``bench``. Accelerate keeps its
+    state in a process-wide singleton that refuses a second, different precision in one Python
+    process (a notebook, the tests); asking every time for the same ("no") needs no private
+    reset of that singleton.
+    """
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(
+        # A lone process places its tensors itself (cuda:1 stays cuda:1); launched processes on
+        # CPUs must say so, or Accelerate would look for GPUs.
+        cpu=distributed and device.type == "cpu",
+        mixed_precision="no",
+        # The main process alone draws preview grids and measures FID while the others wait.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(hours=2))],
+    )
+
+
+@contextlib.contextmanager
+def torch_state_kept() -> Iterator[None]:
+    """Leave torch's thread count and global random state (CPU and CUDA) as they were: training
+    sets both for itself, and a caller in Python should not find them changed."""
+    threads = torch.get_num_threads()
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def processor_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()

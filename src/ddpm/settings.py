@@ -1,0 +1,157 @@
+"""How a setting is declared: once, beside its field, with everything the rest of ddpm needs.
+
+A setting is one field of a frozen config dataclass, declared with :func:`setting`::
+
+    lr: float = setting(2e-4, flag="--lr", above=0, help="AdamW peak learning rate")
+
+The declaration holds the default, the command-line flag, the allowed values (a range or a list
+of choices), the help text and whether ``ddpm train --resume`` may change it. From it come the
+command line's options (``cli/options.py``), the check of values given in Python or in a
+``--config`` file (:func:`check_fields`), the overrides onto a preset and the resume check
+(``config.py``). Adding a setting means adding one field.
+
+This module knows no setting in particular and imports nothing of ddpm, so both ``config.py``
+and ``models/unet.py`` can use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What :func:`setting` records in a field's metadata."""
+
+    flag: str | None  # None: not a command-line option (derived from other settings)
+    help: str
+    choices: tuple | None = None
+    at_least: float | None = None  # value >= at_least
+    above: float | None = None  # value > above
+    below: float | None = None  # value < below
+    at_most: float | None = None  # value <= at_most
+    resume: bool = False  # may 'ddpm train --resume' change it?
+    group: str | None = None  # help section (default: the config section's)
+    metavar: str | None = None
+    exclusive: str | None = None  # settings of one group exclude each other (--steps, --minutes)
+    min_items: int = 0  # tuples: the fewest items
+
+    def condition(self) -> str | None:
+        """The allowed range in words, e.g. 'at least 1' or 'in [0, 1)'; None if any value."""
+        low = self.at_least if self.at_least is not None else self.above
+        high = self.below if self.below is not None else self.at_most
+        if low is not None and high is not None:
+            left = "[" if self.at_least is not None else "("
+            right = ")" if self.below is not None else "]"
+            return f"in {left}{low:g}, {high:g}{right}"
+        if self.at_least is not None:
+            return f"at least {self.at_least:g}"
+        if self.above is not None:
+            return "positive" if self.above == 0 else f"more than {self.above:g}"
+        if high is not None:
+            return f"below {high:g}" if self.below is not None else f"at most {high:g}"
+        return None
+
+    def admits(self, value: float) -> bool:
+        return ((self.at_least is None or value >= self.at_least)
+                and (self.above is None or value > self.above)
+                and (self.below is None or value < self.below)
+                and (self.at_most is None or value <= self.at_most))
+
+
+def setting(default: Any = dataclasses.MISSING, *, flag: str | None, help: str,
+            default_factory: Any = dataclasses.MISSING, **rules: Any) -> Any:
+    """A dataclass field declared as a setting (see the module docstring; ``rules`` are the
+    fields of :class:`Setting`)."""
+    return dataclasses.field(default=default, default_factory=default_factory,
+                             metadata={"setting": Setting(flag=flag, help=help, **rules)})
+
+
+def declaration(f: dataclasses.Field) -> Setting | None:
+    return f.metadata.get("setting")
+
+
+@functools.lru_cache(maxsize=None)
+def field_types(cls: type) -> dict[str, Any]:
+    """The resolved annotation of each field of the dataclass ``cls``."""
+    return typing.get_type_hints(cls)
+
+
+def unwrap_optional(kind: Any) -> tuple[Any, bool]:
+    """``int | None`` -> (int, True); ``int`` -> (int, False)."""
+    args = typing.get_args(kind)
+    if (typing.get_origin(kind) in (typing.Union, types.UnionType)) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return kind, False
+
+
+def item_type(kind: Any) -> type | None:
+    """The item type of a ``tuple[int, ...]`` or ``tuple[float, float]`` annotation, else None."""
+    if typing.get_origin(kind) is tuple:
+        return typing.get_args(kind)[0]
+    return None
+
+
+def coerce(cls: type, name: str, value: Any, *, key: str) -> Any:
+    """``value`` (as JSON or Python gives it) as the type of field ``name`` of ``cls``: lists
+    become tuples and whole numbers become floats where a float is declared. Raises ValueError
+    naming ``key`` when the type is wrong, so a typo in a config file is one clear line."""
+    kind, optional = unwrap_optional(field_types(cls)[name])
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{key} cannot be null; give a {_type_name(kind)}")
+    item = item_type(kind)
+    if item is not None:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key} must be a list of {_type_name(item)}s, got {value!r}")
+        return tuple(_scalar(item, v, key) for v in value)
+    return _scalar(kind, value, key)
+
+
+def _scalar(kind: type, value: Any, key: str) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
+        raise ValueError(f"{key} must be a {_type_name(kind)}, got {value!r}")
+    return value
+
+
+def _type_name(kind: type) -> str:
+    return {int: "whole number", float: "number", str: "string", bool: "true or false"}.get(
+        kind, getattr(kind, "__name__", str(kind)))
+
+
+def check_fields(config: Any) -> None:
+    """Raise ValueError for the first declared setting of ``config`` outside its declared
+    choices or range: ``unknown schedule 'x'; choose one of ...``, ``lr must be positive, got
+    0``. Each section's ``validate()`` calls this first, then checks the rules between fields."""
+    for f in dataclasses.fields(config):
+        decl = declaration(f)
+        value = getattr(config, f.name)
+        if decl is None or value is None:
+            continue
+        values = value if isinstance(value, tuple) else (value,)
+        if isinstance(value, tuple) and len(value) < decl.min_items:
+            raise ValueError(f"{f.name} needs at least {decl.min_items} value(s), got {value!r}")
+        for v in values:
+            if decl.choices is not None and v not in decl.choices:
+                raise ValueError(f"unknown {f.name} {v!r}; choose one of "
+                                 f"{', '.join(map(str, decl.choices))}")
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not decl.admits(v):
+                raise ValueError(f"{f.name} must be {decl.condition()}, got {v!r}")
+
+
+def settings_of(cls: type) -> list[tuple[dataclasses.Field, Setting]]:
+    """The declared settings of the dataclass ``cls``, in field order."""
+    return [(f, d) for f in dataclasses.fields(cls) if (d := declaration(f)) is not None]
+
+
+def names(choices: Sequence[Any]) -> str:
+    return ", ".join(map(str, choices))

@@ -1,0 +1,262 @@
+"""The config: one declaration per setting, from which the options, the overrides, the resume
+check and the help are made; config files, --dry-run, and the checks each section runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from conftest import ddpm_in_process
+from ddpm.cli import build_parser
+from ddpm.cli.options import given_settings
+from ddpm.config import (PRESETS, SECTIONS, DataConfig, RunConfig, SettingError, TrainConfig,
+                         fit_model, get_preset, load_config_file, resume_changes, with_overrides)
+from ddpm.models import UNet, UNetConfig, count_parameters
+from ddpm.settings import field_types, item_type, settings_of, unwrap_optional
+
+# The settings that follow from others when the command line builds a run (config.with_overrides):
+# a new dataset takes its own folder; the U-Net takes the data's size and channels (attention at
+# the same level); a time budget replaces the preset's step count.
+DERIVED = {
+    "data.dataset": {"data.data_dir"},
+    "data.image_size": {"model.image_size", "model.attention_resolutions"},
+    "data.channels": {"model.in_channels"},
+    "train.minutes": {"train.steps"},
+}
+TRAIN_SECTIONS = ("model", "diffusion", "data", "train")
+
+
+def flat(config: RunConfig) -> dict[str, object]:
+    return {f"{s}.{k}": v for s, values in config.to_dict().items() for k, v in values.items()}
+
+
+def other_value(section: str, name: str, current) -> list[str]:
+    """Command-line words that set ``section.name`` to a valid value other than ``current``."""
+    cls = SECTIONS[section]
+    decl = dict((f.name, d) for f, d in settings_of(cls))[name]
+    kind, _ = unwrap_optional(field_types(cls)[name])
+    flag = decl.flag
+    if kind is bool:
+        return [f"--no-{flag[2:]}" if current else flag]
+    if decl.choices is not None:
+        return [flag, str(next(c for c in decl.choices if c != current))]
+    special = {"channel_mults": "1,2", "attention_resolutions": "14", "adam_betas": "0.8,0.99",
+               "data_dir": "/somewhere/else", "cache_dir": "/a/cache", "device": "cpu",
+               "wandb_project": "elsewhere", "image_size": "32"}
+    if name in special:
+        return [flag, special[name]]
+    if item_type(kind) is None and kind is float:
+        low = decl.at_least if decl.at_least is not None else (decl.above or 0.0)
+        high = decl.below if decl.below is not None else decl.at_most
+        value = (low + high) / 3 if high is not None else (current or 1.0) * 2 + 1
+        return [flag, repr(value)]
+    return [flag, str((current or 1) + 1)]
+
+
+def train_settings():
+    return [(s, f.name) for s in TRAIN_SECTIONS for f, d in settings_of(SECTIONS[s]) if d.flag]
+
+
+@pytest.mark.parametrize("section, name", train_settings() + [("sample", "guidance")])
+def test_every_train_option_changes_exactly_the_setting_it_names(section, name):
+    base = with_overrides(get_preset("fashion-cpu"), {})
+    key = f"{section}.{name}"
+    words = other_value(section, name, flat(base)[key])
+    args = build_parser().parse_args(["train", *words])
+    changed = {k for k, v in flat(with_overrides(get_preset("fashion-cpu"), given_settings(args))).items()
+               if v != flat(base)[k]}
+    assert key in changed, f"{' '.join(words)} did not change {key}"
+    assert changed - {key} <= DERIVED.get(key, set()), f"{' '.join(words)} also changed {changed}"
+
+
+def test_every_setting_with_a_flag_is_an_option_of_its_commands():
+    parser = build_parser()
+    commands = {name: p for a in parser._subparsers._group_actions for name, p in a.choices.items()}
+    viz = {name: p for a in commands["viz"]._subparsers._group_actions for name, p in a.choices.items()}
+
+    def options(p):
+        return {s: a.dest for a in p._actions for s in a.option_strings}
+
+    for section, cls in SECTIONS.items():
+        for f, decl in settings_of(cls):
+            if decl.flag is None:
+                continue
+            key = f"{section}.{f.name}"
+            takers = [commands["sample"], commands["eval"], viz["reverse"]] if section == "sample" \
+                else [commands["train"]]
+            for p in takers:
+                assert options(p).get(decl.flag) == key, f"{p.prog} lacks {decl.flag} for {key}"
+    derived = [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f, d in settings_of(cls) if not d.flag]
+    assert derived == ["model.in_channels", "model.image_size", "model.num_classes"]
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_round_trips_through_json(name):
+    config = get_preset(name)
+    assert RunConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    resolved = with_overrides(config, {})
+    assert RunConfig.from_dict(json.loads(json.dumps(resolved.to_dict()))) == resolved
+    resolved.validate()
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"train": {"lr": "fast"}}, "train.lr must be a number, got 'fast'"),
+    ({"train": {"batch_size": 1.5}}, "train.batch_size must be a whole number, got 1.5"),
+    ({"train": {"batch_size": True}}, "train.batch_size must be a whole number, got True"),
+    ({"train": {"learning_rate": 1}}, "unknown setting train.learning_rate; the train settings "
+                                      "are batch_size, lr,"),
+    ({"model": {"channel_mults": 2}}, "model.channel_mults must be a list of whole numbers"),
+    ({"optimiser": {}}, "unknown config section(s) 'optimiser'; the sections are model, diffusion"),
+    ({"data": {"dataset": None}}, "data.dataset cannot be null"),
+])
+def test_wrong_names_and_types_are_named(values, message):
+    with pytest.raises(ValueError) as info:
+        RunConfig.from_dict(values)
+    assert message in str(info.value)
+
+
+def test_json_numbers_become_the_declared_types():
+    config = RunConfig.from_dict({"train": {"lr": 1, "adam_betas": [0.9, 1]},
+                                  "model": {"channel_mults": [1, 2]}})
+    assert isinstance(config.train.lr, float) and config.train.adam_betas == (0.9, 1.0)
+    assert config.model.channel_mults == (1, 2)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: UNetConfig(dropout=1.0), "dropout must be in [0, 1), got 1.0"),
+    (lambda: TrainConfig(lr=0.0), "lr must be positive, got 0.0"),
+    (lambda: TrainConfig(ema_decay=1.0), "ema_decay must be in (0, 1), got 1.0"),
+    (lambda: TrainConfig(steps=None, minutes=None), "would never stop"),
+    (lambda: TrainConfig(on_nan="ignore"), "unknown on_nan 'ignore'; choose one of stop, skip"),
+    (lambda: DataConfig(workers=-1), "workers must be at least 0, got -1"),
+    (lambda: DataConfig(split="val"), "unknown split 'val'"),
+])
+def test_each_section_checks_its_declared_ranges(make, message):
+    with pytest.raises(ValueError) as info:
+        make().validate()
+    assert message in str(info.value)
+
+
+def test_rules_between_sections_name_the_setting_as_the_user_gave_it(fake_fashion, tmp_path):
+    config = with_overrides(get_preset("tiny"), {"train": {"fid_steps": 500}})
+    with pytest.raises(SettingError) as info:
+        config.validate()
+    assert str(info.value) == "train.fid_steps is 500 but must be between 1 and T = 100"
+    r = ddpm_in_process("train", "--preset", "tiny", "--fid-steps", 500, "--data-dir", fake_fashion,
+                        "--out", tmp_path / "run")
+    assert r.returncode == 2 and "error: --fid-steps is 500 but must be between 1 and T = 100" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_preset_steps_shrink_with_T_but_given_ones_do_not():
+    small = with_overrides(get_preset("fashion-cpu"), {"diffusion": {"num_train_timesteps": 30}})
+    assert (small.sample.num_sample_steps, small.train.sample_steps, small.train.fid_steps) == (30, 30, 20)
+    given = with_overrides(get_preset("fashion-cpu"), {"diffusion": {"num_train_timesteps": 30},
+                                                       "train": {"sample_steps": 40}})
+    assert given.train.sample_steps == 40  # and validate() says it is more than T
+
+
+def test_the_model_follows_the_data_with_patches():
+    model = UNetConfig(image_size=28, channel_mults=(1, 2, 2), attention_resolutions=(7,), patch_size=2)
+    data = DataConfig(dataset="cifar10", data_dir="/x", image_size=64, channels=3)
+    fitted = fit_model(model, data)  # levels 14, 7, 3 at 28 px become 32, 16, 8 at 64 px
+    assert (fitted.in_channels, fitted.image_size, fitted.attention_resolutions) == (3, 64, (16,))
+
+
+def test_resume_may_change_only_what_its_declaration_allows():
+    saved = with_overrides(get_preset("tiny"), {})
+    allowed = {"train": {"steps": 99, "minutes": 3.0, "device": "cpu", "threads": 1}}
+    assert resume_changes(saved, allowed) == []
+    assert resume_changes(saved, {"train": {"lr": 0.5}}) == [("train.lr", 0.001, 0.5)]
+    assert resume_changes(saved, {"train": {"lr": 0.001}}) == [], "repeating a setting is fine"
+
+
+# --- --config and --dry-run ---------------------------------------------------------------------
+
+
+def dry_run(*args):
+    r = ddpm_in_process("train", "--dry-run", *args)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_dry_run_prints_the_config_and_parameters_and_writes_nothing(tmp_path, fake_fashion):
+    out = dry_run("--preset", "tiny", "--data-dir", fake_fashion, "--out", tmp_path / "run",
+                  "--lr", "0.01", "--image-size", "32")
+    config = RunConfig.from_dict(out["config"])
+    assert config.train.lr == 0.01 and config.model.image_size == 32
+    assert out["parameters"] == count_parameters(UNet(config.model))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_config_file_partial_full_and_dry_run_output_with_flags_over_it(tmp_path, fake_fashion):
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps({"train": {"lr": 0.005, "batch_size": 8},
+                                   "model": {"base_channels": 16}}))
+    out = dry_run("--preset", "tiny", "--config", partial, "--batch-size", "4",
+                  "--data-dir", fake_fashion)["config"]
+    assert (out["train"]["lr"], out["train"]["batch_size"], out["model"]["base_channels"]) == (0.005, 4, 16)
+    assert out["model"]["norm_groups"] == 4, "the rest is the preset's"
+    printed = tmp_path / "printed.json"  # --dry-run's own output is a config file too
+    printed.write_text(json.dumps(dry_run("--preset", "tiny", "--config", partial,
+                                          "--data-dir", fake_fashion)))
+    again = dry_run("--config", printed)["config"]  # over the default preset: every setting given
+    assert again == dry_run("--preset", "tiny", "--config", partial, "--data-dir", fake_fashion)["config"]
+    r = ddpm_in_process("train", "--config", printed, "--steps", 2, "--out", tmp_path / "run",
+                        "--no-progress")
+    assert r.returncode == 0, r.stderr
+    saved = json.loads((tmp_path / "run/config.json").read_text())
+    assert saved["train"]["steps"] == 2 and saved["model"] == again["model"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"train": {"lr": "fast"}}', "train.lr must be a number, got 'fast'"),
+    ('{"train": {"learning_rate": 0.1}}', "unknown setting train.learning_rate; the train settings are"),
+    ('{"train": ', "is not JSON"),
+    ('[1, 2]', "must hold an object of sections"),
+])
+def test_a_bad_config_file_is_one_line(tmp_path, content, message):
+    path = tmp_path / "c.json"
+    path.write_text(content)
+    r = ddpm_in_process("train", "--config", path, "--out", tmp_path / "run")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
+    assert f"--config {path}" in lines[0] and not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="--config"):
+        load_config_file(path)
+
+
+def test_resume_with_the_same_options_and_a_different_one(tmp_path, fake_fashion):
+    run = tmp_path / "run"
+    first = ["--preset", "tiny", "--data-dir", fake_fashion, "--sample-every", 0, "--no-progress"]
+    assert ddpm_in_process("train", *first, "--steps", 2, "--out", run).returncode == 0
+    r = ddpm_in_process("train", *first, "--steps", 3, "--resume", run)  # a job script, re-run
+    assert r.returncode == 0, r.stderr
+    r = ddpm_in_process("train", *first, "--steps", 4, "--resume", run, "--lr", 0.5)
+    assert r.returncode == 2 and "changes train.lr from 0.001 to 0.5" in r.stderr
+    r = ddpm_in_process("train", "--preset", "fashion-cpu", "--resume", run, "--steps", 4)
+    assert r.returncode == 2 and "changes model.base_channels from 8 to 24" in r.stderr
+    r = ddpm_in_process("train", "--resume", run, "--steps", 4, "--dry-run")
+    assert r.returncode == 0 and json.loads(r.stdout)["config"]["train"]["steps"] == 4
+
+
+def test_help_shows_the_preset_default_of_every_setting():
+    r = ddpm_in_process("train", "--help")
+    text = " ".join(r.stdout.split())
+    assert "--lr X AdamW peak learning rate (fashion-cpu: 0.002)" in text
+    assert "--channel-mults M1,M2,..." in text and "(fashion-cpu: 1,2,2)" in text
+    assert "--hflip, --no-hflip" in text
+
+
+def test_both_sides_of_a_switch_is_an_error():
+    r = ddpm_in_process("train", "--hflip", "--no-hflip")
+    assert r.returncode == 2 and "give --hflip or --no-hflip, not both" in r.stderr
+
+
+def test_a_config_class_is_frozen_and_keyword_only():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        get_preset("tiny").train.lr = 1.0  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        TrainConfig(64)  # type: ignore[misc]
