@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
+import hashlib
 import io
 import os
+import shutil
 import struct
 import subprocess
 from pathlib import Path
@@ -54,6 +57,55 @@ def ddpm_in_process(*args) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def fake_fashion(tmp_path_factory) -> Path:
     return make_fake_fashion(tmp_path_factory.mktemp("fashion"))
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under ``root`` with a hash of its bytes."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory, fake_fashion):
+    """A folder of existing outputs that every bad command of the reliability tests must leave
+    exactly as it is: runs, checkpoints damaged in every way, folders of images, odd files."""
+    from ddpm import get_preset, train
+    from ddpm.checkpoint import load_checkpoint
+
+    root = tmp_path_factory.mktemp("world")
+    c = get_preset("tiny")
+    plain = dataclasses.replace(c, data=dataclasses.replace(c.data, data_dir=str(fake_fashion)),
+                                train=dataclasses.replace(c.train, steps=2, checkpoint_every=1,
+                                                          sample_every=0))
+    train(plain, root / "run", progress=False, final_grid=False)
+    conditional = dataclasses.replace(c, model=dataclasses.replace(c.model, num_classes=10))
+    conditional = dataclasses.replace(conditional, data=dataclasses.replace(
+        c.data, data_dir=str(fake_fashion)), train=dataclasses.replace(c.train, sample_every=0))
+    train(dataclasses.replace(conditional, train=dataclasses.replace(conditional.train, steps=1)),
+          root / "crun", progress=False, final_grid=False)
+    (root / "existing.png").write_bytes(b"an earlier grid")
+    (root / "afile").write_text("a file, not a folder")
+    (root / "empty").mkdir()
+    make_image_folder(root / "pets")
+    state = load_checkpoint(root / "run/checkpoints/ckpt-00000002.pt")
+    torch.save({**state, "format_version": 99}, root / "other_version.pt")
+    wider = {**state, "config": {**state["config"],
+                                 "model": {**state["config"]["model"], "base_channels": 16}}}
+    torch.save(wider, root / "other_config.pt")
+    shutil.copytree(root / "run", root / "other_config_run")
+    torch.save(wider, root / "other_config_run/checkpoints/ckpt-00000002.pt")
+    whole = (root / "run/checkpoints/ckpt-00000002.pt").read_bytes()
+    (root / "truncated.pt").write_bytes(whole[: len(whole) // 2])
+    (root / "junk.pt").write_bytes(b"these bytes are not a checkpoint")
+    torch.save({"weights": torch.zeros(3)}, root / "foreign.pt")
+    (root / "text.npz").write_text("a text file named like an npz\n")
+    np.savez(root / "few.npz", arr_0=np.zeros((4, 28, 28, 1), np.uint8))
+    (root / "text.pt").write_text("a text file named like a checkpoint\n")
+    shutil.copytree(root / "run", root / "folder_run")  # its newest checkpoint became a folder
+    (root / "folder_run/checkpoints/ckpt-00000002.pt").unlink()
+    (root / "folder_run/checkpoints/ckpt-00000001.pt").unlink()
+    (root / "folder_run/checkpoints/ckpt-00000002.pt").mkdir()
+    return root
 
 
 @pytest.fixture(autouse=True)

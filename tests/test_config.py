@@ -129,6 +129,8 @@ def test_json_numbers_become_the_declared_types():
     (lambda: TrainConfig(lr=0.0), "lr must be positive, got 0.0"),
     (lambda: TrainConfig(ema_decay=1.0), "ema_decay must be in (0, 1), got 1.0"),
     (lambda: TrainConfig(steps=None, minutes=None), "would never stop"),
+    (lambda: TrainConfig(minutes=float("inf")), "minutes must be finite and positive, got inf"),
+    (lambda: TrainConfig(lr=float("nan")), "lr must be finite and positive, got nan"),
     (lambda: TrainConfig(on_nan="ignore"), "unknown on_nan 'ignore'; choose one of stop, skip"),
     (lambda: DataConfig(workers=-1), "workers must be at least 0, got -1"),
     (lambda: DataConfig(split="val"), "unknown split 'val'"),
@@ -216,6 +218,8 @@ def test_config_file_partial_full_and_dry_run_output_with_flags_over_it(tmp_path
     ('{"train": {"learning_rate": 0.1}}', "unknown setting train.learning_rate; the train settings are"),
     ('{"train": ', "is not JSON"),
     ('[1, 2]', "must hold an object of sections"),
+    ('{"sample": {"guidance": Infinity}}', "sample.guidance must be finite and at least 0, got inf"),
+    ('{"train": {"lr_schedule": "linear"}}', "unknown train.lr_schedule 'linear'; choose one of"),
 ])
 def test_a_bad_config_file_is_one_line(tmp_path, content, message):
     path = tmp_path / "c.json"

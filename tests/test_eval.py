@@ -28,7 +28,7 @@ def fid_run(tmp_path_factory, fake_fashion):
     root = tmp_path_factory.mktemp("eval")
     run = root / "run"
     r = ddpm("train", "--preset", "tiny", "--steps", 4, "--out", run, "--data-dir", fake_fashion,
-             "--fid-every", 2, "--fid-n", 16, "--fid-steps", 2, "--no-progress",
+             "--fid-every", 2, "--fid-n", 128, "--fid-steps", 2, "--no-progress",
              env_cache=root / "cache")
     assert r.returncode == 0, r.stderr
     return run, root / "cache", fake_fashion
@@ -40,7 +40,7 @@ def test_training_logs_fid_and_plots_loss_and_fid(fid_run):
     fid = [r for r in records if "fid" in r]
     assert [r["step"] for r in fid] == [2, 4]
     for r in fid:
-        assert r["fid"] > 0 and np.isfinite(r["kid"]) and r["floor_fid"] >= 0 and r["fid_n"] == 16
+        assert r["fid"] > 0 and np.isfinite(r["kid"]) and r["floor_fid"] >= 0 and r["fid_n"] == 128
     with Image.open(run / "curves.png") as im:
         assert im.format == "PNG" and im.size[0] > 500
     assert any((cache / "reference").iterdir())  # the reference statistics were cached
@@ -60,26 +60,27 @@ def test_the_checkpoint_of_the_lowest_fid_is_kept(fid_run):
 
 def test_eval_checkpoint_json_line(fid_run, tmp_path):
     run, cache, _ = fid_run
-    r = ddpm("eval", run, "--n", 24, "--sampler", "dpm++", "--steps", 3, "--json", "--no-progress",
+    r = ddpm("eval", run, "--n", 128, "--sampler", "dpm++", "--steps", 3, "--json", "--no-progress",
              "--cache-dir", cache, "--save-samples", tmp_path / "s.npz")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 1
     result = json.loads(lines[0])
     assert KEYS <= set(result)
-    assert (result["n"], result["split"], result["extractor"]) == (24, "train", "fashion-mnist-cnn")
+    assert (result["n"], result["split"], result["extractor"]) == (128, "train", "fashion-mnist-cnn")
     assert (result["sampler"], result["steps"], result["seed"]) == ("dpm++", 3, 0)
-    assert result["fid"] > 0 and result["floor_fid"] >= 0 and result["floor_n"] == 24
-    assert np.load(tmp_path / "s.npz")["arr_0"].shape == (24, 28, 28, 1)
+    # the floor: as many held-out real images as there are (the fake test split has 64)
+    assert result["fid"] > 0 and result["floor_fid"] >= 0 and result["floor_n"] == 64
+    assert np.load(tmp_path / "s.npz")["arr_0"].shape == (128, 28, 28, 1)
 
 
 def test_eval_table_and_images_from_elsewhere(fid_run, tmp_path):
     run, cache, data = fid_run
-    r = ddpm("sample", run, "--n", 20, "--steps", 3, "--out", tmp_path / "pngs", "--no-progress")
+    r = ddpm("sample", run, "--n", 128, "--steps", 3, "--out", tmp_path / "pngs", "--no-progress")
     assert r.returncode == 0, r.stderr
     # The same images as a folder of PNGs and as an npz, as other tools write them.
     arr = np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / "pngs").glob("*.png"))])
-    np.savez(tmp_path / "x.npz", arr_0=arr.reshape(20, 28, 28, -1)[..., :1])
+    np.savez(tmp_path / "x.npz", arr_0=arr.reshape(128, 28, 28, -1)[..., :1])
     scores = []
     for source in (tmp_path / "pngs", tmp_path / "x.npz"):
         r = ddpm("eval", "--images", source, "--dataset", "fashion-mnist", "--data-dir", data,
@@ -87,7 +88,7 @@ def test_eval_table_and_images_from_elsewhere(fid_run, tmp_path):
         assert r.returncode == 0, r.stderr
         scores.append(json.loads(r.stdout))
     assert scores[0]["fid"] == pytest.approx(scores[1]["fid"], rel=1e-6)
-    assert scores[0]["split"] == "test" and scores[0]["n"] == 20 and scores[0]["sampler"] is None
+    assert scores[0]["split"] == "test" and scores[0]["n"] == 128 and scores[0]["sampler"] is None
     assert scores[0]["seed"] == 0  # KID's subsets and the floor's images
     # an npz from another tool: its one array under another name, or one of several by --npz-key
     np.savez(tmp_path / "named.npz", samples=np.load(tmp_path / "x.npz")["arr_0"])
@@ -112,8 +113,10 @@ def test_eval_table_and_images_from_elsewhere(fid_run, tmp_path):
     (["--images", "{tmp}/x.npz", "--dataset", "fashion-mnist", "--steps", "3"], "--steps only apply"),
     (["--images", "{tmp}/x.npz", "--dataset", "fashion-mnist", "--n", "99"], "holds only 4 images"),
     (["--images", "{tmp}/bad.npz", "--dataset", "fashion-mnist"], "must be uint8"),
-    (["--images", "{tmp}/x.npz", "--dataset", "fashion-mnist", "--extractor", "inception-v3",
+    (["--images", "{tmp}/big.npz", "--dataset", "fashion-mnist", "--extractor", "inception-v3",
       "--data-dir", "{data}"], INCEPTION_FILE),
+    (["--images", "{tmp}/x.npz", "--dataset", "fashion-mnist", "--extractor", "inception-v3",
+      "--data-dir", "{data}"], "at least 2048 images"),
     (["{run}", "--steps", "500"], "more than the model's 100"),
     (["{run}", "--n", "1"], "expected a number >= 2"),
     (["{run}", "--save-samples", "{tmp}/x.npz"], "exists; choose a new file"),
@@ -127,6 +130,7 @@ def test_eval_bad_input_is_one_line_exit_2(fid_run, tmp_path, args, message):
     np.savez(tmp_path / "x.npz", arr_0=np.zeros((4, 28, 28, 1), np.uint8))
     np.savez(tmp_path / "bad.npz", arr_0=np.zeros((4, 28, 28, 1), np.float32))
     np.savez(tmp_path / "two.npz", a=np.zeros((4, 28, 28, 1), np.uint8), b=np.zeros(3, np.uint8))
+    np.savez(tmp_path / "big.npz", arr_0=np.zeros((2048, 28, 28, 1), np.uint8))
     import os
 
     env = dict(os.environ, TORCH_HOME=str(tmp_path / "torch"))  # no Inception weights there

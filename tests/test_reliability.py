@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import hashlib
 import importlib
 import json
 import os
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ddpm_in_process
+from conftest import ddpm_in_process, snapshot
 from ddpm import get_preset, train
 from ddpm.checkpoint import (CheckpointError, list_checkpoints, load_checkpoint,
                              load_run_or_file)
@@ -40,49 +39,11 @@ def cli(*args) -> tuple[int, str, str]:
     return r.returncode, r.stdout, r.stderr
 
 
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file under ``root`` with a hash of its bytes."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 def same_weights(a: dict, b: dict) -> bool:
     return all(torch.equal(a[k][n], b[k][n]) for k in ("model", "ema") for n in a[k])
 
 
 # --- bad input: one line, exit code 2, nothing written over existing outputs ------------------
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, fake_fashion):
-    """A folder of existing outputs that every bad command below must leave exactly as it is."""
-    from conftest import make_image_folder
-
-    root = tmp_path_factory.mktemp("world")
-    train(tiny_config(fake_fashion, steps=2, checkpoint_every=1), root / "run", progress=False,
-          final_grid=False)
-    c = get_preset("tiny")
-    conditional = dataclasses.replace(c, model=dataclasses.replace(c.model, num_classes=10))
-    conditional = dataclasses.replace(conditional, data=dataclasses.replace(
-        c.data, data_dir=str(fake_fashion)), train=dataclasses.replace(c.train, sample_every=0))
-    train(dataclasses.replace(conditional, train=dataclasses.replace(conditional.train, steps=1)),
-          root / "crun", progress=False, final_grid=False)
-    (root / "existing.png").write_bytes(b"an earlier grid")
-    (root / "afile").write_text("a file, not a folder")
-    (root / "empty").mkdir()
-    make_image_folder(root / "pets")
-    state = load_checkpoint(root / "run/checkpoints/ckpt-00000002.pt")
-    torch.save({**state, "format_version": 99}, root / "other_version.pt")
-    wider = {**state, "config": {**state["config"],
-                                 "model": {**state["config"]["model"], "base_channels": 16}}}
-    torch.save(wider, root / "other_config.pt")
-    shutil.copytree(root / "run", root / "other_config_run")
-    torch.save(wider, root / "other_config_run/checkpoints/ckpt-00000002.pt")
-    whole = (root / "run/checkpoints/ckpt-00000002.pt").read_bytes()
-    (root / "truncated.pt").write_bytes(whole[: len(whole) // 2])
-    (root / "junk.pt").write_bytes(b"these bytes are not a checkpoint")
-    torch.save({"weights": torch.zeros(3)}, root / "foreign.pt")
-    return root
 
 
 BAD_INPUT = [
@@ -123,7 +84,7 @@ BAD_INPUT = [
     ("train --preset tiny --data-dir {fake} --out {root}/afile/run", "{root}/afile is a file"),
     ("train --preset tiny --data-dir {fake} --out /proc/ddpm-run", "files cannot be made in /proc"),
     ("sample {root}/run --out {root}/afile/grid.png", "which is a file; choose a folder"),
-    ("sample {root}/run --out {root}/afile", "is a file; give a folder, a .png grid or an .npz"),
+    ("sample {root}/run --out {root}/afile", "is a file; give a folder, a grid (.png, .jpg or .webp)"),
     # classes and guidance
     ("sample {root}/run --guidance 2 --out {root}/existing.png", "needs a class-conditional model"),
     ("sample {root}/run --class 3 --out {root}/existing.png", "trained without class labels"),
@@ -364,16 +325,20 @@ def signal_and_resume(run: Path, signum: int, *, group: bool, data: tuple) -> No
     assert logged_steps(run)[-3:] == [step, step + 1, step + 2]
 
 
-def test_sigkill_during_checkpoint_writes_never_loses_the_run(tmp_path, fake_fashion):
-    """Kill training with SIGKILL at random moments, half of them while a checkpoint is being
-    written: a checkpoint always loads, and resuming reaches the uninterrupted run's weights."""
+def test_sigkill_during_checkpoint_and_log_writes_never_loses_the_run(tmp_path, fake_fashion):
+    """Kill training with SIGKILL at random moments, some of them while a checkpoint is being
+    written, with a metrics line written every step: a checkpoint always loads, every round
+    resumes, and resuming reaches the uninterrupted run's weights. A kill lands between the
+    bytes of one 150-byte line write too rarely to schedule, so in every third round the last
+    line is cut where such a kill would cut it (issue 18: that made a run unresumable)."""
     steps = 40
     args = ("--preset", "tiny", "--data-dir", fake_fashion, "--steps", steps, "--checkpoint-every",
-            1, "--keep-checkpoints", 2, "--sample-every", 0, "--threads", 1, "--no-progress")
+            1, "--keep-checkpoints", 2, "--sample-every", 0, "--log-every", 1, "--threads", 1,
+            "--no-progress")
     reference = subprocess.run([sys.executable, "-m", "ddpm", "train", *map(str, args), "--out",
                                 tmp_path / "ref"], capture_output=True, text=True, timeout=300)
     assert reference.returncode == 0, reference.stderr
-    run, rng, kills, mid_write = tmp_path / "run", random.Random(0), 0, 0
+    run, rng, kills, mid_write, torn = tmp_path / "run", random.Random(0), 0, 0, set()
     folder = run / "checkpoints"
     for round_ in range(6):
         resume = bool(list_checkpoints(run))
@@ -393,7 +358,12 @@ def test_sigkill_during_checkpoint_writes_never_loses_the_run(tmp_path, fake_fas
         mid_write += any(f.name.endswith(".tmp") for f in folder.iterdir())
         for c in list_checkpoints(run):  # every file under a checkpoint's name is whole
             assert load_checkpoint(c)["step"] == int(c.stem[5:])
-    assert kills >= 4 and mid_write >= 1
+        if round_ % 3 == 2:  # a kill in the middle of a metrics line
+            text = (run / "metrics.jsonl").read_text()
+            torn.add(json.loads(text.rstrip("\n").rsplit("\n", 1)[-1])["step"])
+            cut = rng.randrange(text.rstrip("\n").rfind("\n") + 2, len(text) - 1)
+            (run / "metrics.jsonl").write_text(text[:cut])
+    assert kills >= 4 and mid_write >= 1 and torn
     r = subprocess.run([sys.executable, "-m", "ddpm", "train", "--resume", str(run), "--steps",
                         str(steps), "--threads", "1", "--no-progress"], capture_output=True,
                        text=True, timeout=300)
@@ -402,6 +372,10 @@ def test_sigkill_during_checkpoint_writes_never_loses_the_run(tmp_path, fake_fas
     final, expected = load_run_or_file(run)[1], load_run_or_file(tmp_path / "ref")[1]
     assert final["step"] == expected["step"] == steps
     assert same_weights(final, expected)
+    logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert logged == sorted(set(logged)) and logged[-1] == steps, "each step once, in order"
+    # a step is missing only where its line was cut off after its checkpoint was written
+    assert set(range(1, steps + 1)) - set(logged) <= torn
 
 
 def test_a_side_output_that_cannot_be_written_warns_once_and_training_goes_on(capsys):

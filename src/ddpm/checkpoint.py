@@ -18,10 +18,12 @@ from __future__ import annotations
 import errno
 import math
 import os
-import time
+import pickle
 import re
 import tempfile
+import time
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -80,6 +82,28 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) 
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def unwritable(folder: str | os.PathLike) -> str | None:
+    """Why files cannot be made in ``folder`` (which may not exist yet), or None; creates
+    nothing: the nearest existing folder above it is tested with a nameless temporary file."""
+    existing = Path(folder)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file"
+    try:
+        with tempfile.TemporaryFile(dir=existing):  # gone when closed
+            return None
+    except OSError as exc:
+        return f"files cannot be made in {existing} ({exc.strerror})"
+
+
+def check_writable(folder: str | os.PathLike, what: str = "the folder") -> None:
+    """Raise ValueError, without creating anything, if ``folder`` cannot be made and written."""
+    reason = unwritable(folder)
+    if reason is not None:
+        raise ValueError(f"cannot create {what} {folder}: {reason}; choose a writable folder")
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -154,15 +178,26 @@ def remove_partial_writes(run_dir: str | os.PathLike) -> list[Path]:
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True`` (no code can run); check its format."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if not zipfile.is_zipfile(path):  # what torch.save has written since torch 1.6
+        raise CheckpointError(f"{path} is not a readable ddpm checkpoint: it is not a torch "
+                              f"checkpoint (a zip archive); it may be truncated or another "
+                              f"program's file")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's text here advises weights_only=False, which would run any code in the file.
+        raise CheckpointError(f"{path} is not a readable ddpm checkpoint: it holds objects other "
+                              f"than tensors and plain data, which ddpm does not load (they could "
+                              f"run code)") from None
     except Exception as exc:  # torch raises many types for truncated or foreign files
+        detail = str(exc).splitlines()[0] if str(exc) else "no detail"
         raise CheckpointError(
-            f"{path} is not a readable ddpm checkpoint ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); it may be truncated or "
-            f"another program's file"
+            f"{path} is not a readable ddpm checkpoint ({type(exc).__name__}: {detail}); it may "
+            f"be truncated or another program's file"
         ) from None
     if not isinstance(state, dict) or "format_version" not in state or "config" not in state:
         raise CheckpointError(f"{path} is a torch file but not a ddpm checkpoint")
@@ -183,20 +218,26 @@ def load_run_or_file(
         return p, load_checkpoint(p, map_location)
     if p.is_dir():
         candidates = list_checkpoints(p)
-        for i, candidate in enumerate(candidates):
+        if not candidates:
+            raise CheckpointError(f"{p} holds no checkpoints ({CHECKPOINT_DIR}/ckpt-STEP.pt); pass "
+                                  f"a run directory written by 'ddpm train' or a .pt checkpoint file")
+        reasons = []
+        for candidate in candidates:
             try:
                 state = load_checkpoint(candidate, map_location)
-            except CheckpointError:
-                continue  # a newer file that does not load: fall back to the one before
-            if i:
+            except CheckpointError as exc:
+                reasons.append(str(exc))  # a newer file that does not load: fall back
+                continue
+            if reasons:
                 warnings.warn(f"{candidates[0]} does not load (damaged, or not written by ddpm); "
                               f"using the newest checkpoint that does, {candidate}", stacklevel=2)
             return candidate, state
+        others = len(reasons) - 1
         raise CheckpointError(
-            f"no loadable checkpoint in {p / CHECKPOINT_DIR}"
-            + (f" ({len(candidates)} files failed to load)" if candidates else "")
-            + "; pass a run directory written by 'ddpm train' or a .pt checkpoint file"
-        )
+            f"no checkpoint of {p} loads: {reasons[0]}"
+            + (f" (and {others} older one{'s' * (others > 1)} do{'es' * (others == 1)} not load "
+               f"either)" if others else "")
+            + "; put a whole checkpoint back, or start the run again")
     raise CheckpointError(f"{p} is neither a checkpoint file nor a run directory")
 
 

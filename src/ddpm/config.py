@@ -24,7 +24,7 @@ from .diffusion import LOSS_WEIGHTINGS, LOSSES, PREDICTION_TYPES
 from .models import UNetConfig
 from .samplers import SAMPLERS, SPACINGS, VARIANCES
 from .schedules import SCHEDULES
-from .settings import check_fields, coerce, names, setting, settings_of
+from .settings import SEED_MAX, check_fields, coerce, names, setting, settings_of
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine")
@@ -133,7 +133,7 @@ class TrainConfig:
                                   help="AdamW's decoupled weight decay")
     adam_betas: tuple[float, float] = setting(
         (0.9, 0.999), flag="--adam-betas", at_least=0, below=1, min_items=2, group="optimisation",
-        metavar="B1,B2", help="AdamW's moment decays")
+        metavar="B1,B2", example="0.9,0.999", help="AdamW's moment decays")
     warmup_steps: int = setting(200, flag="--warmup-steps", at_least=0, group="optimisation",
                                 help="linear learning-rate warm-up")
     lr_schedule: str = setting(
@@ -165,7 +165,7 @@ class TrainConfig:
         "auto", flag="--precision", choices=PRECISIONS, group="optimisation",
         help="autocast precision: auto is bf16 on CUDA, fp32 on CPU (under 'accelerate launch' "
              "its --mixed_precision); fp16 needs CUDA and uses a gradient scaler")
-    seed: int = setting(0, flag="--seed", group="optimisation",
+    seed: int = setting(0, flag="--seed", at_least=0, at_most=SEED_MAX, group="optimisation",
                         help="seed of every random draw of the run")
     log_every: int = setting(50, flag="--log-every", at_least=1, group="outputs",
                              help="steps between metric lines")
@@ -386,6 +386,20 @@ def resolve(config: RunConfig) -> RunConfig:
     return dataclasses.replace(config, data=data, model=fit_model(config.model, data))
 
 
+def resumable_keys() -> set[str]:
+    """The settings ``--resume`` may change (``section.field``), as their declarations say."""
+    return {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f, d in settings_of(cls) if d.resume}
+
+
+def differences(a: RunConfig, b: RunConfig, *, resumable: bool = True) -> list[tuple[str, Any, Any]]:
+    """``[(key, a's value, b's value)]`` of the settings that differ (without those ``--resume``
+    may change, unless ``resumable``)."""
+    skip = set() if resumable else resumable_keys()
+    b_values = b.to_dict()
+    return [(f"{s}.{k}", v, b_values[s][k]) for s, values in a.to_dict().items()
+            for k, v in values.items() if v != b_values[s][k] and f"{s}.{k}" not in skip]
+
+
 def resume_changes(saved: RunConfig, overrides: dict[str, dict[str, Any]]) -> list[tuple[str, Any, Any]]:
     """The settings in ``overrides`` that would change the saved run although their declaration
     says ``--resume`` may not change them: ``[(key, saved value, new value)]``."""
@@ -420,8 +434,10 @@ def load_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
         values = values["config"]  # a dry run's output, as printed
     if not isinstance(values, dict):
         raise ValueError(f"--config {path} must hold an object of sections ({names(SECTIONS)})")
-    try:
-        with_overrides(RunConfig(), values, resolve=False)  # names and types, with the file's name
+    try:  # names, types and ranges, said with the file's name
+        config = with_overrides(RunConfig(), values, resolve=False)
+        for section in SECTIONS:
+            check_fields(getattr(config, section), prefix=f"{section}.")
     except ValueError as exc:
         raise ValueError(f"--config {path}: {exc}") from None
     return values

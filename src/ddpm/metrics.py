@@ -23,6 +23,7 @@ import hashlib
 import os
 import re
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_save
+from .checkpoint import atomic_save, unwritable
 from .classifier import CLASSIFIER_DATASETS, WeightsNotFoundError, load_classifier
 from .config import DataConfig
 from .data import (FOLDER_DATASETS, SPLITS, ImageData, default_cache_dir, load_dataset,
@@ -46,6 +47,20 @@ CACHE_FORMAT = 1
 #: real images kept per cached reference for KID, precision/recall and the floor (all of them
 #: for the small classifier features; a fixed random subset of Inception's 2048-d ones).
 MAX_STORED_FEATURES = {INCEPTION: 10_000}
+#: the dimension of each extractor's features: FID needs at least this many images, below which
+#: their covariance is singular and FID measures the rank deficit, not the images.
+FEATURE_DIMS = {**{f"{d}-cnn": 128 for d in CLASSIFIER_DATASETS}, INCEPTION: 2048}
+
+
+def check_image_count(n: int, extractor: str, option: str | None = None) -> None:
+    """Raise ValueError when ``n`` images are too few for FID with ``extractor``'s features
+    (``option``: the setting that chose n, named in the advice)."""
+    dim = FEATURE_DIMS.get(extractor, 2)
+    if n < dim:
+        advice = f"give {option} {dim} or more" if option else f"score {dim} images or more"
+        raise ValueError(f"FID of {n} images with {extractor} features is not estimable: their "
+                         f"covariance needs at least {dim} images, one per feature dimension; "
+                         f"{advice}")
 
 
 # --- feature extractors -----------------------------------------------------------------------
@@ -255,6 +270,7 @@ def reference_statistics(
     """Features and statistics of ``data`` (or of a fixed random ``limit`` of its images),
     from the cache when the same images went through the same extractor before."""
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = unwritable(folder / "reference") is None
     stem = f"{data.name}-{split}-{extractor.name}" + (f"-{limit}" if limit else "")
     path = folder / "reference" / f"{stem}-{reference_key(data, split, extractor, limit)}.pt"
     if path.is_file():
@@ -272,11 +288,17 @@ def reference_statistics(
     keep = MAX_STORED_FEATURES.get(extractor.name)
     if keep is not None and len(features) > keep:
         features = features[torch.randperm(len(features), generator=torch.Generator().manual_seed(0))[:keep]]
-    atomic_save({"count": len(images), "mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma),
-                 "features": features.contiguous()}, path)
-    for stale in path.parent.glob(f"{stem}-*.pt"):  # the same reference for older pixels/weights
-        if stale != path and re.fullmatch(re.escape(stem) + "-[0-9a-f]{16}", stale.stem):
-            stale.unlink(missing_ok=True)
+    if cache:
+        try:
+            atomic_save({"count": len(images), "mu": torch.from_numpy(mu),
+                         "sigma": torch.from_numpy(sigma), "features": features.contiguous()}, path)
+        except (OSError, RuntimeError) as exc:  # the statistics are computed; keep them
+            warnings.warn(f"could not cache reference statistics in {path.parent} "
+                          f"({str(exc).splitlines()[0]}); the next evaluation computes them again",
+                          stacklevel=2)
+        for stale in path.parent.glob(f"{stem}-*.pt"):  # the same reference for older pixels/weights
+            if stale != path and re.fullmatch(re.escape(stem) + "-[0-9a-f]{16}", stale.stem):
+                stale.unlink(missing_ok=True)
     return Reference(data.name, split, extractor.name, len(images), mu, sigma, features, path)
 
 
@@ -344,8 +366,14 @@ class Evaluator:
                                        device=device)
         self.dataset, self.split, self.extractor, self.progress = dataset, split, extractor, progress
         start = time.perf_counter()
+        folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        if (reason := unwritable(folder / "reference")) is not None:  # said now, not after minutes
+            warnings.warn(f"cannot cache reference statistics in {folder / 'reference'} "
+                          f"({reason}); computing them without a cache (--cache-dir or "
+                          f"$DDPM_CACHE_DIR to choose another folder)", stacklevel=2)
         options = dict(data_options or {})
         data = load_dataset(dataset, data_dir, split, **options)
+        self.image_shape = tuple(data.images.shape[1:])  # [C, H, W] of the real images
         self.reference = reference_statistics(data, split, extractor, cache_dir=cache_dir,
                                               progress=progress)
         # The floor's real images come from the other split, so they are not the reference's own;
@@ -384,8 +412,13 @@ class Evaluator:
         """Score uint8 images ``[N, C, H, W]``. ``seed`` draws KID's subsets and the floor's
         images; ``sampler``, ``steps`` and ``seconds`` record how the images were made."""
         images = _as_uint8_images(images)
-        if len(images) < 2:
-            raise ValueError(f"FID and KID need at least 2 images, got {len(images)}")
+        check_image_count(len(images), self.extractor.name)
+        if tuple(images.shape[1:]) != self.image_shape:
+            shape = "x".join(map(str, images.shape[1:]))
+            warnings.warn(f"the images are {shape} but the {self.dataset} {self.split} images are "
+                          f"{'x'.join(map(str, self.image_shape))}; both are converted to what "
+                          f"{self.extractor.name} takes, but the scores compare unlike images",
+                          stacklevel=2)
         start = time.perf_counter()
         features = self.extractor(images, progress=self.progress, desc="features")
         feature_s = time.perf_counter() - start

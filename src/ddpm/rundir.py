@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
-import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,11 +29,11 @@ from tqdm.auto import tqdm
 
 from .checkpoint import (SaveError, TrainState, atomic_write_bytes, save_best_checkpoint,
                          save_checkpoint)
-from .config import RunConfig
+from .config import RunConfig, differences
 from .data import to_uint8
 from .metrics import Evaluator, data_options
 from .pipeline import Pipeline
-from .viz import plot_curves, progress_animation, save_grid
+from .viz import metric_records, plot_curves, progress_animation, save_grid
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -45,28 +44,6 @@ SAMPLES_DIR = "samples"  # preview grids, samples/step-00000175.png ...
 LOCK_FILE = ".lock"  # held by the training process, so two cannot write one run at once
 PREVIEW_SEED = 1234  # fixed noise, so successive preview grids show the same samples improving
 FID_SEED = 4321  # the same noise at every FID measurement: the curve shows the model, not luck
-
-
-def unwritable(folder: str | os.PathLike) -> str | None:
-    """Why files cannot be made in ``folder`` (which may not exist yet), or None; creates
-    nothing: the nearest existing folder above it is tested with a nameless temporary file."""
-    existing = Path(folder)
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"{existing} is a file"
-    try:
-        with tempfile.TemporaryFile(dir=existing):  # gone when closed
-            return None
-    except OSError as exc:
-        return f"files cannot be made in {existing} ({exc.strerror})"
-
-
-def check_writable(folder: str | os.PathLike, what: str = "the folder") -> None:
-    """Raise ValueError, without creating anything, if ``folder`` cannot be made and written."""
-    reason = unwritable(folder)
-    if reason is not None:
-        raise ValueError(f"cannot create {what} {folder}: {reason}; choose a writable folder")
 
 
 @contextlib.contextmanager
@@ -95,6 +72,29 @@ def write_config(config: RunConfig, run_dir: Path) -> None:
     atomic_write_bytes(json.dumps(config.to_dict(), indent=2).encode(), run_dir / CONFIG_FILE)
 
 
+def repair_config_file(run_dir: Path, saved: RunConfig, source: Path) -> None:
+    """On resume: a config.json that is missing, cut off, unreadable or at odds with the
+    checkpoint's own copy of the config (the one the run goes on with) is written again from
+    that copy, with a warning saying what was wrong. Settings ``--resume`` may change are allowed
+    to differ: config.json records how the run started."""
+    path = run_dir / CONFIG_FILE
+    try:
+        on_disk = RunConfig.from_dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        problem = "it is missing"
+    except (OSError, ValueError) as exc:  # a JSONDecodeError too: a file cut off mid-write
+        problem = f"it does not read as a config ({str(exc).splitlines()[0]})"
+    else:
+        changed = differences(on_disk, saved, resumable=False)
+        if not changed:
+            return
+        key, old, new = changed[0]
+        problem = f"it says {key} = {old!r} where the checkpoint says {new!r}"
+    write_config(saved, run_dir)
+    warnings.warn(f"{path} was not the run's config: {problem}; wrote it again from the copy in "
+                  f"{source}, which the run goes on with", stacklevel=2)
+
+
 class SideOutputs:
     """A run's warnings about side outputs, each said once (a full disk would repeat them)."""
 
@@ -120,12 +120,13 @@ class Loggers:
                  outputs: SideOutputs):
         self.path, self.outputs = run_dir / METRICS_FILE, outputs
         if resume_step is not None and self.path.exists():
-            # Drop lines logged after the checkpoint we resume from: they will be logged again.
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
+            # Drop lines logged after the checkpoint we resume from (they will be logged again)
+            # and a line that a crash cut off mid-write.
+            records, bad = metric_records(self.path)
+            if bad:
+                warnings.warn(f"dropped line {', '.join(map(str, bad[:3]))} of {self.path}, cut "
+                              f"off by an interrupted write; the run goes on", stacklevel=2)
+            kept = [json.dumps(r) for r in records if r["step"] <= resume_step]
             atomic_write_bytes(("\n".join(kept) + "\n" if kept else "").encode(), self.path)
         self.file = open(self.path, "a", buffering=1)
         from torch.utils.tensorboard import SummaryWriter

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ class Setting:
     metavar: str | None = None
     exclusive: str | None = None  # settings of one group exclude each other (--steps, --minutes)
     min_items: int = 0  # tuples: the fewest items
+    example: str | None = None  # tuples: a value as typed, for messages (e.g. "1,2,2")
 
     def condition(self) -> str | None:
         """The allowed range in words, e.g. 'at least 1' or 'in [0, 1)'; None if any value."""
@@ -48,16 +50,20 @@ class Setting:
         if low is not None and high is not None:
             left = "[" if self.at_least is not None else "("
             right = ")" if self.below is not None else "]"
-            return f"in {left}{low:g}, {high:g}{right}"
+            return f"in {left}{number_text(low)}, {number_text(high)}{right}"
         if self.at_least is not None:
-            return f"at least {self.at_least:g}"
+            return f"at least {number_text(self.at_least)}"
         if self.above is not None:
-            return "positive" if self.above == 0 else f"more than {self.above:g}"
+            return "positive" if self.above == 0 else f"more than {number_text(self.above)}"
         if high is not None:
-            return f"below {high:g}" if self.below is not None else f"at most {high:g}"
+            return f"below {number_text(high)}" if self.below is not None else f"at most {number_text(high)}"
         return None
 
     def admits(self, value: float) -> bool:
+        """Within the range; a float must also be finite (no setting means anything by inf or
+        nan: an infinite time budget or guidance scale is a typo, not a wish)."""
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
         return ((self.at_least is None or value >= self.at_least)
                 and (self.above is None or value > self.above)
                 and (self.below is None or value < self.below)
@@ -98,6 +104,12 @@ def item_type(kind: Any) -> type | None:
     return None
 
 
+def tuple_length(kind: Any) -> int | None:
+    """The fixed length of a ``tuple[float, float]`` annotation; None for ``tuple[int, ...]``."""
+    args = typing.get_args(kind)
+    return None if Ellipsis in args else len(args)
+
+
 def coerce(cls: type, name: str, value: Any, *, key: str) -> Any:
     """``value`` (as JSON or Python gives it) as the type of field ``name`` of ``cls``: lists
     become tuples and whole numbers become floats where a float is declared. Raises ValueError
@@ -109,8 +121,10 @@ def coerce(cls: type, name: str, value: Any, *, key: str) -> Any:
         raise ValueError(f"{key} cannot be null; give a {_type_name(kind)}")
     item = item_type(kind)
     if item is not None:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{key} must be a list of {_type_name(item)}s, got {value!r}")
+        length = tuple_length(kind)
+        if not isinstance(value, (list, tuple)) or (length is not None and len(value) != length):
+            count = f"{length} " if length is not None else ""
+            raise ValueError(f"{key} must be a list of {count}{_type_name(item)}s, got {value!r}")
         return tuple(_scalar(item, v, key) for v in value)
     return _scalar(kind, value, key)
 
@@ -128,24 +142,29 @@ def _type_name(kind: type) -> str:
         kind, getattr(kind, "__name__", str(kind)))
 
 
-def check_fields(config: Any) -> None:
+def check_fields(config: Any, prefix: str = "") -> None:
     """Raise ValueError for the first declared setting of ``config`` outside its declared
     choices or range: ``unknown schedule 'x'; choose one of ...``, ``lr must be positive, got
-    0``. Each section's ``validate()`` calls this first, then checks the rules between fields."""
+    0``. Each section's ``validate()`` calls this first, then checks the rules between fields.
+    ``prefix`` goes before each field's name in messages (``"train."``)."""
     for f in dataclasses.fields(config):
         decl = declaration(f)
         value = getattr(config, f.name)
         if decl is None or value is None:
             continue
         values = value if isinstance(value, tuple) else (value,)
+        name = prefix + f.name
         if isinstance(value, tuple) and len(value) < decl.min_items:
-            raise ValueError(f"{f.name} needs at least {decl.min_items} value(s), got {value!r}")
+            raise ValueError(f"{name} needs at least {decl.min_items} value(s), got {value!r}")
         for v in values:
             if decl.choices is not None and v not in decl.choices:
-                raise ValueError(f"unknown {f.name} {v!r}; choose one of "
+                raise ValueError(f"unknown {name} {v!r}; choose one of "
                                  f"{', '.join(map(str, decl.choices))}")
             if isinstance(v, (int, float)) and not isinstance(v, bool) and not decl.admits(v):
-                raise ValueError(f"{f.name} must be {decl.condition()}, got {v!r}")
+                what = decl.condition()
+                if isinstance(v, float) and not math.isfinite(v):
+                    what = f"finite and {what}" if what else "finite"
+                raise ValueError(f"{name} must be {what}, got {v!r}")
 
 
 def settings_of(cls: type) -> list[tuple[dataclasses.Field, Setting]]:
@@ -155,3 +174,12 @@ def settings_of(cls: type) -> list[tuple[dataclasses.Field, Setting]]:
 
 def names(choices: Sequence[Any]) -> str:
     return ", ".join(map(str, choices))
+
+
+def number_text(x: float) -> str:
+    """A bound as a person reads it: whole numbers in full (a seed's 2^63 - 2 too), others short."""
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e19 else f"{x:g}"
+
+
+# The seeds ddpm takes: torch's generators take 64-bit seeds, and a run also seeds with seed + 1.
+SEED_MAX = 2**63 - 2

@@ -30,14 +30,15 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import (TrainState, checkpoint_config, list_checkpoints, load_run_or_file,
-                         remove_partial_writes)
-from .config import RunConfig, resolve, resumed
+from .checkpoint import (TrainState, check_writable, checkpoint_config, list_checkpoints,
+                         load_run_or_file, remove_partial_writes)
+from .config import RunConfig, SettingError, resolve, resumed
 from .data import BatchStream, ImageData, StreamingImages, open_dataset
 from .diffusion import draw_t_eps, training_loss
+from .metrics import check_image_count, resolve_extractor
 from .models import UNet
 from .pipeline import build_schedule
-from .rundir import RunOutputs, check_writable, run_lock, write_config
+from .rundir import RunOutputs, repair_config_file, run_lock, write_config
 from .runtime import (autocast, gradient_scaler, make_accelerator, resolve_device,
                       torch_state_kept, training_precision)
 from .schedules import NoiseSchedule
@@ -268,6 +269,12 @@ def check_run(config: RunConfig, run_dir: str | os.PathLike, *, resume: bool,
         )
     config.validate(num_processes=num_processes)
     training_precision(config.train.precision, resolve_device(config.train.device))  # fp16 on a CPU
+    if config.train.fid_every:  # found now, not at the first measurement
+        try:
+            check_image_count(config.train.fid_n, resolve_extractor("auto", config.data.dataset),
+                              "{setting}")
+        except ValueError as exc:
+            raise SettingError("train.fid_n", str(exc)) from None
     check_writable(run_dir, "the run directory")
 
 
@@ -333,6 +340,13 @@ def _train(config: RunConfig, run_dir: Path, accelerator: Accelerator, device: t
     if resume:
         path, saved = load_run_or_file(run_dir, map_location=device)
         state.load_state_dict(saved, path)
+        if tc.steps is not None and state.step >= tc.steps:  # nothing to train: write nothing
+            if state.step > tc.steps:
+                raise ValueError(f"{run_dir} has trained {state.step} steps already, more than "
+                                 f"train.steps = {tc.steps} (counted from the start of the run)")
+            return TrainResult(run_dir, state.step, path, None, state.elapsed_s, float("nan"))
+        if main:
+            repair_config_file(run_dir, checkpoint_config(saved, path), path)
     elif main:
         write_config(config, run_dir)
     outputs = RunOutputs(run, run_dir, state, main=main, resume=resume, progress=progress)

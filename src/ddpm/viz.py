@@ -13,6 +13,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,16 +36,33 @@ def grid_image(x: torch.Tensor, nrow: int | None = None, padding: int = 2) -> to
     return make_grid(to_unit_range(x.cpu()), nrow=nrow, padding=padding, pad_value=1.0)
 
 
-def _png_bytes(image: torch.Tensor) -> bytes:
+GRID_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}  # -> Pillow's
+
+
+def _image_bytes(image: torch.Tensor, format: str = "png") -> bytes:
+    """An image ``[C, H, W]`` in [0, 1] as the bytes of a file in ``format``: PNG (exact), JPEG
+    (quality 95) or lossless WebP."""
     buf = io.BytesIO()
-    save_image(image, buf, format="png")
+    if format == "png":
+        save_image(image, buf, format="png")
+    else:
+        from PIL import Image
+
+        pixels = image.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        options = {"quality": 95} if format == "jpeg" else {"lossless": True}
+        Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(
+            buf, format=format, **options)
     return buf.getvalue()
 
 
 def save_grid(x: torch.Tensor, path: str | os.PathLike, nrow: int | None = None) -> Path:
-    """Write images ``[B, C, H, W]`` in [-1, 1] as one PNG grid, atomically."""
+    """Write images ``[B, C, H, W]`` in [-1, 1] as one grid, atomically: PNG, or JPEG or
+    (lossless) WebP by the suffix of ``path``."""
     path = Path(path)
-    atomic_write_bytes(_png_bytes(grid_image(x, nrow)), path)
+    format = GRID_SUFFIXES.get(path.suffix.lower())
+    if format is None:
+        raise ValueError(f"{path}: a grid is written as {', '.join(GRID_SUFFIXES)}")
+    atomic_write_bytes(_image_bytes(grid_image(x, nrow), format), path)
     return path
 
 
@@ -55,7 +73,7 @@ def save_images(x: torch.Tensor, folder: str | os.PathLike, start_index: int = 0
     paths = []
     for i, img in enumerate(to_unit_range(x.cpu())):
         path = folder / f"{start_index + i:06d}.png"
-        atomic_write_bytes(_png_bytes(img), path)
+        atomic_write_bytes(_image_bytes(img), path)
         paths.append(path)
     return paths
 
@@ -74,13 +92,34 @@ def save_npz(x: torch.Tensor, path: str | os.PathLike) -> Path:
     return path
 
 
-def read_metrics(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """A run's metrics.jsonl as {name: (steps, values)}; lines without a name are skipped."""
-    series: dict[str, tuple[list, list]] = {}
-    for line in Path(path).read_text().splitlines():
+def metric_records(path: str | os.PathLike) -> tuple[list[dict], list[int]]:
+    """The records of a metrics JSONL file, and the numbers of the lines that are not records: a
+    line cut off by a crash mid-write (the last one, usually), or anything else unreadable."""
+    records, bad = [], []
+    for number, line in enumerate(Path(path).read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
-        record = json.loads(line)
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        else:
+            bad.append(number)
+    return records, bad
+
+
+def read_metrics(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A run's metrics.jsonl as {name: (steps, values)}; a line that is not a record (cut off by
+    a crash mid-write) is skipped with a warning."""
+    records, bad = metric_records(path)
+    if bad:
+        warnings.warn(f"skipped line {', '.join(map(str, bad[:3]))} of {path}, which "
+                      f"{'is' if len(bad) == 1 else 'are'} not whole records (cut off by an "
+                      f"interrupted write?)", stacklevel=2)
+    series: dict[str, tuple[list, list]] = {}
+    for record in records:
         for name, value in record.items():
             if name != "step" and isinstance(value, (int, float)):
                 steps, values = series.setdefault(name, ([], []))

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from ..config import SECTIONS
-from ..rundir import unwritable
-from ..settings import Setting, field_types, item_type, settings_of, unwrap_optional
+from ..checkpoint import unwritable
+from ..settings import (SEED_MAX, Setting, field_types, item_type, number_text, settings_of,
+                        tuple_length, unwrap_optional)
 
 EXIT_USAGE = 2
 SECTION_TITLES = {"model": "model (the U-Net)", "diffusion": "diffusion", "data": "data",
@@ -59,7 +61,9 @@ def number(kind: type = int, rule: Setting | None = None, **bounds: float) -> Ca
             noun = "a whole number" if kind is int else "a number"
             raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
         if not rule.admits(value):
-            raise argparse.ArgumentTypeError(f"expected a number {_symbolic(rule)}, got {value:g}")
+            finite = "finite " if kind is float and not math.isfinite(value) else ""
+            raise argparse.ArgumentTypeError(
+                f"expected a {finite}number {_symbolic(rule)}".rstrip() + f", got {text}")
         return value
 
     return parse
@@ -72,16 +76,25 @@ def _symbolic(rule: Setting) -> str:
     if low is not None and high is not None:
         return rule.condition() or ""
     if low is not None:
-        return f">= {low:g}" if rule.at_least is not None else f"> {low:g}"
-    return f"< {high:g}" if rule.below is not None else f"<= {high:g}"
+        return f">= {number_text(low)}" if rule.at_least is not None else f"> {number_text(low)}"
+    if high is not None:
+        return f"< {number_text(high)}" if rule.below is not None else f"<= {number_text(high)}"
+    return ""
 
 
-def number_list(kind: type = int, rule: Setting | None = None) -> Callable[[str], tuple]:
+def seed(text: str) -> int:
+    """An argparse type: a seed, 0 .. 2^63 - 2 (torch's generators take 64 bits)."""
+    return number(int, at_least=0, at_most=SEED_MAX)(text)
+
+
+def number_list(kind: type = int, rule: Setting | None = None,
+                length: int | None = None) -> Callable[[str], tuple]:
     """An argparse type: comma-separated numbers such as ``1,2,2`` (``''``: none, when the
-    setting allows no items), each within ``rule``'s range."""
+    setting allows no items), each within ``rule``'s range; exactly ``length`` of them when
+    given."""
     rule = rule or Setting(flag=None, help="")
     item = number(kind, rule)
-    example = "1,2,2" if kind is int else "0.9,0.999"
+    example = rule.example or ("1,2,2" if kind is int else "0.9,0.999")
 
     def parse(text: str) -> tuple:
         items = [i.strip() for i in text.split(",") if i.strip()]
@@ -90,9 +103,12 @@ def number_list(kind: type = int, rule: Setting | None = None) -> Callable[[str]
         except argparse.ArgumentTypeError as exc:
             raise argparse.ArgumentTypeError(f"{exc} in {text!r} (comma-separated, e.g. "
                                              f"{example})") from None
-        if len(values) < max(rule.min_items, 0):
-            raise argparse.ArgumentTypeError(f"expected at least {rule.min_items} comma-separated "
-                                             f"values such as {example}, got {text!r}")
+        if len(values) < max(rule.min_items, 0) or (length is not None and len(values) != length):
+            count = length if length is not None else rule.min_items
+            at_least = "" if length is not None else "at least "
+            raise argparse.ArgumentTypeError(
+                f"expected {at_least}{count} comma-separated value{'s' * (count != 1)} such as "
+                f"{example}, got {text!r}")
         return values
 
     return parse
@@ -186,7 +202,8 @@ def _parsing(cls: type, name: str, decl: Setting) -> dict[str, Any]:
         return {"action": Switch}
     item = item_type(kind)
     if item is not None:
-        return {"type": number_list(item, decl), "metavar": decl.metavar or "N,N,..."}
+        return {"type": number_list(item, decl, tuple_length(kind)),
+                "metavar": decl.metavar or "N,N,..."}
     if decl.choices is not None:
         return {"type": kind, "choices": decl.choices}
     options = {"metavar": decl.metavar or {int: "N", float: "X"}.get(kind, "TEXT")}

@@ -16,14 +16,16 @@ from typing import Any
 import torch
 
 from ..config import SampleConfig
-from ..data import DATASETS, SPLITS, load_images, to_uint8
-from ..metrics import EXTRACTORS, INCEPTION_FILE, EvalResult, Evaluator, data_options
+from ..data import DATASETS, IMAGE_SUFFIXES, SPLITS, load_images, to_uint8
+from ..rundir import CONFIG_FILE
+from ..metrics import (EXTRACTORS, INCEPTION_FILE, EvalResult, Evaluator, check_image_count,
+                       data_options, resolve_extractor)
 from ..pipeline import Pipeline, load_pipeline
-from ..rundir import check_writable
+from ..checkpoint import CHECKPOINT_DIR, check_writable
 from ..runtime import resolve_device
-from ..viz import save_grid, save_images, save_npz
+from ..viz import GRID_SUFFIXES, save_grid, save_images, save_npz
 from .options import (Defaults, UsageError, add_model_options, add_settings, check_out,
-                      given_settings, number, positive_int, setting_flags)
+                      given_settings, number, positive_int, seed, setting_flags)
 
 
 def add_sample_settings(p: argparse.ArgumentParser) -> None:
@@ -91,9 +93,9 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
                    help="a run directory (its newest checkpoint is used) or a .pt checkpoint")
     p.add_argument("--n", type=positive_int, default=64, help="number of images")
     p.add_argument("--out", required=True, metavar="DIR|GRID.png|SAMPLES.npz",
-                   help="a .png path gets one grid; a .npz path one uint8 array 'arr_0' "
-                        "[N, H, W, C]; any other path becomes a folder of PNGs")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and every step")
+                   help="a .png (or .jpg, .webp) path gets one grid; a .npz path one uint8 "
+                        "array 'arr_0' [N, H, W, C]; any other path becomes a folder of PNGs")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the initial noise and every step")
     p.add_argument("--batch-size", type=positive_int, default=128,
                    help="images per batch (128 was fastest on a 2-core CPU)")
     add_class_option(p)
@@ -102,15 +104,29 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_sample)
 
 
+def _check_sample_out(text: str) -> Path:
+    """``--out`` of ``ddpm sample``, checked before any sampling: a grid (.png, .jpg, .webp), an
+    .npz, or a folder, which must not be a run's folder, a file, or named like an image."""
+    out, formats = Path(text), "a folder, a grid (.png, .jpg or .webp) or an .npz"
+    if not text.strip():
+        raise UsageError(f"--out is empty; give {formats}")
+    suffix = out.suffix.lower()
+    if suffix in (*GRID_SUFFIXES, ".npz"):
+        return check_out(text, (*GRID_SUFFIXES, ".npz"))
+    if suffix in IMAGE_SUFFIXES or suffix in (".gif", ".tif", ".tiff"):
+        raise UsageError(f"--out {text}: sample writes no {suffix} files; give {formats}")
+    if out.is_file():
+        raise UsageError(f"--out {text} is a file; give {formats}")
+    if (out / CHECKPOINT_DIR).is_dir() or (out / CONFIG_FILE).is_file():
+        raise UsageError(f"--out {text} is a training run's folder; give a new folder for the "
+                         f"images")
+    check_writable(out, "the output folder")
+    return out
+
+
 def run_sample(args: argparse.Namespace) -> int:
-    out = Path(args.out)
+    out = _check_sample_out(args.out)  # now, not after minutes of sampling
     pipe = load_pipeline(args.checkpoint, device=args.device, use_ema=not args.no_ema)
-    if out.suffix.lower() in (".png", ".npz"):  # checked now, not after minutes of sampling
-        check_out(args.out, (".png", ".npz"))
-    elif out.is_file():
-        raise UsageError(f"--out {out} is a file; give a folder, a .png grid or an .npz")
-    else:
-        check_writable(out, "the output folder")
     settings, sc = sample_settings(args, pipe)
     labels, nrow, n = class_request(pipe, args.class_, args.n)
     t0 = time.perf_counter()
@@ -124,7 +140,7 @@ def run_sample(args: argparse.Namespace) -> int:
     elif args.class_ is not None:
         name = f" ({pipe.classes[labels]})" if labels < len(pipe.classes) else ""
         what += f" of class {labels}{name}"
-    if out.suffix.lower() == ".png":
+    if out.suffix.lower() in GRID_SUFFIXES:
         save_grid(images, out, nrow=nrow)
         print(f"wrote a grid of {what} to {out}")
     elif out.suffix.lower() == ".npz":
@@ -169,7 +185,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"Inception-v3 FID weights ({INCEPTION_FILE}); default: the torch hub cache")
     p.add_argument("--prc", action="store_true",
                    help="also precision and recall (Kynkaanniemi et al. 2019, k = 3)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the generated images and of KID's subsets")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the generated images and of KID's subsets")
     p.add_argument("--batch-size", type=positive_int, default=128,
                    help="images per sampling batch (128 was fastest on a 2-core CPU)")
     p.add_argument("--save-samples", metavar="SAMPLES.npz", default=None,
@@ -199,6 +215,7 @@ def run_eval(args: argparse.Namespace) -> int:
         # The run's own images, as its model saw them; another --dataset is taken as it comes.
         options = data_options(pipe.config.data) if dataset == pipe.config.data.dataset else {}
         settings, sc = sample_settings(args, pipe)
+        check_image_count(args.n or 10_000, resolve_extractor(args.extractor, dataset), "--n")
         if args.save_samples and Path(args.save_samples).exists():  # checked before sampling
             raise UsageError(f"--save-samples {args.save_samples} exists; choose a new file")
     evaluator = Evaluator(dataset, data_dir, split=args.split, extractor=args.extractor,
@@ -236,6 +253,7 @@ def _given_images(args: argparse.Namespace) -> tuple[torch.Tensor, str, str | No
         if args.n > len(images):
             raise UsageError(f"--n {args.n} but {args.images} holds only {len(images)} images")
         images = images[: args.n]
+    check_image_count(len(images), resolve_extractor(args.extractor, args.dataset))
     return images, args.dataset, args.data_dir, {}
 
 

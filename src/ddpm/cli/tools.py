@@ -9,7 +9,8 @@ from pathlib import Path
 from ..bench import bench, format_table
 from ..classifier import CLASSIFIER_DATASETS, train_classifier
 from ..config import DEFAULT_PRESET, PRESETS, get_preset, with_overrides
-from .options import Defaults, UsageError, add_settings, given_settings, number, positive_int
+from .options import (Defaults, UsageError, add_settings, given_settings, number,
+                      positive_int, seed)
 
 # The settings of a training run that change its speed, besides the model's shape.
 BENCH_TRAIN_SETTINGS = ("batch_size", "grad_accum", "precision", "threads", "device",
@@ -72,7 +73,7 @@ def add_train_classifier_parser(sub: argparse._SubParsersAction) -> None:
                    help="folder holding the IDX files (default: Debian's folder for fashion-mnist)")
     p.add_argument("--out", required=True, metavar="WEIGHTS.pt", help="weights file to write")
     p.add_argument("--epochs", type=positive_int, default=10, help="passes over the train split")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and batches")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the initialisation and batches")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run_train_classifier)

@@ -17,13 +17,12 @@ import torch
 
 from ..checkpoint import (CHECKPOINT_DIR, best_checkpoint_path, checkpoint_config,
                           list_checkpoints, load_run_or_file)
-from ..config import (DEFAULT_PRESET, PRESETS, SECTIONS, RunConfig, get_preset, load_config_file,
-                      resume_changes, resumed, with_overrides)
+from ..config import (DEFAULT_PRESET, PRESETS, RunConfig, differences, get_preset,
+                      load_config_file, resumable_keys, resume_changes, resumed, with_overrides)
 from ..data import open_dataset
 from ..models import UNet, count_parameters
 from ..rundir import CONFIG_FILE
 from ..runtime import resolve_device, training_precision
-from ..settings import settings_of
 from ..train import check_run, train
 from .options import Defaults, UsageError, add_settings, describe, given_settings, positive_int
 
@@ -76,8 +75,12 @@ def run(args: argparse.Namespace) -> int:
     log = print if main_process and not launcher and not args.dry_run else (lambda *a, **k: None)
     if args.resume:
         run_dir = Path(args.resume)
-        config = _resumed_config(args, run_dir)
-        log(f"resuming {run_dir}")
+        config, step, checkpoint = _resumed_config(args, run_dir)
+        if config.train.steps == step and not args.dry_run:
+            print(f"{run_dir} is at step {step} already, its --steps: nothing to train (give "
+                  f"--steps above {step} to train on)")
+            return 0
+        log(f"resuming {run_dir} at step {step} from {checkpoint} (with the config saved in it)")
     else:
         run_dir = Path(args.out or f"runs/{args.preset or DEFAULT_PRESET}")
         config = _new_config(args)
@@ -145,10 +148,11 @@ def _conditional(config: RunConfig) -> RunConfig:
                                                                  num_classes=len(classes)))
 
 
-def _resumed_config(args: argparse.Namespace, run_dir: Path) -> RunConfig:
-    """The run's saved config, with the settings ``--resume`` may change (the stopping rule and
-    the machine) taken from the command line. Any other option must agree with the run: a job
-    script may simply be run again with ``--resume`` added, but not change the run half-way."""
+def _resumed_config(args: argparse.Namespace, run_dir: Path) -> tuple[RunConfig, int, Path]:
+    """The run's saved config (the newest checkpoint's copy), with the settings ``--resume`` may
+    change (the stopping rule and the machine) taken from the command line; the step it is at,
+    and the checkpoint. Any other option must agree with the run: a job script may simply be
+    run again with ``--resume`` added, but not change the run half-way."""
     if args.out and Path(args.out) != run_dir:
         raise UsageError("--resume continues a run in place; drop --out or point it at the same folder")
     if not list_checkpoints(run_dir):
@@ -159,16 +163,12 @@ def _resumed_config(args: argparse.Namespace, run_dir: Path) -> RunConfig:
     overrides = given_settings(args)
     if args.preset or args.config:
         # The config those options build must be the run's: compare every setting.
-        asked = _new_config(args).to_dict()
-        changes = [(f"{s}.{k}", v, asked[s][k]) for s, values in saved.to_dict().items()
-                   for k, v in values.items() if asked[s][k] != v]
+        changes = differences(saved, _new_config(args), resumable=False)
     else:
         changes = resume_changes(saved, overrides)
         if args.conditional and not saved.model.num_classes:
             changes.append(("model.num_classes", 0, "the dataset's classes"))
-    may_change = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f, d in settings_of(cls)
-                  if d.resume}
-    changes = [c for c in changes if c[0] not in may_change]
+    may_change = resumable_keys()
     if changes:
         key, old, new = changes[0]
         raise UsageError(
@@ -177,7 +177,13 @@ def _resumed_config(args: argparse.Namespace, run_dir: Path) -> RunConfig:
             f"start a new run with --out")
     allowed = {s: {k: v for k, v in values.items() if f"{s}.{k}" in may_change}
                for s, values in overrides.items()}
-    return resumed(saved, allowed)
+    config, step = resumed(saved, allowed), int(state["step"])
+    steps = config.train.steps
+    if steps is not None and step > steps:
+        raise UsageError(f"{run_dir} has trained {step} steps already, more than --steps {steps} "
+                         f"(steps count from the start of the run): give more than {step}, or "
+                         f"--minutes M to train M minutes more")
+    return config, step, path
 
 
 def summary(config: RunConfig) -> str:

@@ -16,7 +16,7 @@ from ..viz import (ANIMATION_SUFFIXES, FIGURE_SUFFIXES, evenly_spaced, forward_n
                    plot_schedules, reverse_frames, save_animation, save_grid, save_image_table,
                    video_writer)
 from .options import (Defaults, Parser, UsageError, add_model_options, check_out, name_list,
-                      number, positive_int, whole_list)
+                      number, positive_int, seed, whole_list)
 from .sample import add_class_option, add_sample_settings, class_request, sample_settings
 
 FORWARD_TIMESTEPS = (0, 10, 50, 100, 150, 200, 250, 300, 400, 600, 800, 999)
@@ -47,7 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--schedule", type=name_list(SCHEDULES), default=("linear",), metavar="NAME,...",
                    help=f"beta schedules, from {', '.join(SCHEDULES)}")
     f.add_argument("--num-timesteps", type=positive_int, default=1000, help="diffusion steps T")
-    f.add_argument("--seed", type=int, default=0, help="seed of the images chosen and the noise")
+    f.add_argument("--seed", type=seed, default=0, help="seed of the images chosen and the noise")
     f.set_defaults(func=run_forward)
 
     r = vs.add_parser("reverse", formatter_class=Defaults,
@@ -59,7 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--n", type=positive_int, default=16, help="images in each frame's grid")
     r.add_argument("--frames", type=number(int, at_least=2),
                    help="frames, spread evenly from x_T to the output (default: min(steps, 40))")
-    r.add_argument("--seed", type=int, default=0, help="seed of the noise (as 'ddpm sample --seed')")
+    r.add_argument("--seed", type=seed, default=0, help="seed of the noise (as 'ddpm sample --seed')")
     r.add_argument("--show-x0", action="store_true",
                    help="show the network's prediction of x0 beside each x_t")
     r.add_argument("--sheet", metavar="SHEET.png",
@@ -81,7 +81,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--data-dir", help=data_dir_help)
     d.add_argument("--split", choices=SPLITS, default="train")
     d.add_argument("--n", type=positive_int, default=64, help="images, chosen at random")
-    d.add_argument("--seed", type=int, default=0, help="seed of the choice")
+    d.add_argument("--seed", type=seed, default=0, help="seed of the choice")
     d.set_defaults(func=run_data)
 
     c = vs.add_parser("schedule", formatter_class=Defaults,

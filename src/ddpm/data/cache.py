@@ -67,7 +67,8 @@ def _report_skipped(skipped: list[str], strict: bool) -> None:
     if strict:
         raise ValueError(f"cannot decode image {skipped[0]}; delete or replace it (or without "
                          f"strict, unreadable files are skipped with a warning)")
-    warnings.warn(f"skipped {len(skipped)} image file(s) that PIL cannot decode, e.g. "
+    warnings.warn(f"skipped {len(skipped)} image file(s) that PIL cannot decode (or refuses, over "
+                  f"its pixel limit), e.g. "
                   f"{', '.join(skipped[:3])}", stacklevel=3)
 
 

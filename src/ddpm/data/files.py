@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import os
 import struct
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .pixels import _fit
 from .registry import _LAYOUT, IMAGE_SUFFIXES, DatasetNotFoundError
@@ -169,14 +171,18 @@ def _index_tinyimagenet(dataset: str, root: Path, split: str) -> _FileIndex:
 
 # --- decoding -------------------------------------------------------------------------------------
 
-# What a broken file raises inside PIL's decoders (UnidentifiedImageError is an OSError).
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, struct.error)
+# What a broken file raises inside PIL's decoders (UnidentifiedImageError is an OSError), and
+# what PIL raises for an image whose header declares more than twice Image.MAX_IMAGE_PIXELS
+# (179 megapixels): a decompression bomb. PIL's default limit is kept, not made an option: the
+# largest photographs of the datasets here are a few megapixels, every image is shrunk to at most
+# a few hundred pixels a side, and a limit one can turn off protects no one. (Between 89 and 179
+# megapixels PIL only warns, and the warning is shown as one line.)
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, struct.error,
+                  Image.DecompressionBombError)
 
 
 def decode_image(path: str | os.PathLike, size: int, channels: int, crop: str) -> torch.Tensor:
     """One image file -> uint8 ``[channels, size, size]`` (see ``_fit`` for ``crop``)."""
-    from PIL import Image
-
     mode = "RGB" if channels == 3 else "L"
     with Image.open(path) as im:
         # JPEG: decode at 1/2..1/8 scale where that still leaves both sides >= size; far faster
@@ -201,12 +207,17 @@ def load_images(path: str | os.PathLike, npz_key: str | None = None) -> torch.Te
     The array of a ``.npz`` is ``npz_key`` when given, else its only array, else ``arr_0``."""
     path = Path(path)
     if path.suffix.lower() == ".npz" and path.is_file():
+        if not zipfile.is_zipfile(path):  # numpy would try it as a pickle, and advise unsafety
+            raise ValueError(f"cannot read images from {path}: it is not an .npz file (a zip of "
+                             f".npy arrays, as numpy.savez writes); give an .npz or a folder")
         try:
-            with np.load(path) as z:
+            with np.load(path, allow_pickle=False) as z:
                 key = _npz_array_name(z.files, npz_key)
                 arr = z[key]
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"cannot read images from {path}: {exc}") from None
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+            reason = ("the array holds Python objects, not pixels" if "pickle" in str(exc)
+                      else str(exc))
+            raise ValueError(f"cannot read images from {path}: {reason}") from None
         if arr.dtype != np.uint8 or arr.ndim not in (3, 4) or (arr.ndim == 4 and arr.shape[-1] not in (1, 3)):
             raise ValueError(f"{path}: {key} must be uint8 [N, H, W, C] with C = 1 or 3 (or [N, H, W]), "
                              f"got {arr.dtype} {arr.shape}")
@@ -217,16 +228,15 @@ def load_images(path: str | os.PathLike, npz_key: str | None = None) -> torch.Te
     files = _list_images(path)
     if not files:
         raise ValueError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    from PIL import Image, UnidentifiedImageError
-
     arrays = []
     for f in files:
         try:
             with Image.open(f) as im:
                 grey = im.mode in ("L", "1", "I", "I;16", "LA")
                 arrays.append(np.asarray(im.convert("L" if grey else "RGB")))
-        except (OSError, UnidentifiedImageError) as exc:
-            raise ValueError(f"cannot read image {f}: {exc}") from None
+        except _DECODE_ERRORS as exc:
+            raise ValueError(f"cannot read image {f} ({type(exc).__name__}: {exc}); delete or "
+                             f"replace it") from None
         if arrays[-1].shape[:2] != arrays[0].shape[:2]:
             raise ValueError(f"{f} is {arrays[-1].shape[1]}x{arrays[-1].shape[0]} but {files[0]} is "
                              f"{arrays[0].shape[1]}x{arrays[0].shape[0]}; all images must be one size")

@@ -48,9 +48,10 @@ class BatchStream:
     def __init__(self, source: ImageData | StreamingImages, batch_size: int, *, hflip: bool,
                  generator: torch.Generator, crop_size: int | None = None, workers: int = 0):
         if batch_size > len(source):
+            n = len(source)
             raise ValueError(
-                f"batch size {batch_size} is larger than the dataset ({len(source)} images)"
-            )
+                f"batch size {batch_size} is larger than the dataset ({n} image{'s' * (n != 1)}); "
+                f"use --batch-size {n} or less, or more images")
         stored = source.image_shape[-1]
         if crop_size is not None and not 0 < crop_size <= stored:
             raise ValueError(f"crop size {crop_size} does not fit the stored {stored}x{stored} "

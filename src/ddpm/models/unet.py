@@ -32,12 +32,12 @@ class UNetConfig:
     base_channels: int = setting(64, flag="--base-channels", at_least=1,
                                  help="width of the first level")
     channel_mults: tuple[int, ...] = setting(
-        (1, 2, 2), flag="--channel-mults", at_least=1, min_items=1, metavar="M1,M2,...",
+        (1, 2, 2), flag="--channel-mults", at_least=1, min_items=1, metavar="M1,M2,...", example="1,2,2",
         help="width of each level in base channels; each level after the first halves the image")
     num_res_blocks: int = setting(2, flag="--num-res-blocks", at_least=1,
                                   help="blocks per level on the way down")
     attention_resolutions: tuple[int, ...] = setting(
-        (7,), flag="--attention-resolutions", at_least=1, metavar="PX,...",
+        (7,), flag="--attention-resolutions", at_least=1, metavar="PX,...", example="14,7",
         help="feature-map sizes with self-attention, e.g. 14,7 ('' for none)")
     attention_head_dim: int = setting(32, flag="--attention-head-dim", at_least=1,
                                       help="channels per attention head")
