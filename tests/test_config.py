@@ -264,3 +264,32 @@ def test_a_config_class_is_frozen_and_keyword_only():
         get_preset("tiny").train.lr = 1.0  # type: ignore[misc]
     with pytest.raises(TypeError):
         TrainConfig(64)  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_validates_and_builds(name):
+    config = with_overrides(get_preset(name), {})
+    config.validate()
+    params = count_parameters(UNet(config.model))
+    if name == "cifar10-ddpm":  # Ho et al. 2020 report 35.7M parameters for their CIFAR-10 model
+        assert abs(params - 35.7e6) < 0.1e6, params
+        assert (config.train.batch_size, config.train.lr, config.train.warmup_steps,
+                config.train.ema_decay, config.train.steps) == (128, 2e-4, 5000, 0.9999, 800_000)
+        assert (config.data.dataset, config.data.hflip, config.diffusion.schedule) == \
+            ("cifar10", True, "linear")
+
+
+def test_the_default_preset_follows_the_device(monkeypatch):
+    import torch
+
+    from ddpm.cli import train as train_command
+
+    def parsed(*words):
+        return build_parser().parse_args(["train", *words])
+
+    assert train_command._preset_name(parsed()) == "fashion-cpu"  # this machine: a CPU
+    assert train_command._preset_name(parsed("--preset", "tiny")) == "tiny"
+    monkeypatch.setattr(train_command, "resolve_device", lambda name: torch.device(
+        "cpu" if name == "cpu" else "cuda"))
+    assert train_command._preset_name(parsed()) == "fashion-gpu"
+    assert train_command._preset_name(parsed("--device", "cpu")) == "fashion-cpu"

@@ -181,3 +181,93 @@ def test_sampling_steps_beyond_T_are_refused_before_training(tmp_path, fake_fash
     with pytest.raises(ValueError, match="train.sample_steps is 500 but must be between 1 and T = 100"):
         train(config, tmp_path / "run", progress=False, final_grid=False)
     assert not (tmp_path / "run").exists(), "nothing may be written before the check"
+
+
+def test_the_sync_free_step_equals_a_straightforward_one(fake_fashion):
+    """train_step decides on the device (fused AdamW's found_inf, a masked EMA, on-device
+    counters) what a plain loop decides on the host: with the same batches, noise and a NaN
+    batch in the middle, the weights, the EMA and the optimiser's state come out equal."""
+    import copy
+
+    from ddpm.data import ImageData
+    from ddpm.diffusion import draw_t_eps, training_loss
+    from ddpm.runtime import make_accelerator
+    from ddpm.train import build_training
+
+    config = tiny_config(fake_fashion)  # dropout 0.1: the global RNG is reseeded for each
+    cpu = torch.device("cpu")
+    data = ImageData(torch.zeros(32, 1, 28, 28, dtype=torch.uint8), torch.zeros(32, dtype=torch.long), "x")
+    run = build_training(config, make_accelerator(cpu), cpu, lambda: data)
+    net = copy.deepcopy(run.net)
+    ema = copy.deepcopy(run.net).requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=config.train.lr, betas=config.train.adam_betas,
+                            weight_decay=config.train.weight_decay, fused=True)
+    noise = torch.Generator().manual_seed(7)
+    run.noise_generator.manual_seed(7)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.rand(16, 1, 28, 28, generator=g) * 2 - 1 for _ in range(6)]
+    batches[2][0, 0, 0, 0] = float("nan")  # step 3: a non-finite loss
+    labels = torch.zeros(16, dtype=torch.long)
+    updates = 0
+    for i, x0 in enumerate(batches):
+        torch.manual_seed(100 + i)
+        stats = run.update([(x0, labels)], lr=1e-3)
+        # the plain loop, on the host
+        torch.manual_seed(100 + i)
+        for group in opt.param_groups:
+            group["lr"] = 1e-3
+        opt.zero_grad(set_to_none=True)
+        t, eps = draw_t_eps(run.schedule, x0.shape, noise)
+        loss = training_loss(net, run.schedule, x0, t=t, eps=eps)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(list(net.parameters()), config.train.grad_clip)
+        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(norm))
+        assert bool(stats.updated) == finite and bool(stats.faulty) == (not finite)
+        if finite:
+            opt.step()
+            decay = min(config.train.ema_decay, (1 + updates) / (10 + updates))
+            torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in net.parameters()],
+                                 1.0 - decay)
+            updates += 1
+    assert updates == 5 and run.ema.num_updates == 5
+    for mine, theirs in ((run.net, net), (run.ema.model, ema)):
+        for (name, a), b in zip(mine.state_dict().items(), theirs.state_dict().values()):
+            assert torch.equal(a, b), name
+    for a, b in zip(run.optimizer.state.values(), opt.state.values()):
+        assert all(torch.equal(a[k], b[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+
+
+def test_a_compile_that_fails_falls_back_to_eager_with_one_warning(fake_fashion, monkeypatch):
+    """--compile's first step compiles; if that fails (no C compiler, an unsupported op), the
+    step runs uncompiled from the same random state: the weights equal an uncompiled run's."""
+    from ddpm.data import ImageData
+    from ddpm.runtime import make_accelerator
+    from ddpm.train import build_training
+
+    class FailsToCompile(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("InductorError: no working C compiler found\nmore detail")
+
+    cpu = torch.device("cpu")
+    data = ImageData(torch.zeros(32, 1, 28, 28, dtype=torch.uint8), torch.zeros(32, dtype=torch.long), "x")
+    runs = {}
+    monkeypatch.setattr(torch, "compile", FailsToCompile)
+    for compile_ in (True, False):
+        config = tiny_config(fake_fashion, compile=compile_)
+        runs[compile_] = build_training(config, make_accelerator(cpu), cpu, lambda: data)
+        if compile_:
+            with pytest.warns(UserWarning, match=r"torch.compile failed \(RuntimeError: "
+                                                 r"InductorError: no working C compiler found\); "
+                                                 r"training goes on without it"):
+                runs[compile_].update(runs[compile_].next_batches(), 1e-3)
+            assert runs[compile_].model is not None and runs[compile_].eager is None
+            runs[compile_].update(runs[compile_].next_batches(), 1e-3)  # no second warning
+        else:
+            for _ in range(2):
+                runs[compile_].update(runs[compile_].next_batches(), 1e-3)
+    for a, b in zip(runs[True].net.parameters(), runs[False].net.parameters()):
+        assert torch.equal(a, b)

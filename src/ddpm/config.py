@@ -514,11 +514,68 @@ def _tiny() -> RunConfig:
     )
 
 
+def _fashion_gpu() -> RunConfig:
+    # The GPU counterpart of fashion-cpu, for about 5 minutes of one GPU: fashion-cpu's recipe (v
+    # prediction, min-SNR-5, cosine decay, no flips), which won on FID there, with a wider and
+    # deeper U-Net and a batch large enough to keep a GPU busy (fashion-cpu's batch of 64 used an
+    # eighth of an H200). Not yet chosen by measurement on a GPU: BENCHMARKS.md says so.
+    return RunConfig(
+        model=UNetConfig(in_channels=1, image_size=28, base_channels=64, channel_mults=(1, 2, 2),
+                         num_res_blocks=2, attention_resolutions=(7,), dropout=0.0),
+        diffusion=DiffusionConfig(schedule="linear", num_train_timesteps=1000, prediction_type="v",
+                                  loss_weighting="min-snr", min_snr_gamma=5.0),
+        train=TrainConfig(batch_size=256, lr=1e-3, lr_schedule="cosine", warmup_steps=200,
+                          ema_decay=0.999, steps=None, minutes=5.0, log_every=100,
+                          sample_every=1000, sample_steps=50, checkpoint_every=2000,
+                          fid_every=0),
+        sample=SampleConfig(sampler="dpm++", num_sample_steps=20),
+    )
+
+
+def _cifar10_ddpm() -> RunConfig:
+    # Ho et al. 2020, section 4 and appendix B: the 35.7M-parameter CIFAR-10 U-Net (128 channels,
+    # multipliers 1,2,2,2, two residual blocks per level, attention at 16 px, dropout 0.1), T =
+    # 1000 with the linear schedule, eps prediction with L_simple, batch 128, lr 2e-4 after 5,000
+    # warm-up steps, EMA 0.9999, random flips, 800k steps. (They used Adam; AdamW with no weight
+    # decay is the same update.) FID needs Inception-v3 weights and 2,048+ images: --fid-every.
+    return RunConfig(
+        model=UNetConfig(in_channels=3, image_size=32, base_channels=128, channel_mults=(1, 2, 2, 2),
+                         num_res_blocks=2, attention_resolutions=(16,), dropout=0.1),
+        diffusion=DiffusionConfig(schedule="linear", num_train_timesteps=1000),
+        data=DataConfig(dataset="cifar10", hflip=True),
+        train=TrainConfig(batch_size=128, lr=2e-4, warmup_steps=5000, ema_decay=0.9999,
+                          ema_warmup=False, steps=800_000, log_every=100, sample_every=10_000,
+                          checkpoint_every=10_000, fid_every=0),
+        sample=SampleConfig(sampler="ddpm", num_sample_steps=1000),
+    )
+
+
+def _flowers64() -> RunConfig:
+    # 64 px colour images: Flowers-102 (all 8,189 photos), or any folder with --dataset folder
+    # --data-dir DIR. A U-Net of Ho et al.'s shape for 64 px (multipliers 1,2,2,4, attention at
+    # 16 px), 17M parameters, with fashion-cpu's v prediction and min-SNR weights. A GPU's work.
+    return RunConfig(
+        model=UNetConfig(in_channels=3, image_size=64, base_channels=64, channel_mults=(1, 2, 2, 4),
+                         num_res_blocks=2, attention_resolutions=(16,), dropout=0.1),
+        diffusion=DiffusionConfig(schedule="linear", num_train_timesteps=1000, prediction_type="v",
+                                  loss_weighting="min-snr", min_snr_gamma=5.0),
+        data=DataConfig(dataset="flowers102", split="all", image_size=64),
+        train=TrainConfig(batch_size=64, lr=2e-4, warmup_steps=1000, ema_decay=0.9995,
+                          steps=100_000, log_every=100, sample_every=2500, checkpoint_every=2500,
+                          fid_every=0),
+        sample=SampleConfig(sampler="dpm++", num_sample_steps=20),
+    )
+
+
 PRESETS = {
     "fashion-cpu": _fashion_cpu,
+    "fashion-gpu": _fashion_gpu,
+    "cifar10-ddpm": _cifar10_ddpm,
+    "flowers64": _flowers64,
     "tiny": _tiny,
 }
-DEFAULT_PRESET = "fashion-cpu"
+DEFAULT_PRESET = "fashion-cpu"  # on a CPU; on CUDA, DEFAULT_GPU_PRESET
+DEFAULT_GPU_PRESET = "fashion-gpu"
 
 
 def get_preset(name: str) -> RunConfig:

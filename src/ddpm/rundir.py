@@ -205,6 +205,11 @@ class RunOutputs:
             postfix["min_left"] = f"{minutes_left:.1f}"
         self.bar.set_postfix(postfix)
 
+    def due(self, step: int) -> bool:
+        """Whether a preview grid, an FID measurement or a checkpoint falls due at ``step``."""
+        return any(every and step % every == 0 for every in
+                   (self.tc.sample_every, self.tc.fid_every, self.tc.checkpoint_every))
+
     def periodic(self, state: TrainState, finished: bool) -> None:
         """After a step: the preview grid, FID and checkpoint that fall due."""
         step, tc = state.step, self.tc

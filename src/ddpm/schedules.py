@@ -10,6 +10,7 @@ Everything is computed once in float64 and cast only where it is used, so that p
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -114,6 +115,14 @@ class NoiseSchedule:
     @property
     def num_train_timesteps(self) -> int:
         return int(self.betas.shape[0])
+
+    def to(self, device: torch.device | str) -> "NoiseSchedule":
+        """The same schedule with its tensors on ``device``, still float64: training reads values
+        at a batch of steps drawn on the device (:func:`extract`) without a round trip to the
+        host. The samplers keep the CPU schedule, whose values they read as Python floats."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        return dataclasses.replace(self, **moved)
 
     def alpha_bar_at(self, t: torch.Tensor | float) -> torch.Tensor:
         """alpha_bar at real-valued t in [0, T-1], float64: log-SNR is interpolated linearly
@@ -221,5 +230,6 @@ def broadcast_per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tens
 
 def extract(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Take ``values[t]`` of a ``[T]`` schedule tensor for a batch of integer steps ``t`` ``[B]``,
-    shaped ``[B, 1, ..., 1]`` to broadcast against ``like`` (see :func:`broadcast_per_sample`)."""
-    return broadcast_per_sample(values[t.cpu()], like)
+    shaped ``[B, 1, ..., 1]`` to broadcast against ``like`` (see :func:`broadcast_per_sample`).
+    The lookup happens where ``values`` lives (``NoiseSchedule.to``)."""
+    return broadcast_per_sample(values[t.to(values.device)], like)

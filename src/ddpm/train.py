@@ -21,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -49,37 +50,53 @@ MAX_SKIPS_IN_A_ROW = 100
 
 
 class EMA:
-    """Exponential moving average of a model's weights (Polyak averaging), sampled from."""
+    """Exponential moving average of a model's weights (Polyak averaging), sampled from.
+
+    Its count of updates lives on the model's device, so that an update masked by a skipped
+    step (``update(model, mask)``) needs no answer from the device."""
 
     def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay = decay
         self.warmup = warmup
-        self.num_updates = 0
+        device = next(model.parameters()).device
+        self._updates = torch.zeros((), dtype=torch.int64, device=device)
 
-    def current_decay(self) -> float:
+    @property
+    def num_updates(self) -> int:
+        return int(self._updates)
+
+    def current_decay(self) -> torch.Tensor:
+        """The decay of the next update, float64 on the device."""
+        # (a fill, not torch.tensor(): a copy from the host would wait for the device)
+        decay = torch.full((), self.decay, dtype=torch.float64, device=self._updates.device)
         if not self.warmup:
-            return self.decay
+            return decay
         # Short memory while the weights move fast early on: (1 + n) / (10 + n).
-        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        n = self._updates.double()
+        return torch.minimum(decay, (1 + n) / (10 + n))
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        decay = self.current_decay()
+    def update(self, model: nn.Module, mask: torch.Tensor | None = None) -> None:
+        """One step towards ``model``'s weights; none where ``mask`` (a bool on the device:
+        whether the step updated the weights) is False."""
+        weight = 1.0 - self.current_decay()  # float64, rounded to float32 once, as the weights are
+        if mask is not None:
+            weight = weight * mask
         ema_params = list(self.model.parameters())
         params = [p.detach() for p in model.parameters()]
         # ema <- ema + (1 - decay) (param - ema)
-        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        torch._foreach_lerp_(ema_params, params, weight.float())
         for ema_b, b in zip(self.model.buffers(), model.buffers()):
-            ema_b.copy_(b)
-        self.num_updates += 1
+            ema_b.copy_(b if mask is None else torch.where(mask, b, ema_b))
+        self._updates += 1 if mask is None else mask.long()
 
     def state_dict(self) -> dict[str, Any]:
         """The averaging's own state (the averaged weights are ``self.model.state_dict()``)."""
         return {"num_updates": self.num_updates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.num_updates = int(state["num_updates"])
+        self._updates.fill_(int(state["num_updates"]))
 
 
 def learning_rate(config: RunConfig, step: int, time_fraction: float | None = None) -> float:
@@ -101,9 +118,13 @@ def learning_rate(config: RunConfig, step: int, time_fraction: float | None = No
 
 
 class StepStats(NamedTuple):
-    loss: float  # mean over the whole batch (all processes)
-    grad_norm: float  # before clipping
-    updated: bool  # False: non-finite, and the weights were left as they were
+    """One step's figures, as tensors on the device: reading one waits for the device, so the
+    loop reads them only when it logs or saves."""
+
+    loss: torch.Tensor  # mean over the whole batch (all processes)
+    grad_norm: torch.Tensor  # before clipping
+    updated: torch.Tensor  # bool: False when the weights were left as they were
+    faulty: torch.Tensor  # bool: a non-finite loss (or, without fp16's scaler, gradient)
 
 
 def train_step(
@@ -121,13 +142,13 @@ def train_step(
     scaler: torch.amp.GradScaler | None = None,
 ) -> StepStats:
     """One optimiser update over ``batches`` of (images, labels) (whole batches of every process;
-    gradient accumulation when more than one); returns the loss of the whole batch, the gradient
-    norm and whether the weights were updated: a non-finite loss or gradient leaves them as
-    they were (every process sees the same loss, so all of them skip together).
+    gradient accumulation when more than one). A non-finite loss or gradient leaves the weights
+    and the optimiser's state as they were, decided on the device: the step never waits for it.
+    Every process sees the same loss and gradients, so all of them skip together.
 
     Each process draws t and eps (and, for a class-conditional model, which labels to drop) for
-    the whole batch from the same generator and keeps its own rows, so N processes with B/N
-    images each make the update one process makes with B.
+    the whole batch from the same generator on the device and keeps its own rows, so N
+    processes with B/N images each make the update one process makes with B.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -135,7 +156,7 @@ def train_step(
     rank, world = accelerator.process_index, accelerator.num_processes
     dc = config.diffusion
     memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
-    total = 0.0
+    total = torch.zeros((), device=device)
     num_classes = config.model.num_classes
     for i, (x0, y) in enumerate(batches):
         t, eps = draw_t_eps(schedule, x0.shape, generator)
@@ -143,35 +164,49 @@ def train_step(
         denoiser = model
         if num_classes:
             # Ho & Salimans 2022, Algorithm 1, line 3: c <- null with probability p_uncond.
-            drop = torch.rand(x0.shape[0], generator=generator, device=generator.device).cpu()
-            y = torch.where(drop < config.train.class_dropout, num_classes, y)
+            drop = torch.rand(x0.shape[0], generator=generator, device=generator.device)
+            y = torch.where(drop < config.train.class_dropout, num_classes, y.to(drop.device))
             denoiser = functools.partial(model, y=y[rows].to(device))
         # Gradients are averaged across processes once per update, after the last micro-batch.
         last = i == len(batches) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
             with autocast(device, precision):
-                x = x0[rows].to(device, memory_format=memory_format)
+                x = x0[rows].to(device, memory_format=memory_format, non_blocking=True)
                 loss = training_loss(denoiser, schedule, x, t=t[rows], eps=eps[rows],
                                      loss=dc.loss, prediction_type=dc.prediction_type,
                                      weighting=dc.loss_weighting, min_snr_gamma=dc.min_snr_gamma)
             scaled = loss / len(batches)
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        total += loss.item() / len(batches)
+        total = total + loss.detach().float() / len(batches)
     if world > 1:  # the loss of the whole batch, for the log and the check below
-        total = float(accelerator.reduce(torch.tensor([total], device=device), "mean")[0])
+        total = accelerator.reduce(total.reshape(1), "mean")[0]
     if scaler is not None:
         scaler.unscale_(optimizer)  # the norm and the clip are of the true gradients
     params = [p for p in model.parameters()]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.train.grad_clip))
-    updated = math.isfinite(total) and (scaler is not None or math.isfinite(grad_norm))
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.train.grad_clip)
+    updated = torch.isfinite(total) & torch.isfinite(grad_norm)
     if scaler is not None:
-        # The scaler skips a non-finite step itself while lowering the scale, which it must see,
-        # so it is called for those steps too.
+        # The scaler skips a step with non-finite gradients itself while lowering the scale,
+        # which it must see, so it is called for those steps too; an overflow is routine there,
+        # and only a non-finite loss counts as a fault.
         scaler.step(optimizer)
         scaler.update()
-    elif updated:
+        faulty = ~torch.isfinite(total)
+    else:
+        _step_unless(optimizer, updated)
+        faulty = ~updated
+    return StepStats(total, grad_norm, updated, faulty)
+
+
+def _step_unless(optimizer: torch.optim.Optimizer, updated: torch.Tensor) -> None:
+    """``optimizer.step()``, a no-op where ``updated`` is False. A fused AdamW takes the answer
+    as a tensor (its ``found_inf``, as for fp16's scaler) and skips the whole update on the
+    device, its step count included; another optimiser waits for the device to answer."""
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.found_inf = (~updated).float()
         optimizer.step()
-    return StepStats(total, grad_norm, updated)
+    elif bool(updated):
+        optimizer.step()
 
 
 # --- the set-up ---------------------------------------------------------------------------------
@@ -180,13 +215,14 @@ def train_step(
 @dataclass
 class Training:
     """What a training process works with (:func:`build_training`); ``train`` and ``bench`` both
-    run their steps through :meth:`step`."""
+    run their steps through :meth:`next_batches` and :meth:`update`."""
 
     config: RunConfig
     accelerator: Accelerator
     device: torch.device
     precision: str  # fp32 | bf16 | fp16, resolved
-    schedule: NoiseSchedule
+    schedule: NoiseSchedule  # on the CPU, for the samplers of the preview grids
+    train_schedule: NoiseSchedule  # the same on the training device
     net: nn.Module  # the network whose weights are saved and averaged
     model: nn.Module  # what the step calls: net, wrapped for DDP and compiled when asked
     optimizer: torch.optim.Optimizer
@@ -195,19 +231,39 @@ class Training:
     data: ImageData | StreamingImages
     stream: BatchStream
     noise_generator: torch.Generator  # t and eps of every step
+    eager: nn.Module | None = None  # with --compile: the model uncompiled, until compiling works
 
     def next_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The micro-batches of one optimiser step."""
         return [self.stream.next() for _ in range(self.config.train.grad_accum)]
 
     def update(self, batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float) -> StepStats:
-        """One optimiser update (:func:`train_step`); the EMA follows an update that happened."""
-        stats = train_step(self.model, self.schedule, self.optimizer, batches,
-                           accelerator=self.accelerator, generator=self.noise_generator,
-                           config=self.config, device=self.device, lr=lr,
-                           precision=self.precision, scaler=self.scaler)
-        if stats.updated and self.ema is not None:
-            self.ema.update(self.net)
+        """One optimiser update (:func:`train_step`); the EMA follows an update that happened.
+        With --compile, the first update compiles; if that fails, training goes on uncompiled
+        from the same random state, with a one-line warning."""
+        def step() -> StepStats:
+            return train_step(self.model, self.train_schedule, self.optimizer, batches,
+                              accelerator=self.accelerator, generator=self.noise_generator,
+                              config=self.config, device=self.device, lr=lr,
+                              precision=self.precision, scaler=self.scaler)
+
+        if self.eager is None:
+            stats = step()
+        else:
+            random_states = torch.get_rng_state(), self.noise_generator.get_state()
+            try:
+                stats = step()
+            except Exception as exc:  # dynamo's and inductor's failures have many types
+                torch.set_rng_state(random_states[0])
+                self.noise_generator.set_state(random_states[1])
+                self.model = self.eager
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                warnings.warn(f"torch.compile failed ({type(exc).__name__}: {reason[:200]}); "
+                              f"training goes on without it", stacklevel=2)
+                stats = step()
+            self.eager = None  # compiled, or given up: nothing more to try
+        if self.ema is not None:
+            self.ema.update(self.net, stats.updated)
         return stats
 
     def state(self) -> TrainState:
@@ -242,18 +298,29 @@ def build_training(config: RunConfig, accelerator: Accelerator, device: torch.de
     fused = device.type in ("cpu", "cuda")
     optimizer = torch.optim.AdamW(net.parameters(), lr=tc.lr, betas=tc.adam_betas,
                                   weight_decay=tc.weight_decay, fused=fused or None)
-    model = accelerator.prepare_model(net, device_placement=False)
+    model = eager = accelerator.prepare_model(net, device_placement=False)
     if tc.compile:
         model = torch.compile(model)
     ema = EMA(net, tc.ema_decay, tc.ema_warmup) if keep_ema else None
     data = open_data()
+    # A split that fits is held on the GPU, batches made there; otherwise made on the host in
+    # pinned memory, for an asynchronous copy. (On a CPU both are the same thing.)
+    on_device = device.type == "cuda" and isinstance(data, ImageData) and _fits(data, device)
     stream = BatchStream(data, tc.batch_size, hflip=config.data.hflip,
-                         generator=torch.Generator().manual_seed(tc.seed),
+                         generator=torch.Generator(device if on_device else "cpu").manual_seed(tc.seed),
                          crop_size=config.data.image_size if config.data.crop == "random" else None,
-                         workers=config.data.workers)
+                         workers=config.data.workers,
+                         pin_memory=device.type == "cuda" and not on_device)
     noise_generator = torch.Generator(device).manual_seed(tc.seed + 1)
-    return Training(config, accelerator, device, precision, schedule, net, model, optimizer,
-                    gradient_scaler(precision, device), ema, data, stream, noise_generator)
+    return Training(config, accelerator, device, precision, schedule, schedule.to(device), net,
+                    model, optimizer, gradient_scaler(precision, device), ema, data, stream,
+                    noise_generator, eager if tc.compile else None)
+
+
+def _fits(data: ImageData, device: torch.device) -> bool:
+    """Whether a split's uint8 images take at most a quarter of the GPU's free memory."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return data.images.numel() <= free // 4
 
 
 def check_run(config: RunConfig, run_dir: str | os.PathLike, *, resume: bool,
@@ -354,7 +421,8 @@ def _train(config: RunConfig, run_dir: Path, accelerator: Accelerator, device: t
     window = _LogWindow(tc.batch_size * tc.grad_accum)
     run.model.train()
     state.start_clock()
-    loss, in_a_row = float("nan"), 0  # in_a_row: non-finite steps in a row
+    faults = _NonFinite(device, state.skipped_steps)
+    stats = None
     with outputs, _StopRequest() as signals:
         fraction, interrupted = stop_rule.check(signals)
         finished = stop_rule.done(state.step, fraction) or interrupted
@@ -366,21 +434,26 @@ def _train(config: RunConfig, run_dir: Path, accelerator: Accelerator, device: t
                     raise
                 break  # the signal ended the DataLoader workers too: save the steps done
             lr = learning_rate(config, state.step, fraction)
-            stats = run.update(batches, lr)
-            in_a_row = _count_non_finite(stats, state, in_a_row, run_dir, outputs.bar)
-            loss, state.step = stats.loss, state.step + 1
+            stats = run.update(batches, lr)  # queued on the device; nothing here waits for it
+            faults.add(stats, state.step + 1)
+            state.step += 1
             window.add()
             outputs.bar.update(1)
             fraction, interrupted = stop_rule.check(signals)
             finished = stop_rule.done(state.step, fraction) or interrupted
-            if main and (state.step % tc.log_every == 0 or state.step == 1 or finished):
-                outputs.log(state, stats.loss, stats.grad_norm, lr, window.close(),
+            log = state.step % tc.log_every == 0 or state.step == 1 or finished
+            if log or interrupted or outputs.due(state.step):
+                faults.check(state, run_dir, outputs.bar)  # the one wait for the device
+            if main and log:
+                outputs.log(state, float(stats.loss), float(stats.grad_norm), lr, window.close(),
                             stop_rule.minutes_left())
             if interrupted:  # save now; grids and FID would only delay a scheduler's kill
                 break
             with window.paused():  # images/s counts training only
                 outputs.periodic(state, finished)
+        faults.check(state, run_dir, outputs.bar)
         outputs.checkpoint(state, final=True)
+    loss = float(stats.loss) if stats is not None else float("nan")
     elapsed, stopped_by = state.elapsed_s, signals.signum if main else None
     accelerator.wait_for_everyone()  # the final checkpoint is on disk before any process returns
     grid, animation = outputs.finish(stopped=signals.signum is not None, final_grid=final_grid)
@@ -402,30 +475,57 @@ def _open_data(config: RunConfig, accelerator: Accelerator, *, progress: bool):
     return data
 
 
-def _count_non_finite(stats: StepStats, state: TrainState, in_a_row: int, run_dir: Path,
-                      bar: tqdm) -> int:
-    """A step whose loss was not finite left the weights as they were: stop (--on-nan stop), or
-    count it and go on until MAX_SKIPS_IN_A_ROW come in a row (--on-nan skip). Returns the
-    number of non-finite steps in a row now."""
-    if stats.updated:
-        return 0
-    tc, step = state.config.train, state.step + 1
-    newest = list_checkpoints(run_dir)
-    kept = f"the newest checkpoint {newest[0]} is intact" if newest else "no checkpoint was written yet"
-    if tc.on_nan == "stop":
-        raise FloatingPointError(
-            f"the loss became {stats.loss} at step {step}; the weights were not updated and "
-            f"{kept}. Lower the learning rate (now {tc.lr:g}), use --precision fp32, or skip "
-            f"such steps with --on-nan skip")
-    state.skipped_steps, in_a_row = state.skipped_steps + 1, in_a_row + 1
-    if in_a_row >= MAX_SKIPS_IN_A_ROW:
-        raise FloatingPointError(
-            f"{in_a_row} steps in a row had a non-finite loss (the last at step {step}); "
-            f"skipping does not help, so training stops and {kept}. Lower the learning rate "
-            f"(now {tc.lr:g}) or check the data")
-    bar.write(f"step {step}: the loss is {stats.loss}; update skipped ({state.skipped_steps} so "
-              f"far)", file=sys.stderr)
-    return in_a_row
+class _NonFinite:
+    """Steps whose loss (or gradient) was not finite, counted on the device as the steps go, and
+    read by :meth:`check` only where the host needs the answer: before a log line, a preview,
+    an FID measurement or a checkpoint, and at the end. Such a step never changed the weights,
+    the EMA or the optimiser (``train_step``); what is decided here is whether to go on: stop
+    (--on-nan stop) at the first, or count them and stop after MAX_SKIPS_IN_A_ROW in a row."""
+
+    def __init__(self, device: torch.device, initial: int):
+        def zero(dtype=torch.int64):
+            return torch.zeros((), dtype=dtype, device=device)
+        self.count, self.run, self.longest_run = zero(), zero(), zero()
+        self.first_step, self.first_loss = zero() - 1, zero(torch.float32)
+        self.last_step, self.last_loss = zero() - 1, zero(torch.float32)
+        self.seen, self.initial = 0, initial  # read so far; skipped before this invocation
+
+    def add(self, stats: StepStats, step: int) -> None:
+        faulty = stats.faulty
+        self.count += faulty
+        self.run = (self.run + 1) * faulty  # the non-finite steps in a row, ending here
+        self.longest_run = torch.maximum(self.longest_run, self.run)
+        first = faulty & (self.first_step < 0)
+        self.first_step = torch.where(first, step, self.first_step)
+        self.first_loss = torch.where(first, stats.loss, self.first_loss)
+        self.last_step = torch.where(faulty, step, self.last_step)
+        self.last_loss = torch.where(faulty, stats.loss, self.last_loss)
+
+    def check(self, state: TrainState, run_dir: Path, bar: tqdm) -> None:
+        """Stop or go on after the steps since the last check (waits for the device)."""
+        count = int(self.count)
+        if count == self.seen:
+            return
+        tc = state.config.train
+        newest = list_checkpoints(run_dir)
+        kept = (f"the newest checkpoint {newest[0]} is intact" if newest
+                else "no checkpoint was written yet")
+        if tc.on_nan == "stop":
+            raise FloatingPointError(
+                f"the loss became {float(self.first_loss)} at step {int(self.first_step)}; the "
+                f"weights were not updated and {kept}. Lower the learning rate (now {tc.lr:g}), "
+                f"use --precision fp32, or skip such steps with --on-nan skip")
+        state.skipped_steps = self.initial + count
+        if int(self.longest_run) >= MAX_SKIPS_IN_A_ROW:
+            raise FloatingPointError(
+                f"{int(self.longest_run)} steps in a row had a non-finite loss (the last at step "
+                f"{int(self.last_step)}); skipping does not help, so training stops and {kept}. "
+                f"Lower the learning rate (now {tc.lr:g}) or check the data")
+        new, self.seen = count - self.seen, count
+        what = (f"step {int(self.last_step)}: the loss is {float(self.last_loss)}; update skipped"
+                if new == 1 else f"{new} updates skipped for a non-finite loss, the last at step "
+                                 f"{int(self.last_step)}")
+        bar.write(f"{what} ({state.skipped_steps} so far)", file=sys.stderr)
 
 
 class _StopRule:

@@ -17,7 +17,7 @@ import torch
 
 from ..checkpoint import (CHECKPOINT_DIR, best_checkpoint_path, checkpoint_config,
                           list_checkpoints, load_run_or_file)
-from ..config import (DEFAULT_PRESET, PRESETS, RunConfig, differences, get_preset,
+from ..config import (DEFAULT_GPU_PRESET, DEFAULT_PRESET, PRESETS, RunConfig, differences, get_preset,
                       load_config_file, resumable_keys, resume_changes, resumed, with_overrides)
 from ..data import open_dataset
 from ..models import UNet, count_parameters
@@ -36,7 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "run directory. Unset options keep the preset's value (shown after each option for "
             f"{DEFAULT_PRESET}; all of them with 'ddpm presets' or 'ddpm train --dry-run')."))
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help=f"named configuration to start from (default: {DEFAULT_PRESET})")
+                   help=f"named configuration to start from (default: {DEFAULT_GPU_PRESET} on "
+                        f"CUDA, {DEFAULT_PRESET} on a CPU)")
     p.add_argument("--config", metavar="FILE.json", default=None,
                    help="settings over the preset's: a run's config.json, a hand-written partial "
                         "one such as {\"train\": {\"lr\": 0.001}}, or --dry-run's output; the "
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         log(f"resuming {run_dir} at step {step} from {checkpoint} (with the config saved in it)")
     else:
-        run_dir = Path(args.out or f"runs/{args.preset or DEFAULT_PRESET}")
+        run_dir = Path(args.out or f"runs/{_preset_name(args)}")
         config = _new_config(args)
     check_run(config, run_dir, resume=bool(args.resume),
               num_processes=args.num_processes if launcher else 1)
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     if launcher:  # checked here once, not N times by the processes; the data fetched once
         open_dataset(config.data)
         return _launch(args)
-    log(summary(config))
+    log(summary(config, args.preset or ("the run's" if args.resume else _preset_name(args))))
     log(f"parameters: {params:,}")
     log(f"run directory: {run_dir}  (config in {run_dir / CONFIG_FILE})")
     result = train(config, run_dir, resume=bool(args.resume), progress=not args.no_progress)
@@ -123,7 +124,7 @@ def _new_config(args: argparse.Namespace) -> RunConfig:
     works out what follows from what), and the classes of --conditional."""
     typed = given_settings(args)
     overrides = _merged(load_config_file(args.config), typed) if args.config else typed
-    config = with_overrides(get_preset(args.preset or DEFAULT_PRESET), overrides)
+    config = with_overrides(get_preset(_preset_name(args)), overrides)
     if args.conditional:
         return _conditional(config)
     if "class_dropout" in typed.get("train", {}) and not config.model.num_classes:
@@ -131,6 +132,15 @@ def _new_config(args: argparse.Namespace) -> RunConfig:
         raise UsageError("--class-dropout is a setting of a class-conditional model; add "
                          "--conditional")
     return config
+
+
+def _preset_name(args: argparse.Namespace) -> str:
+    """--preset, or the default for the device the run will use: fashion-gpu on CUDA, fashion-cpu
+    on a CPU."""
+    if args.preset:
+        return args.preset
+    device = given_settings(args).get("train", {}).get("device", "auto")
+    return DEFAULT_GPU_PRESET if resolve_device(device).type == "cuda" else DEFAULT_PRESET
 
 
 def _merged(low: dict[str, dict[str, Any]], high: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -186,12 +196,13 @@ def _resumed_config(args: argparse.Namespace, run_dir: Path) -> tuple[RunConfig,
     return config, step, path
 
 
-def summary(config: RunConfig) -> str:
+def summary(config: RunConfig, preset: str) -> str:
     """The run in four lines, printed before training starts."""
     m, d, t = config.model, config.diffusion, config.train
     stop = f"{t.steps} steps" if t.steps is not None else f"{t.minutes:g} minutes"
     precision, why = training_precision(t.precision, resolve_device(t.device))
     return (
+        f"preset: {preset}\n"
         f"model: U-Net of {m.block} blocks {m.base_channels}x{list(m.channel_mults)}, "
         f"{m.num_res_blocks} blocks/level, "
         f"attention at {list(m.attention_resolutions)} px, {m.in_channels}x{m.image_size}x{m.image_size}\n"

@@ -61,9 +61,10 @@ def random_crop(images: torch.Tensor, size: int, generator: torch.Generator) -> 
     """A ``size`` x ``size`` window of each image at offsets drawn from ``generator``:
     ``[B, C, H, W]`` -> ``[B, C, size, size]``, all at once by two gathers."""
     b, c, h, w = images.shape
-    dy = torch.randint(0, h - size + 1, (b,), generator=generator)
-    dx = torch.randint(0, w - size + 1, (b,), generator=generator)
-    rows = dy[:, None] + torch.arange(size)  # [B, size]
-    cols = dx[:, None] + torch.arange(size)
+    device = generator.device  # where the images are
+    dy = torch.randint(0, h - size + 1, (b,), generator=generator, device=device)
+    dx = torch.randint(0, w - size + 1, (b,), generator=generator, device=device)
+    rows = dy[:, None] + torch.arange(size, device=device)  # [B, size]
+    cols = dx[:, None] + torch.arange(size, device=device)
     images = images.gather(2, rows[:, None, :, None].expand(b, c, size, w))  # [B, C, size, W]
     return images.gather(3, cols[:, None, None, :].expand(b, c, size, size))  # [B, C, size, size]

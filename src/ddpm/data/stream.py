@@ -43,10 +43,16 @@ class BatchStream:
     streamed: a permutation at each epoch's start, then per batch the crop offsets (when
     ``crop_size``) and the horizontal flips (when ``hflip``), applied to the whole batch at once.
     A streamed source is decoded by ``workers`` DataLoader processes, a few batches ahead.
+
+    With a ``generator`` on a GPU, a source in memory is held there as uint8 and every draw,
+    crop and flip happens there too: no batch crosses from the host, and nothing waits for the
+    GPU. ``pin_memory`` returns batches made on the host in pinned memory, so that their copy to
+    a GPU can be asynchronous (``non_blocking``).
     """
 
     def __init__(self, source: ImageData | StreamingImages, batch_size: int, *, hflip: bool,
-                 generator: torch.Generator, crop_size: int | None = None, workers: int = 0):
+                 generator: torch.Generator, crop_size: int | None = None, workers: int = 0,
+                 pin_memory: bool = False):
         if batch_size > len(source):
             n = len(source)
             raise ValueError(
@@ -56,13 +62,21 @@ class BatchStream:
         if crop_size is not None and not 0 < crop_size <= stored:
             raise ValueError(f"crop size {crop_size} does not fit the stored {stored}x{stored} "
                              f"images; load them with crop 'random' at that image size")
+        self.device = generator.device
+        if self.device.type != "cpu":
+            if not isinstance(source, ImageData):
+                raise ValueError("a streamed dataset is decoded on the host: give its BatchStream "
+                                 "a CPU generator")
+            source = ImageData(source.images.to(self.device), source.labels.to(self.device),
+                               source.name, source.classes, source.cached)
         self.data = source
         self.batch_size = batch_size
         self.hflip = hflip
         self.crop_size = crop_size
         self.workers = workers
+        self.pin_memory = pin_memory
         self.generator = generator
-        self.perm = torch.randperm(len(source), generator=generator)
+        self.perm = torch.randperm(len(source), generator=generator, device=self.device)
         self.pos = 0
         self.epoch = 0
         self._loader = None  # built on the first streamed batch
@@ -73,7 +87,7 @@ class BatchStream:
         """The next batch ``(x, y)``: x float32 ``[B, C, S, S]`` in [-1, 1], y int64 ``[B]``
         labels (drops an epoch's ragged tail)."""
         if self.pos + self.batch_size > len(self.data):
-            self.perm = torch.randperm(len(self.data), generator=self.generator)
+            self.perm = torch.randperm(len(self.data), generator=self.generator, device=self.device)
             self.pos = 0
             self.epoch += 1
             self._batches = None
@@ -87,8 +101,10 @@ class BatchStream:
             images = random_crop(images, self.crop_size, self.generator)
         x = to_model_range(images)
         if self.hflip:
-            flip = torch.rand(x.shape[0], generator=self.generator) < 0.5
-            x[flip] = x[flip].flip(-1)
+            flip = torch.rand(x.shape[0], generator=self.generator, device=self.device) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)  # [B] -> [B, 1, 1, 1]
+        if self.pin_memory:
+            x, labels = x.pin_memory(), labels.pin_memory()
         return x, labels
 
     def _fetch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,5 +140,6 @@ class BatchStream:
         return {"perm": self.perm.clone(), "pos": self.pos, "epoch": self.epoch}
 
     def load_state_dict(self, state: dict) -> None:
-        self.perm, self.pos, self.epoch = state["perm"].clone(), int(state["pos"]), int(state["epoch"])
+        self.perm = state["perm"].to(self.device, copy=True)
+        self.pos, self.epoch = int(state["pos"]), int(state["epoch"])
         self._batches = None  # the workers restart from the loaded position
