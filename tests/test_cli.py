@@ -213,3 +213,34 @@ def test_bad_data_options_are_one_line_errors(tmp_path, args, message):
                         *[a.replace("{tmp}", str(tmp_path)) for a in args], "--out", tmp_path / "run")
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_sampling_precision_and_compile_options(trained_run, tmp_path, monkeypatch):
+    """--precision bf16 samples under bf16 autocast (close to fp32, not equal); --compile that
+    fails to compile samples uncompiled with one warning, the same images as without it."""
+    import numpy as np
+    import torch
+
+    run = trained_run[0]
+
+    def draw(name, *options):
+        r = ddpm_in_process("sample", run, "--n", 4, "--steps", 3, "--sampler", "ddim", "--seed", 2,
+                            "--out", tmp_path / name, "--no-progress", *options)
+        assert r.returncode == 0, r.stderr
+        return np.load(tmp_path / name)["arr_0"].astype(int), r.stderr
+
+    fp32, _ = draw("a.npz")
+    bf16, _ = draw("b.npz", "--precision", "bf16")
+    assert not np.array_equal(fp32, bf16) and np.abs(fp32 - bf16).mean() < 8
+
+    def broken(module, **kwargs):
+        def fails(*args, **kw):
+            raise RuntimeError("InductorError: no working C compiler found")
+        return fails
+
+    monkeypatch.setattr(torch, "compile", broken)
+    compiled, err = draw("c.npz", "--compile")
+    assert np.array_equal(compiled, fp32)
+    assert err.count("torch.compile failed (RuntimeError: InductorError") == 1, err
+    r = ddpm_in_process("sample", run, "--precision", "fp16", "--device", "cpu", "--out", tmp_path / "x.png")
+    assert r.returncode == 2 and "fp16 needs a CUDA device" in r.stderr

@@ -15,8 +15,8 @@ import torch
 
 from ddpm import get_preset
 from ddpm.checkpoint import load_run_or_file
-from ddpm.runtime import make_accelerator, training_precision
-from ddpm.train import learning_rate, resume_config, train, train_step
+from ddpm.runtime import make_accelerator
+from ddpm.train import learning_rate, resume_config, train_step
 from ddpm.models import UNet
 from ddpm.schedules import make_schedule
 
@@ -115,28 +115,6 @@ def test_bf16_autocast_in_the_training_step():
         assert loss > 0
     assert dtypes == [torch.bfloat16, torch.float32]
     assert all(p.dtype == torch.float32 for p in model.parameters()), "weights stay float32"
-
-
-def test_precision_follows_the_environment_only_under_accelerate_launch(monkeypatch):
-    cpu = torch.device("cpu")
-    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # e.g. left over in a shell
-    assert training_precision("auto", cpu) == ("fp32", "auto: fp32 on a CPU")
-    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")  # what 'accelerate launch' sets too
-    assert training_precision("auto", cpu) == ("bf16", "auto: accelerate launch --mixed_precision bf16")
-    assert training_precision("fp32", cpu) == ("fp32", "as asked"), "an explicit choice wins"
-    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
-        training_precision("fp16", cpu)
-
-
-def test_runs_of_two_precisions_in_one_process(fake_fashion, tmp_path):
-    """Accelerate's process-wide state takes one precision per process; ours is separate, so a
-    notebook can train in bf16 and then in fp32 (no private reset of Accelerate's state)."""
-    c = get_preset("tiny")
-    for precision in ("bf16", "fp32"):
-        config = dataclasses.replace(c, data=dataclasses.replace(c.data, data_dir=str(fake_fashion)),
-                                     train=dataclasses.replace(c.train, steps=1, precision=precision,
-                                                               sample_every=0))
-        assert train(config, tmp_path / precision, progress=False, final_grid=False).step == 1
 
 
 def test_cosine_over_minutes_follows_the_time_budget():

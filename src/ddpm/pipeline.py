@@ -12,6 +12,7 @@ This is the small Python API behind ``ddpm sample``::
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
@@ -22,7 +23,7 @@ from .checkpoint import checkpoint_config, load_run_or_file, load_weights
 from .config import RunConfig, SampleConfig
 from .data import to_uint8
 from .models import UNet
-from .runtime import autocast, resolve_device
+from .runtime import autocast, resolve_device, resolve_precision
 from .samplers import (DEFAULT_SPACING, StepCallback, classifier_free_guidance, clip_x0,
                        dynamic_threshold, get_sampler, initial_noise, make_timesteps)
 from .schedules import NoiseSchedule, make_schedule
@@ -39,6 +40,7 @@ class Pipeline:
     device: torch.device
     precision: str = "fp32"
     classes: tuple[str, ...] = ()  # the training data's class names, label i = classes[i]
+    compiled: Any = None  # torch.compile(model), until a call shows whether compiling works
 
     @property
     def num_classes(self) -> int:
@@ -113,7 +115,7 @@ class Pipeline:
 
         def network(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
             with autocast(self.device, self.precision):
-                prediction = self.model(x_t, t, y)
+                prediction = self._forward(x_t, t, y)
             bar.update(x_t.shape[0])
             return prediction.float()
 
@@ -132,6 +134,24 @@ class Pipeline:
             )
         bar.close()
         return torch.cat(out)
+
+    def compile(self) -> "Pipeline":
+        """Sample through ``torch.compile(model)``; if compiling fails at the first call, the
+        uncompiled network goes on, with a one-line warning."""
+        self.compiled = torch.compile(self.model)
+        return self
+
+    def _forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        if self.compiled is None:
+            return self.model(x_t, t, y)
+        try:
+            return self.compiled(x_t, t, y)
+        except Exception as exc:  # dynamo's and inductor's failures have many types
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            warnings.warn(f"torch.compile failed ({type(exc).__name__}: {reason[:200]}); sampling "
+                          f"goes on without it", stacklevel=2)
+            self.compiled = None
+            return self.model(x_t, t, y)
 
     @torch.inference_mode()
     def trace(
@@ -176,13 +196,18 @@ def load_pipeline(
     device: str = "auto",
     use_ema: bool = True,
     precision: str = "fp32",
+    compile: bool = False,
 ) -> Pipeline:
-    """Load the newest checkpoint of a run directory, or the given checkpoint file."""
+    """Load the newest checkpoint of a run directory, or the given checkpoint file; sample in
+    ``precision`` (autocast: fp32, bf16, fp16 on CUDA, or auto) and, with ``compile``, through
+    ``torch.compile``."""
     dev = resolve_device(device)
+    resolve_precision(precision, dev)  # an unknown name, or fp16 on a CPU, said now
     path, state = load_run_or_file(run_or_checkpoint)
     config = checkpoint_config(state, path)
     model = UNet(config.model)
     load_weights(model, state, path, ema=use_ema)
     model.to(dev).eval().requires_grad_(False)
-    return Pipeline(model, build_schedule(config), config, int(state["step"]), dev, precision,
+    pipe = Pipeline(model, build_schedule(config), config, int(state["step"]), dev, precision,
                     classes=tuple(state.get("classes", ())))
+    return pipe.compile() if compile else pipe

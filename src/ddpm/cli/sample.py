@@ -126,7 +126,8 @@ def _check_sample_out(text: str) -> Path:
 
 def run_sample(args: argparse.Namespace) -> int:
     out = _check_sample_out(args.out)  # now, not after minutes of sampling
-    pipe = load_pipeline(args.checkpoint, device=args.device, use_ema=not args.no_ema)
+    pipe = load_pipeline(args.checkpoint, device=args.device, use_ema=not args.no_ema,
+                         precision=args.precision, compile=args.compile)
     settings, sc = sample_settings(args, pipe)
     labels, nrow, n = class_request(pipe, args.class_, args.n)
     t0 = time.perf_counter()
@@ -209,7 +210,8 @@ def run_eval(args: argparse.Namespace) -> int:
         if args.npz_key is not None:
             raise UsageError("--npz-key names an array of --images SAMPLES.npz; drop it when "
                              "generating from a checkpoint")
-        pipe = load_pipeline(args.checkpoint, device=args.device, use_ema=not args.no_ema)
+        pipe = load_pipeline(args.checkpoint, device=args.device, use_ema=not args.no_ema,
+                             precision=args.precision, compile=args.compile)
         dataset = args.dataset or pipe.config.data.dataset
         data_dir = args.data_dir or pipe.config.data.data_dir
         # The run's own images, as its model saw them; another --dataset is taken as it comes.

@@ -138,7 +138,8 @@ def run_reverse(args: argparse.Namespace) -> int:
         video_writer()  # missing imageio-ffmpeg is told now, not after sampling
     if args.n > 256:
         raise UsageError(f"--n {args.n} is more than a frame can show well; use at most 256")
-    pipe = load_pipeline(args.checkpoint, device=args.device, use_ema=not args.no_ema)
+    pipe = load_pipeline(args.checkpoint, device=args.device, use_ema=not args.no_ema,
+                         precision=args.precision, compile=args.compile)
     settings, sc = sample_settings(args, pipe)
     steps = sc.num_sample_steps
     if steps < 2:

@@ -1,0 +1,73 @@
+"""runtime.py: the device, the precision and its autocast, the Accelerate handle, and torch's
+process-wide state kept as a caller had it."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from ddpm import get_preset
+from ddpm.runtime import (autocast, resolve_device, resolve_precision, torch_state_kept,
+                          training_precision)
+from ddpm.train import train
+
+
+def test_devices_and_their_mistakes():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="unknown device 'tpu'; use cpu, cuda, cuda:N or auto"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available; use cpu or auto"):
+            resolve_device("cuda:1")
+
+
+def test_autocast_follows_the_precision():
+    cpu = torch.device("cpu")
+    layer = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+    assert resolve_precision("auto", cpu) == "fp32"
+    with autocast(cpu, "fp32"):
+        assert layer(x).dtype == torch.float32
+    with autocast(cpu, "bf16"):
+        assert layer(x).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        resolve_precision("fp8", cpu)
+
+
+def test_torch_state_is_kept_even_when_the_work_fails():
+    threads = torch.get_num_threads()
+    torch.manual_seed(5)
+    expected = torch.rand(2)
+    torch.manual_seed(5)
+    with pytest.raises(RuntimeError):
+        with torch_state_kept():
+            torch.set_num_threads(1)
+            torch.manual_seed(99)
+            torch.rand(10)
+            raise RuntimeError("the work failed")
+    assert torch.get_num_threads() == threads and torch.equal(torch.rand(2), expected)
+
+
+def test_precision_follows_the_environment_only_under_accelerate_launch(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # e.g. left over in a shell
+    assert training_precision("auto", cpu) == ("fp32", "auto: fp32 on a CPU")
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")  # what 'accelerate launch' sets too
+    assert training_precision("auto", cpu) == ("bf16", "auto: accelerate launch --mixed_precision bf16")
+    assert training_precision("fp32", cpu) == ("fp32", "as asked"), "an explicit choice wins"
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        training_precision("fp16", cpu)
+
+
+def test_runs_of_two_precisions_in_one_process(fake_fashion, tmp_path):
+    """Accelerate's process-wide state takes one precision per process; ours is separate, so a
+    notebook can train in bf16 and then in fp32 (no private reset of Accelerate's state)."""
+    c = get_preset("tiny")
+    for precision in ("bf16", "fp32"):
+        config = dataclasses.replace(c, data=dataclasses.replace(c.data, data_dir=str(fake_fashion)),
+                                     train=dataclasses.replace(c.train, steps=1, precision=precision,
+                                                               sample_every=0))
+        assert train(config, tmp_path / precision, progress=False, final_grid=False).step == 1
+
+
