@@ -16,7 +16,8 @@ import torch
 from ddpm import get_preset
 from ddpm.checkpoint import load_run_or_file
 from ddpm.runtime import make_accelerator
-from ddpm.train import learning_rate, resume_config, train_step
+from ddpm.step import learning_rate, train_step
+from ddpm.train import resume_config
 from ddpm.models import UNet
 from ddpm.schedules import make_schedule
 

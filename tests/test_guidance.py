@@ -189,7 +189,8 @@ def test_training_drops_labels_at_the_class_dropout_rate():
     from ddpm import get_preset
     from ddpm.data import ImageData
     from ddpm.runtime import make_accelerator
-    from ddpm.train import build_training, train_step
+    from ddpm.step import train_step
+    from ddpm.train import build_training
 
     c = get_preset("tiny")
     config = dataclasses.replace(c, model=dataclasses.replace(c.model, num_classes=10),

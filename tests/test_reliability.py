@@ -167,7 +167,7 @@ def test_a_checkpoint_crafted_to_run_code_does_not_run_it(world, tmp_path):
 @pytest.fixture
 def nan_at(monkeypatch):
     """Make the training loss NaN at the given (1-based) calls, through the real loss's graph."""
-    module = importlib.import_module("ddpm.train")  # (ddpm.train is also the function)
+    module = importlib.import_module("ddpm.step")  # where train_step looks the loss up
     real = module.training_loss
     calls = []
 

@@ -12,7 +12,8 @@ from ddpm.checkpoint import (CheckpointError, atomic_save, list_checkpoints, loa
 from ddpm.diffusion import q_sample
 from ddpm.models import UNet, UNetConfig
 from ddpm.schedules import make_schedule
-from ddpm.train import EMA, resume_config
+from ddpm.step import EMA
+from ddpm.train import resume_config
 
 
 def tiny_config(data_dir, **train_overrides):
@@ -271,3 +272,18 @@ def test_a_compile_that_fails_falls_back_to_eager_with_one_warning(fake_fashion,
                 runs[compile_].update(runs[compile_].next_batches(), 1e-3)
     for a, b in zip(runs[True].net.parameters(), runs[False].net.parameters()):
         assert torch.equal(a, b)
+
+
+def test_a_random_state_from_another_kind_of_device_gives_a_warning_not_a_crash(tmp_path,
+                                                                                  fake_fashion):
+    """--device may change on resume; a GPU's generator states do not fit a CPU's (here: a state
+    of the wrong size stands for one), so the run goes on from new seeds and says so."""
+    train(tiny_config(fake_fashion, steps=2), tmp_path / "run", progress=False, final_grid=False)
+    path = list_checkpoints(tmp_path / "run")[0]
+    state = load_checkpoint(path)
+    state["rng"]["noise"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA Philox state's size
+    torch.save(state, path)
+    with pytest.warns(UserWarning, match="saved on another kind of device than cpu"):
+        result = train(resume_config(tmp_path / "run", steps=3), tmp_path / "run", resume=True,
+                       progress=False, final_grid=False)
+    assert result.step == 3

@@ -340,11 +340,24 @@ class TrainState:
         self.stream.load_state_dict(state["data_stream"])
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
-        self.noise_generator.set_state(rng["noise"])
-        self.stream.generator.set_state(rng["data"])
+        _set_generator(self.noise_generator, rng["noise"], 2 * int(state["step"]) + 1, path)
+        _set_generator(self.stream.generator, rng["data"], 2 * int(state["step"]), path)
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.step = int(state["step"])
         self._elapsed_before = float(state["elapsed_s"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.best_fid = float(state.get("best_fid", math.inf))
+
+
+def _set_generator(generator: torch.Generator, saved: torch.Tensor, seed: int,
+                   path: str | os.PathLike) -> None:
+    """Restore a generator; a state saved on another kind of device (a CPU's Mersenne twister,
+    a GPU's Philox) cannot be, so the run goes on from ``seed`` (made of its step), warning."""
+    try:
+        generator.set_state(saved)
+    except RuntimeError:
+        generator.manual_seed(seed)
+        warnings.warn(f"{path} was saved on another kind of device than {generator.device.type}; "
+                      f"the noise and data order go on from new seeds, so the run continues, but "
+                      f"not as it would have on the first device", stacklevel=3)

@@ -1,4 +1,5 @@
-"""Training: one ``train_step``, the loop that calls it, the EMA, and the set-up they share.
+"""Training: the set-up that ``train`` and ``bench`` share, and the loop that calls the step
+(``step.py``: ``train_step``, the learning rate, the EMA).
 
 Everything random comes from two generators saved in every checkpoint (data order and flips;
 timesteps and noise) plus torch's global RNG (dropout), so a resumed run makes exactly the updates
@@ -13,9 +14,7 @@ written (a full disk) keeps the previous one and says so.
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
-import math
 import os
 import signal
 import sys
@@ -24,7 +23,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
@@ -35,178 +34,18 @@ from .checkpoint import (TrainState, check_writable, checkpoint_config, list_che
                          load_run_or_file, remove_partial_writes)
 from .config import RunConfig, SettingError, resolve, resumed
 from .data import BatchStream, ImageData, StreamingImages, open_dataset
-from .diffusion import draw_t_eps, training_loss
 from .metrics import check_image_count, resolve_extractor
 from .models import UNet
 from .pipeline import build_schedule
 from .rundir import RunOutputs, repair_config_file, run_lock, write_config
-from .runtime import (autocast, gradient_scaler, make_accelerator, resolve_device,
-                      torch_state_kept, training_precision)
+from .runtime import (gradient_scaler, make_accelerator, resolve_device, torch_state_kept,
+                      training_precision)
+from .step import EMA, StepStats, learning_rate, train_step
 from .schedules import NoiseSchedule
 
 # With --on-nan skip, this many non-finite steps in a row stop the run anyway: the weights do not
 # change on a skipped step, so a fault that persists this long will not pass by skipping.
 MAX_SKIPS_IN_A_ROW = 100
-
-
-class EMA:
-    """Exponential moving average of a model's weights (Polyak averaging), sampled from.
-
-    Its count of updates lives on the model's device, so that an update masked by a skipped
-    step (``update(model, mask)``) needs no answer from the device."""
-
-    def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay = decay
-        self.warmup = warmup
-        device = next(model.parameters()).device
-        self._updates = torch.zeros((), dtype=torch.int64, device=device)
-
-    @property
-    def num_updates(self) -> int:
-        return int(self._updates)
-
-    def current_decay(self) -> torch.Tensor:
-        """The decay of the next update, float64 on the device."""
-        # (a fill, not torch.tensor(): a copy from the host would wait for the device)
-        decay = torch.full((), self.decay, dtype=torch.float64, device=self._updates.device)
-        if not self.warmup:
-            return decay
-        # Short memory while the weights move fast early on: (1 + n) / (10 + n).
-        n = self._updates.double()
-        return torch.minimum(decay, (1 + n) / (10 + n))
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, mask: torch.Tensor | None = None) -> None:
-        """One step towards ``model``'s weights; none where ``mask`` (a bool on the device:
-        whether the step updated the weights) is False."""
-        weight = 1.0 - self.current_decay()  # float64, rounded to float32 once, as the weights are
-        if mask is not None:
-            weight = weight * mask
-        ema_params = list(self.model.parameters())
-        params = [p.detach() for p in model.parameters()]
-        # ema <- ema + (1 - decay) (param - ema)
-        torch._foreach_lerp_(ema_params, params, weight.float())
-        for ema_b, b in zip(self.model.buffers(), model.buffers()):
-            ema_b.copy_(b if mask is None else torch.where(mask, b, ema_b))
-        self._updates += 1 if mask is None else mask.long()
-
-    def state_dict(self) -> dict[str, Any]:
-        """The averaging's own state (the averaged weights are ``self.model.state_dict()``)."""
-        return {"num_updates": self.num_updates}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._updates.fill_(int(state["num_updates"]))
-
-
-def learning_rate(config: RunConfig, step: int, time_fraction: float | None = None) -> float:
-    """Linear warm-up over ``warmup_steps``, then constant (Ho et al. 2020) or a cosine decay
-    to zero (Loshchilov & Hutter 2017), which helps short runs end sharper. The cosine runs over
-    ``steps``, or, for a run limited by minutes only, over ``time_fraction`` of the budget."""
-    tc = config.train
-    lr = tc.lr * min(1.0, (step + 1) / tc.warmup_steps) if tc.warmup_steps > 0 else tc.lr
-    if tc.lr_schedule == "cosine" and step >= tc.warmup_steps:
-        if tc.steps is not None:
-            progress = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
-        elif time_fraction is not None:
-            progress = time_fraction
-        else:
-            raise ValueError("the cosine learning-rate schedule needs steps, or minutes and the "
-                             "fraction of them spent")
-        lr *= 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return lr
-
-
-class StepStats(NamedTuple):
-    """One step's figures, as tensors on the device: reading one waits for the device, so the
-    loop reads them only when it logs or saves."""
-
-    loss: torch.Tensor  # mean over the whole batch (all processes)
-    grad_norm: torch.Tensor  # before clipping
-    updated: torch.Tensor  # bool: False when the weights were left as they were
-    faulty: torch.Tensor  # bool: a non-finite loss (or, without fp16's scaler, gradient)
-
-
-def train_step(
-    model: nn.Module,
-    schedule: NoiseSchedule,
-    optimizer: torch.optim.Optimizer,
-    batches: list[tuple[torch.Tensor, torch.Tensor]],
-    *,
-    accelerator: Accelerator,
-    generator: torch.Generator,
-    config: RunConfig,
-    device: torch.device,
-    lr: float,
-    precision: str = "fp32",
-    scaler: torch.amp.GradScaler | None = None,
-) -> StepStats:
-    """One optimiser update over ``batches`` of (images, labels) (whole batches of every process;
-    gradient accumulation when more than one). A non-finite loss or gradient leaves the weights
-    and the optimiser's state as they were, decided on the device: the step never waits for it.
-    Every process sees the same loss and gradients, so all of them skip together.
-
-    Each process draws t and eps (and, for a class-conditional model, which labels to drop) for
-    the whole batch from the same generator on the device and keeps its own rows, so N
-    processes with B/N images each make the update one process makes with B.
-    """
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.zero_grad(set_to_none=True)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    dc = config.diffusion
-    memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
-    total = torch.zeros((), device=device)
-    num_classes = config.model.num_classes
-    for i, (x0, y) in enumerate(batches):
-        t, eps = draw_t_eps(schedule, x0.shape, generator)
-        rows = slice(rank * x0.shape[0] // world, (rank + 1) * x0.shape[0] // world)
-        denoiser = model
-        if num_classes:
-            # Ho & Salimans 2022, Algorithm 1, line 3: c <- null with probability p_uncond.
-            drop = torch.rand(x0.shape[0], generator=generator, device=generator.device)
-            y = torch.where(drop < config.train.class_dropout, num_classes, y.to(drop.device))
-            denoiser = functools.partial(model, y=y[rows].to(device))
-        # Gradients are averaged across processes once per update, after the last micro-batch.
-        last = i == len(batches) - 1
-        with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            with autocast(device, precision):
-                x = x0[rows].to(device, memory_format=memory_format, non_blocking=True)
-                loss = training_loss(denoiser, schedule, x, t=t[rows], eps=eps[rows],
-                                     loss=dc.loss, prediction_type=dc.prediction_type,
-                                     weighting=dc.loss_weighting, min_snr_gamma=dc.min_snr_gamma)
-            scaled = loss / len(batches)
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        total = total + loss.detach().float() / len(batches)
-    if world > 1:  # the loss of the whole batch, for the log and the check below
-        total = accelerator.reduce(total.reshape(1), "mean")[0]
-    if scaler is not None:
-        scaler.unscale_(optimizer)  # the norm and the clip are of the true gradients
-    params = [p for p in model.parameters()]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.train.grad_clip)
-    updated = torch.isfinite(total) & torch.isfinite(grad_norm)
-    if scaler is not None:
-        # The scaler skips a step with non-finite gradients itself while lowering the scale,
-        # which it must see, so it is called for those steps too; an overflow is routine there,
-        # and only a non-finite loss counts as a fault.
-        scaler.step(optimizer)
-        scaler.update()
-        faulty = ~torch.isfinite(total)
-    else:
-        _step_unless(optimizer, updated)
-        faulty = ~updated
-    return StepStats(total, grad_norm, updated, faulty)
-
-
-def _step_unless(optimizer: torch.optim.Optimizer, updated: torch.Tensor) -> None:
-    """``optimizer.step()``, a no-op where ``updated`` is False. A fused AdamW takes the answer
-    as a tensor (its ``found_inf``, as for fp16's scaler) and skips the whole update on the
-    device, its step count included; another optimiser waits for the device to answer."""
-    if getattr(optimizer, "_step_supports_amp_scaling", False):
-        optimizer.found_inf = (~updated).float()
-        optimizer.step()
-    elif bool(updated):
-        optimizer.step()
 
 
 # --- the set-up ---------------------------------------------------------------------------------
