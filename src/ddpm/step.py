@@ -61,8 +61,9 @@ class EMA:
             weight = weight * mask
         ema_params = list(self.model.parameters())
         params = [p.detach() for p in model.parameters()]
-        # ema <- ema + (1 - decay) (param - ema)
-        torch._foreach_lerp_(ema_params, params, weight.float())
+        # ema <- ema + (1 - decay) (param - ema). The weight goes in as tensors (the List
+        # overload): a tensor passed as one Scalar would be read on the host, waiting for it.
+        torch._foreach_lerp_(ema_params, params, [weight.float()] * len(params))
         for ema_b, b in zip(self.model.buffers(), model.buffers()):
             ema_b.copy_(b if mask is None else torch.where(mask, b, ema_b))
         self._updates += 1 if mask is None else mask.long()
