@@ -244,3 +244,25 @@ def test_sampling_precision_and_compile_options(trained_run, tmp_path, monkeypat
     assert err.count("torch.compile failed (RuntimeError: InductorError") == 1, err
     r = ddpm_in_process("sample", run, "--precision", "fp16", "--device", "cpu", "--out", tmp_path / "x.png")
     assert r.returncode == 2 and "fp16 needs a CUDA device" in r.stderr
+
+
+def test_a_compiled_sampler_that_worked_does_not_hide_later_errors(trained_run):
+    """Only the first call through torch.compile may fall back: an error after compiling has
+    worked is the run's own, and is raised."""
+    from ddpm.pipeline import load_pipeline
+
+    pipe = load_pipeline(trained_run[0])
+    calls = []
+
+    def compiled(*args):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("CUDA out of memory")
+        return pipe.model(*args)
+
+    pipe.compiled = compiled
+    pipe.generate(2, num_sample_steps=1)
+    assert pipe.compile_proven
+    with pytest.raises(RuntimeError, match="out of memory"):
+        pipe.generate(2, num_sample_steps=1)
+    assert pipe.compiled is compiled, "not given up for an error that is not compiling's"

@@ -403,15 +403,7 @@ def differences(a: RunConfig, b: RunConfig, *, resumable: bool = True) -> list[t
 def resume_changes(saved: RunConfig, overrides: dict[str, dict[str, Any]]) -> list[tuple[str, Any, Any]]:
     """The settings in ``overrides`` that would change the saved run although their declaration
     says ``--resume`` may not change them: ``[(key, saved value, new value)]``."""
-    changes = []
-    for section, values in overrides.items():
-        declared = dict((f.name, d) for f, d in settings_of(SECTIONS[section]))
-        current = getattr(saved, section)
-        for name, value in _checked(section, values).items():
-            old = getattr(current, name)
-            if value != old and not declared[name].resume:
-                changes.append((f"{section}.{name}", old, value))
-    return changes
+    return differences(saved, resumed(saved, overrides), resumable=False)
 
 
 def resumed(saved: RunConfig, overrides: dict[str, dict[str, Any]]) -> RunConfig:

@@ -12,7 +12,6 @@ This is the small Python API behind ``ddpm sample``::
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
@@ -23,7 +22,7 @@ from .checkpoint import checkpoint_config, load_run_or_file, load_weights
 from .config import RunConfig, SampleConfig
 from .data import to_uint8
 from .models import UNet
-from .runtime import autocast, resolve_device, resolve_precision
+from .runtime import autocast, resolve_device, resolve_precision, warn_compile_failed
 from .samplers import (DEFAULT_SPACING, StepCallback, classifier_free_guidance, clip_x0,
                        dynamic_threshold, get_sampler, initial_noise, make_timesteps)
 from .schedules import NoiseSchedule, make_schedule
@@ -40,7 +39,8 @@ class Pipeline:
     device: torch.device
     precision: str = "fp32"
     classes: tuple[str, ...] = ()  # the training data's class names, label i = classes[i]
-    compiled: Any = None  # torch.compile(model), until a call shows whether compiling works
+    compiled: Any = None  # torch.compile(model), when asked for and compiling works
+    compile_proven: bool = False  # a call through ``compiled`` has succeeded
 
     @property
     def num_classes(self) -> int:
@@ -138,20 +138,22 @@ class Pipeline:
     def compile(self) -> "Pipeline":
         """Sample through ``torch.compile(model)``; if compiling fails at the first call, the
         uncompiled network goes on, with a one-line warning."""
-        self.compiled = torch.compile(self.model)
+        self.compiled, self.compile_proven = torch.compile(self.model), False
         return self
 
     def _forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         if self.compiled is None:
             return self.model(x_t, t, y)
-        try:
+        if self.compile_proven:  # a later failure is not compiling's: it is raised
             return self.compiled(x_t, t, y)
-        except Exception as exc:  # dynamo's and inductor's failures have many types
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            warnings.warn(f"torch.compile failed ({type(exc).__name__}: {reason[:200]}); sampling "
-                          f"goes on without it", stacklevel=2)
+        try:
+            prediction = self.compiled(x_t, t, y)
+        except Exception as exc:  # a failure to compile: the first call compiles
+            warn_compile_failed(exc, "sampling")
             self.compiled = None
             return self.model(x_t, t, y)
+        self.compile_proven = True
+        return prediction
 
     @torch.inference_mode()
     def trace(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import warnings
 from typing import Iterator
 
 import torch
@@ -98,6 +99,15 @@ def make_accelerator(device: torch.device) -> Accelerator:
         # The main process alone draws preview grids and measures FID while the others wait.
         kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(hours=2))],
     )
+
+
+def warn_compile_failed(exc: Exception, what: str) -> None:
+    """One line saying that torch.compile failed (dynamo's and inductor's failures have many
+    types, and long texts) and that ``what`` goes on uncompiled."""
+    text = str(exc).strip()
+    reason = text.splitlines()[0][:200] if text else type(exc).__name__
+    warnings.warn(f"torch.compile failed ({type(exc).__name__}: {reason}); {what} goes on without "
+                  f"it", stacklevel=3)
 
 
 @contextlib.contextmanager

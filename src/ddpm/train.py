@@ -20,7 +20,6 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -39,7 +38,7 @@ from .models import UNet
 from .pipeline import build_schedule
 from .rundir import RunOutputs, repair_config_file, run_lock, write_config
 from .runtime import (gradient_scaler, make_accelerator, resolve_device, torch_state_kept,
-                      training_precision)
+                      training_precision, warn_compile_failed)
 from .step import EMA, StepStats, learning_rate, train_step
 from .schedules import NoiseSchedule
 
@@ -92,13 +91,11 @@ class Training:
             random_states = torch.get_rng_state(), self.noise_generator.get_state()
             try:
                 stats = step()
-            except Exception as exc:  # dynamo's and inductor's failures have many types
+            except Exception as exc:  # a failure to compile: the first call compiles
                 torch.set_rng_state(random_states[0])
                 self.noise_generator.set_state(random_states[1])
                 self.model = self.eager
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                warnings.warn(f"torch.compile failed ({type(exc).__name__}: {reason[:200]}); "
-                              f"training goes on without it", stacklevel=2)
+                warn_compile_failed(exc, "training")
                 stats = step()
             self.eager = None  # compiled, or given up: nothing more to try
         if self.ema is not None:
