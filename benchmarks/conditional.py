@@ -7,6 +7,12 @@ requested class, with FID and KID against the training split (offline features),
 
     python benchmarks/conditional.py runs/conditional --train --n 1000 --guidance 0 1 3 5 \
         --grid docs/conditional.png
+
+With ``--classifier CLF.pt`` (from ``ddpm train-classifier --noisy``) the scales are classifier
+guidance's (Dhariwal & Nichol 2021) instead, on any run, conditional or not (a conditional one
+keeps ``--cfg`` as its classifier-free scale):
+
+    python benchmarks/conditional.py runs/demo --classifier clf.pt --guidance 0 1 3 10
 """
 
 from __future__ import annotations
@@ -35,10 +41,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grid", metavar="PNG", help="also write a grid, one row per class")
     parser.add_argument("--grid-guidance", type=float, default=3.0)
+    parser.add_argument("--classifier", metavar="CLF.pt",
+                        help="the scales are classifier guidance's, with this noisy classifier")
+    parser.add_argument("--cfg", type=float, default=0.0,
+                        help="with --classifier: the classifier-free scale of a conditional run")
     args = parser.parse_args()
 
     from ddpm.classifier import load_classifier
     from ddpm.data import to_uint8
+    from ddpm.guidance import load_noisy_classifier
     from ddpm.metrics import Evaluator
     from ddpm.pipeline import load_pipeline
     from ddpm.viz import save_grid
@@ -50,38 +61,48 @@ def main() -> None:
         subprocess.run(cmd, check=True)
 
     pipe = load_pipeline(args.run)
-    k = pipe.num_classes
+    noisy = load_noisy_classifier(args.classifier) if args.classifier else None
+    k = pipe.num_classes or (noisy.num_classes if noisy else 0)
+    names = pipe.classes or (noisy.classes if noisy else ())
     if k == 0 or pipe.config.data.dataset != "fashion-mnist":
-        sys.exit(f"{args.run} is not a class-conditional Fashion-MNIST run")
+        sys.exit(f"{args.run} is not a class-conditional Fashion-MNIST run (or give --classifier)")
     classifier = load_classifier("fashion-mnist")
     evaluator = Evaluator("fashion-mnist", pipe.config.data.data_dir, split="train")
     labels = torch.arange(args.n) % k  # every class equally often
     rows = []
     for w in args.guidance:
         start = time.perf_counter()
-        images = to_uint8(pipe.generate(args.n, seed=args.seed, labels=labels, guidance=w,
-                                        sampler=args.sampler, num_sample_steps=args.steps))
+        scales = ({"classifier": noisy, "classifier_scale": w, "guidance": args.cfg} if noisy
+                  else {"guidance": w})
+        images = to_uint8(pipe.generate(args.n, seed=args.seed, labels=labels, sampler=args.sampler,
+                                        num_sample_steps=args.steps, **scales))
         seconds = time.perf_counter() - start
         predicted = classifier.predict(images)
         hit = predicted == labels
         per_class = [hit[labels == c].float().mean().item() for c in range(k)]
         r = evaluator.evaluate(images, seed=args.seed)
         rows.append({"guidance": w, "accuracy": hit.float().mean().item(), "worst_class":
-                     pipe.classes[min(range(k), key=per_class.__getitem__)] if pipe.classes else "",
+                     names[min(range(k), key=per_class.__getitem__)] if names else "",
                      "worst_accuracy": min(per_class), "fid": r.fid, "kid": r.kid,
                      "floor_fid": r.floor_fid, "sampling_s": seconds})
         print(json.dumps(rows[-1]), flush=True)
     if args.grid:
         grid_labels = torch.arange(k).repeat_interleave(8)
+        grid_scales = ({"classifier": noisy, "classifier_scale": args.grid_guidance,
+                        "guidance": args.cfg} if noisy else {"guidance": args.grid_guidance})
         save_grid(pipe.generate(len(grid_labels), seed=args.seed, labels=grid_labels,
-                                guidance=args.grid_guidance, sampler=args.sampler,
-                                num_sample_steps=args.steps), args.grid, nrow=8)
+                                sampler=args.sampler, num_sample_steps=args.steps, **grid_scales),
+                  args.grid, nrow=8)
         print(f"wrote {args.grid}: one row per class, guidance {args.grid_guidance:g}")
 
     print(f"\n{args.run}: {pipe.step} steps; {args.n} images per row ({args.sampler}, {args.steps} "
           f"steps), classifier test accuracy {classifier.test_accuracy:.1%}; "
           f"{platform.processor() or platform.machine()}, {datetime.date.today()}")
-    print("| guidance w | samples of the requested class | worst class | FID | KID | sampling s |")
+    if noisy:
+        print(f"classifier guidance with {args.classifier} (accuracy by t: "
+              f"{ {t: round(a, 3) for t, a in noisy.accuracy_by_t.items()} }), cfg {args.cfg:g}")
+    scale = "classifier scale s" if noisy else "guidance w"
+    print(f"| {scale} | samples of the requested class | worst class | FID | KID | sampling s |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['guidance']:g} | {r['accuracy']:.1%} | {r['worst_class']} "

@@ -24,6 +24,7 @@ DERIVED = {
     "data.image_size": {"model.image_size", "model.attention_resolutions"},
     "data.channels": {"model.in_channels"},
     "train.minutes": {"train.steps"},
+    "model.learn_variance": {"sample.variance"},  # a learned variance samples with it
 }
 TRAIN_SECTIONS = ("model", "diffusion", "data", "train")
 

@@ -275,3 +275,168 @@ def test_guidance_or_label_dropout_without_conditional_is_refused(fake_fashion, 
                 "--out", tmp_path / "other")
         assert r.returncode == 2 and "add --conditional" in r.stderr, r.stderr
         assert not (tmp_path / "other").exists()
+
+
+# --- classifier guidance (Dhariwal & Nichol 2021) on the toy mixture ------------------------------
+
+# Four-pixel images, each drawn whole from one of three well separated components: the nearest
+# component mean tells a sample's component apart with an error below 1e-3.
+CG_WEIGHTS, CG_MEANS, CG_STDS = (0.5, 0.3, 0.2), (-1.0, 0.2, 1.2), (0.3, 0.3, 0.3)
+
+
+def _component_of(images):
+    per_image = images.flatten(1)  # [N, 4]
+    return torch.stack([((per_image - m) ** 2).sum(1) for m in CG_MEANS], 1).argmin(1)
+
+
+@pytest.mark.parametrize("label", [1, 2])
+def test_guided_ancestral_sampling_with_the_exact_classifier_draws_the_chosen_component(label):
+    from ddpm.toy import mixture_class_grad
+    unconditional = mixture_denoiser(SCHEDULE, CG_WEIGHTS, CG_MEANS, CG_STDS)
+    grad = mixture_class_grad(SCHEDULE, CG_WEIGHTS, CG_MEANS, CG_STDS, label)  # s = 1
+    x_T = torch.randn(4000, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    out = ancestral_sample(unconditional, SCHEDULE, x_T, make_timesteps(T, T), x0_transform=None,
+                           variance="beta", generator=torch.Generator().manual_seed(1),
+                           guidance_grad=grad)
+    share = (_component_of(out) == label).float().mean().item()
+    assert share > 0.998  # the unguided mixture gives it weight 0.3 or 0.2
+    n = out.numel()
+    m, s = CG_MEANS[label], CG_STDS[label]
+    assert abs(out.mean().item() - m) < 4 * s / math.sqrt(n)
+    assert abs(out.std().item() - s) < 4 * s / math.sqrt(2 * n)
+
+
+def test_classifier_guidance_at_scale_zero_is_unguided_sampling_bit_for_bit():
+    from ddpm.toy import mixture_class_grad
+    unconditional = mixture_denoiser(SCHEDULE, CG_WEIGHTS, CG_MEANS, CG_STDS)
+    grad = mixture_class_grad(SCHEDULE, CG_WEIGHTS, CG_MEANS, CG_STDS, 2)
+    x_T = torch.randn(256, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    ts = make_timesteps(T, 50)
+    plain = ancestral_sample(unconditional, SCHEDULE, x_T, ts, generator=torch.Generator().manual_seed(1))
+    zero = ancestral_sample(unconditional, SCHEDULE, x_T, ts, generator=torch.Generator().manual_seed(1),
+                            guidance_grad=lambda x, t: 0.0 * grad(x, t))
+    assert torch.equal(plain, zero)
+    guided = ancestral_sample(unconditional, SCHEDULE, x_T, ts, generator=torch.Generator().manual_seed(1),
+                              guidance_grad=grad)
+    assert not torch.equal(plain, guided)
+
+
+@pytest.mark.parametrize("prediction_type", ["eps", "x0", "v"])
+def test_algorithm_2_with_the_exact_classifier_is_the_exact_conditional_model(prediction_type):
+    # eps-hat = eps - sqrt(1 - ab) grad log p(y | x_t) = -sqrt(1 - ab) grad log p(x_t | y): the
+    # exact classifier turns the mixture's predictor into the component's, for every target.
+    from ddpm.diffusion import eps_x0_from_prediction, training_target
+    from ddpm.samplers import classifier_guidance, ddim_sample
+    from ddpm.toy import mixture_class_grad
+    label = 1
+    mixture = mixture_denoiser(SCHEDULE, CG_WEIGHTS, CG_MEANS, CG_STDS)
+
+    def as_type(denoiser):
+        def predict(x_t, t):
+            ab = SCHEDULE.alphas_cumprod[t].float().reshape(-1, 1, 1, 1)
+            eps, x0 = eps_x0_from_prediction(denoiser(x_t, t), x_t, ab, "eps")
+            return training_target(prediction_type, x0, eps, ab)
+        return predict
+
+    guided = classifier_guidance(as_type(mixture), SCHEDULE,
+                                 mixture_class_grad(SCHEDULE, CG_WEIGHTS, CG_MEANS, CG_STDS, label),
+                                 prediction_type)
+    component = as_type(gaussian_denoiser(SCHEDULE, CG_MEANS[label], CG_STDS[label]))
+    x_t = torch.randn(64, 1, 2, 2, generator=torch.Generator().manual_seed(0)) * 1.3
+    for step in (10, 300, 900):
+        t = torch.full((64,), step)
+        torch.testing.assert_close(guided(x_t, t), component(x_t, t), rtol=1e-4, atol=1e-4)
+    ts = make_timesteps(T, 50)
+    torch.testing.assert_close(
+        ddim_sample(guided, SCHEDULE, x_T := torch.randn(512, 1, 2, 2), ts, x0_transform=None,
+                    prediction_type=prediction_type),
+        ddim_sample(component, SCHEDULE, x_T, ts, x0_transform=None, prediction_type=prediction_type),
+        rtol=1e-4, atol=1e-4)
+
+
+def test_classifier_free_guidance_leaves_a_learned_variance_unmixed():
+    def model(x_t, t, y):  # 2C channels: prediction then variance interpolation
+        pred = torch.where((y == 3)[:, None, None, None], torch.zeros_like(x_t), torch.ones_like(x_t))
+        var = torch.where((y == 3)[:, None, None, None], -torch.ones_like(x_t), torch.ones_like(x_t) * 0.5)
+        return torch.cat([pred, var], 1)
+
+    out = classifier_free_guidance(model, torch.tensor([0, 1]), 3, 2.0)(torch.zeros(2, 1, 2, 2), torch.tensor([5, 5]))
+    assert out.shape == (2, 2, 2, 2)
+    assert torch.equal(out[:, :1], torch.full((2, 1, 2, 2), 3.0))  # 1 + 2 (1 - 0)
+    assert torch.equal(out[:, 1:], torch.full((2, 1, 2, 2), 0.5))  # the conditional variance
+
+
+# --- classifier guidance through the command line ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def noisy_classifier(world, tmp_path_factory):
+    """A noise-aware classifier made for the world's tiny runs (their schedule, their data)."""
+    out = tmp_path_factory.mktemp("clf") / "clf.pt"
+    r = cli("train-classifier", "--noisy", "--like", world / "run", "--epochs", "1", "--out", out,
+            "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "accuracy" in r.stdout
+    return out
+
+
+def _sample(run, out, *args):
+    return cli("sample", run, "--n", "4", "--steps", "10", "--seed", "1", "--out", out,
+               "--no-progress", *args)
+
+
+def test_classifier_guidance_from_the_command_line(world, noisy_classifier, tmp_path):
+    from ddpm.guidance import load_noisy_classifier
+    from ddpm.pipeline import load_pipeline
+    pipe = load_pipeline(world / "run")
+    clf = load_noisy_classifier(noisy_classifier)
+    plain = pipe.generate(4, seed=1, num_sample_steps=10)
+    zero = pipe.generate(4, seed=1, num_sample_steps=10, labels=7, classifier=clf, classifier_scale=0.0)
+    assert torch.equal(plain, zero)  # scale 0 is unguided sampling, bit for bit
+    for sampler in ("ddpm", "ddim", "dpm++"):  # Algorithm 1, then Algorithm 2
+        guided = pipe.generate(4, seed=1, num_sample_steps=10, labels=7, classifier=clf,
+                               classifier_scale=10.0, sampler=sampler)
+        assert torch.isfinite(guided).all()
+        if sampler == "ddpm":
+            assert not torch.equal(guided, plain)
+    r = _sample(world / "run", tmp_path / "g.npz", "--classifier", noisy_classifier,
+                "--classifier-scale", "3", "--class", "sneaker")
+    assert r.returncode == 0, r.stderr
+    assert "classifier scale 3" in r.stdout and "class 7 (Sneaker)" in r.stdout
+    # a class-conditional model: classifier guidance on top of classifier-free guidance
+    r = _sample(world / "crun", tmp_path / "c.png", "--classifier", noisy_classifier,
+                "--guidance", "2", "--class", "3")
+    assert r.returncode == 0, r.stderr
+    r = cli("viz", "reverse", world / "run", "--n", "4", "--steps", "4", "--out", tmp_path / "r.gif",
+            "--classifier", noisy_classifier, "--class", "1", "--no-progress")
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.fixture(scope="module")
+def foreign_classifiers(noisy_classifier, tmp_path_factory, fake_fashion):
+    """The classifier as if trained on another dataset, and a run with another schedule."""
+    root = tmp_path_factory.mktemp("foreign")
+    blob = torch.load(noisy_classifier, weights_only=True)
+    torch.save({**blob, "dataset": "mnist"}, root / "mnist.pt")
+    r = cli("train", "--preset", "tiny", "--data-dir", fake_fashion, "--schedule", "cosine",
+            "--steps", "1", "--sample-every", "0", "--out", root / "cosine", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    return root
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda w, c, f: [w / "run", "--classifier", f / "mnist.pt"], "trained on mnist"),
+    (lambda w, c, f: [f / "cosine", "--classifier", c], "cosine schedule"),
+    (lambda w, c, f: [w / "run", "--classifier", c, "--class", "12"], "out of range"),
+    (lambda w, c, f: [w / "run", "--classifier-scale", "2"], "needs --classifier"),
+    (lambda w, c, f: [w / "run", "--classifier", w / "run/checkpoints/ckpt-00000002.pt"],
+     "training checkpoint"),
+    (lambda w, c, f: [w / "run", "--classifier", c, "--classifier-scale", "-1"], "--classifier-scale"),
+])
+def test_bad_classifier_requests_are_one_line_errors(world, noisy_classifier, foreign_classifiers,
+                                                     tmp_path, make_args, message):
+    args = make_args(world, noisy_classifier, foreign_classifiers)
+    r = cli("sample", args[0], "--n", "2", "--out", tmp_path / "g.png", *args[1:])
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "g.png").exists()

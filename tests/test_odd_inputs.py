@@ -40,9 +40,9 @@ ODD_INPUTS = [
     ("eval --images {root}/text.npz --dataset fashion-mnist",
      "text.npz: it is not an .npz file", ("pickle", "unsafe")),
     ("sample {root}/text.pt --out {root}/existing.png",
-     "text.pt is not a readable ddpm checkpoint: it is not a torch checkpoint", ("weights_only",)),
+     "text.pt is not a readable ddpm checkpoint: it is not a torch file", ("weights_only",)),
     ("sample {root}/folder_run --out {root}/existing.png",
-     "ckpt-00000002.pt is a folder, not a checkpoint file", ("1 files", "written by 'ddpm train'")),
+     "ckpt-00000002.pt is a folder, not a ddpm checkpoint file", ("1 files", "written by 'ddpm train'")),
     ("train --preset tiny --attention-resolutions 1,x --out {root}/new", "e.g. 14,7", ("1,2,2",)),
     ("train --preset tiny --data-dir {fake} --split test --batch-size 99 --no-progress "
      "--out {root}/new", "batch size 99 is larger than the dataset (64 images); use "

@@ -175,30 +175,36 @@ def remove_partial_writes(run_dir: str | os.PathLike) -> list[Path]:
     return found
 
 
+def read_torch_file(path: str | os.PathLike, what: str, *, advice: str = "",
+                    error: type[ValueError] | None = None, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` (no code can run), each way it can fail one
+    ``error`` (CheckpointError by default) naming the file, ``what`` it should have been (e.g.
+    "ddpm checkpoint") and ending with ``advice`` (e.g. "; make one with ...")."""
+    error = error or CheckpointError
+    path = Path(path)
+    if path.is_dir():
+        raise error(f"{path} is a folder, not a {what} file{advice}")
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist{advice}")
+    if not zipfile.is_zipfile(path):  # what torch.save has written since torch 1.6
+        raise error(f"{path} is not a readable {what}: it is not a torch file (a zip archive); "
+                    f"it may be truncated or another program's file{advice}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's text here advises weights_only=False, which would run any code in the file.
+        raise error(f"{path} is not a readable {what}: it holds objects other than tensors and "
+                    f"plain data, which ddpm does not load (they could run code){advice}") from None
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        detail = str(exc).splitlines()[0] if str(exc) else "no detail"
+        raise error(f"{path} is not a readable {what} ({type(exc).__name__}: {detail}); it may "
+                    f"be truncated or another program's file{advice}") from None
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True`` (no code can run); check its format."""
     path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if not zipfile.is_zipfile(path):  # what torch.save has written since torch 1.6
-        raise CheckpointError(f"{path} is not a readable ddpm checkpoint: it is not a torch "
-                              f"checkpoint (a zip archive); it may be truncated or another "
-                              f"program's file")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        # torch's text here advises weights_only=False, which would run any code in the file.
-        raise CheckpointError(f"{path} is not a readable ddpm checkpoint: it holds objects other "
-                              f"than tensors and plain data, which ddpm does not load (they could "
-                              f"run code)") from None
-    except Exception as exc:  # torch raises many types for truncated or foreign files
-        detail = str(exc).splitlines()[0] if str(exc) else "no detail"
-        raise CheckpointError(
-            f"{path} is not a readable ddpm checkpoint ({type(exc).__name__}: {detail}); it may "
-            f"be truncated or another program's file"
-        ) from None
+    state = read_torch_file(path, "ddpm checkpoint", map_location=map_location)
     if not isinstance(state, dict) or "format_version" not in state or "config" not in state:
         raise CheckpointError(f"{path} is a torch file but not a ddpm checkpoint")
     if state["format_version"] != FORMAT_VERSION:

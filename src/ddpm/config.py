@@ -20,9 +20,9 @@ from typing import Any
 
 from .data.registry import CROPS, DATASETS, SPLITS, check_options
 from .data.registry import resolve as resolve_data
-from .diffusion import LOSS_WEIGHTINGS, LOSSES, PREDICTION_TYPES
+from .diffusion import LOSS_WEIGHTINGS, LOSSES, PREDICTION_TYPES, VARIANCES
 from .models import UNetConfig
-from .samplers import SAMPLERS, SPACINGS, VARIANCES
+from .samplers import SAMPLERS, SPACINGS
 from .schedules import SCHEDULES
 from .settings import SEED_MAX, check_fields, coerce, names, setting, settings_of
 
@@ -231,9 +231,11 @@ class SampleConfig:
         None, flag="--spacing", choices=SPACINGS,
         help="how the steps are spread over 0..T-1 (default: karras for euler/heun, logsnr for "
              "dpm++, linspace for ddpm/ddim)")
+    # "learned" is the default of a model trained with --learn-variance (with_overrides)
     variance: str = setting(
         "posterior", flag="--variance", choices=VARIANCES,
-        help="ddpm only: sigma_t^2 of each step, the posterior beta-tilde_t (the paper's) or beta_t")
+        help="ddpm only: sigma_t^2 of each step, the posterior beta-tilde_t (the paper's), beta_t, "
+             "or learned (models trained with --learn-variance, their default)")
     eta: float = setting(0.0, flag="--eta", at_least=0, at_most=1,
                          help="ddim only: 0 is deterministic, 1 adds DDPM-like noise")
     x0_transform: str = setting(
@@ -247,10 +249,16 @@ class SampleConfig:
         help="classifier-free guidance scale w: 0 is the conditional model, larger w gives more "
              "typical images of the class")
 
-    def validate(self, *, num_train_timesteps: int, num_classes: int) -> None:
+    def validate(self, *, num_train_timesteps: int, num_classes: int,
+                 learn_variance: bool = False) -> None:
         """The section's own rules and those against the model it samples: at most T steps,
-        guidance only for a class-conditional model."""
+        guidance only for a class-conditional model, a learned variance only from a model that
+        learned one."""
         check_fields(self)
+        if self.variance == "learned" and not learn_variance:
+            raise SettingError("sample.variance", "{setting} learned needs a model trained with "
+                               "--learn-variance, and this one has fixed variances; use "
+                               "posterior or beta")
         T = num_train_timesteps
         if self.num_sample_steps > T:
             raise SettingError("sample.num_sample_steps", f"{{setting}} {self.num_sample_steps} "
@@ -298,7 +306,8 @@ class RunConfig:
                 f"model takes {model.in_channels}x{model.image_size}x{model.image_size}; give the "
                 f"same --channels and --image-size to both")
         T = self.diffusion.num_train_timesteps
-        self.sample.validate(num_train_timesteps=T, num_classes=model.num_classes)
+        self.sample.validate(num_train_timesteps=T, num_classes=model.num_classes,
+                             learn_variance=model.learn_variance)
         for key, steps in (("train.sample_steps", tc.sample_steps), ("train.fid_steps", tc.fid_steps)):
             if steps > T:  # checked now, not at the first preview grid mid-run
                 raise SettingError(key, f"{{setting}} is {steps} but must be between 1 and T = {T}")
@@ -342,6 +351,8 @@ def with_overrides(base: RunConfig, overrides: dict[str, dict[str, Any]], *,
         # A preset's sampling steps suit its own T; with a smaller T, use all of them.
         T = diffusion.num_train_timesteps
         sample = replace(sample, num_sample_steps=min(sample.num_sample_steps, T))
+        if model.learn_variance and not base.model.learn_variance:
+            sample = replace(sample, variance="learned")  # what the model learned, unless given
         train = replace(train, sample_steps=min(train.sample_steps, T),
                         fid_steps=min(train.fid_steps, T))
     train_values = checked["train"]

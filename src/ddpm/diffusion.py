@@ -1,17 +1,24 @@
-"""The forward process, its posterior and the training loss (Ho et al. 2020).
+"""The forward process, its posterior, the variational bound and the training loss.
+
+Ho et al. 2020 (the forward process, eq. 4; the posterior, eq. 7; L_simple, eq. 14; the bound,
+eq. 5, with its discretised decoder, eq. 13) and Nichol & Dhariwal 2021 (learned variances,
+eq. 15, trained by L_hybrid = L_simple + lambda L_vlb, eq. 16).
 
 All functions are pure: the schedule and any randomness come in as arguments. Shapes: ``x0``,
-``x_t`` and ``eps`` are ``[B, C, H, W]``; ``t`` is int64 ``[B]`` in ``0 .. T-1``.
+``x_t`` and ``eps`` are ``[B, C, H, W]``; ``t`` is int64 ``[B]`` in ``0 .. T-1``. A network
+that learns its variances outputs ``[B, 2C, H, W]``: its prediction, then the interpolation
+(:func:`split_variance`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .schedules import NoiseSchedule, extract
+from .schedules import NoiseSchedule, broadcast_per_sample, extract
 
 LOSSES = ("mse", "l1", "huber")
 
@@ -42,6 +49,158 @@ def q_posterior(
     )
     variance = extract(schedule.posterior_variance, t, x_t)
     return mean, variance
+
+
+# --- the reverse process's variance and the variational bound -----------------------------------
+
+# sigma_t^2 of p(x_{t-1} | x_t): beta-tilde_t (eq. 7), beta_t (Ho et al.'s two fixed choices), or
+# learned between them (Nichol & Dhariwal 2021, eq. 15).
+VARIANCES = ("posterior", "beta", "learned")
+# lambda of L_hybrid = L_simple + lambda L_vlb (Nichol & Dhariwal 2021, sec. 3.1).
+VLB_WEIGHT = 1e-3
+
+
+def split_variance(
+    output: torch.Tensor, channels: int, learned: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A network's output as (prediction ``[B, C, H, W]``, variance interpolation ``[B, C, H, W]``
+    or None): a network that learns its variances outputs ``[B, 2C, H, W]``, the two stacked."""
+    expected = 2 * channels if learned else channels
+    if output.shape[1] != expected:
+        raise ValueError(
+            f"the network gave {output.shape[1]} channels for {channels}-channel images, but "
+            f"{'a model that learns its variances gives 2C' if learned else 'expected C'} = "
+            f"{expected}; was it built with the same learn_variance?")
+    if not learned:
+        return output, None
+    return output[:, :channels], output[:, channels:]
+
+
+def interpolated_log_variance(
+    interpolation: torch.Tensor, log_beta: torch.Tensor | float, log_beta_tilde: torch.Tensor | float
+) -> torch.Tensor:
+    """Nichol & Dhariwal 2021, eq. 15: log Sigma = v log beta_t + (1 - v) log beta-tilde_t, with
+    v = (output + 1) / 2, so an output in [-1, 1] spans the range (their code's convention, and
+    diffusers' ``learned_range``); zero, the initial output, is the geometric mean."""
+    v = (interpolation + 1) / 2
+    return v * log_beta + (1 - v) * log_beta_tilde
+
+
+def model_log_variance(
+    schedule: NoiseSchedule,
+    t: torch.Tensor,
+    like: torch.Tensor,
+    variance: str,
+    interpolation: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """log sigma_t^2 of p(x_{t-1} | x_t) at integer steps ``t`` ``[B]``: ``[B, 1, 1, 1]`` for the
+    fixed choices, ``[B, C, H, W]`` learned. At t = 0 (the decoder, eq. 13) beta-tilde is 0, so
+    its log is clipped to the next step's, and the fixed beta choice takes it too (as in Nichol &
+    Dhariwal's code): the two fixed choices share their decoder."""
+    if variance not in VARIANCES:
+        raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCES)}")
+    log_beta_tilde = extract(schedule.posterior_log_variance_clipped, t, like)
+    if variance == "posterior":
+        return log_beta_tilde
+    log_beta = extract(schedule.betas.log(), t, like)
+    if variance == "beta":
+        return torch.where(broadcast_per_sample(t == 0, like).bool(), log_beta_tilde, log_beta)
+    if interpolation is None:
+        raise ValueError("variance 'learned' needs the network's variance interpolation, and this "
+                         "network has none: sample it with variance posterior or beta")
+    return interpolated_log_variance(interpolation, log_beta, log_beta_tilde)
+
+
+def normal_kl(
+    mean_1: torch.Tensor, log_var_1: torch.Tensor, mean_2: torch.Tensor, log_var_2: torch.Tensor
+) -> torch.Tensor:
+    """KL(N(mean_1, e^log_var_1) || N(mean_2, e^log_var_2)) per element, in nats:
+    (log_var_2 - log_var_1 + (var_1 + (mean_1 - mean_2)^2) / var_2 - 1) / 2."""
+    return 0.5 * (log_var_2 - log_var_1 + torch.exp(log_var_1 - log_var_2)
+                  + (mean_1 - mean_2) ** 2 * torch.exp(-log_var_2) - 1.0)
+
+
+def _log_normal_mass(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    """log(Phi(upper) - Phi(lower)) for lower < upper, without rounding Phi to 1: on the side of
+    zero where both CDF values are small (Phi(u) - Phi(l) = Phi(-l) - Phi(-u)), then
+    log Phi(a) + log(1 - Phi(b) / Phi(a))."""
+    mirror = lower > 0
+    a = torch.where(mirror, -lower, upper)
+    b = torch.where(mirror, -upper, lower)
+    log_a, log_b = torch.special.log_ndtr(a), torch.special.log_ndtr(b)
+    return log_a + torch.log(-torch.expm1(log_b - log_a))
+
+
+def discretized_gaussian_log_likelihood(
+    x0: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor
+) -> torch.Tensor:
+    """Ho et al. 2020, eq. 13: log p(x0 | x_1) per element, in nats, for data on the 256 levels
+    of [-1, 1]: the Gaussian's mass over the level's bin [x - 1/255, x + 1/255], the lowest bin
+    open to -inf and the highest to +inf, so the 256 masses of a pixel sum to 1."""
+    inv_std = torch.exp(-0.5 * log_var)
+    upper = (x0 + 1.0 / 255 - mean) * inv_std
+    lower = (x0 - 1.0 / 255 - mean) * inv_std
+    return torch.where(
+        x0 < -0.999, torch.special.log_ndtr(upper),  # Phi(upper) - Phi(-inf)
+        torch.where(x0 > 0.999, torch.special.log_ndtr(-lower),  # Phi(inf) - Phi(lower)
+                    _log_normal_mass(lower, upper)))
+
+
+def _bits_per_dim(per_element_nats: torch.Tensor) -> torch.Tensor:
+    """``[B, ...]`` nats per element -> ``[B]`` bits per dimension."""
+    return per_element_nats.flatten(1).mean(1) / math.log(2.0)
+
+
+def vlb_term(
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    mean: torch.Tensor,
+    log_var: torch.Tensor,
+) -> torch.Tensor:
+    """The bound's term at step t for p(x_{t-1} | x_t) = N(mean, e^log_var), per sample ``[B]``
+    in bits per dimension (Ho et al. 2020, eq. 5):
+    L_{t-1} = KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) for t > 0 (the paper's t > 1), and
+    L_0 = -log p(x0 | x_1), the discretised decoder of eq. 13, at t = 0."""
+    true_mean, _ = q_posterior(schedule, x0, x_t, t)
+    true_log_var = extract(schedule.posterior_log_variance_clipped, t, x_t)
+    kl = normal_kl(true_mean, true_log_var, mean, log_var)
+    decoder_nll = -discretized_gaussian_log_likelihood(x0, mean, log_var)
+    return _bits_per_dim(torch.where(broadcast_per_sample(t == 0, x0).bool(), decoder_nll, kl))
+
+
+def prior_bpd(schedule: NoiseSchedule, x0: torch.Tensor) -> torch.Tensor:
+    """L_T = KL(q(x_T | x0) || N(0, I)) per sample ``[B]`` in bits per dimension (eq. 5): no
+    parameters, and near 0 when alpha_bar_T is (exactly 0 at zero terminal SNR)."""
+    t_last = torch.full((x0.shape[0],), schedule.num_train_timesteps - 1, dtype=torch.long)
+    alpha_bar = extract(schedule.alphas_cumprod, t_last, x0)
+    mean = alpha_bar.sqrt() * x0
+    log_var = torch.log1p(-alpha_bar).expand_as(x0)
+    return _bits_per_dim(normal_kl(mean, log_var, torch.zeros_like(x0), torch.zeros_like(x0)))
+
+
+def p_mean_log_variance(
+    schedule: NoiseSchedule,
+    output: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    prediction_type: str,
+    variance: str,
+    learned: bool,
+    x0_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and log-variance of p(x_{t-1} | x_t) from the network's ``output`` at integer steps
+    ``t`` ``[B]``: the posterior mean (eq. 7) at the predicted x0 (after ``x0_transform``), and
+    the ``variance`` of :func:`model_log_variance` (``learned``: the output carries it)."""
+    prediction, interpolation = split_variance(output, x_t.shape[1], learned)
+    alpha_bar = extract(schedule.alphas_cumprod, t, x_t)
+    _, x0_pred = eps_x0_from_prediction(prediction, x_t, alpha_bar, prediction_type)
+    if x0_transform is not None:
+        x0_pred = x0_transform(x0_pred)
+    mean, _ = q_posterior(schedule, x0_pred, x_t, t)
+    return mean, model_log_variance(schedule, t, x_t, variance, interpolation)
 
 
 PREDICTION_TYPES = ("eps", "x0", "v")
@@ -145,13 +304,16 @@ def training_loss(
     min_snr_gamma: float = 5.0,
     t: torch.Tensor | None = None,
     eps: torch.Tensor | None = None,
+    learn_variance: bool = False,
 ) -> torch.Tensor:
-    """The simplified objective L_simple (Algorithm 1), a scalar averaged over the batch.
+    """The simplified objective L_simple (Algorithm 1), a scalar averaged over the batch, or
+    with ``learn_variance`` L_hybrid (Nichol & Dhariwal 2021).
 
     t ~ Uniform{0..T-1}, eps ~ N(0, I), x_t from eq. 4, and loss(target, network(x_t, t)) with the
     target eps (eq. 14), x0 or v; ``weighting="min-snr"`` weights each sample by min-SNR-gamma.
     ``t`` and ``eps`` may be given (a process's share of draws made for a whole batch); otherwise
-    they are drawn here, from ``generator``.
+    they are drawn here, from ``generator``. A network that learns its variances (``[B, 2C, H,
+    W]`` out) adds lambda L_vlb, which trains the variance only.
     """
     if (t is None) != (eps is None):
         raise ValueError("give both t and eps, or neither")
@@ -159,14 +321,24 @@ def training_loss(
         t, eps = draw_t_eps(schedule, x0.shape, generator)
     t, eps = t.to(x0.device), eps.to(x0.device, x0.dtype)
     x_t = q_sample(schedule, x0, t, eps)
-    prediction = denoiser(x_t, t)
+    output = denoiser(x_t, t).float()
+    prediction, interpolation = split_variance(output, x0.shape[1], learn_variance)
     alpha_bar = extract(schedule.alphas_cumprod, t, x0)
     target = training_target(prediction_type, x0, eps, alpha_bar)
     # Eq. 14 for eps: || eps - eps_theta(sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps, t) ||^2.
-    per_sample = _elementwise_loss(prediction.float(), target, loss).flatten(1).mean(1)  # [B]
+    per_sample = _elementwise_loss(prediction, target, loss).flatten(1).mean(1)  # [B]
     if weighting == "min-snr":
         snr = extract(schedule.alphas_cumprod / (1 - schedule.alphas_cumprod), t, x0).flatten()
         per_sample = per_sample * min_snr_weight(snr, min_snr_gamma, prediction_type)
     elif weighting != "uniform":
         raise ValueError(f"unknown loss weighting {weighting!r}; choose one of {', '.join(LOSS_WEIGHTINGS)}")
+    if learn_variance:
+        # Nichol & Dhariwal 2021, sec. 3.1: L_vlb reaches the variance only; the mean's gradient
+        # is stopped, so L_simple alone shapes it.
+        frozen = torch.cat([prediction.detach(), interpolation], dim=1)
+        mean, log_var = p_mean_log_variance(schedule, frozen, x_t, t, learned=True,
+                                            prediction_type=prediction_type, variance="learned")
+        vlb = vlb_term(schedule, x0, x_t, t, mean, log_var)  # [B] bits/dim
+        # Eq. 16, L_hybrid = L_simple + lambda L_vlb, with L_vlb = sum_t L_t estimated by T L_t.
+        per_sample = per_sample + VLB_WEIGHT * schedule.num_train_timesteps * vlb
     return per_sample.mean()

@@ -7,10 +7,14 @@ This is the small Python API behind ``ddpm sample``::
     images = pipe.generate(16, seed=0)         # [16, 1, 28, 28] in [-1, 1], the run's sampler
     fast = pipe.generate(16, sampler="dpm++", num_sample_steps=20)
     shoes = pipe.generate(8, labels=7, guidance=3.0)  # a class-conditional run: class 7, w = 3
+    guided = pipe.generate(8, labels=7, classifier=load_noisy_classifier("clf.pt"),
+                           classifier_scale=3.0)   # classifier guidance, any run
+    nll = pipe.bits_per_dim(test_images)       # the variational bound, bits per dimension
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
@@ -20,11 +24,14 @@ from tqdm.auto import tqdm
 
 from .checkpoint import checkpoint_config, load_run_or_file, load_weights
 from .config import RunConfig, SampleConfig
-from .data import to_uint8
+from .data import to_model_range, to_uint8
+from .diffusion import p_mean_log_variance, prior_bpd, q_sample, vlb_term
+from .guidance import NoisyClassifierFile, check_compatible, classifier_log_prob_grad
 from .models import UNet
 from .runtime import autocast, resolve_device, resolve_precision, warn_compile_failed
-from .samplers import (DEFAULT_SPACING, StepCallback, classifier_free_guidance, clip_x0,
-                       dynamic_threshold, get_sampler, initial_noise, make_timesteps)
+from .samplers import (DEFAULT_SPACING, StepCallback, classifier_free_guidance,
+                       classifier_guidance, clip_x0, dynamic_threshold, get_sampler,
+                       initial_noise, make_timesteps)
 from .schedules import NoiseSchedule, make_schedule
 
 
@@ -47,15 +54,18 @@ class Pipeline:
         """Classes of a class-conditional model; 0 for an unconditional one."""
         return self.config.model.num_classes
 
-    def class_labels(self, n: int, labels: torch.Tensor | Sequence[int] | int | None) -> torch.Tensor | None:
+    def class_labels(self, n: int, labels: torch.Tensor | Sequence[int] | int | None,
+                     classifier: NoisyClassifierFile | None = None) -> torch.Tensor | None:
         """The label of each of ``n`` images: ``labels`` as given (one int for all), or for a
-        conditional model without them every class in turn (0, 1, ..., K-1, 0, ...); None for an
-        unconditional model. Raises ValueError for labels this model cannot take."""
-        k = self.num_classes
+        conditional model (or a guiding classifier) without them every class in turn (0, 1, ...,
+        K-1, 0, ...); None for an unconditional model. Raises ValueError for labels this model
+        (or the classifier) cannot take."""
+        k = self.num_classes or (classifier.num_classes if classifier is not None else 0)
         if k == 0:
             if labels is not None:
                 raise ValueError("this model was trained without class labels, so it cannot draw "
-                                 "a chosen class; drop --class, or train one with --conditional")
+                                 "a chosen class; drop --class, guide it with --classifier, or "
+                                 "train one with --conditional")
             return None
         if labels is None:
             return torch.arange(n) % k
@@ -74,7 +84,7 @@ class Pipeline:
         (steps within its T, guidance only when it has classes): ValueError otherwise."""
         sc = replace(self.config.sample, **settings)
         sc.validate(num_train_timesteps=self.schedule.num_train_timesteps,
-                    num_classes=self.num_classes)
+                    num_classes=self.num_classes, learn_variance=self.config.model.learn_variance)
         return sc
 
     @torch.inference_mode()
@@ -87,6 +97,8 @@ class Pipeline:
         labels: torch.Tensor | Sequence[int] | int | None = None,
         callback: StepCallback | None = None,
         progress: bool = False,
+        classifier: NoisyClassifierFile | None = None,
+        classifier_scale: float = 1.0,
         **settings: Any,
     ) -> torch.Tensor:
         """Generate ``n`` images ``[n, C, H, W]`` in [-1, 1].
@@ -95,10 +107,18 @@ class Pipeline:
         ``spacing``, ``eta``, ``variance``, ``x0_transform``, ``guidance``). The same ``seed`` and
         ``batch_size`` give the same images: all noise comes from one generator seeded with
         ``seed``, drawn batch after batch. A class-conditional model draws class ``labels``
-        (see :meth:`class_labels`) with classifier-free guidance of scale ``guidance``.
+        (see :meth:`class_labels`) with classifier-free guidance of scale ``guidance``. A noise-
+        aware ``classifier`` (``guidance.load_noisy_classifier``) guides any model towards
+        ``labels`` with scale ``classifier_scale`` (Dhariwal & Nichol 2021: Algorithm 1 for the
+        ddpm sampler, Algorithm 2 for the others); scale 0 is unguided sampling.
         """
         sc = self.sample_config(**settings)
-        labels = self.class_labels(n, labels)
+        if classifier is not None:
+            check_compatible(classifier, self.config, self.classes)
+            if not classifier_scale >= 0 or not math.isfinite(classifier_scale):
+                raise ValueError(f"the classifier scale must be a finite number >= 0, got "
+                                 f"{classifier_scale}")
+        labels = self.class_labels(n, labels, classifier)
         sampler = get_sampler(sc.sampler)
         timesteps = make_timesteps(self.schedule.num_train_timesteps, sc.num_sample_steps,
                                    sc.spacing or DEFAULT_SPACING[sc.sampler], schedule=self.schedule)
@@ -108,7 +128,7 @@ class Pipeline:
         mc = self.config.model
         out = []
         evaluations = 2 * len(timesteps) - 1 if sc.sampler == "heun" else len(timesteps)
-        if labels is not None and sc.guidance > 0:
+        if self.num_classes and sc.guidance > 0:
             evaluations *= 2  # conditional and unconditional, as one batch
         bar = tqdm(total=n * evaluations, unit="img-eval", unit_scale=True, disable=not progress,
                    desc=f"sampling ({sc.sampler}, {sc.num_sample_steps} steps)")
@@ -123,17 +143,97 @@ class Pipeline:
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
             x_T = initial_noise((b, mc.in_channels, mc.image_size, mc.image_size), generator, self.device)
-            denoiser = network if labels is None else classifier_free_guidance(
+            denoiser = network if not self.num_classes else classifier_free_guidance(
                 network, labels[start : start + b], self.config.model.num_classes, sc.guidance)
+            batch_options = dict(options)
+            if classifier is not None and classifier_scale > 0:
+                grad = _guidance_grad(classifier, labels[start : start + b], classifier_scale)
+                if sc.sampler == "ddpm":  # Algorithm 1: the mean moves by s Sigma grad
+                    batch_options["guidance_grad"] = grad
+                else:  # Algorithm 2: eps moves by -sqrt(1 - alpha_bar) s grad
+                    denoiser = classifier_guidance(denoiser, self.schedule, grad,
+                                                   self.config.diffusion.prediction_type)
             out.append(
                 sampler(
                     denoiser, self.schedule, x_T, timesteps,
                     prediction_type=self.config.diffusion.prediction_type,
-                    x0_transform=x0_transform, generator=generator, callback=callback, **options,
+                    x0_transform=x0_transform, generator=generator, callback=callback,
+                    **batch_options,
                 ).cpu()
             )
         bar.close()
         return torch.cat(out)
+
+    @torch.inference_mode()
+    def bits_per_dim(
+        self,
+        images: torch.Tensor,
+        *,
+        timesteps: int | None = None,
+        seed: int = 0,
+        batch_size: int = 128,
+        progress: bool = False,
+        **settings: Any,
+    ) -> dict[str, float]:
+        """The variational bound on -log p(x0) (Ho et al. 2020, eq. 5) of uint8 ``images``
+        ``[N, C, H, W]``, in bits per dimension, averaged over them, with its standard error.
+
+        Per image: the prior term L_T and the decoder L_0 (eq. 13) exactly, and the T - 1 terms
+        L_1 .. L_{T-1} all (``timesteps`` None or T - 1), or estimated without bias from
+        ``timesteps`` of them: one step drawn uniformly from each of that many strata of 1..T-1,
+        its term weighted by the stratum's size. The standard error is over images (so it
+        includes the draw of steps). The variances are the sampler's: ``sample.variance`` of the
+        run (posterior, beta or learned) and its ``x0_transform`` applied to each predicted x0,
+        or those given in ``settings``. A class-conditional model is scored unconditionally (the
+        null class).
+        """
+        sc = self.sample_config(**settings)
+        T = self.schedule.num_train_timesteps
+        k = T - 1 if timesteps is None else timesteps
+        if not 1 <= k <= T - 1:
+            raise ValueError(f"the bound has {T - 1} terms between its ends to estimate from; "
+                             f"give between 1 and {T - 1} timesteps, got {k}")
+        edges = torch.tensor([1 + (j * (T - 1)) // k for j in range(k + 1)])  # strata of 1..T-1
+        sizes = (edges[1:] - edges[:-1]).double()  # [K], each >= 1
+        generator = torch.Generator("cpu").manual_seed(seed)
+        mc, dc = self.config.model, self.config.diffusion
+        x0_transform = X0_TRANSFORMS[sc.x0_transform]
+        totals, parts = [], {"prior_bpd": 0.0, "decoder_bpd": 0.0, "diffusion_bpd": 0.0}
+        bar = tqdm(total=len(images) * (k + 1), unit="img-eval", unit_scale=True,
+                   disable=not progress, desc=f"bits/dim ({k + 1} terms of {T + 1} by network)")
+        self.model.eval()
+
+        def term(x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            """L at steps t ``[B]`` for images x0, from one draw of x_t ~ q(x_t | x0)."""
+            eps = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
+            x_t = q_sample(self.schedule, x0, t, eps)  # float64
+            with autocast(self.device, self.precision):
+                output = self._forward(x_t.to(self.device, torch.float32), t.to(self.device), None)
+            mean, log_var = p_mean_log_variance(
+                self.schedule, output.double().cpu(), x_t, t, prediction_type=dc.prediction_type,
+                variance=sc.variance, learned=mc.learn_variance, x0_transform=x0_transform)
+            bar.update(len(x0))
+            return vlb_term(self.schedule, x0, x_t, t, mean, log_var)
+
+        for batch in images.split(batch_size):
+            x0 = to_model_range(batch).double()  # [B, C, H, W], the bound in float64
+            b = len(x0)
+            prior = prior_bpd(self.schedule, x0)
+            decoder = term(x0, torch.zeros(b, dtype=torch.long))
+            diffusion = torch.zeros(b, dtype=torch.float64)
+            for j in range(k):
+                offset = (torch.rand(b, generator=generator, dtype=torch.float64) * sizes[j]).long()
+                diffusion += sizes[j] * term(x0, edges[j] + offset)
+            totals.append(prior + decoder + diffusion)
+            for name, value in (("prior_bpd", prior), ("decoder_bpd", decoder),
+                                ("diffusion_bpd", diffusion)):
+                parts[name] += float(value.sum())
+        bar.close()
+        total = torch.cat(totals)
+        n = len(total)
+        se = float(total.std() / math.sqrt(n)) if n > 1 else float("nan")
+        return {"bits_per_dim": float(total.mean()), "bits_per_dim_se": se, "n": n,
+                "timesteps": k, **{name: value / n for name, value in parts.items()}}
 
     def compile(self) -> "Pipeline":
         """Sample through ``torch.compile(model)``; if compiling fails at the first call, the
@@ -174,6 +274,15 @@ class Pipeline:
         final = to_uint8(self.generate(n, seed=seed, batch_size=n, labels=labels, callback=record,
                                        progress=progress, **settings))
         return torch.stack(states + [final]), torch.stack(x0_preds + [final]), timesteps
+
+
+def _guidance_grad(classifier: NoisyClassifierFile, labels: torch.Tensor, scale: float):
+    """s grad_x log p_phi(y | x_t, t) for one batch of ``labels`` (samplers.GuidanceGrad)."""
+
+    def grad(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return scale * classifier_log_prob_grad(classifier.model, x_t, t, labels.to(x_t.device))
+
+    return grad
 
 
 def _names_hint(classes: Sequence[str]) -> str:

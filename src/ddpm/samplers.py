@@ -4,7 +4,9 @@ Every sampler has the signature ``sampler(denoiser, schedule, x_T, timesteps, *,
 x0_transform, generator, callback, **options) -> x0`` where
 
 - ``denoiser(x_t [B, C, H, W], t [B]) -> prediction [B, C, H, W]`` is the network (``t`` is int64
-  at integer steps and float32 between them, for the ODE samplers' noise levels);
+  at integer steps and float32 between them, for the ODE samplers' noise levels); a network that
+  learned its variances returns ``[B, 2C, H, W]``, the prediction and the variance interpolation
+  (``diffusion.split_variance``), which ``ddpm`` and ``ddim`` with eta > 0 use and the others drop;
 - ``timesteps`` are the descending steps at which the network is evaluated, e.g. ``[999, ..., 0]``
   (real-valued for ``karras`` spacing); after the last one each sampler steps to the data;
 - ``prediction_type`` says whether the network predicts eps, x0 or v;
@@ -20,11 +22,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from .diffusion import Denoiser, eps_x0_from_prediction
+from .diffusion import (VARIANCES, Denoiser, eps_x0_from_prediction, interpolated_log_variance,
+                        split_variance, training_target)
 from .schedules import NoiseSchedule, broadcast_per_sample
 
 SAMPLERS = ("ddpm", "ddim", "dpm++", "euler", "heun")
-VARIANCES = ("posterior", "beta")
 SPACINGS = ("linspace", "leading", "trailing", "karras", "logsnr")
 # DPM-Solver++ steps evenly in lambda = log-SNR / 2 (Lu et al. 2022, sec. 3.3): with uneven h its
 # multistep extrapolation is far less accurate (BENCHMARKS.md, sampler order table).
@@ -34,6 +36,9 @@ DEFAULT_SPACING = {"ddpm": "linspace", "ddim": "linspace", "dpm++": "logsnr",
 # callback(step_index, t, x_t, x0_pred): called once per step, after the network evaluation.
 StepCallback = Callable[[int, float, torch.Tensor, torch.Tensor], None]
 X0Transform = Callable[[torch.Tensor], torch.Tensor]
+# grad(x_t [B, C, H, W], t [B]) -> s grad_x log p(y | x_t, t) [B, C, H, W]: a classifier's guidance
+# (Dhariwal & Nichol 2021), scale s included.
+GuidanceGrad = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 # --- timesteps ------------------------------------------------------------------------------------
@@ -140,9 +145,37 @@ def classifier_free_guidance(
             return model(x_t, t, y)
         null = torch.full_like(y, null_label)
         cond, uncond = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
-        return cond + scale * (cond - uncond)  # = (1 + w) cond - w uncond
+        c = x_t.shape[1]  # a learned variance (channels C..2C) is the conditional model's, unmixed
+        guided = cond[:, :c] + scale * (cond[:, :c] - uncond[:, :c])  # = (1 + w) cond - w uncond
+        return torch.cat([guided, cond[:, c:]], dim=1) if cond.shape[1] > c else guided
 
     return denoiser
+
+
+def classifier_guidance(
+    denoiser: Denoiser, schedule: NoiseSchedule, grad: GuidanceGrad, prediction_type: str
+) -> Denoiser:
+    """Dhariwal & Nichol 2021, Algorithm 2, for the deterministic samplers (and DDIM at any eta):
+    eps-hat = eps - sqrt(1 - alpha_bar_t) s grad log p(y | x_t), returned as the prediction type
+    the network makes (x0 and v follow from eps-hat through eq. 4). A learned variance passes
+    through unchanged. At alpha_bar_t = 0 (pure noise) x0 is undefined, and the step is left
+    unguided. (Ancestral sampling shifts its mean instead: ``ancestral_sample(guidance_grad=)``.)"""
+
+    def guided(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        output = denoiser(x_t, t)
+        learned = output.shape[1] == 2 * x_t.shape[1]
+        prediction, interpolation = split_variance(output, x_t.shape[1], learned)
+        alpha_bar = schedule.alpha_bar_at(t.double().cpu())  # [B], on the host
+        if bool((alpha_bar == 0).any()):
+            return output
+        alpha_bar = broadcast_per_sample(alpha_bar, x_t)  # [B, 1, 1, 1]
+        eps, _ = eps_x0_from_prediction(prediction, x_t, alpha_bar, prediction_type)
+        eps_hat = eps - (1 - alpha_bar).sqrt() * grad(x_t, t).to(eps.dtype)
+        x0_hat = (x_t - (1 - alpha_bar).sqrt() * eps_hat) / alpha_bar.sqrt()
+        prediction = training_target(prediction_type, x0_hat, eps_hat, alpha_bar)
+        return prediction if interpolation is None else torch.cat([prediction, interpolation], 1)
+
+    return guided
 
 
 # --- shared pieces ------------------------------------------------------------------------------
@@ -161,6 +194,13 @@ def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.995) -> torch.Tens
     return x0.clamp(-s, s) / s
 
 
+def _t_batch(x_t: torch.Tensor, t: float) -> torch.Tensor:
+    """Step t for each of the batch ``[B]``: int64 at integer steps, float32 between them."""
+    integral = float(t).is_integer()
+    return torch.full((x_t.shape[0],), int(t) if integral else t, device=x_t.device,
+                      dtype=torch.long if integral else torch.float32)
+
+
 def _predict(
     denoiser: Denoiser,
     schedule: NoiseSchedule,
@@ -168,19 +208,18 @@ def _predict(
     t: float,
     prediction_type: str,
     x0_transform: X0Transform | None,
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Evaluate the network at step t; return (eps, x0, alpha_bar_t) with x0 transformed and eps
-    made consistent with it through eq. 4."""
-    integral = float(t).is_integer()
-    t_batch = torch.full((x_t.shape[0],), int(t) if integral else t, device=x_t.device,
-                         dtype=torch.long if integral else torch.float32)
+) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
+    """Evaluate the network at step t; return (eps, x0, alpha_bar_t, variance interpolation or
+    None) with x0 transformed and eps made consistent with it through eq. 4."""
     alpha_bar = schedule.alpha_bar_scalar(t)
-    prediction = denoiser(x_t, t_batch).to(x_t.dtype)
+    output = denoiser(x_t, _t_batch(x_t, t)).to(x_t.dtype)
+    learned = output.shape[1] == 2 * x_t.shape[1]
+    prediction, interpolation = split_variance(output, x_t.shape[1], learned)
     eps, x0 = eps_x0_from_prediction(prediction, x_t, alpha_bar, prediction_type)
     if x0_transform is not None:
         x0 = x0_transform(x0)
         eps = (x_t - math.sqrt(alpha_bar) * x0) / math.sqrt(1.0 - alpha_bar)
-    return eps, x0, alpha_bar
+    return eps, x0, alpha_bar, interpolation
 
 
 def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -211,19 +250,24 @@ def ancestral_sample(
     generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
     variance: str = "posterior",
+    guidance_grad: GuidanceGrad | None = None,
 ) -> torch.Tensor:
     """Ancestral sampling (Ho et al. 2020, Algorithm 2) over any descending sub-sequence of steps.
 
     For a sub-sequence the betas are recomputed from alpha_bar between consecutive steps
     (respacing, Nichol & Dhariwal 2021, section 4); with every step 0..T-1 they are the schedule's.
-    ``variance`` is sigma_t^2 = beta_t or the posterior beta-tilde_t (the paper's two choices).
+    ``variance`` is sigma_t^2 = beta_t or the posterior beta-tilde_t (the paper's two choices), or
+    ``learned`` between the two by the network (Nichol & Dhariwal 2021, eq. 15), over the
+    respaced pair. ``guidance_grad`` (s grad log p(y | x_t)) shifts each step's mean by sigma_t^2
+    times it (Dhariwal & Nichol 2021, Algorithm 1).
     """
     if variance not in VARIANCES:
         raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCES)}")
     ts = _check_timesteps(timesteps, schedule.num_train_timesteps)
     x_t = x_T
     for i, (t, t_prev) in enumerate(zip(ts, ts[1:] + [-1.0])):
-        _, x0_pred, alpha_bar_t = _predict(denoiser, schedule, x_t, t, prediction_type, x0_transform)
+        _, x0_pred, alpha_bar_t, interpolation = _predict(
+            denoiser, schedule, x_t, t, prediction_type, x0_transform)
         if callback is not None:
             callback(i, t, x_t, x0_pred)
         alpha_bar_prev = schedule.alpha_bar_scalar(t_prev)
@@ -235,14 +279,32 @@ def ancestral_sample(
         mean = coef_x0 * x0_pred + coef_xt * x_t
         if t_prev < 0:
             return mean  # Algorithm 2, line 4: no noise on the last step
-        # Algorithm 2's sigma_t^2: beta-tilde_t (eq. 7) or beta_t.
+        # Algorithm 2's sigma_t^2: beta-tilde_t (eq. 7), beta_t, or learned between them (eq. 15).
+        beta_tilde_t = beta_t * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t)
         if variance == "posterior":
-            noise_variance = beta_t * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t)
-        else:
+            noise_variance = beta_tilde_t
+        elif variance == "beta":
             noise_variance = beta_t
+        else:
+            noise_variance = _learned_variance(interpolation, beta_t, beta_tilde_t)
+        if guidance_grad is not None:
+            # Dhariwal & Nichol 2021, Algorithm 1: x_{t-1} ~ N(mu + s Sigma grad log p(y | x_t), Sigma).
+            mean = mean + noise_variance * guidance_grad(x_t, _t_batch(x_t, t)).to(mean.dtype)
         # Algorithm 2, line 4: x_{t-1} = mu + sigma_t z.
-        x_t = mean + math.sqrt(noise_variance) * _noise_like(x_t, generator)
+        noise = _noise_like(x_t, generator)
+        x_t = mean + (math.sqrt(noise_variance) if isinstance(noise_variance, float)
+                      else noise_variance.sqrt()) * noise
     return x_t
+
+
+def _learned_variance(
+    interpolation: torch.Tensor | None, beta_t: float, beta_tilde_t: float
+) -> torch.Tensor:
+    """Sigma = exp(eq. 15) over a (respaced) pair beta_t, beta-tilde_t, per element."""
+    if interpolation is None:
+        raise ValueError("variance 'learned' needs a network that learned its variances (trained "
+                         "with --learn-variance); use variance posterior or beta for this one")
+    return interpolated_log_variance(interpolation, math.log(beta_t), math.log(beta_tilde_t)).exp()
 
 
 @torch.no_grad()
@@ -258,20 +320,31 @@ def ddim_sample(
     callback: StepCallback | None = None,
     eta: float = 0.0,
 ) -> torch.Tensor:
-    """DDIM (Song et al. 2021, eq. 12): eta = 0 is deterministic, eta = 1 is DDPM-like."""
+    """DDIM (Song et al. 2021, eq. 12): eta = 0 is deterministic, eta = 1 is DDPM-like.
+
+    With a network that learned its variances, eta > 0 takes sigma_t^2 = eta^2 Sigma_theta (Nichol
+    & Dhariwal 2021, eq. 15, over the respaced pair) in place of eq. 16's eta^2 beta-tilde_t."""
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"DDIM eta must be in [0, 1], got {eta}")
     ts = _check_timesteps(timesteps, schedule.num_train_timesteps)
     x_t = x_T
     for i, (t, t_prev) in enumerate(zip(ts, ts[1:] + [-1.0])):
-        eps, x0_pred, alpha_bar_t = _predict(denoiser, schedule, x_t, t, prediction_type, x0_transform)
+        eps, x0_pred, alpha_bar_t, interpolation = _predict(
+            denoiser, schedule, x_t, t, prediction_type, x0_transform)
         if callback is not None:
             callback(i, t, x_t, x0_pred)
         alpha_bar_prev = schedule.alpha_bar_scalar(t_prev)
-        # Eq. 16: the noise's std, sigma_t = eta sqrt((1 - ab_prev) / (1 - ab) (1 - ab / ab_prev)).
-        noise_std = eta * math.sqrt(
-            (1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)
-        )
+        # Eq. 16: sigma_t^2 = eta^2 (1 - ab_prev) / (1 - ab) (1 - ab / ab_prev), eta^2 beta-tilde_t.
+        beta_t = 1 - alpha_bar_t / alpha_bar_prev
+        beta_tilde_t = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta_t
+        if eta > 0 and interpolation is not None and t_prev >= 0:
+            noise_variance = eta**2 * _learned_variance(interpolation, beta_t, beta_tilde_t)
+            # Eq. 12: x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma_t^2) eps + sigma_t z.
+            x_t = (math.sqrt(alpha_bar_prev) * x0_pred
+                   + (1 - alpha_bar_prev - noise_variance).clamp(min=0).sqrt() * eps
+                   + noise_variance.sqrt() * _noise_like(x_t, generator))
+            continue
+        noise_std = eta * math.sqrt(beta_tilde_t)
         # Eq. 12: x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma_t^2) eps + sigma_t z.
         x_t = (
             math.sqrt(alpha_bar_prev) * x0_pred
@@ -309,7 +382,8 @@ def dpmpp_2m_sample(
     x_t = x_T
     x0_last, h_last = None, None  # the previous iteration's x0 prediction and step in lambda
     for i, (t, t_prev) in enumerate(zip(ts, ts[1:] + [-1.0])):
-        _, x0_pred, alpha_bar_t = _predict(denoiser, schedule, x_t, t, prediction_type, x0_transform)
+        _, x0_pred, alpha_bar_t, _ = _predict(
+            denoiser, schedule, x_t, t, prediction_type, x0_transform)
         if callback is not None:
             callback(i, t, x_t, x0_pred)
         if t_prev < 0:
@@ -355,7 +429,7 @@ def _edm_sample(
     ) -> torch.Tensor:
         alpha_bar = 1 / (1 + noise_level**2)
         x_t = x_hat * math.sqrt(alpha_bar)
-        _, x0_pred, _ = _predict(denoiser, schedule, x_t, t, prediction_type, x0_transform)
+        _, x0_pred, _, _ = _predict(denoiser, schedule, x_t, t, prediction_type, x0_transform)
         if callback is not None and i is not None:
             callback(i, t, x_t, x0_pred)
         return (x_hat - x0_pred) / noise_level

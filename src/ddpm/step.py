@@ -151,7 +151,8 @@ def train_step(
                 x = x0[rows].to(device, memory_format=memory_format, non_blocking=True)
                 loss = training_loss(denoiser, schedule, x, t=t[rows], eps=eps[rows],
                                      loss=dc.loss, prediction_type=dc.prediction_type,
-                                     weighting=dc.loss_weighting, min_snr_gamma=dc.min_snr_gamma)
+                                     weighting=dc.loss_weighting, min_snr_gamma=dc.min_snr_gamma,
+                                     learn_variance=config.model.learn_variance)
             scaled = loss / len(batches)
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         total = total + loss.detach().float() / len(batches)

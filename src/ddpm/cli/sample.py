@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from ..config import SampleConfig
-from ..data import DATASETS, IMAGE_SUFFIXES, SPLITS, load_images, to_uint8
+from ..data import DATASETS, IMAGE_SUFFIXES, SPLITS, load_dataset, load_images, to_uint8
+from ..guidance import NoisyClassifierFile, check_compatible, load_noisy_classifier
 from ..rundir import CONFIG_FILE
 from ..metrics import (EXTRACTORS, INCEPTION_FILE, EvalResult, Evaluator, check_image_count,
                        data_options, resolve_extractor)
@@ -47,31 +48,63 @@ def sample_settings(args: argparse.Namespace, pipe: Pipeline) -> tuple[dict[str,
 
 
 def class_request(pipe: Pipeline, text: str | None, n: int, *, allow_all: bool = True,
+                  classifier: NoisyClassifierFile | None = None,
                   ) -> tuple[torch.Tensor | int | None, int | None, int]:
     """``--class`` as (labels for generate, grid row length, number of images): an index, a
-    class name (any case), or all (``n`` of each class, one grid row per class)."""
+    class name (any case), or all (``n`` of each class, one grid row per class). The classes
+    are the model's, or for an unconditional model guided by ``classifier`` the classifier's."""
     if text is None:
         return None, None, n
-    if pipe.num_classes == 0:
+    num_classes = pipe.num_classes or (classifier.num_classes if classifier is not None else 0)
+    classes = pipe.classes or (classifier.classes if classifier is not None else ())
+    whose = "this model" if pipe.num_classes else "the classifier"
+    if num_classes == 0:
         raise UsageError(f"--class {text}: this model was trained without class labels; drop "
-                         f"--class, or train a model with --conditional")
+                         f"--class, guide it with --classifier CLF.pt, or train a model with "
+                         f"--conditional")
     if text == "all" and not allow_all:
         raise UsageError("--class all is for 'ddpm sample'; here give one class, by index or name")
     if text == "all":
-        return torch.arange(pipe.num_classes).repeat_interleave(n), n, n * pipe.num_classes
-    names = [c.lower() for c in pipe.classes]
+        return torch.arange(num_classes).repeat_interleave(n), n, n * num_classes
+    names = [c.lower() for c in classes]
     if text.lower() in names:
         return names.index(text.lower()), None, n
     try:
         index = int(text)
     except ValueError:
-        known = f"one of {', '.join(pipe.classes)}" if pipe.classes else "a class index"
-        raise UsageError(f"--class {text!r} is not a class of this model; give {known}, an index "
-                         f"0..{pipe.num_classes - 1}, or all") from None
-    if not 0 <= index < pipe.num_classes:
-        raise UsageError(f"--class {index} is out of range: this model has classes "
-                         f"0..{pipe.num_classes - 1}")
+        known = f"one of {', '.join(classes)}" if classes else "a class index"
+        raise UsageError(f"--class {text!r} is not a class of {whose}; give {known}, an index "
+                         f"0..{num_classes - 1}, or all") from None
+    if not 0 <= index < num_classes:
+        raise UsageError(f"--class {index} is out of range: {whose} has classes "
+                         f"0..{num_classes - 1}")
     return index, None, n
+
+
+def add_classifier_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("classifier guidance (Dhariwal & Nichol 2021)")
+    g.add_argument("--classifier", metavar="CLF.pt", default=None,
+                   help="guide sampling towards --class with this noise-aware classifier (made by "
+                        "'ddpm train-classifier --noisy'); any model, with --guidance too")
+    g.add_argument("--classifier-scale", type=number(float, at_least=0), default=None,
+                   help="scale s of the classifier's gradient (default 1; 0 is unguided)")
+
+
+def classifier_request(args: argparse.Namespace, pipe: Pipeline) -> dict[str, Any]:
+    """``--classifier`` and ``--classifier-scale`` as ``generate``'s keyword arguments, the
+    classifier loaded and checked against the model (dataset, classes, schedule, image shape)."""
+    if args.classifier is None:
+        if args.classifier_scale is not None:
+            raise UsageError(f"--classifier-scale {args.classifier_scale:g} needs --classifier "
+                             f"CLF.pt to scale; add one, or drop the scale")
+        return {}
+    try:
+        classifier = load_noisy_classifier(args.classifier, device=pipe.device)
+        check_compatible(classifier, pipe.config, pipe.classes, run=args.checkpoint)
+    except ValueError as exc:
+        raise UsageError(f"--classifier {args.classifier}: {exc}") from None
+    scale = 1.0 if args.classifier_scale is None else args.classifier_scale
+    return {"classifier": classifier, "classifier_scale": scale}
 
 
 def add_class_option(p: argparse.ArgumentParser, all_classes: bool = True) -> None:
@@ -100,6 +133,7 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
                    help="images per batch (128 was fastest on a 2-core CPU)")
     add_class_option(p)
     add_sample_settings(p)
+    add_classifier_options(p)
     add_model_options(p)
     p.set_defaults(func=run_sample)
 
@@ -129,17 +163,21 @@ def run_sample(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.checkpoint, device=args.device, use_ema=not args.no_ema,
                          precision=args.precision, compile=args.compile)
     settings, sc = sample_settings(args, pipe)
-    labels, nrow, n = class_request(pipe, args.class_, args.n)
+    guidance = classifier_request(args, pipe)
+    labels, nrow, n = class_request(pipe, args.class_, args.n, classifier=guidance.get("classifier"))
     t0 = time.perf_counter()
     images = pipe.generate(n, seed=args.seed, batch_size=args.batch_size, labels=labels,
-                           progress=not args.no_progress, **settings)
+                           progress=not args.no_progress, **guidance, **settings)
     seconds = time.perf_counter() - t0
     guided = f", guidance {sc.guidance:g}" if pipe.num_classes else ""
+    if guidance:
+        guided += f", classifier scale {guidance['classifier_scale']:g}"
+    classes = pipe.classes or (guidance["classifier"].classes if guidance else ())
     what = f"{n} images ({sc.sampler}, {sc.num_sample_steps} steps{guided}, {seconds:.1f} s)"
     if args.class_ == "all":
         what += f", {args.n} of each of {pipe.num_classes} classes"
     elif args.class_ is not None:
-        name = f" ({pipe.classes[labels]})" if labels < len(pipe.classes) else ""
+        name = f" ({classes[labels]})" if labels < len(classes) else ""
         what += f" of class {labels}{name}"
     if out.suffix.lower() in GRID_SUFFIXES:
         save_grid(images, out, nrow=nrow)
@@ -175,10 +213,20 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", choices=DATASETS, default=None,
                    help="reference dataset (default: the run's)")
     p.add_argument("--data-dir", default=None, help="folder holding the dataset (default: the run's)")
-    p.add_argument("--split", choices=SPLITS, default="train",
-                   help="reference split; the floor uses held-out images of the other split")
+    p.add_argument("--split", choices=SPLITS, default=None,
+                   help="reference split (default: train); the floor uses held-out images of the "
+                        "other split. With --nll: the images scored (default: test)")
     p.add_argument("--n", type=number(int, at_least=2), default=None,
-                   help="images to generate (default 10000), or to take from --images (default: all)")
+                   help="images to generate (default 10000), to take from --images (default: "
+                        "all), or to score with --nll (default 1000)")
+    p.add_argument("--nll", action="store_true",
+                   help="instead of FID: the negative log-likelihood bound of the model on real "
+                        "images, in bits per dimension (Ho et al. 2020, eq. 5), with its "
+                        "standard error")
+    p.add_argument("--nll-timesteps", metavar="K|all", type=_nll_timesteps, default=50,
+                   help="--nll: estimate the bound's T - 1 middle terms from K of them, one per "
+                        "stratum of steps (unbiased), or use all of them (T network evaluations "
+                        "per image)")
     p.add_argument("--extractor", choices=EXTRACTORS, default="auto",
                    help="features: auto is the packaged classifier for mnist and fashion-mnist "
                         "(offline), inception-v3 (standard FID) otherwise")
@@ -195,15 +243,26 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
                    help="where reference statistics are cached (default: $DDPM_CACHE_DIR or "
                         "~/.cache/ddpm)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+    add_class_option(p, all_classes=False)
     add_sample_settings(p)
+    add_classifier_options(p)
     add_model_options(p)
     p.set_defaults(func=run_eval)
+
+
+def _nll_timesteps(text: str) -> int | None:
+    if text == "all":
+        return None
+    return number(int, at_least=1)(text)
 
 
 def run_eval(args: argparse.Namespace) -> int:
     if (args.checkpoint is None) == (args.images is None):
         raise UsageError("give either a run directory or checkpoint to generate from, or "
                          "--images DIR|SAMPLES.npz, not both")
+    if args.nll:
+        return run_nll(args)
+    args.split = args.split or "train"
     if args.images is not None:
         images, dataset, data_dir, options = _given_images(args)
     else:
@@ -217,6 +276,9 @@ def run_eval(args: argparse.Namespace) -> int:
         # The run's own images, as its model saw them; another --dataset is taken as it comes.
         options = data_options(pipe.config.data) if dataset == pipe.config.data.dataset else {}
         settings, sc = sample_settings(args, pipe)
+        guidance = classifier_request(args, pipe)
+        labels, _, _ = class_request(pipe, args.class_, 1, allow_all=False,
+                                     classifier=guidance.get("classifier"))
         check_image_count(args.n or 10_000, resolve_extractor(args.extractor, dataset), "--n")
         if args.save_samples and Path(args.save_samples).exists():  # checked before sampling
             raise UsageError(f"--save-samples {args.save_samples} exists; choose a new file")
@@ -228,7 +290,8 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.images is None:
         start = time.perf_counter()
         generated = pipe.generate(args.n or 10_000, seed=args.seed, batch_size=args.batch_size,
-                                  progress=not args.no_progress, **settings)
+                                  labels=labels, progress=not args.no_progress, **guidance,
+                                  **settings)
         provenance = {"sampler": sc.sampler, "steps": sc.num_sample_steps,
                       "seconds": {"sampling": time.perf_counter() - start}}
         if args.save_samples:
@@ -239,11 +302,63 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_nll(args: argparse.Namespace) -> int:
+    """``ddpm eval RUN --nll``: the bound in bits per dimension on real images (test split)."""
+    if args.images is not None:
+        raise UsageError("--nll scores a model on real images; give a run directory or "
+                         "checkpoint instead of --images")
+    sampling_only = [flag for flag, given in (
+        ("--save-samples", args.save_samples), ("--prc", args.prc or None),
+        ("--classifier", args.classifier), ("--class", args.class_),
+        ("--inception-weights", args.inception_weights)) if given is not None]
+    sampling_only += [setting_flags()[f"sample.{k}"] for k in given_settings(args).get("sample", {})
+                      if k not in ("variance", "x0_transform")]
+    if sampling_only:
+        raise UsageError(f"{', '.join(sampling_only)} only apply to FID's generated images; drop "
+                         f"them with --nll (it takes --variance and --x0)")
+    pipe = load_pipeline(args.checkpoint, device=args.device, use_ema=not args.no_ema,
+                         precision=args.precision, compile=args.compile)
+    settings, sc = sample_settings(args, pipe)
+    T = pipe.schedule.num_train_timesteps
+    if args.nll_timesteps is not None and args.nll_timesteps > T - 1:
+        raise UsageError(f"--nll-timesteps {args.nll_timesteps} is more than the bound's "
+                         f"{T - 1} middle terms; use 1..{T - 1}, or all")
+    data = pipe.config.data
+    dataset = args.dataset or data.dataset
+    split = args.split or "test"
+    options = data_options(data) if dataset == data.dataset else {}
+    real = load_dataset(dataset, args.data_dir or data.data_dir, split, **options)
+    if tuple(real.image_shape) != (pipe.config.model.in_channels, pipe.config.model.image_size,
+                                   pipe.config.model.image_size):
+        raise UsageError(f"{dataset} {split} images are {'x'.join(map(str, real.image_shape))} "
+                         f"but the model takes {pipe.config.model.in_channels}x"
+                         f"{pipe.config.model.image_size}x{pipe.config.model.image_size}")
+    n = args.n or min(1000, len(real))
+    if n > len(real):
+        raise UsageError(f"--n {n} but the {dataset} {split} split holds {len(real)} images")
+    start = time.perf_counter()
+    result = pipe.bits_per_dim(real.images[:n], timesteps=args.nll_timesteps, seed=args.seed,
+                               batch_size=args.batch_size, progress=not args.no_progress,
+                               **settings)
+    result = {**result, "dataset": dataset, "split": split, "variance": sc.variance,
+              "seconds": time.perf_counter() - start}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        terms = "all terms" if args.nll_timesteps is None else f"{result['timesteps']} of {T - 1} middle terms"
+        print(f"NLL bound on {n} {dataset} {split} images ({sc.variance} variances, {terms}): "
+              f"{result['bits_per_dim']:.4f} +- {result['bits_per_dim_se']:.4f} bits/dim\n"
+              f"  prior {result['prior_bpd']:.5f}, diffusion {result['diffusion_bpd']:.4f}, "
+              f"decoder {result['decoder_bpd']:.4f}; {result['seconds']:.1f} s")
+    return 0
+
+
 def _given_images(args: argparse.Namespace) -> tuple[torch.Tensor, str, str | None, dict]:
     """``--images``: the images to score (``--n`` of them), checked against the options that
     only apply when generating."""
     generating = [f"--{k.replace('_', '-')}" for k, v in (
-        ("save_samples", args.save_samples), ("no_ema", args.no_ema or None)) if v is not None]
+        ("save_samples", args.save_samples), ("no_ema", args.no_ema or None),
+        ("classifier", args.classifier), ("class", args.class_)) if v is not None]
     generating += [setting_flags()[f"sample.{k}"] for k in given_settings(args).get("sample", {})]
     if generating:
         raise UsageError(f"{', '.join(generating)} only apply when generating from a checkpoint; "

@@ -17,7 +17,8 @@ from ..viz import (ANIMATION_SUFFIXES, FIGURE_SUFFIXES, evenly_spaced, forward_n
                    video_writer)
 from .options import (Defaults, Parser, UsageError, add_model_options, check_out, name_list,
                       number, positive_int, seed, whole_list)
-from .sample import add_class_option, add_sample_settings, class_request, sample_settings
+from .sample import (add_class_option, add_classifier_options, add_sample_settings, class_request,
+                     classifier_request, sample_settings)
 
 FORWARD_TIMESTEPS = (0, 10, 50, 100, 150, 200, 250, 300, 400, 600, 800, 999)
 
@@ -67,6 +68,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--sheet-columns", type=number(int, at_least=2), default=8,
                    help="steps on the sheet")
     add_class_option(r, all_classes=False)
+    add_classifier_options(r)
     r.add_argument("--fps", type=number(float, above=0), default=12.0, help="frames per second")
     r.add_argument("--hold", type=number(float, at_least=0), default=1.5,
                    help="seconds the last frame is held")
@@ -151,9 +153,11 @@ def run_reverse(args: argparse.Namespace) -> int:
     if sheet is not None and args.sheet_columns > steps:
         raise UsageError(f"--sheet-columns {args.sheet_columns} is more than the {steps} "
                          f"sampling steps")
-    labels, _, _ = class_request(pipe, args.class_, args.n, allow_all=False)
+    guidance = classifier_request(args, pipe)
+    labels, _, _ = class_request(pipe, args.class_, args.n, allow_all=False,
+                                 classifier=guidance.get("classifier"))
     states, x0_preds, timesteps = pipe.trace(args.n, seed=args.seed, labels=labels,
-                                             progress=not args.no_progress, **settings)
+                                             progress=not args.no_progress, **guidance, **settings)
     images, _ = reverse_frames(states, x0_preds if args.show_x0 else None, frames, scale=args.scale)
     save_animation(images, out, fps=args.fps, hold_s=args.hold)
     print(f"wrote the reverse process of {args.n} images ({sc.sampler}, {steps} steps) as "

@@ -2,7 +2,11 @@
 
 It knows nothing of noise schedules: it maps ``x_t`` ``[B, C, H, W]``, integer timesteps ``t``
 ``[B]`` and, for a class-conditional model, labels ``y`` ``[B]`` to a tensor of the same shape as
-``x_t``: the prediction of eps, x0 or v that it was trained to make.
+``x_t``: the prediction of eps, x0 or v that it was trained to make. With ``learn_variance`` it
+returns ``[B, 2C, H, W]``: that prediction, then the variance interpolation (``diffusion.py``).
+
+Its downsampling half, with a pooled head, is also :class:`NoisyClassifier`, the classifier
+p_phi(y | x_t, t) of classifier guidance (Dhariwal & Nichol 2021).
 """
 
 from __future__ import annotations
@@ -60,6 +64,13 @@ class UNetConfig:
     # null class, "no label", which classifier-free guidance needs (Ho & Salimans 2022).
     num_classes: int = setting(0, flag=None, at_least=0,
                                help="classes of a class-conditional model (0: unconditional)")
+    # Nichol & Dhariwal 2021, sec. 3.1: a second C output channels, v, set the reverse
+    # process's variance between beta-tilde_t and beta_t (their eq. 15); trained by L_hybrid.
+    learn_variance: bool = setting(
+        False, flag="--learn-variance",
+        help="also learn the reverse process's variances (Nichol & Dhariwal 2021): 2C output "
+             "channels, trained with L_simple + 0.001 L_vlb; ancestral sampling then needs far "
+             "fewer steps")
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field, its value and what would work."""
@@ -203,58 +214,105 @@ class _Level(nn.Module):
         self.attns = nn.ModuleList(attns)
 
 
-class UNet(nn.Module):
-    """The DDPM U-Net denoiser: ``forward(x_t [B, C, H, W], t [B], y [B] | None) ->
-    prediction [B, C, H, W]`` of eps, x0 or v. ``y`` is ignored by an unconditional model; a
-    conditional one reads ``y = None`` as the null class everywhere."""
+class _DownPath(nn.Module):
+    """The U-Net's way down, shared by :class:`UNet` and :class:`NoisyClassifier`: the time
+    embedding's MLP, the input convolution (after folding patches), the levels of blocks with
+    their attention and downsamples, and the middle block.
 
-    def __init__(self, config: UNetConfig):
-        super().__init__()
+    Its modules are attributes of the network itself (``time_mlp``, ``conv_in``, ``down_levels``,
+    ``downsamples``, ``mid_*``), not of a submodule, so the U-Net's parameter names, which its
+    checkpoints hold, are those it always had; and they are made in the order they always were,
+    so the same seed initialises the same weights."""
+
+    def _init_time(self, config: UNetConfig) -> None:
         config.validate()
         self.config = config
         ch = config.base_channels
-        time_dim = 4 * ch
-        groups = config.norm_groups
+        self.time_mlp = nn.Sequential(nn.Linear(ch, 4 * ch), nn.SiLU(), nn.Linear(4 * ch, 4 * ch))
 
-        def block(in_ch: int, out_ch: int) -> nn.Module:
-            if config.block == "convnext":
-                return ConvNeXtBlock(in_ch, out_ch, time_dim, config.dropout, config.convnext_mult)
-            return ResBlock(in_ch, out_ch, time_dim, config.dropout, groups)
-        self.time_mlp = nn.Sequential(nn.Linear(ch, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
-        # A learned vector per class, added to the time embedding (as in Ho & Salimans 2022 and
-        # diffusers' class_embed_type=None); the last row is the null class.
-        self.class_emb = (nn.Embedding(config.num_classes + 1, time_dim)
-                          if config.num_classes else None)
-        patch_channels = config.in_channels * config.patch_size**2
-        self.conv_in = nn.Conv2d(patch_channels, ch, 3, padding=1)
+    def _block(self, in_ch: int, out_ch: int) -> nn.Module:
+        c = self.config
+        time_dim = 4 * c.base_channels
+        if c.block == "convnext":
+            return ConvNeXtBlock(in_ch, out_ch, time_dim, c.dropout, c.convnext_mult)
+        return ResBlock(in_ch, out_ch, time_dim, c.dropout, c.norm_groups)
 
-        def attention(channels: int, size: int) -> nn.Module:
-            if size in config.attention_resolutions:
-                return AttentionBlock(channels, config.attention_head_dim, groups)
-            return nn.Identity()
+    def _attention(self, channels: int, size: int) -> nn.Module:
+        c = self.config
+        if size in c.attention_resolutions:
+            return AttentionBlock(channels, c.attention_head_dim, c.norm_groups)
+        return nn.Identity()
 
-        # Down path: remember each block's output channels for the skip connections.
+    def _init_down(self) -> list[int]:
+        """Make the way down; return the channels of each output it keeps for a skip connection
+        (the input conv's, each block's, each downsample's), the last being the middle's width."""
+        config = self.config
+        ch = config.base_channels
+        self.conv_in = nn.Conv2d(config.in_channels * config.patch_size**2, ch, 3, padding=1)
         skip_channels = [ch]
         self.down_levels = nn.ModuleList()
         self.downsamples = nn.ModuleList()
-        size, cur = config.image_size // config.patch_size, ch
-        for level, mult in enumerate(config.channel_mults):
+        cur = ch
+        for level, (mult, size) in enumerate(zip(config.channel_mults, config.level_sizes())):
             out = ch * mult
             blocks, attns = [], []
             for _ in range(config.num_res_blocks):
-                blocks.append(block(cur, out))
-                attns.append(attention(out, size))
+                blocks.append(self._block(cur, out))
+                attns.append(self._attention(out, size))
                 cur = out
                 skip_channels.append(cur)
             self.down_levels.append(_Level(blocks, attns))
             if level < len(config.channel_mults) - 1:
                 self.downsamples.append(Downsample(cur))
                 skip_channels.append(cur)
-                size //= 2
 
-        self.mid_block1 = block(cur, cur)
-        self.mid_attn = AttentionBlock(cur, config.attention_head_dim, groups)
-        self.mid_block2 = block(cur, cur)
+        self.mid_block1 = self._block(cur, cur)
+        self.mid_attn = AttentionBlock(cur, config.attention_head_dim, config.norm_groups)
+        self.mid_block2 = self._block(cur, cur)
+        return skip_channels
+
+    def _time_embedding(self, t: torch.Tensor) -> torch.Tensor:
+        """Timesteps ``[B]`` (int64, or float for real-valued steps) -> ``[B, 4ch]``, in the
+        weights' dtype (float32 as made; float64 for gradient checks)."""
+        emb = timestep_embedding(t, self.config.base_channels)  # [B, ch], float32
+        return self.time_mlp(emb.to(self.time_mlp[0].weight.dtype))
+
+    def _down(self, x: torch.Tensor, temb: torch.Tensor,
+              skips: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """``x`` ``[B, C, H, W]`` -> the middle block's output ``[B, ch * mults[-1], H/p/2^(L-1),
+        W/p/2^(L-1)]``, appending the outputs kept for the skip connections to ``skips``."""
+        keep = skips.append if skips is not None else (lambda h: None)
+        p = self.config.patch_size
+        # [B, C, H, W] -> patches [B, C p^2, H/p, W/p] -> [B, ch, H/p, W/p]
+        h = self.conv_in(F.pixel_unshuffle(x, p) if p > 1 else x)
+        keep(h)
+        for i, level in enumerate(self.down_levels):
+            for block, attn in zip(level.blocks, level.attns):
+                h = attn(block(h, temb))
+                keep(h)
+            if i < len(self.downsamples):
+                h = self.downsamples[i](h)
+                keep(h)
+        return self.mid_block2(self.mid_attn(self.mid_block1(h, temb)), temb)
+
+
+class UNet(_DownPath):
+    """The DDPM U-Net denoiser: ``forward(x_t [B, C, H, W], t [B], y [B] | None) ->
+    prediction [B, C, H, W]`` of eps, x0 or v (``[B, 2C, H, W]`` with the variance
+    interpolation after it, for a model that learns its variances). ``y`` is ignored by an
+    unconditional model; a conditional one reads ``y = None`` as the null class everywhere."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self._init_time(config)
+        ch = config.base_channels
+        # A learned vector per class, added to the time embedding (as in Ho & Salimans 2022 and
+        # diffusers' class_embed_type=None); the last row is the null class.
+        self.class_emb = (nn.Embedding(config.num_classes + 1, 4 * ch)
+                          if config.num_classes else None)
+        # Down path: remember each block's output channels for the skip connections.
+        skip_channels = self._init_down()
+        cur, size = skip_channels[-1], config.level_sizes()[-1]
 
         # Up path: one more block per level than on the way down, each eating one skip.
         self.up_levels = nn.ModuleList()
@@ -263,16 +321,19 @@ class UNet(nn.Module):
             out = ch * mult
             blocks, attns = [], []
             for _ in range(config.num_res_blocks + 1):
-                blocks.append(block(cur + skip_channels.pop(), out))
-                attns.append(attention(out, size))
+                blocks.append(self._block(cur + skip_channels.pop(), out))
+                attns.append(self._attention(out, size))
                 cur = out
             self.up_levels.append(_Level(blocks, attns))
             if level > 0:
                 self.upsamples.append(Upsample(cur))
                 size *= 2
 
-        self.norm_out = _group_norm(cur, groups)
-        self.conv_out = nn.Conv2d(cur, patch_channels, 3, padding=1)
+        self.norm_out = _group_norm(cur, config.norm_groups)
+        # [prediction, variance interpolation] per pixel with a learned variance: 2C channels
+        patch_channels = config.in_channels * config.patch_size**2
+        out_channels = patch_channels * (2 if config.learn_variance else 1)
+        self.conv_out = nn.Conv2d(cur, out_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
@@ -282,30 +343,58 @@ class UNet(nn.Module):
         return self.config.num_classes
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        temb = self.time_mlp(timestep_embedding(t, self.config.base_channels))  # [B, 4ch]
+        temb = self._time_embedding(t)  # [B, 4ch]
         if self.class_emb is not None:
             if y is None:
                 y = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
             temb = temb + self.class_emb(y)
-        p = self.config.patch_size
-        # [B, C, H, W] -> patches [B, C p^2, H/p, W/p] -> [B, ch, H/p, W/p]
-        h = self.conv_in(F.pixel_unshuffle(x, p) if p > 1 else x)
-        skips = [h]
-        for i, level in enumerate(self.down_levels):
-            for block, attn in zip(level.blocks, level.attns):
-                h = attn(block(h, temb))
-                skips.append(h)
-            if i < len(self.downsamples):
-                h = self.downsamples[i](h)
-                skips.append(h)
-        h = self.mid_block2(self.mid_attn(self.mid_block1(h, temb)), temb)
+        skips: list[torch.Tensor] = []
+        h = self._down(x, temb, skips)
         for i, level in enumerate(self.up_levels):
             for block, attn in zip(level.blocks, level.attns):
                 h = attn(block(torch.cat([h, skips.pop()], dim=1), temb))
             if i < len(self.upsamples):
                 h = self.upsamples[i](h)
         out = self.conv_out(F.silu(self.norm_out(h)))
+        p = self.config.patch_size
         return F.pixel_shuffle(out, p) if p > 1 else out
+
+
+class NoisyClassifier(_DownPath):
+    """The noise-aware classifier p_phi(y | x_t, t) of classifier guidance (Dhariwal & Nichol
+    2021, sec. 4): the U-Net's downsampling half, then GroupNorm, SiLU, a global average pool and
+    a linear layer to the logits (their encoder with the "adaptive" pooled head).
+
+    ``forward(x_t [B, C, H, W], t [B] int64 or float) -> logits [B, K]`` with ``K =
+    config.num_classes``. It is built from a :class:`UNetConfig` (width, levels, blocks,
+    attention, patches); the config's ``num_classes`` is the number of classes of the head, and
+    the network gets no class embedding (it reads the class from the image), nor does
+    ``learn_variance`` change it.
+    """
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        if config.num_classes < 2:
+            raise ValueError(
+                f"a classifier needs at least 2 classes, got num_classes={config.num_classes}; "
+                f"give UNetConfig(num_classes=K), K being the classes of the data"
+            )
+        self._init_time(config)
+        width = self._init_down()[-1]
+        self.norm_out = _group_norm(width, config.norm_groups)
+        self.head = nn.Linear(width, config.num_classes)
+        # Zero-initialised, as guided-diffusion's head: every class starts equally likely.
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        h = self._down(x_t, self._time_embedding(t))  # [B, C', H', W']
+        h = F.silu(self.norm_out(h)).mean(dim=(2, 3))  # average pool: [B, C', H', W'] -> [B, C']
+        return self.head(h)  # [B, K]
 
 
 def count_parameters(model: nn.Module) -> int:
