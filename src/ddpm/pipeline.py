@@ -200,7 +200,7 @@ class Pipeline:
         x0_transform = X0_TRANSFORMS[sc.x0_transform]
         totals, parts = [], {"prior_bpd": 0.0, "decoder_bpd": 0.0, "diffusion_bpd": 0.0}
         bar = tqdm(total=len(images) * (k + 1), unit="img-eval", unit_scale=True,
-                   disable=not progress, desc=f"bits/dim ({k + 1} terms of {T + 1} by network)")
+                   disable=not progress, desc=f"bits/dim ({k + 1} network evaluations an image)")
         self.model.eval()
 
         def term(x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

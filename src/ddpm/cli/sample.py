@@ -86,7 +86,7 @@ def add_classifier_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--classifier", metavar="CLF.pt", default=None,
                    help="guide sampling towards --class with this noise-aware classifier (made by "
                         "'ddpm train-classifier --noisy'); any model, with --guidance too")
-    g.add_argument("--classifier-scale", type=number(float, at_least=0), default=None,
+    g.add_argument("--classifier-scale", type=number(float, at_least=0), default=None, metavar="S",
                    help="scale s of the classifier's gradient (default 1; 0 is unguided)")
 
 
