@@ -23,7 +23,7 @@ from .data.registry import resolve as resolve_data
 from .diffusion import LOSS_WEIGHTINGS, LOSSES, PREDICTION_TYPES, VARIANCES
 from .models import UNetConfig
 from .samplers import SAMPLERS, SPACINGS
-from .schedules import SCHEDULES
+from .schedules import SCHEDULES, NoiseSchedule, make_schedule
 from .settings import SEED_MAX, check_fields, coerce, names, setting, settings_of
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -316,6 +316,12 @@ class RunConfig:
                 "train.batch_size", f"batch size {tc.batch_size} is the whole batch of all "
                 f"{num_processes} processes and must split evenly between them; use a multiple "
                 f"of {num_processes}")
+
+
+def build_schedule(config: RunConfig) -> NoiseSchedule:
+    """The frozen noise schedule the run's diffusion settings describe."""
+    d = config.diffusion
+    return make_schedule(d.schedule, d.num_train_timesteps, zero_terminal_snr=d.zero_terminal_snr)
 
 
 # --- building a config: overrides, derived settings, resume -------------------------------------

@@ -40,12 +40,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_save, read_torch_file
-from .config import DEFAULT_PRESET, DataConfig, RunConfig, get_preset, with_overrides
+from .config import (DEFAULT_PRESET, DataConfig, RunConfig, build_schedule, get_preset,
+                     with_overrides)
 from .data import FOLDER_DATASETS, ImageData, load_dataset, random_crop, to_model_range
 from .data import resolve as resolve_data
 from .diffusion import q_sample
 from .models.unet import NoisyClassifier, UNetConfig
-from .schedules import NoiseSchedule, make_schedule
+from .schedules import NoiseSchedule
 
 FORMAT = 1
 KIND = "noisy-classifier"
@@ -209,9 +210,8 @@ def train_noisy_classifier(
     """
     start = time.perf_counter()
     data = _data_config(dataset, data_dir, like)
-    diffusion = (like or get_preset(DEFAULT_PRESET)).diffusion
-    schedule = make_schedule(diffusion.schedule, diffusion.num_train_timesteps,
-                             zero_terminal_snr=diffusion.zero_terminal_snr)
+    run = like or get_preset(DEFAULT_PRESET)  # whose schedule noises the images
+    diffusion, schedule = run.diffusion, build_schedule(run)
     train, test = _load_splits(data, seed)
     num_classes = len(train.classes)
     levels = len(like.model.channel_mults) if like is not None else 3

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import checkpoint_config, load_run_or_file, load_weights
-from .config import RunConfig, SampleConfig
+from .config import RunConfig, SampleConfig, build_schedule
 from .data import to_model_range, to_uint8
 from .diffusion import p_mean_log_variance, prior_bpd, q_sample, vlb_term
 from .guidance import NoisyClassifierFile, check_compatible, classifier_log_prob_grad
@@ -32,7 +32,7 @@ from .runtime import autocast, resolve_device, resolve_precision, warn_compile_f
 from .samplers import (DEFAULT_SPACING, StepCallback, classifier_free_guidance,
                        classifier_guidance, clip_x0, dynamic_threshold, get_sampler,
                        initial_noise, make_timesteps)
-from .schedules import NoiseSchedule, make_schedule
+from .schedules import NoiseSchedule
 
 
 @dataclass
@@ -294,11 +294,6 @@ def _names_hint(classes: Sequence[str]) -> str:
 
 # What each x0_transform setting does to every predicted x0 (config.X0_TRANSFORMS names them).
 X0_TRANSFORMS = {"clip": clip_x0, "dynamic": dynamic_threshold, "none": None}
-
-
-def build_schedule(config: RunConfig) -> NoiseSchedule:
-    d = config.diffusion
-    return make_schedule(d.schedule, d.num_train_timesteps, zero_terminal_snr=d.zero_terminal_snr)
 
 
 def load_pipeline(

@@ -163,15 +163,14 @@ def classifier_guidance(
 
     def guided(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         output = denoiser(x_t, t)
-        learned = output.shape[1] == 2 * x_t.shape[1]
-        prediction, interpolation = split_variance(output, x_t.shape[1], learned)
+        prediction, interpolation = _split_output(output, x_t)
         alpha_bar = schedule.alpha_bar_at(t.double().cpu())  # [B], on the host
         if bool((alpha_bar == 0).any()):
             return output
         alpha_bar = broadcast_per_sample(alpha_bar, x_t)  # [B, 1, 1, 1]
         eps, _ = eps_x0_from_prediction(prediction, x_t, alpha_bar, prediction_type)
         eps_hat = eps - (1 - alpha_bar).sqrt() * grad(x_t, t).to(eps.dtype)
-        x0_hat = (x_t - (1 - alpha_bar).sqrt() * eps_hat) / alpha_bar.sqrt()
+        _, x0_hat = eps_x0_from_prediction(eps_hat, x_t, alpha_bar, "eps")  # eq. 4
         prediction = training_target(prediction_type, x0_hat, eps_hat, alpha_bar)
         return prediction if interpolation is None else torch.cat([prediction, interpolation], 1)
 
@@ -194,6 +193,19 @@ def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.995) -> torch.Tens
     return x0.clamp(-s, s) / s
 
 
+def _split_output(output: torch.Tensor, x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(prediction, variance interpolation or None) of a denoiser's output at x_t: a network
+    that learned its variances gives 2C channels for C (the module docstring)."""
+    return split_variance(output, x_t.shape[1], output.shape[1] == 2 * x_t.shape[1])
+
+
+def _sqrt(value: float | torch.Tensor) -> float | torch.Tensor:
+    """sqrt(max(value, 0)) of a fixed variance (a float) or a learned one (a tensor)."""
+    if isinstance(value, torch.Tensor):
+        return value.clamp(min=0).sqrt()
+    return math.sqrt(max(0.0, value))
+
+
 def _t_batch(x_t: torch.Tensor, t: float) -> torch.Tensor:
     """Step t for each of the batch ``[B]``: int64 at integer steps, float32 between them."""
     integral = float(t).is_integer()
@@ -213,8 +225,7 @@ def _predict(
     None) with x0 transformed and eps made consistent with it through eq. 4."""
     alpha_bar = schedule.alpha_bar_scalar(t)
     output = denoiser(x_t, _t_batch(x_t, t)).to(x_t.dtype)
-    learned = output.shape[1] == 2 * x_t.shape[1]
-    prediction, interpolation = split_variance(output, x_t.shape[1], learned)
+    prediction, interpolation = _split_output(output, x_t)
     eps, x0 = eps_x0_from_prediction(prediction, x_t, alpha_bar, prediction_type)
     if x0_transform is not None:
         x0 = x0_transform(x0)
@@ -291,9 +302,7 @@ def ancestral_sample(
             # Dhariwal & Nichol 2021, Algorithm 1: x_{t-1} ~ N(mu + s Sigma grad log p(y | x_t), Sigma).
             mean = mean + noise_variance * guidance_grad(x_t, _t_batch(x_t, t)).to(mean.dtype)
         # Algorithm 2, line 4: x_{t-1} = mu + sigma_t z.
-        noise = _noise_like(x_t, generator)
-        x_t = mean + (math.sqrt(noise_variance) if isinstance(noise_variance, float)
-                      else noise_variance.sqrt()) * noise
+        x_t = mean + _sqrt(noise_variance) * _noise_like(x_t, generator)
     return x_t
 
 
@@ -339,19 +348,12 @@ def ddim_sample(
         beta_tilde_t = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta_t
         if eta > 0 and interpolation is not None and t_prev >= 0:
             noise_variance = eta**2 * _learned_variance(interpolation, beta_t, beta_tilde_t)
-            # Eq. 12: x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma_t^2) eps + sigma_t z.
-            x_t = (math.sqrt(alpha_bar_prev) * x0_pred
-                   + (1 - alpha_bar_prev - noise_variance).clamp(min=0).sqrt() * eps
-                   + noise_variance.sqrt() * _noise_like(x_t, generator))
-            continue
-        noise_std = eta * math.sqrt(beta_tilde_t)
+        else:
+            noise_variance = (eta * math.sqrt(beta_tilde_t)) ** 2
         # Eq. 12: x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma_t^2) eps + sigma_t z.
-        x_t = (
-            math.sqrt(alpha_bar_prev) * x0_pred
-            + math.sqrt(max(0.0, 1 - alpha_bar_prev - noise_std**2)) * eps
-        )
-        if noise_std > 0:
-            x_t = x_t + noise_std * _noise_like(x_t, generator)
+        x_t = math.sqrt(alpha_bar_prev) * x0_pred + _sqrt(1 - alpha_bar_prev - noise_variance) * eps
+        if isinstance(noise_variance, torch.Tensor) or noise_variance > 0:
+            x_t = x_t + _sqrt(noise_variance) * _noise_like(x_t, generator)
     return x_t
 
 
