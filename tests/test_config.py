@@ -45,7 +45,7 @@ def other_value(section: str, name: str, current) -> list[str]:
         return [flag, str(next(c for c in decl.choices if c != current))]
     special = {"channel_mults": "1,2", "attention_resolutions": "14", "adam_betas": "0.8,0.99",
                "data_dir": "/somewhere/else", "cache_dir": "/a/cache", "device": "cpu",
-               "wandb_project": "elsewhere", "image_size": "32"}
+               "wandb_project": "elsewhere", "image_size": "32", "posthoc_ema": "0.05,0.1"}
     if name in special:
         return [flag, special[name]]
     if item_type(kind) is None and kind is float:

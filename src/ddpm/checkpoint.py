@@ -287,9 +287,10 @@ class TrainState:
 
     def __init__(self, *, config: RunConfig, model: nn.Module, ema: Any, optimizer: Any,
                  scaler: Any, stream: Any, noise_generator: torch.Generator,
-                 classes: tuple[str, ...] = (), num_processes: int = 1):
+                 classes: tuple[str, ...] = (), num_processes: int = 1, posthoc: Any = ()):
         self.config, self.model, self.ema, self.optimizer, self.scaler = (
             config, model, ema, optimizer, scaler)
+        self.posthoc = list(posthoc)  # the power EMAs of --posthoc-ema (posthoc.PowerEMA)
         self.stream, self.noise_generator = stream, noise_generator
         self.classes, self.num_processes = tuple(classes), num_processes
         self.step = 0
@@ -323,6 +324,8 @@ class TrainState:
             "model": self.model.state_dict(),
             "ema": self.ema.model.state_dict(),
             "ema_state": self.ema.state_dict(),
+            "posthoc_ema": [{"std": a.std, "weights": a.model.state_dict(), **a.state_dict()}
+                            for a in self.posthoc],
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "data_stream": self.stream.state_dict(),
@@ -340,6 +343,15 @@ class TrainState:
         if self.ema is not None:
             load_weights(self.ema.model, state, path, ema=True)
             self.ema.load_state_dict(state["ema_state"])
+            saved = state.get("posthoc_ema", [])
+            if [a.std for a in self.posthoc] != [p["std"] for p in saved]:
+                raise CheckpointError(
+                    f"{path} keeps power EMAs of lengths {[p['std'] for p in saved]} but the run's "
+                    f"config asks for {[a.std for a in self.posthoc]}; resume with the run's own "
+                    f"--posthoc-ema")
+            for average, profile in zip(self.posthoc, saved):
+                average.model.load_state_dict(profile["weights"])
+                average.load_state_dict(profile)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])

@@ -20,7 +20,7 @@ from typing import Any
 
 from .data.registry import CROPS, DATASETS, SPLITS, check_options
 from .data.registry import resolve as resolve_data
-from .diffusion import LOSS_WEIGHTINGS, LOSSES, PREDICTION_TYPES, VARIANCES
+from .diffusion import LOSS_WEIGHTINGS, LOSSES, PREDICTION_TYPES, TIMESTEP_SAMPLINGS, VARIANCES
 from .models import UNetConfig
 from .samplers import SAMPLERS, SPACINGS
 from .schedules import SCHEDULES, NoiseSchedule, make_schedule
@@ -55,9 +55,22 @@ class DiffusionConfig:
         "eps", flag="--prediction-type", choices=PREDICTION_TYPES,
         help="what the network predicts: the noise eps, the image x0, or v (Salimans & Ho 2022)")
     loss_weighting: str = setting("uniform", flag="--loss-weighting", choices=LOSS_WEIGHTINGS,
-                                  help="uniform, or min-snr (Hang et al. 2023) with --min-snr-gamma")
+                                  help="uniform, min-snr (Hang et al. 2023) with --min-snr-gamma, "
+                                       "or edm (Karras et al. 2022) with --sigma-data")
     min_snr_gamma: float = setting(5.0, flag="--min-snr-gamma", above=0,
                                    help="gamma of min-SNR weighting")
+    sigma_data: float = setting(0.5, flag="--sigma-data", above=0,
+                                help="the data's standard deviation in EDM's weighting")
+    timestep_sampling: str = setting(
+        "uniform", flag="--timestep-sampling", choices=TIMESTEP_SAMPLINGS,
+        help="the law of t in training: uniform (Ho et al. 2020), or log-normal in the noise "
+             "level sigma = sqrt((1 - alpha_bar) / alpha_bar) (Karras et al. 2022) with "
+             "--log-sigma-mean and --log-sigma-std")
+    log_sigma_mean: float = setting(-1.2, flag="--log-sigma-mean",
+                                    help="mean of ln(sigma) under log-normal sampling (EDM's P_mean)")
+    log_sigma_std: float = setting(1.2, flag="--log-sigma-std", above=0,
+                                   help="standard deviation of ln(sigma) under log-normal "
+                                        "sampling (EDM's P_std)")
     # Lin et al. 2024; needs prediction_type v or x0
     zero_terminal_snr: bool = setting(
         False, flag="--zero-terminal-snr",
@@ -148,6 +161,16 @@ class TrainConfig:
     # decay min(ema_decay, (1 + n) / (10 + n)), so early EMA tracks the model
     ema_warmup: bool = setting(True, flag="--ema-warmup", group="optimisation",
                                help="EMA decay (1 + n) / (10 + n) while that is below --ema-decay")
+    # Karras et al. 2024: power-function EMAs of these lengths (sigma_rel), saved every
+    # ema_snapshot_every steps, so that 'ddpm posthoc-ema' can rebuild one of any length later.
+    posthoc_ema: tuple[float, ...] = setting(
+        (), flag="--posthoc-ema", above=0, at_most=0.2886, group="optimisation", metavar="STD,...",
+        example="0.05,0.10",
+        help="also keep power-function EMAs of these relative lengths sigma_rel (Karras et al. "
+             "2024) and snapshots of them, for 'ddpm posthoc-ema' to rebuild one of any length")
+    ema_snapshot_every: int = setting(
+        0, flag="--ema-snapshot-every", at_least=0, group="optimisation",
+        help="steps between snapshots of the --posthoc-ema averages (0: at each checkpoint)")
     # Class-conditional models: the label is replaced by the null class with this probability,
     # so one network also learns the unconditional model guidance needs (Ho & Salimans 2022,
     # Algorithm 1, p_uncond; they found 0.1 to 0.2 equally good).
@@ -305,6 +328,12 @@ class RunConfig:
                 f"the data are {data.channels}x{data.image_size}x{data.image_size} images but the "
                 f"model takes {model.in_channels}x{model.image_size}x{model.image_size}; give the "
                 f"same --channels and --image-size to both")
+        if model.learn_variance and self.diffusion.timestep_sampling != "uniform":
+            raise SettingError(
+                "diffusion.timestep_sampling",
+                f"learned variances are trained by the bound over all t, estimated from t drawn "
+                f"uniformly; {{setting}} {self.diffusion.timestep_sampling} would bias it: use "
+                f"uniform with --learn-variance")
         T = self.diffusion.num_train_timesteps
         self.sample.validate(num_train_timesteps=T, num_classes=model.num_classes,
                              learn_variance=model.learn_variance)

@@ -204,7 +204,8 @@ def p_mean_log_variance(
 
 
 PREDICTION_TYPES = ("eps", "x0", "v")
-LOSS_WEIGHTINGS = ("uniform", "min-snr")
+LOSS_WEIGHTINGS = ("uniform", "min-snr", "edm")
+TIMESTEP_SAMPLINGS = ("uniform", "log-normal")
 
 
 def v_from_eps_x0(eps: torch.Tensor, x0: torch.Tensor, alpha_bar: torch.Tensor | float) -> torch.Tensor:
@@ -258,18 +259,53 @@ def training_target(
     )
 
 
-def min_snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
-    """Hang et al. 2023: weight min(SNR, gamma) on the x0-error, expressed for each target.
+def _on_target(weight_x0: torch.Tensor, snr: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """A weight on the x0-error, carried onto the error of the network's own target.
 
-    With the eps target the x0-error is scaled by SNR, so the weight is min(SNR, gamma) / SNR;
-    with v by SNR + 1, giving min(SNR, gamma) / (SNR + 1).
-    """
-    clipped = snr.clamp(max=gamma)
+    From eq. 4, ||x0 - x0_pred||^2 = ||eps - eps_pred||^2 / SNR, and from v's definition
+    ||x0 - x0_pred||^2 = ||v - v_pred||^2 / (SNR + 1)."""
     if prediction_type == "eps":
-        return clipped / snr
+        return weight_x0 / snr
     if prediction_type == "v":
-        return clipped / (snr + 1)
-    return clipped
+        return weight_x0 / (snr + 1)
+    return weight_x0
+
+
+def min_snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Hang et al. 2023: weight min(SNR, gamma) on the x0-error, expressed for each target:
+    min(SNR, gamma) / SNR on eps, min(SNR, gamma) / (SNR + 1) on v."""
+    return _on_target(snr.clamp(max=gamma), snr, prediction_type)
+
+
+def edm_weight(snr: torch.Tensor, sigma_data: float, prediction_type: str) -> torch.Tensor:
+    """Karras et al. 2022, Table 1: lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2
+    on the x0-error, at the noise level sigma^2 = (1 - alpha_bar) / alpha_bar = 1 / SNR, that is
+    SNR + 1 / sigma_data^2; expressed for each target. (With sigma_data = 1 it is the uniform
+    weight on v: v-prediction is EDM's preconditioning for data of unit variance.)"""
+    return _on_target(snr + sigma_data ** -2, snr, prediction_type)
+
+
+def timestep_probs(schedule: NoiseSchedule, sampling: str, *, log_sigma_mean: float = -1.2,
+                   log_sigma_std: float = 1.2) -> torch.Tensor | None:
+    """The law of t in training, ``[T]`` float64 on the schedule's device, or None for
+    Algorithm 1's t ~ Uniform{0..T-1}.
+
+    ``"log-normal"``: Karras et al. 2022, sec. 5 and Table 1, ln(sigma) ~ N(P_mean, P_std^2) for
+    the noise level sigma = sqrt((1 - alpha_bar) / alpha_bar) = exp(-log_snr / 2) of x_t /
+    sqrt(alpha_bar) = x0 + sigma eps. Each step takes the normal's mass between the midpoints of
+    its ln(sigma) and its neighbours' (the first and the last step take the tails), so training
+    spends its samples at the middle noise levels that decide the images.
+    """
+    if sampling == "uniform":
+        return None
+    if sampling != "log-normal":
+        raise ValueError(f"unknown timestep sampling {sampling!r}; choose one of "
+                         f"{', '.join(TIMESTEP_SAMPLINGS)}")
+    log_sigma = -0.5 * schedule.log_snr  # [T], rising with t (+inf at a zero-SNR last step)
+    edges = (log_sigma[1:] + log_sigma[:-1]) / 2  # [T - 1]
+    cdf = torch.special.ndtr((edges - log_sigma_mean) / log_sigma_std)
+    cdf = torch.cat([cdf.new_zeros(1), cdf, cdf.new_ones(1)])
+    return cdf.diff()
 
 
 def _elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
@@ -283,12 +319,18 @@ def _elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss: str) -> to
 
 
 def draw_t_eps(
-    schedule: NoiseSchedule, shape: torch.Size | tuple[int, ...], generator: torch.Generator | None
+    schedule: NoiseSchedule, shape: torch.Size | tuple[int, ...], generator: torch.Generator | None,
+    probs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Algorithm 1's draws for a batch of ``shape``: t ~ Uniform{0..T-1} and eps ~ N(0, I), on the
-    generator's device, so a run is reproducible from the generator alone."""
+    """Algorithm 1's draws for a batch of ``shape``: t ~ Uniform{0..T-1} (or t ~ ``probs``, from
+    :func:`timestep_probs`) and eps ~ N(0, I), on the generator's device, so a run is
+    reproducible from the generator alone."""
     device = generator.device if generator is not None else None
-    t = torch.randint(0, schedule.num_train_timesteps, (shape[0],), generator=generator, device=device)
+    if probs is None:
+        t = torch.randint(0, schedule.num_train_timesteps, (shape[0],), generator=generator,
+                          device=device)
+    else:
+        t = torch.multinomial(probs.to(device), shape[0], replacement=True, generator=generator)
     return t, torch.randn(shape, generator=generator, device=device)
 
 
@@ -302,6 +344,7 @@ def training_loss(
     prediction_type: str = "eps",
     weighting: str = "uniform",
     min_snr_gamma: float = 5.0,
+    sigma_data: float = 0.5,
     t: torch.Tensor | None = None,
     eps: torch.Tensor | None = None,
     learn_variance: bool = False,
@@ -310,7 +353,8 @@ def training_loss(
     with ``learn_variance`` L_hybrid (Nichol & Dhariwal 2021).
 
     t ~ Uniform{0..T-1}, eps ~ N(0, I), x_t from eq. 4, and loss(target, network(x_t, t)) with the
-    target eps (eq. 14), x0 or v; ``weighting="min-snr"`` weights each sample by min-SNR-gamma.
+    target eps (eq. 14), x0 or v; ``weighting="min-snr"`` weights each sample by min-SNR-gamma,
+    ``"edm"`` by EDM's lambda(sigma) for data of standard deviation ``sigma_data``.
     ``t`` and ``eps`` may be given (a process's share of draws made for a whole batch); otherwise
     they are drawn here, from ``generator``. A network that learns its variances (``[B, 2C, H,
     W]`` out) adds lambda L_vlb, which trains the variance only.
@@ -327,9 +371,11 @@ def training_loss(
     target = training_target(prediction_type, x0, eps, alpha_bar)
     # Eq. 14 for eps: || eps - eps_theta(sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps, t) ||^2.
     per_sample = _elementwise_loss(prediction, target, loss).flatten(1).mean(1)  # [B]
-    if weighting == "min-snr":
+    if weighting in ("min-snr", "edm"):
         snr = extract(schedule.alphas_cumprod / (1 - schedule.alphas_cumprod), t, x0).flatten()
-        per_sample = per_sample * min_snr_weight(snr, min_snr_gamma, prediction_type)
+        per_sample = per_sample * (min_snr_weight(snr, min_snr_gamma, prediction_type)
+                                   if weighting == "min-snr" else
+                                   edm_weight(snr, sigma_data, prediction_type))
     elif weighting != "uniform":
         raise ValueError(f"unknown loss weighting {weighting!r}; choose one of {', '.join(LOSS_WEIGHTINGS)}")
     if learn_variance:

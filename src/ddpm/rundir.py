@@ -33,6 +33,7 @@ from .config import RunConfig, differences
 from .data import to_uint8
 from .metrics import Evaluator, data_options
 from .pipeline import Pipeline
+from .posthoc import save_snapshot
 from .viz import metric_records, plot_curves, progress_animation, save_grid
 
 CONFIG_FILE = "config.json"
@@ -170,7 +171,7 @@ class RunOutputs:
         """``run`` is the ``train.Training`` whose EMA and schedule the previews sample."""
         tc = run.config.train
         self.run, self.run_dir, self.tc, self.main, self.progress = run, run_dir, tc, main, progress
-        self.saved_step, self.path = None, None
+        self.saved_step, self.path, self.snapshot_step = None, None, None
         self.side = SideOutputs()  # warnings about side outputs that could not be written
         self.pipe = self.evaluator = self.loggers = None
         if main:
@@ -208,7 +209,15 @@ class RunOutputs:
     def due(self, step: int) -> bool:
         """Whether a preview grid, an FID measurement or a checkpoint falls due at ``step``."""
         return any(every and step % every == 0 for every in
-                   (self.tc.sample_every, self.tc.fid_every, self.tc.checkpoint_every))
+                   (self.tc.sample_every, self.tc.fid_every, self.tc.checkpoint_every,
+                    self.snapshot_every))
+
+    @property
+    def snapshot_every(self) -> int:
+        """Steps between snapshots of the --posthoc-ema averages (0: none)."""
+        if not self.tc.posthoc_ema:
+            return 0
+        return self.tc.ema_snapshot_every or self.tc.checkpoint_every
 
     def periodic(self, state: TrainState, finished: bool) -> None:
         """After a step: the preview grid, FID and checkpoint that fall due."""
@@ -221,8 +230,21 @@ class RunOutputs:
             self.measure_fid(state)
             self.side.best_effort("FID curves", plot_curves, self.run_dir / METRICS_FILE,
                                   self.run_dir / CURVES_FILE)
+        if self.snapshot_every and step % self.snapshot_every == 0:
+            self.snapshot(state)
         if tc.checkpoint_every and step % tc.checkpoint_every == 0:
             self.checkpoint(state, final=False)
+
+    def snapshot(self, state: TrainState) -> None:
+        """Save the power EMAs of this step (the main process), unless saved already; before the
+        step's checkpoint, so a checkpoint never has a later step than the snapshots."""
+        if self.main and self.run.posthoc and self.snapshot_step != state.step:
+            try:
+                save_snapshot(self.run.posthoc, self.run_dir, state.step)
+            except (OSError, RuntimeError) as exc:  # a full disk: the run matters more
+                self.bar.write(f"warning: the EMA snapshot of step {state.step} was not saved "
+                               f"({str(exc).splitlines()[0]}); training goes on", file=sys.stderr)
+            self.snapshot_step = state.step
 
     def measure_fid(self, state: TrainState) -> None:
         begin = time.perf_counter()

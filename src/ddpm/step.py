@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from .config import RunConfig
-from .diffusion import draw_t_eps, training_loss
+from .diffusion import draw_t_eps, timestep_probs, training_loss
 from .runtime import autocast
 from .schedules import NoiseSchedule
 
@@ -135,8 +135,10 @@ def train_step(
     memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
     total = torch.zeros((), device=device)
     num_classes = config.model.num_classes
+    t_probs = timestep_probs(schedule, dc.timestep_sampling, log_sigma_mean=dc.log_sigma_mean,
+                             log_sigma_std=dc.log_sigma_std)
     for i, (x0, y) in enumerate(batches):
-        t, eps = draw_t_eps(schedule, x0.shape, generator)
+        t, eps = draw_t_eps(schedule, x0.shape, generator, t_probs)
         rows = slice(rank * x0.shape[0] // world, (rank + 1) * x0.shape[0] // world)
         denoiser = model
         if num_classes:
@@ -152,6 +154,7 @@ def train_step(
                 loss = training_loss(denoiser, schedule, x, t=t[rows], eps=eps[rows],
                                      loss=dc.loss, prediction_type=dc.prediction_type,
                                      weighting=dc.loss_weighting, min_snr_gamma=dc.min_snr_gamma,
+                                     sigma_data=dc.sigma_data,
                                      learn_variance=config.model.learn_variance)
             scaled = loss / len(batches)
             (scaler.scale(scaled) if scaler is not None else scaled).backward()

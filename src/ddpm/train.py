@@ -39,6 +39,7 @@ from .pipeline import build_schedule
 from .rundir import RunOutputs, repair_config_file, run_lock, write_config
 from .runtime import (gradient_scaler, make_accelerator, resolve_device, torch_state_kept,
                       training_precision, warn_compile_failed)
+from .posthoc import PowerEMA
 from .step import EMA, StepStats, learning_rate, train_step
 from .schedules import NoiseSchedule
 
@@ -66,6 +67,7 @@ class Training:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
     ema: EMA | None  # None on the processes that do not keep one
+    posthoc: list[PowerEMA]  # the --posthoc-ema averages (the main process's)
     data: ImageData | StreamingImages
     stream: BatchStream
     noise_generator: torch.Generator  # t and eps of every step
@@ -98,8 +100,8 @@ class Training:
                 warn_compile_failed(exc, "training")
                 stats = step()
             self.eager = None  # compiled, or given up: nothing more to try
-        if self.ema is not None:
-            self.ema.update(self.net, stats.updated)
+        for average in ([self.ema] if self.ema is not None else []) + self.posthoc:
+            average.update(self.net, stats.updated)
         return stats
 
     def state(self) -> TrainState:
@@ -108,7 +110,7 @@ class Training:
         return TrainState(config=self.config, model=self.net, ema=self.ema,
                           optimizer=self.optimizer, scaler=self.scaler, stream=self.stream,
                           noise_generator=self.noise_generator, classes=classes,
-                          num_processes=self.accelerator.num_processes)
+                          num_processes=self.accelerator.num_processes, posthoc=self.posthoc)
 
 
 def build_training(config: RunConfig, accelerator: Accelerator, device: torch.device,
@@ -138,6 +140,7 @@ def build_training(config: RunConfig, accelerator: Accelerator, device: torch.de
     if tc.compile:
         model = torch.compile(model)
     ema = EMA(net, tc.ema_decay, tc.ema_warmup) if keep_ema else None
+    posthoc = [PowerEMA(net, std) for std in tc.posthoc_ema] if keep_ema else []
     data = open_data()
     # A split that fits is held on the GPU, batches made there; otherwise made on the host in
     # pinned memory, for an asynchronous copy. (On a CPU both are the same thing.)
@@ -149,7 +152,7 @@ def build_training(config: RunConfig, accelerator: Accelerator, device: torch.de
                          pin_memory=device.type == "cuda" and not on_device)
     noise_generator = torch.Generator(device).manual_seed(tc.seed + 1)
     return Training(config, accelerator, device, precision, schedule, schedule.to(device), net,
-                    model, optimizer, gradient_scaler(precision, device), ema, data, stream,
+                    model, optimizer, gradient_scaler(precision, device), ema, posthoc, data, stream,
                     noise_generator, eager if tc.compile else None)
 
 
@@ -288,6 +291,7 @@ def _train(config: RunConfig, run_dir: Path, accelerator: Accelerator, device: t
             with window.paused():  # images/s counts training only
                 outputs.periodic(state, finished)
         faults.check(state, run_dir, outputs.bar)
+        outputs.snapshot(state)
         outputs.checkpoint(state, final=True)
     loss = float(stats.loss) if stats is not None else float("nan")
     elapsed, stopped_by = state.elapsed_s, signals.signum if main else None

@@ -38,6 +38,7 @@ def build_parser() -> Parser:
     tools.add_train_classifier_parser(sub)
     tools.add_bench_parser(sub)
     tools.add_presets_parser(sub)
+    tools.add_posthoc_parser(sub)
     viz.add_parser(sub)
     return parser
 

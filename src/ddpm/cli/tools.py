@@ -1,20 +1,29 @@
-"""``ddpm bench``, ``ddpm presets`` and ``ddpm train-classifier`` (the feature extractor, or
-``--noisy`` the classifier of classifier guidance): the tools around training."""
+"""``ddpm bench``, ``ddpm presets``, ``ddpm train-classifier`` (the feature extractor, or
+``--noisy`` the classifier of classifier guidance) and ``ddpm posthoc-ema`` (an EMA of any length
+rebuilt after training): the tools around training."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from ..bench import bench, format_table
-from ..checkpoint import checkpoint_config, load_run_or_file
+from ..checkpoint import (atomic_save, checkpoint_config, checkpoint_path, load_checkpoint,
+                          load_run_or_file)
 from ..classifier import CLASSIFIER_DATASETS, train_classifier
 from ..config import DEFAULT_PRESET, PRESETS, get_preset, with_overrides
 from ..data import DATASETS
+from ..data import to_uint8
 from ..guidance import load_noisy_classifier, train_noisy_classifier
-from .options import (Defaults, UsageError, add_settings, given_settings, number,
-                      positive_int, seed)
+from ..metrics import Evaluator, check_image_count, data_options, resolve_extractor
+from ..pipeline import load_pipeline
+from ..posthoc import MAX_STD, gamma_from_std, list_snapshots, reconstruct
+from ..runtime import resolve_device
+from .options import (Defaults, UsageError, add_model_options, add_settings, given_settings,
+                      number, number_list, positive_int, seed)
+from .sample import add_sample_settings, sample_settings
 
 # The settings of a training run that change its speed, besides the model's shape.
 BENCH_TRAIN_SETTINGS = ("batch_size", "grad_accum", "precision", "threads", "device",
@@ -149,4 +158,102 @@ def _train_noisy_classifier(args: argparse.Namespace, out: Path) -> int:
     for t, acc in result.accuracy_by_t.items():
         print(f"  t = {t:>4}: {acc:7.2%}")
     print(f"weights in {out}")
+    return 0
+
+
+def add_posthoc_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "posthoc-ema", formatter_class=Defaults,
+        help="rebuild the EMA of any length from a run's --posthoc-ema snapshots and keep the "
+             "one of the best FID",
+        description="Karras et al. 2024: a run trained with --posthoc-ema keeps power-function "
+                    "EMAs of two lengths and snapshots of them; any other length sigma_rel, at "
+                    "any snapshot's step, is a least-squares combination of the snapshots. "
+                    "Given several lengths, each is scored by FID and KID (as 'ddpm eval' "
+                    "does) and the best is written as a checkpoint whose EMA weights are the "
+                    "rebuilt ones, for 'ddpm sample', 'eval' and 'viz' to use; given one, it is "
+                    "written without scoring.")
+    p.add_argument("run", metavar="RUN_DIR", help="a run directory trained with --posthoc-ema")
+    p.add_argument("--std", required=True, metavar="STD,...",
+                   type=_stds,
+                   help=f"relative EMA lengths sigma_rel to rebuild, in (0, {MAX_STD:.4f}], "
+                        f"comma-separated (e.g. 0.02,0.05,0.1,0.2)")
+    p.add_argument("--step", type=positive_int, default=None,
+                   help="rebuild the averages of this step (default: the last snapshot's)")
+    p.add_argument("--out", metavar="CKPT.pt", default=None,
+                   help="checkpoint to write (default: RUN_DIR/checkpoints/posthoc-ema.pt)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    p.add_argument("--n", type=number(int, at_least=2), default=1000,
+                   help="images generated to score each length")
+    p.add_argument("--split", choices=("train", "test"), default="train",
+                   help="reference split of the FID")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the generated images")
+    p.add_argument("--batch-size", type=positive_int, default=128,
+                   help="images per sampling batch")
+    p.add_argument("--json", action="store_true", help="print one JSON line per length")
+    add_sample_settings(p)
+    add_model_options(p)
+    p.set_defaults(func=run_posthoc)
+
+
+def _stds(text: str) -> tuple[float, ...]:
+    """An argparse type: comma-separated sigma_rel values, each in (0, sqrt(1/12)]."""
+    values = number_list(float)(text)
+    for v in values:
+        try:
+            gamma_from_std(v)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{exc} in {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated lengths such as 0.05,0.1, "
+                                         f"got {text!r}")
+    return values
+
+
+def run_posthoc(args: argparse.Namespace) -> int:
+    run = Path(args.run)
+    if not run.is_dir():
+        raise UsageError(f"{run} is not a run directory; give the folder 'ddpm train --out' wrote")
+    if not list_snapshots(run):
+        raise UsageError(f"{run} holds no EMA snapshots (ema/snapshot-STEP.pt); train with "
+                         f"--posthoc-ema 0.05,0.10 to keep them")
+    out = Path(args.out) if args.out else run / "checkpoints" / "posthoc-ema.pt"
+    if out.exists() and not args.force:
+        raise UsageError(f"{out} exists; add --force to replace it or choose another --out")
+    if args.no_ema:
+        raise UsageError("--no-ema samples the raw weights; posthoc-ema rebuilds averages, so "
+                         "drop --no-ema")
+    pipe = load_pipeline(run, device=args.device, precision=args.precision, compile=args.compile)
+    dc, score = pipe.config.data, len(args.std) > 1
+    if score:  # said before any work
+        settings, sc = sample_settings(args, pipe)
+        check_image_count(args.n, resolve_extractor("auto", dc.dataset), "--n")
+    rebuilt = [(std, *reconstruct(run, std, args.step)) for std in args.std]
+    step = args.step or list_snapshots(run)[-1][0]
+    scores: list[dict] = []
+    if score:
+        evaluator = Evaluator(dc.dataset, dc.data_dir, split=args.split, data_options=data_options(dc),
+                              device=resolve_device(args.device), progress=not args.no_progress)
+        for std, weights, error in rebuilt:
+            pipe.model.load_state_dict(weights)
+            images = pipe.generate(args.n, seed=args.seed, batch_size=args.batch_size,
+                                   progress=not args.no_progress, **settings)
+            r = evaluator.evaluate(to_uint8(images), seed=args.seed, sampler=sc.sampler,
+                                   steps=sc.num_sample_steps)
+            row = {"std": std, "gamma": gamma_from_std(std), "step": step,
+                   "profile_error": error, "fid": r.fid, "kid": r.kid, "n": r.n}
+            scores.append(row)
+            print(json.dumps(row) if args.json else
+                  f"sigma_rel {std:<6g} (gamma {row['gamma']:6.2f}, profile error {error:.1e}): "
+                  f"FID {r.fid:.2f}, KID {r.kid:.4f}", flush=True)
+    best = min(range(len(rebuilt)), key=lambda i: scores[i]["fid"] if scores else 0)
+    std, weights, _ = rebuilt[best]
+    source = checkpoint_path(run, step)
+    path, state = (source, load_checkpoint(source)) if source.is_file() else load_run_or_file(run)
+    fid = scores[best]["fid"] if scores else math.nan
+    atomic_save({**state, "ema": weights, "posthoc_ema": {"std": std, "step": step, "fid": fid}},
+                out)
+    what = f" (FID {fid:.2f}, the best of {len(scores)})" if scores else ""
+    print(f"sigma_rel {std:g} at step {step}{what}: EMA weights rebuilt from {len(list_snapshots(run))} "
+          f"snapshots, written with the rest of {path.name} to {out}")
     return 0

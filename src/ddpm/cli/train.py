@@ -207,13 +207,21 @@ def summary(config: RunConfig, preset: str) -> str:
         f"{m.num_res_blocks} blocks/level, "
         f"attention at {list(m.attention_resolutions)} px, {m.in_channels}x{m.image_size}x{m.image_size}\n"
         f"diffusion: {d.schedule} schedule, T={d.num_train_timesteps}, predicts {d.prediction_type}, "
-        f"{d.loss} loss" + (f" with min-SNR-{d.min_snr_gamma:g} weights" if d.loss_weighting == "min-snr" else "")
-        + "\n"
+        f"{d.loss} loss" + _weighting_text(d) + "\n"
         f"training: {stop}, batch {t.batch_size}x{t.grad_accum}, lr {t.lr:g}, EMA {t.ema_decay}, "
         f"{precision} ({why}), on {config.data.dataset}"
         + (f", conditional on {m.num_classes} classes (label dropout {t.class_dropout:g})"
            if m.num_classes else "")
     )
+
+
+def _weighting_text(d) -> str:
+    """How the loss weights and draws t, in words, for the run's summary."""
+    text = {"uniform": "", "min-snr": f" with min-SNR-{d.min_snr_gamma:g} weights",
+            "edm": f" with EDM weights (sigma_data {d.sigma_data:g})"}[d.loss_weighting]
+    if d.timestep_sampling == "log-normal":
+        text += f", ln(sigma) ~ N({d.log_sigma_mean:g}, {d.log_sigma_std:g}^2)"
+    return text
 
 
 def _free_port() -> int:

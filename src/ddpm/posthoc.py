@@ -1,0 +1,149 @@
+"""Power-function EMA and its post-hoc reconstruction (Karras et al. 2024, "Analyzing and
+Improving the Training Dynamics of Diffusion Models", sec. 3 and appendix C), written from the
+paper's equations.
+
+A power-function EMA with exponent gamma averages the weights theta_1 .. theta_t of the steps
+so far with weights growing as tau^gamma: at each step theta_hat <- beta theta_hat + (1 - beta)
+theta with beta = (1 - 1/n)^(gamma + 1), n the number of updates (their eq. 3, with steps for
+time). Unrolled, the product of the betas telescopes, so the average at step t is exactly
+
+    theta_hat_t = sum_tau w_tau theta_tau,   w_tau = (tau^(gamma+1) - (tau-1)^(gamma+1)) / t^(gamma+1)
+
+(:func:`power_weights`), weights that sum to 1. Its length is said by sigma_rel, the standard
+deviation of the profile tau^gamma on [0, t] relative to t: sigma_rel^2 = (gamma + 1) /
+((gamma + 2)^2 (gamma + 3)) (their eq. 4; :func:`std_from_gamma`, :func:`gamma_from_std`).
+
+Training keeps a few such averages (``--posthoc-ema 0.05,0.10``) and saves them every
+``--ema-snapshot-every`` steps. Any other average, of any sigma_rel at any step, is then a
+least-squares combination of the snapshots: the coefficients x solve (W W^T) x = W w_target,
+where the rows of W are the snapshots' weight vectors over the training steps and w_target is
+the wanted profile's (their appendix C.3, here with the exact discrete weights above rather than
+the continuous profiles). Nothing is retrained; ``ddpm posthoc-ema`` scores each candidate
+length with FID and keeps the best.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointError, atomic_save, read_torch_file
+from .step import EMA
+
+SNAPSHOT_DIR = "ema"
+_SNAPSHOT = re.compile(r"^snapshot-(\d+)\.pt$")
+# sigma_rel at gamma = 0 (the plain average): sqrt(1 / 12). Longer profiles need gamma < 0,
+# where sigma_rel is no longer monotone in gamma, so this is the longest one offered.
+MAX_STD = math.sqrt(1 / 12)
+
+
+def std_from_gamma(gamma: float) -> float:
+    """sigma_rel of the power profile tau^gamma (Karras et al. 2024, eq. 4)."""
+    return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
+
+
+def gamma_from_std(std: float) -> float:
+    """The exponent gamma >= 0 whose profile has relative standard deviation ``std`` in
+    (0, sqrt(1/12)]: the inverse of :func:`std_from_gamma`, which falls with gamma there, found
+    by bisection."""
+    if not 0 < std <= MAX_STD:
+        raise ValueError(f"a power EMA's relative standard deviation must be in (0, "
+                         f"{MAX_STD:.4f}]; got {std}")
+    lo, hi = 0.0, 1.0
+    while std_from_gamma(hi) > std:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if std_from_gamma(mid) > std else (lo, mid)
+    return (lo + hi) / 2
+
+
+def power_weights(gamma: float, step: int, length: int) -> torch.Tensor:
+    """The weight of each step's weights theta_1 .. theta_length in the power EMA of exponent
+    ``gamma`` at ``step`` (zero after it), float64 ``[length]``: (tau^(g+1) - (tau-1)^(g+1)) /
+    step^(g+1), computed as differences of (tau/step)^(g+1) so that no power overflows."""
+    tau = torch.arange(1, length + 1, dtype=torch.float64)
+    k = gamma + 1
+    w = (tau / step) ** k - ((tau - 1) / step) ** k
+    return torch.where(tau <= step, w, torch.zeros_like(w))
+
+
+def solve_posthoc(snapshots: Sequence[tuple[float, int]], target: tuple[float, int]) -> tuple[torch.Tensor, float]:
+    """Coefficients ``[S]`` float64 that combine snapshots, given as (gamma, step), into the
+    power EMA ``target`` = (gamma, step) in the least-squares sense over the steps' weights, and
+    the relative error of the combined weights, ||W^T x - w|| / ||w||."""
+    length = max([s for _, s in snapshots] + [target[1]])
+    W = torch.stack([power_weights(g, s, length) for g, s in snapshots])  # [S, length]
+    w = power_weights(*target, length)  # [length]
+    x = torch.linalg.lstsq(W.T, w.unsqueeze(1), driver="gelsd").solution.squeeze(1)  # [S]
+    error = float(torch.linalg.vector_norm(W.T @ x - w) / torch.linalg.vector_norm(w))
+    return x, error
+
+
+class PowerEMA(EMA):
+    """A power-function EMA of a model's weights (:class:`EMA` with beta = (1 - 1/n)^(gamma+1),
+    n counting this update), named by its relative standard deviation ``std``."""
+
+    def __init__(self, model: nn.Module, std: float):
+        super().__init__(model, decay=0.0, warmup=False)
+        self.std, self.gamma = std, gamma_from_std(std)
+
+    def current_decay(self) -> torch.Tensor:
+        n = self._updates.double() + 1
+        return (1 - 1 / n) ** (self.gamma + 1)
+
+
+def snapshot_path(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / SNAPSHOT_DIR / f"snapshot-{step:08d}.pt"
+
+
+def save_snapshot(averages: Sequence[PowerEMA], run_dir: str | os.PathLike, step: int) -> Path:
+    """Write the power EMAs of ``step`` to ``RUN/ema/snapshot-STEP.pt``, atomically."""
+    path = snapshot_path(run_dir, step)
+    atomic_save({"step": step, "profiles": [
+        {"std": a.std, "gamma": a.gamma, "num_updates": a.num_updates,
+         "weights": a.model.state_dict()} for a in averages]}, path)
+    return path
+
+
+def list_snapshots(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """The run's snapshots as (step, path), oldest first."""
+    folder = Path(run_dir) / SNAPSHOT_DIR
+    if not folder.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _SNAPSHOT.match(p.name)))
+
+
+def reconstruct(run_dir: str | os.PathLike, std: float, step: int | None = None) -> tuple[dict[str, torch.Tensor], float]:
+    """The weights of the power EMA of relative length ``std`` at ``step`` (default: the last
+    snapshot's), combined from the run's snapshots up to that step, and the relative error of
+    the combination's profile (:func:`solve_posthoc`)."""
+    found = list_snapshots(run_dir)
+    if not found:
+        raise CheckpointError(
+            f"{run_dir} holds no EMA snapshots ({SNAPSHOT_DIR}/snapshot-STEP.pt); train with "
+            f"--posthoc-ema STD,STD (e.g. 0.05,0.10) to keep them")
+    first, last = found[0][0], found[-1][0]
+    step = last if step is None else step
+    if not first <= step <= last:
+        raise ValueError(f"step {step} is outside the run's snapshots (steps {first} to {last}); "
+                         f"choose a step between them")
+    snapshots = [read_torch_file(p, "ddpm EMA snapshot") for s, p in found if s <= step]
+    profiles = [(p, int(s["step"])) for s in snapshots for p in s["profiles"]]
+    coefficients, error = solve_posthoc(
+        [(float(p["gamma"]), int(p["num_updates"])) for p, _ in profiles], (gamma_from_std(std), step))
+    combined: dict[str, torch.Tensor] = {}
+    for x, (profile, _) in zip(coefficients.tolist(), profiles):
+        for name, value in profile["weights"].items():
+            if value.is_floating_point():
+                combined[name] = combined.get(name, 0) + x * value.double()
+            else:
+                combined[name] = value  # integer buffers: the newest's
+    reference = profiles[-1][0]["weights"]
+    return {name: combined[name].to(reference[name].dtype) for name in reference}, error
