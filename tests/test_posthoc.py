@@ -176,7 +176,8 @@ def test_training_keeps_snapshots_that_rebuild_its_averages_and_resume_exactly(p
     state = load_checkpoint(posthoc_run / "checkpoints" / "ckpt-00000006.pt")
     assert [p["std"] for p in state["posthoc_ema"]] == [0.05, 0.2]
     # a kept length at the last step is rebuilt as itself
-    weights, error = reconstruct(posthoc_run, 0.2)
+    step, used, [(weights, error)] = reconstruct(posthoc_run, [0.2])
+    assert (step, used) == (6, 3)
     assert error < 1e-9
     for name, value in state["posthoc_ema"][1]["weights"].items():
         torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-6)
@@ -208,7 +209,7 @@ def test_posthoc_command_scores_lengths_and_writes_the_best_as_a_sampleable_chec
     best = min(rows, key=lambda row: row["fid"])
     state = torch.load(out, weights_only=True)
     assert state["posthoc_ema"]["std"] == best["std"] and state["posthoc_ema"]["step"] == 6
-    weights, _ = reconstruct(posthoc_run, best["std"])
+    _, _, [(weights, _)] = reconstruct(posthoc_run, [best["std"]])
     for name, value in weights.items():
         assert torch.equal(state["ema"][name], value)
     r = cli("sample", out, "--n", "2", "--steps", "2", "--out", tmp_path / "g.png", "--no-progress")

@@ -324,8 +324,7 @@ class TrainState:
             "model": self.model.state_dict(),
             "ema": self.ema.model.state_dict(),
             "ema_state": self.ema.state_dict(),
-            "posthoc_ema": [{"std": a.std, "weights": a.model.state_dict(), **a.state_dict()}
-                            for a in self.posthoc],
+            "posthoc_ema": [a.profile() for a in self.posthoc],
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "data_stream": self.stream.state_dict(),
@@ -350,8 +349,7 @@ class TrainState:
                     f"config asks for {[a.std for a in self.posthoc]}; resume with the run's own "
                     f"--posthoc-ema")
             for average, profile in zip(self.posthoc, saved):
-                average.model.load_state_dict(profile["weights"])
-                average.load_state_dict(profile)
+                average.load_profile(profile)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])

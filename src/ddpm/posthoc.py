@@ -98,6 +98,15 @@ class PowerEMA(EMA):
         n = self._updates.double() + 1
         return (1 - 1 / n) ** (self.gamma + 1)
 
+    def profile(self) -> dict:
+        """The average as a checkpoint and a snapshot both hold it."""
+        return {"std": self.std, "gamma": self.gamma, "num_updates": self.num_updates,
+                "weights": self.model.state_dict()}
+
+    def load_profile(self, profile: dict) -> None:
+        self.model.load_state_dict(profile["weights"])
+        self.load_state_dict(profile)
+
 
 def snapshot_path(run_dir: str | os.PathLike, step: int) -> Path:
     return Path(run_dir) / SNAPSHOT_DIR / f"snapshot-{step:08d}.pt"
@@ -106,9 +115,7 @@ def snapshot_path(run_dir: str | os.PathLike, step: int) -> Path:
 def save_snapshot(averages: Sequence[PowerEMA], run_dir: str | os.PathLike, step: int) -> Path:
     """Write the power EMAs of ``step`` to ``RUN/ema/snapshot-STEP.pt``, atomically."""
     path = snapshot_path(run_dir, step)
-    atomic_save({"step": step, "profiles": [
-        {"std": a.std, "gamma": a.gamma, "num_updates": a.num_updates,
-         "weights": a.model.state_dict()} for a in averages]}, path)
+    atomic_save({"step": step, "profiles": [a.profile() for a in averages]}, path)
     return path
 
 
@@ -120,10 +127,12 @@ def list_snapshots(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _SNAPSHOT.match(p.name)))
 
 
-def reconstruct(run_dir: str | os.PathLike, std: float, step: int | None = None) -> tuple[dict[str, torch.Tensor], float]:
-    """The weights of the power EMA of relative length ``std`` at ``step`` (default: the last
-    snapshot's), combined from the run's snapshots up to that step, and the relative error of
-    the combination's profile (:func:`solve_posthoc`)."""
+def reconstruct(run_dir: str | os.PathLike, stds: Sequence[float], step: int | None = None
+                ) -> tuple[int, int, list[tuple[dict[str, torch.Tensor], float]]]:
+    """The weights of the power EMA of each relative length in ``stds`` at ``step`` (default:
+    the last snapshot's), combined from the run's snapshots up to that step (each file read
+    once), with the relative error of each combination's profile (:func:`solve_posthoc`); and
+    the step and the number of snapshots used."""
     found = list_snapshots(run_dir)
     if not found:
         raise CheckpointError(
@@ -135,15 +144,15 @@ def reconstruct(run_dir: str | os.PathLike, std: float, step: int | None = None)
         raise ValueError(f"step {step} is outside the run's snapshots (steps {first} to {last}); "
                          f"choose a step between them")
     snapshots = [read_torch_file(p, "ddpm EMA snapshot") for s, p in found if s <= step]
-    profiles = [(p, int(s["step"])) for s in snapshots for p in s["profiles"]]
-    coefficients, error = solve_posthoc(
-        [(float(p["gamma"]), int(p["num_updates"])) for p, _ in profiles], (gamma_from_std(std), step))
-    combined: dict[str, torch.Tensor] = {}
-    for x, (profile, _) in zip(coefficients.tolist(), profiles):
-        for name, value in profile["weights"].items():
-            if value.is_floating_point():
-                combined[name] = combined.get(name, 0) + x * value.double()
-            else:
-                combined[name] = value  # integer buffers: the newest's
-    reference = profiles[-1][0]["weights"]
-    return {name: combined[name].to(reference[name].dtype) for name in reference}, error
+    profiles = [p for s in snapshots for p in s["profiles"]]
+    bases = [(float(p["gamma"]), int(p["num_updates"])) for p in profiles]
+    reference = profiles[-1]["weights"]
+    rebuilt = []
+    for std in stds:
+        coefficients, error = solve_posthoc(bases, (gamma_from_std(std), step))
+        combined = {name: sum(x * p["weights"][name].double()
+                              for x, p in zip(coefficients.tolist(), profiles)).to(value.dtype)
+                    if value.is_floating_point() else value  # integer buffers: the newest's
+                    for name, value in reference.items()}
+        rebuilt.append((combined, error))
+    return step, len(snapshots), rebuilt

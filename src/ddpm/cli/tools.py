@@ -228,8 +228,8 @@ def run_posthoc(args: argparse.Namespace) -> int:
     if score:  # said before any work
         settings, sc = sample_settings(args, pipe)
         check_image_count(args.n, resolve_extractor("auto", dc.dataset), "--n")
-    rebuilt = [(std, *reconstruct(run, std, args.step)) for std in args.std]
-    step = args.step or list_snapshots(run)[-1][0]
+    step, used, averages = reconstruct(run, args.std, args.step)
+    rebuilt = [(std, weights, error) for std, (weights, error) in zip(args.std, averages)]
     scores: list[dict] = []
     if score:
         evaluator = Evaluator(dc.dataset, dc.data_dir, split=args.split, data_options=data_options(dc),
@@ -254,6 +254,6 @@ def run_posthoc(args: argparse.Namespace) -> int:
     atomic_save({**state, "ema": weights, "posthoc_ema": {"std": std, "step": step, "fid": fid}},
                 out)
     what = f" (FID {fid:.2f}, the best of {len(scores)})" if scores else ""
-    print(f"sigma_rel {std:g} at step {step}{what}: EMA weights rebuilt from {len(list_snapshots(run))} "
+    print(f"sigma_rel {std:g} at step {step}{what}: EMA weights rebuilt from {used} "
           f"snapshots, written with the rest of {path.name} to {out}")
     return 0
