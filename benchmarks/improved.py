@@ -3,14 +3,16 @@ ancestral steps, and bits/dim.
 
     python benchmarks/improved.py [--out runs/improved] [--steps 1400] [--n 1000]
                                   [--sample-steps 10,25,50,100,1000] [--nll-n 1000]
+                                  [--precision fp32]
 
 Trains the default preset twice for the same number of steps (the README demo's 1,400), once as
 it is and once with ``--learn-variance``, each run's time recorded; then, for each run, FID and
 KID of ``--n`` ancestral samples at each step count (the fixed run with sigma^2 = beta-tilde and
 = beta, the learned run with its own variances), and the NLL bound in bits/dim on the test split
-(``ddpm eval --nll``, 50 stratified timesteps). Everything goes through the command line, one
-JSON line per measurement appended to ``OUT/results.jsonl``; a measurement already there is not
-repeated, so the script can be stopped and rerun. Prints a Markdown table at the end.
+(``ddpm eval --nll``, 50 stratified timesteps), all in ``--precision`` (fp32 unless asked:
+BENCHMARKS.md's table is fp32's). Everything goes through the command line, one JSON line per
+measurement appended to ``OUT/results.jsonl``; a measurement already there is not repeated, so
+the script can be stopped and rerun. Prints a Markdown table at the end.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def main() -> None:
     ap.add_argument("--sample-steps", default="10,25,50,100,1000",
                     help="ancestral step counts, comma-separated")
     ap.add_argument("--nll-n", type=int, default=1000, help="test images of the NLL bound")
+    ap.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16"),
+                    help="ddpm's --precision for training and sampling")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -60,7 +64,8 @@ def main() -> None:
     for name, extra in (("fixed", []), ("learned", ["--learn-variance"])):
         if not have(kind="train", run=name):
             start = time.perf_counter()
-            run("train", "--out", str(out / name), "--steps", str(args.steps), "--no-progress", *extra)
+            run("train", "--out", str(out / name), "--steps", str(args.steps), "--no-progress",
+                "--precision", args.precision, *extra)
             record({"kind": "train", "run": name, "steps": args.steps,
                     "minutes": (time.perf_counter() - start) / 60})
     steps_list = list(map(int, args.sample_steps.split(",")))
@@ -78,13 +83,14 @@ def main() -> None:
         if kind == "nll":
             if not have(kind="nll", run=name, variance=variance):
                 line = run("eval", str(out / name), "--nll", "--variance", variance, "--n",
-                           str(args.nll_n), "--json", "--no-progress")
+                           str(args.nll_n), "--json", "--no-progress", "--precision", args.precision)
                 record({"kind": "nll", "run": name, "variance": variance, **json.loads(line)})
             continue
         if have(kind="fid", run=name, variance=variance, steps=steps, n=args.n):
             continue
         line = run("eval", str(out / name), "--sampler", "ddpm", "--steps", str(steps),
-                   "--variance", variance, "--n", str(args.n), "--json", "--no-progress")
+                   "--variance", variance, "--n", str(args.n), "--json", "--no-progress",
+                   "--precision", args.precision)
         r = json.loads(line)
         record({"kind": "fid", "run": name, "variance": variance, "steps": steps, "n": args.n,
                 "fid": r["fid"], "kid": r["kid"], "seconds": r["seconds"]["sampling"]})

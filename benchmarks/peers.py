@@ -21,6 +21,7 @@ ours
     ``ddpm train`` with the default preset fashion-cpu and ``--minutes M`` instead of its step
     limit; ``--fid-every 0 --sample-every 0 --checkpoint-every 0`` so no FID measurement,
     preview grid or checkpoint eats the budget. Sampled by ``ddpm eval``: DPM-Solver++, 20 steps.
+    ``--precision`` (auto: bf16 on a CPU with bf16 hardware, else fp32) trains and samples it.
 ddp: denoising-diffusion-pytorch 2.3.4 (lucidrains)
     Its ``Unet``, ``GaussianDiffusion`` and ``Trainer`` with the README's Trainer settings:
     train_batch_size 32, gradient_accumulate_every 2, train_lr 8e-5, ema_decay 0.995, amp True,
@@ -78,7 +79,7 @@ PEER_MODULES = {"ddp": "denoising_diffusion_pytorch", "diffusers": "diffusers"}
 DATA_DIR = "/usr/share/datasets/fashion-mnist"
 SAMPLE_BATCH = 128
 # Settings a saved result must share to be reused.
-SAME = ("minutes", "n", "seed", "threads")
+SAME = ("minutes", "n", "seed", "threads", "precision")
 
 DDP_README = dict(train_batch_size=32, gradient_accumulate_every=2, train_lr=8e-5,
                   ema_decay=0.995, ema_update_every=10, amp=True)
@@ -100,6 +101,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                     help="torch threads of every row (default: all cores)")
     ap.add_argument("--seed", type=int, default=0, help="seed of training and sampling")
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="ddpm's --precision for our row, training and sampling (the peers train "
+                         "in fp32 as their examples do)")
     ap.add_argument("--reuse", action="store_true",
                     help="take a row's saved WORK/ROW.json (same settings) instead of running it")
     ap.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)  # child process: one row
@@ -159,7 +163,7 @@ def run_child(name: str, args: argparse.Namespace, work: Path, extra: list[str])
     out.unlink(missing_ok=True)  # a failed run must not leave an older result to be reused
     cmd = [sys.executable, os.path.abspath(__file__), "--row", name, "--minutes", str(args.minutes),
            "--n", str(args.n), "--work", str(work), "--threads", str(args.threads),
-           "--seed", str(args.seed), *extra]
+           "--seed", str(args.seed), "--precision", args.precision, *extra]
     # Thread counts for every process of the row (ddpm subprocesses, DataLoader workers); tqdm
     # takes TQDM_* defaults from the environment, which keeps the peers' sampling bars short.
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
@@ -270,7 +274,7 @@ def row_ours(args: argparse.Namespace, row_dir: Path) -> dict:
     run = row_dir / "run"
     ddpm_cli("train", "--out", str(run), "--minutes", str(args.minutes), "--no-progress",
              "--fid-every", "0", "--sample-every", "0", "--checkpoint-every", "0",
-             "--threads", str(args.threads), "--seed", str(args.seed))
+             "--threads", str(args.threads), "--seed", str(args.seed), "--precision", args.precision)
     full = json.loads((run / "config.json").read_text())
     config, m, d = full["train"], full["model"], full["diffusion"]
     last = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()
@@ -282,15 +286,21 @@ def row_ours(args: argparse.Namespace, row_dir: Path) -> dict:
     # so the images can be rescored like the peers'.
     r = ddpm_cli("eval", str(run), "--n", str(args.n), "--sampler", "dpm++", "--steps", "20",
                  "--seed", str(args.seed), "--split", "train", "--json", "--no-progress",
-                 "--save-samples", str(row_dir / "samples.npz"))
+                 "--precision", args.precision, "--save-samples", str(row_dir / "samples.npz"))
     per_step = config["batch_size"] * config["grad_accum"]
+    import torch
+
+    from ddpm.runtime import resolve_precision
+
+    precision = resolve_precision(args.precision, torch.device("cpu"))
     return result("ddpm (ours)",
                   f"preset fashion-cpu: batch {per_step}, AdamW lr {lr(config['lr'])} cosine, "
                   f"EMA {config['ema_decay']:g}, predicts {d['prediction_type']}"
                   + (f", min-SNR-{d['min_snr_gamma']:g}" if d["loss_weighting"] == "min-snr" else "")
                   + ("" if full["data"]["hflip"] else ", no flips")
                   + f"; U-Net {m['base_channels']}x"
-                  f"({','.join(map(str, m['channel_mults']))}), {m['block']} blocks", params, last["step"], per_step,
+                  f"({','.join(map(str, m['channel_mults']))}), {m['block']} blocks, {precision}"
+                  f"{' (auto)' if args.precision == 'auto' else ''}", params, last["step"], per_step,
                   last["elapsed_s"], "DPM-Solver++ 20 steps", r["seconds"]["sampling"], r)
 
 

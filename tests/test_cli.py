@@ -136,7 +136,27 @@ def test_sampler_options_are_checked(trained_run, tmp_path):
     assert r.returncode == 2 and "--variance is a setting of the ddpm sampler" in r.stderr
     r = ddpm_in_process("sample", trained_run[0], "--sampler", "plms", "--out", tmp_path / "x.png")
     assert r.returncode == 2 and "invalid choice: 'plms'" in r.stderr
+    r = ddpm_in_process("sample", trained_run[0], "--sampler", "heun", "--churn", "-5",
+                        "--out", tmp_path / "x.png")
+    assert r.returncode == 2 and "expected a number in [0, 1000], got -5" in r.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_churn_from_the_command_line(trained_run, tmp_path):
+    """--churn makes heun Karras et al.'s stochastic sampler: reproducible by seed, and other
+    images than the deterministic heun's; --churn 0 is the deterministic sampler."""
+    import numpy as np
+
+    def draw(name, *options):
+        r = ddpm_in_process("sample", trained_run[0], "--sampler", "heun", "--steps", 6, "--n", 4,
+                            "--seed", 1, "--out", tmp_path / name, "--no-progress", *options)
+        assert r.returncode == 0, r.stderr
+        return np.load(tmp_path / name)["arr_0"]
+
+    plain, zero = draw("a.npz"), draw("b.npz", "--churn", "0")
+    churned, again = draw("c.npz", "--churn", "40"), draw("d.npz", "--churn", "40")
+    assert np.array_equal(plain, zero) and np.array_equal(churned, again)
+    assert not np.array_equal(plain, churned)
 
 
 def test_checkpoint_from_another_version_is_explained(trained_run, tmp_path):
@@ -216,8 +236,9 @@ def test_bad_data_options_are_one_line_errors(tmp_path, args, message):
 
 
 def test_sampling_precision_and_compile_options(trained_run, tmp_path, monkeypatch):
-    """--precision bf16 samples under bf16 autocast (close to fp32, not equal); --compile that
-    fails to compile samples uncompiled with one warning, the same images as without it."""
+    """--precision bf16 samples under bf16 autocast (close to fp32, not equal), and so does the
+    default (auto) on a CPU with bf16 hardware; --compile that fails to compile samples
+    uncompiled with one warning, the same images as without it."""
     import numpy as np
     import torch
 
@@ -229,9 +250,13 @@ def test_sampling_precision_and_compile_options(trained_run, tmp_path, monkeypat
         assert r.returncode == 0, r.stderr
         return np.load(tmp_path / name)["arr_0"].astype(int), r.stderr
 
-    fp32, _ = draw("a.npz")
+    fp32, _ = draw("a.npz", "--precision", "fp32")
     bf16, _ = draw("b.npz", "--precision", "bf16")
     assert not np.array_equal(fp32, bf16) and np.abs(fp32 - bf16).mean() < 8
+    from ddpm.runtime import cpu_bf16_flag
+
+    default, _ = draw("d.npz")  # auto: bf16 on a CPU with bf16 hardware, else fp32
+    assert np.array_equal(default, bf16 if cpu_bf16_flag() else fp32)
 
     def broken(module, **kwargs):
         def fails(*args, **kw):
@@ -239,7 +264,7 @@ def test_sampling_precision_and_compile_options(trained_run, tmp_path, monkeypat
         return fails
 
     monkeypatch.setattr(torch, "compile", broken)
-    compiled, err = draw("c.npz", "--compile")
+    compiled, err = draw("c.npz", "--compile", "--precision", "fp32")
     assert np.array_equal(compiled, fp32)
     assert err.count("torch.compile failed (RuntimeError: InductorError") == 1, err
     r = ddpm_in_process("sample", run, "--precision", "fp16", "--device", "cpu", "--out", tmp_path / "x.png")

@@ -93,6 +93,8 @@ ODD_INPUTS = [
      "--eta is a setting of the ddim sampler, not of ddpm", ()),
     ("sample {root}/run --variance beta --sampler dpm++ --out {root}/existing.png",
      "--variance is a setting of the ddpm sampler, not of dpm++", ()),
+    ("sample {root}/run --churn 40 --sampler ddim --out {root}/existing.png",
+     "--churn is a setting of the euler and heun samplers, not of ddim; add --sampler heun", ()),
     ("sample {root}/run --n 0 --out {root}/existing.png", "expected a number >= 1, got 0", ()),
     ("sample {root}/run --batch-size 0 --out {root}/existing.png", "expected a number >= 1, got 0", ()),
     ("sample {root}/run --class all --out {root}/existing.png", "trained without class labels", ()),

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from ddpm import get_preset
-from ddpm.runtime import (autocast, resolve_device, resolve_precision, torch_state_kept,
-                          training_precision)
+from ddpm import runtime
+from ddpm.runtime import (autocast, cpu_bf16_flag, resolve_device, resolve_precision,
+                          torch_state_kept, training_precision)
 from ddpm.train import train
 
 
@@ -26,7 +27,7 @@ def test_autocast_follows_the_precision():
     cpu = torch.device("cpu")
     layer = torch.nn.Linear(4, 4)
     x = torch.randn(2, 4)
-    assert resolve_precision("auto", cpu) == "fp32"
+    assert resolve_precision("auto", cpu) == ("bf16" if cpu_bf16_flag() else "fp32")
     with autocast(cpu, "fp32"):
         assert layer(x).dtype == torch.float32
     with autocast(cpu, "bf16"):
@@ -49,10 +50,37 @@ def test_torch_state_is_kept_even_when_the_work_fails():
     assert torch.get_num_threads() == threads and torch.equal(torch.rand(2), expected)
 
 
+def cpuinfo(tmp_path, flags: str) -> str:
+    """A /proc/cpuinfo of two processors with the given flags (the real file's layout)."""
+    block = ("processor\t: {n}\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\n"
+             f"flags\t\t: fpu vme sse sse2 avx avx2 {flags}\nbogomips\t: 4890.85\n\n")
+    path = tmp_path / "cpuinfo"
+    path.write_text(block.format(n=0) + block.format(n=1))
+    return str(path)
+
+
+def test_auto_precision_is_bf16_only_on_cpus_with_bf16_hardware(tmp_path, monkeypatch):
+    assert cpu_bf16_flag(cpuinfo(tmp_path, "avx512f avx512_bf16 avx512_vnni")) == "avx512_bf16"
+    assert cpu_bf16_flag(cpuinfo(tmp_path, "avx512f amx_tile amx_bf16")) == "amx_bf16"
+    # avx512f alone, or a flag that merely contains the name, is not bf16 hardware
+    assert cpu_bf16_flag(cpuinfo(tmp_path, "avx512f avx512_bf16x")) is None
+    assert cpu_bf16_flag(str(tmp_path / "no-such-file")) is None  # not Linux
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(runtime, "cpu_bf16_flag", lambda: "avx512_bf16")
+    assert resolve_precision("auto", cpu) == "bf16"
+    assert training_precision("auto", cpu) == ("bf16", "auto: bf16, this CPU has avx512_bf16")
+    assert training_precision("fp32", cpu) == ("fp32", "as asked")
+    monkeypatch.setattr(runtime, "cpu_bf16_flag", lambda: None)
+    assert resolve_precision("auto", cpu) == "fp32" and resolve_precision("auto", cuda) == "bf16"
+    assert training_precision("auto", cpu) == ("fp32", "auto: fp32, this CPU has no bf16 hardware")
+    assert resolve_precision("bf16", cpu) == "bf16", "asked for, it is used even when emulated"
+
+
 def test_precision_follows_the_environment_only_under_accelerate_launch(monkeypatch):
     cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "cpu_bf16_flag", lambda: None)
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # e.g. left over in a shell
-    assert training_precision("auto", cpu) == ("fp32", "auto: fp32 on a CPU")
+    assert training_precision("auto", cpu) == ("fp32", "auto: fp32, this CPU has no bf16 hardware")
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")  # what 'accelerate launch' sets too
     assert training_precision("auto", cpu) == ("bf16", "auto: accelerate launch --mixed_precision bf16")
     assert training_precision("fp32", cpu) == ("fp32", "as asked"), "an explicit choice wins"

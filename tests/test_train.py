@@ -196,6 +196,8 @@ def test_the_sync_free_step_equals_a_straightforward_one(fake_fashion):
     from ddpm.train import build_training
 
     config = tiny_config(fake_fashion)  # dropout 0.1: the global RNG is reseeded for each
+    # fp32, as the plain loop computes (auto would be bf16 autocast on a CPU with bf16 hardware)
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, precision="fp32"))
     cpu = torch.device("cpu")
     data = ImageData(torch.zeros(32, 1, 28, 28, dtype=torch.uint8), torch.zeros(32, dtype=torch.long), "x")
     run = build_training(config, make_accelerator(cpu), cpu, lambda: data)

@@ -189,8 +189,10 @@ def test_preview_grids_use_fixed_noise_and_make_the_progress_gif(run):
     assert [g.name for g in grids] == ["step-00000004.png", "step-00000008.png", "step-00000012.png"]
     for grid in grids:
         step = int(grid.stem.split("-")[1])
-        # the preview is the EMA weights of that step sampled from PREVIEW_SEED's noise
-        pipe = load_pipeline(run / "checkpoints" / f"ckpt-{step:08d}.pt", device="cpu")
+        # the preview is the EMA weights of that step sampled from PREVIEW_SEED's noise, in the
+        # training's precision (the run's auto: bf16 on a CPU with bf16 hardware, else fp32)
+        pipe = load_pipeline(run / "checkpoints" / f"ckpt-{step:08d}.pt", device="cpu",
+                             precision="auto")
         images = pipe.generate(pipe.config.train.sample_n, seed=PREVIEW_SEED,
                                num_sample_steps=pipe.config.train.sample_steps)
         expected = frame_grid(images, nrow=2)

@@ -186,8 +186,9 @@ class TrainConfig:
         help="train for this many minutes of wall-clock time (this invocation)")
     precision: str = setting(
         "auto", flag="--precision", choices=PRECISIONS, group="optimisation",
-        help="autocast precision: auto is bf16 on CUDA, fp32 on CPU (under 'accelerate launch' "
-             "its --mixed_precision); fp16 needs CUDA and uses a gradient scaler")
+        help="autocast precision: auto is bf16 on CUDA and on CPUs with bf16 hardware "
+             "(avx512_bf16, amx_bf16), fp32 on other CPUs (under 'accelerate launch' its "
+             "--mixed_precision); fp16 needs CUDA and uses a gradient scaler")
     seed: int = setting(0, flag="--seed", at_least=0, at_most=SEED_MAX, group="optimisation",
                         help="seed of every random draw of the run")
     log_every: int = setting(50, flag="--log-every", at_least=1, group="outputs",
@@ -261,6 +262,10 @@ class SampleConfig:
              "or learned (models trained with --learn-variance, their default)")
     eta: float = setting(0.0, flag="--eta", at_least=0, at_most=1,
                          help="ddim only: 0 is deterministic, 1 adds DDPM-like noise")
+    # Karras et al. 2022, Algorithm 2's S_churn: 0 is the deterministic ODE (their Algorithm 1)
+    churn: float = setting(0.0, flag="--churn", at_least=0, at_most=1000,
+                           help="euler and heun only: S_churn of Karras et al.'s stochastic "
+                                "sampler (noise added before each step); 0 is deterministic")
     x0_transform: str = setting(
         "clip", flag="--x0", choices=X0_TRANSFORMS,
         help="what to do with each predicted x0: clip to [-1, 1], dynamic thresholding "
@@ -490,6 +495,9 @@ def _fashion_cpu() -> RunConfig:
     # decay from 2e-3, reached the lowest held-out loss. v-prediction with min-SNR-5 weighting
     # (and no flips, data.resolve) lowered FID at equal steps from 22.1 to 13.3, where eps with
     # uniform weights had won on held-out loss alone. 1,400 steps take ~9.6 min at 155 img/s.
+    # Its precision is train.precision's default, auto: bf16 on a CPU with bf16 hardware, which
+    # trained 1.4x the steps of fp32 in 15 minutes there and reached FID 4.63 against 5.09
+    # (BENCHMARKS.md, "bf16 on a CPU that has it"); fp32 elsewhere.
     return RunConfig(
         model=UNetConfig(
             in_channels=1,

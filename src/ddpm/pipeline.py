@@ -104,13 +104,14 @@ class Pipeline:
         """Generate ``n`` images ``[n, C, H, W]`` in [-1, 1].
 
         ``settings`` override the run's :class:`SampleConfig` (``sampler``, ``num_sample_steps``,
-        ``spacing``, ``eta``, ``variance``, ``x0_transform``, ``guidance``). The same ``seed`` and
-        ``batch_size`` give the same images: all noise comes from one generator seeded with
-        ``seed``, drawn batch after batch. A class-conditional model draws class ``labels``
-        (see :meth:`class_labels`) with classifier-free guidance of scale ``guidance``. A noise-
-        aware ``classifier`` (``guidance.load_noisy_classifier``) guides any model towards
-        ``labels`` with scale ``classifier_scale`` (Dhariwal & Nichol 2021: Algorithm 1 for the
-        ddpm sampler, Algorithm 2 for the others); scale 0 is unguided sampling.
+        ``spacing``, ``eta``, ``churn``, ``variance``, ``x0_transform``, ``guidance``). The same
+        ``seed`` and ``batch_size`` give the same images: all noise comes from one generator
+        seeded with ``seed``, drawn batch after batch. A class-conditional model draws class
+        ``labels`` (see :meth:`class_labels`) with classifier-free guidance of scale
+        ``guidance``. A noise-aware ``classifier`` (``guidance.load_noisy_classifier``) guides any
+        model towards ``labels`` with scale ``classifier_scale`` (Dhariwal & Nichol 2021:
+        Algorithm 1 for the ddpm sampler, Algorithm 2 for the others); scale 0 is unguided
+        sampling.
         """
         sc = self.sample_config(**settings)
         if classifier is not None:
@@ -122,7 +123,8 @@ class Pipeline:
         sampler = get_sampler(sc.sampler)
         timesteps = make_timesteps(self.schedule.num_train_timesteps, sc.num_sample_steps,
                                    sc.spacing or DEFAULT_SPACING[sc.sampler], schedule=self.schedule)
-        options = {"ddpm": {"variance": sc.variance}, "ddim": {"eta": sc.eta}}.get(sc.sampler, {})
+        options = {"ddpm": {"variance": sc.variance}, "ddim": {"eta": sc.eta},
+                   "euler": {"churn": sc.churn}, "heun": {"churn": sc.churn}}.get(sc.sampler, {})
         x0_transform = X0_TRANSFORMS[sc.x0_transform]
         generator = torch.Generator("cpu").manual_seed(seed)
         mc = self.config.model

@@ -420,11 +420,22 @@ def _edm_sample(
     x0_transform: X0Transform | None,
     callback: StepCallback | None,
     second_order: bool,
+    churn: float,
+    generator: torch.Generator | None,
 ) -> torch.Tensor:
     """Euler / Heun on the probability-flow ODE in Karras et al. 2022's parametrisation:
     x_hat = x_t / sqrt(alpha_bar), noise level sigma = sqrt((1 - alpha_bar) / alpha_bar) and
-    d x_hat / d sigma = (x_hat - D(x_hat; sigma)) / sigma (eq. 3 with s(t) = 1, sigma(t) = t)."""
+    d x_hat / d sigma = (x_hat - D(x_hat; sigma)) / sigma (eq. 3 with s(t) = 1, sigma(t) = t).
+
+    With ``churn`` > 0 it is their stochastic sampler (Algorithm 2): before each step whose
+    sigma lies in [CHURN_SIGMA_MIN, CHURN_SIGMA_MAX], the noise level is raised by the factor
+    1 + gamma, gamma = min(churn / N, sqrt(2) - 1), by adding fresh noise of variance
+    sigma_hat^2 - sigma^2, and the step starts from sigma_hat (a network evaluation at the real-
+    valued t of that noise level). The added noise is what the ODE then removes, so each step
+    corrects part of the errors that earlier steps made."""
     ts = _check_timesteps(timesteps, schedule.num_train_timesteps)
+    if not churn >= 0 or not math.isfinite(churn):
+        raise ValueError(f"churn must be a finite number >= 0, got {churn}")
 
     def derivative(
         x_hat: torch.Tensor, t: float, noise_level: float, i: int | None
@@ -446,10 +457,19 @@ def _edm_sample(
             "euler and heun integrate x / sqrt(alpha_bar), which is infinite at zero terminal "
             "SNR; sample this model with ddim, dpm++ or ddpm"
         )
+    gamma = min(churn / len(ts), math.sqrt(2) - 1)  # Algorithm 2, line 4
+    top = noise_level_at(schedule.num_train_timesteps - 1)  # the schedule has no noisier step
     x_hat = x_T / math.sqrt(alpha_bar_T)
     for i, (t, t_prev) in enumerate(zip(ts, ts[1:] + [-1.0])):
         noise_level = noise_level_at(t)
         noise_level_prev = noise_level_at(t_prev) if t_prev >= 0 else 0.0
+        if gamma > 0 and CHURN_SIGMA_MIN <= noise_level <= CHURN_SIGMA_MAX:
+            # Algorithm 2, lines 5-6: sigma_hat = (1 + gamma) sigma, and
+            # x_hat += sqrt(sigma_hat^2 - sigma^2) eps, which puts x_hat at noise level sigma_hat.
+            raised = min((1 + gamma) * noise_level, top)
+            x_hat = x_hat + math.sqrt(raised**2 - noise_level**2) * _noise_like(x_hat, generator)
+            noise_level = raised
+            t = float(schedule.t_at_log_snr(-2 * math.log(raised)))  # sigma^2 = 1 / SNR
         d = derivative(x_hat, t, noise_level, i)
         # Euler step (Karras et al., Alg. 1, line 5): x_hat_prev = x_hat + (sigma_prev - sigma) d.
         x_hat_prev = x_hat + (noise_level_prev - noise_level) * d
@@ -459,6 +479,12 @@ def _edm_sample(
             x_hat_prev = x_hat + (noise_level_prev - noise_level) * 0.5 * (d + d_prev)
         x_hat = x_hat_prev
     return x_hat  # noise level 0: x_hat is x0
+
+
+#: The noise levels at which ``churn`` adds noise (Karras et al. 2022, S_tmin and S_tmax of their
+#: Table 5, the values they used on ImageNet-64): not at the largest sigmas, where the step is
+#: mostly noise already, nor at the smallest, where new noise would blur detail.
+CHURN_SIGMA_MIN, CHURN_SIGMA_MAX = 0.05, 50.0
 
 
 @torch.no_grad()
@@ -472,11 +498,13 @@ def euler_sample(
     x0_transform: X0Transform | None = clip_x0,
     generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
+    churn: float = 0.0,
 ) -> torch.Tensor:
-    """Euler's method on the probability-flow ODE (Karras et al. 2022), first order."""
-    del generator  # deterministic; accepted for the shared signature
+    """Euler's method on the probability-flow ODE (Karras et al. 2022), first order; with
+    ``churn`` > 0, noise is added before each step (their Algorithm 2's churn, Euler's step)."""
     return _edm_sample(denoiser, schedule, x_T, timesteps, prediction_type=prediction_type,
-                       x0_transform=x0_transform, callback=callback, second_order=False)
+                       x0_transform=x0_transform, callback=callback, second_order=False,
+                       churn=churn, generator=generator)
 
 
 @torch.no_grad()
@@ -490,12 +518,14 @@ def heun_sample(
     x0_transform: X0Transform | None = clip_x0,
     generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
+    churn: float = 0.0,
 ) -> torch.Tensor:
-    """Heun's method on the probability-flow ODE (Karras et al. 2022, Algorithm 1 without churn),
-    second order; 2n - 1 network evaluations for n steps (the last step is Euler's)."""
-    del generator
+    """Heun's method on the probability-flow ODE (Karras et al. 2022, Algorithm 1), second order;
+    2n - 1 network evaluations for n steps (the last step is Euler's). With ``churn`` > 0 it is
+    their stochastic sampler, Algorithm 2 (S_churn = ``churn``, S_noise = 1)."""
     return _edm_sample(denoiser, schedule, x_T, timesteps, prediction_type=prediction_type,
-                       x0_transform=x0_transform, callback=callback, second_order=True)
+                       x0_transform=x0_transform, callback=callback, second_order=True,
+                       churn=churn, generator=generator)
 
 
 SAMPLER_FUNCTIONS = {

@@ -258,9 +258,10 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     """Options of every command that loads a trained model."""
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="autocast of the network while sampling: fp32, bf16 (on a GPU, or a CPU "
-                        "with bf16 hardware), fp16 (CUDA), auto (bf16 on CUDA, fp32 on a CPU)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="autocast of the network while sampling: auto (the default: bf16 on CUDA "
+                        "and on CPUs with bf16 hardware, fp32 on other CPUs), fp32, bf16, fp16 "
+                        "(CUDA)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network (minutes to compile; falls back to uncompiled "
                         "with a warning if compiling fails)")

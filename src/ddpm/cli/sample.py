@@ -40,10 +40,12 @@ def sample_settings(args: argparse.Namespace, pipe: Pipeline) -> tuple[dict[str,
     for options that would have no effect with the chosen sampler."""
     settings = given_settings(args).get("sample", {})
     sc = pipe.sample_config(**settings)
-    for name, flag, sampler in (("eta", "--eta", "ddim"), ("variance", "--variance", "ddpm")):
-        if name in settings and sc.sampler != sampler:
-            raise UsageError(f"{flag} is a setting of the {sampler} sampler, not of {sc.sampler}; "
-                             f"add --sampler {sampler} or drop {flag} {settings[name]}")
+    for name, flag, samplers in (("eta", "--eta", ("ddim",)), ("variance", "--variance", ("ddpm",)),
+                                 ("churn", "--churn", ("euler", "heun"))):
+        if name in settings and sc.sampler not in samplers:
+            raise UsageError(f"{flag} is a setting of the {' and '.join(samplers)} sampler"
+                             f"{'s' if len(samplers) > 1 else ''}, not of {sc.sampler}; add "
+                             f"--sampler {samplers[-1]} or drop {flag} {settings[name]}")
     return settings, sc
 
 
