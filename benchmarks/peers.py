@@ -21,7 +21,8 @@ ours
     ``ddpm train`` with the default preset fashion-cpu and ``--minutes M`` instead of its step
     limit; ``--fid-every 0 --sample-every 0 --checkpoint-every 0`` so no FID measurement,
     preview grid or checkpoint eats the budget. Sampled by ``ddpm eval``: DPM-Solver++, 20 steps.
-    ``--precision`` (auto: bf16 on a CPU with bf16 hardware, else fp32) trains and samples it.
+    ``--precision`` (auto: bf16 on a CPU with bf16 hardware, else fp32) trains and samples it;
+    ``--ours-args '--base-channels 32 ...'`` adds training options (a lever against the preset).
 ddp: denoising-diffusion-pytorch 2.3.4 (lucidrains)
     Its ``Unet``, ``GaussianDiffusion`` and ``Trainer`` with the README's Trainer settings:
     train_batch_size 32, gradient_accumulate_every 2, train_lr 8e-5, ema_decay 0.995, amp True,
@@ -68,6 +69,7 @@ import importlib.util
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -79,7 +81,7 @@ PEER_MODULES = {"ddp": "denoising_diffusion_pytorch", "diffusers": "diffusers"}
 DATA_DIR = "/usr/share/datasets/fashion-mnist"
 SAMPLE_BATCH = 128
 # Settings a saved result must share to be reused.
-SAME = ("minutes", "n", "seed", "threads", "precision")
+SAME = ("minutes", "n", "seed", "threads", "precision", "ours_args")
 
 DDP_README = dict(train_batch_size=32, gradient_accumulate_every=2, train_lr=8e-5,
                   ema_decay=0.995, ema_update_every=10, amp=True)
@@ -104,6 +106,9 @@ def main() -> None:
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                     help="ddpm's --precision for our row, training and sampling (the peers train "
                          "in fp32 as their examples do)")
+    ap.add_argument("--ours-args", default="", metavar="'ARGS'",
+                    help="more 'ddpm train' options for our row, one quoted string (a lever to "
+                         "measure against the preset, e.g. '--base-channels 32')")
     ap.add_argument("--reuse", action="store_true",
                     help="take a row's saved WORK/ROW.json (same settings) instead of running it")
     ap.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)  # child process: one row
@@ -154,7 +159,10 @@ def load_result(path: Path, settings: dict) -> dict | None:
     if not path.exists():
         return None
     r = json.loads(path.read_text())
-    return r if all(r.get(k) == v for k, v in settings.items()) else None
+    r.setdefault("ours_args", "")  # results saved before --ours-args existed
+    # --ours-args changes our row only: a peer's saved row is reused whatever it was
+    same = {k: v for k, v in settings.items() if k != "ours_args" or path.stem == "ours"}
+    return r if all(r.get(k) == v for k, v in same.items()) else None
 
 
 def run_child(name: str, args: argparse.Namespace, work: Path, extra: list[str]) -> dict:
@@ -163,7 +171,8 @@ def run_child(name: str, args: argparse.Namespace, work: Path, extra: list[str])
     out.unlink(missing_ok=True)  # a failed run must not leave an older result to be reused
     cmd = [sys.executable, os.path.abspath(__file__), "--row", name, "--minutes", str(args.minutes),
            "--n", str(args.n), "--work", str(work), "--threads", str(args.threads),
-           "--seed", str(args.seed), "--precision", args.precision, *extra]
+           "--seed", str(args.seed), "--precision", args.precision,
+           f"--ours-args={args.ours_args}", *extra]
     # Thread counts for every process of the row (ddpm subprocesses, DataLoader workers); tqdm
     # takes TQDM_* defaults from the environment, which keeps the peers' sampling bars short.
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
@@ -274,7 +283,8 @@ def row_ours(args: argparse.Namespace, row_dir: Path) -> dict:
     run = row_dir / "run"
     ddpm_cli("train", "--out", str(run), "--minutes", str(args.minutes), "--no-progress",
              "--fid-every", "0", "--sample-every", "0", "--checkpoint-every", "0",
-             "--threads", str(args.threads), "--seed", str(args.seed), "--precision", args.precision)
+             "--threads", str(args.threads), "--seed", str(args.seed), "--precision", args.precision,
+             *shlex.split(args.ours_args))
     full = json.loads((run / "config.json").read_text())
     config, m, d = full["train"], full["model"], full["diffusion"]
     last = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()
@@ -294,7 +304,8 @@ def row_ours(args: argparse.Namespace, row_dir: Path) -> dict:
 
     precision = resolve_precision(args.precision, torch.device("cpu"))
     return result("ddpm (ours)",
-                  f"preset fashion-cpu: batch {per_step}, AdamW lr {lr(config['lr'])} cosine, "
+                  f"preset fashion-cpu{' ' + args.ours_args if args.ours_args else ''}: "
+                  f"batch {per_step}, AdamW lr {lr(config['lr'])} cosine, "
                   f"EMA {config['ema_decay']:g}, predicts {d['prediction_type']}"
                   + (f", min-SNR-{d['min_snr_gamma']:g}" if d["loss_weighting"] == "min-snr" else "")
                   + ("" if full["data"]["hflip"] else ", no flips")

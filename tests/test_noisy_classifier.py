@@ -203,6 +203,20 @@ def test_the_loaded_file_is_what_was_trained(bright):
         assert clf.model(x, torch.tensor([0, 0])).argmax(1).tolist() == [0, 1]
 
 
+def test_a_classifier_file_from_before_time_silu_keeps_its_function(bright, tmp_path):
+    """Files written before the resnet blocks' time SiLU existed load without it."""
+    root = bright[2]
+    blob = torch.load(root / "clf.pt", weights_only=True)
+    assert blob["model"]["time_silu"] is True
+    old = {**blob, "model": {k: v for k, v in blob["model"].items() if k != "time_silu"}}
+    torch.save(old, tmp_path / "old.pt")
+    new, legacy = load_noisy_classifier(root / "clf.pt"), load_noisy_classifier(tmp_path / "old.pt")
+    assert legacy.model.config.time_silu is False and new.model.config.time_silu is True
+    x, t = torch.randn(2, 1, 28, 28), torch.tensor([100, 700])
+    with torch.no_grad():
+        assert not torch.allclose(legacy.model(x, t), new.model(x, t))
+
+
 def test_the_same_seed_trains_the_same_weights(bright, tmp_path):
     _, data, root = bright
     train_noisy_classifier("fashion-mnist", data, tmp_path / "again.pt", **BRIGHT_TRAINING)

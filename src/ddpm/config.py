@@ -315,7 +315,13 @@ class RunConfig:
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "RunConfig":
         """Inverse of :meth:`to_dict`. Missing keys keep their defaults; an unknown key or a
-        value of the wrong type raises ValueError naming it (and the valid names)."""
+        value of the wrong type raises ValueError naming it (and the valid names).
+
+        A saved model section without ``time_silu`` was written before that setting existed,
+        by a U-Net without the SiLU: it is read as ``time_silu=False``, so the weights keep
+        computing what they were trained to."""
+        if isinstance(d, dict) and isinstance(d.get("model"), dict) and "time_silu" not in d["model"]:
+            d = {**d, "model": {**d["model"], "time_silu": False}}
         return with_overrides(RunConfig(), d, resolve=False)
 
     def validate(self, *, num_processes: int = 1) -> None:
@@ -507,6 +513,9 @@ def _fashion_cpu() -> RunConfig:
             num_res_blocks=1,
             attention_resolutions=(7,),
             dropout=0.0,
+            # 8 groups divide every width (24, 48, 72, 96, 144): one count for all, which
+            # diffusers' UNet2DModel needs to hold the model ('ddpm export')
+            norm_groups=8,
         ),
         diffusion=DiffusionConfig(schedule="linear", num_train_timesteps=1000, prediction_type="v",
                                   loss_weighting="min-snr", min_snr_gamma=5.0),

@@ -40,8 +40,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_save, read_torch_file
-from .config import (DEFAULT_PRESET, DataConfig, RunConfig, build_schedule, get_preset,
-                     with_overrides)
+from .config import DEFAULT_PRESET, DataConfig, RunConfig, build_schedule, get_preset
 from .data import FOLDER_DATASETS, ImageData, load_dataset, random_crop, to_model_range
 from .data import resolve as resolve_data
 from .diffusion import q_sample
@@ -322,7 +321,7 @@ def load_noisy_classifier(path: str | os.PathLike,
         raise ValueError(f"{path} is {what}; make one with 'ddpm train-classifier --noisy "
                          f"--like {run} --out CLASSIFIER.pt'")
     try:
-        config = with_overrides(RunConfig(), {"model": blob["model"]}, resolve=False).model
+        config = RunConfig.from_dict({"model": blob["model"]}).model  # older files: time_silu
         model = NoisyClassifier(config)
         model.load_state_dict(blob["weights"])
         schedule = blob["schedule"]

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .checkpoint import checkpoint_config, load_run_or_file, load_weights
 from .config import RunConfig, SampleConfig, build_schedule
 from .data import to_model_range, to_uint8
+from .diffusers_io import is_diffusers_folder, load_diffusers
 from .diffusion import p_mean_log_variance, prior_bpd, q_sample, vlb_term
 from .guidance import NoisyClassifierFile, check_compatible, classifier_log_prob_grad
 from .models import UNet
@@ -306,11 +307,16 @@ def load_pipeline(
     precision: str = "fp32",
     compile: bool = False,
 ) -> Pipeline:
-    """Load the newest checkpoint of a run directory, or the given checkpoint file; sample in
-    ``precision`` (autocast: fp32, bf16, fp16 on CUDA, or auto) and, with ``compile``, through
-    ``torch.compile``."""
+    """Load the newest checkpoint of a run directory, the given checkpoint file, or a diffusers
+    folder (``DDPMPipeline.save_pretrained``'s, or ``UNet2DModel.save_pretrained``'s with its
+    scheduler's config: ``diffusers_io.load_diffusers``); sample in ``precision`` (autocast:
+    fp32, bf16, fp16 on CUDA, or auto) and, with ``compile``, through ``torch.compile``."""
     dev = resolve_device(device)
     resolve_precision(precision, dev)  # an unknown name, or fp16 on a CPU, said now
+    if is_diffusers_folder(run_or_checkpoint):
+        model, schedule, config, step, classes = load_diffusers(run_or_checkpoint, dev)
+        pipe = Pipeline(model, schedule, config, step, dev, precision, classes=classes)
+        return pipe.compile() if compile else pipe
     path, state = load_run_or_file(run_or_checkpoint)
     config = checkpoint_config(state, path)
     model = UNet(config.model)

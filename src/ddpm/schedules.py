@@ -192,6 +192,13 @@ def make_schedule(
     if zero_terminal_snr:
         alpha_bar = rescale_zero_terminal_snr(torch.cumprod(1.0 - betas, dim=0))
         betas = 1.0 - alpha_bar / torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+    return schedule_from_betas(name, betas)
+
+
+def schedule_from_betas(name: str, betas: torch.Tensor) -> NoiseSchedule:
+    """The frozen schedule of given betas ``[T]`` (float64, each in (0, 1], the last may be 1
+    under zero terminal SNR): every derived quantity of the forward process and posterior."""
+    betas = betas.to(torch.float64)
     alphas = 1.0 - betas
     alphas_cumprod = torch.cumprod(alphas, dim=0)
     alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])

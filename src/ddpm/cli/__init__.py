@@ -1,7 +1,7 @@
 """The ``ddpm`` command line: the only place that parses strings.
 
 ``main`` builds the parser from one module per command family (``train``; ``sample`` and
-``eval``; ``viz``; the ``tools`` bench, presets and train-classifier), runs the command, and turns
+``eval``; ``viz``; the ``tools`` bench, presets, train-classifier, posthoc-ema and export), runs the command, and turns
 user mistakes into one line and exit code 2 instead of a traceback. The options of every setting
 are made from its declaration in the config (``options.add_settings``).
 """
@@ -39,6 +39,7 @@ def build_parser() -> Parser:
     tools.add_bench_parser(sub)
     tools.add_presets_parser(sub)
     tools.add_posthoc_parser(sub)
+    tools.add_export_parser(sub)
     viz.add_parser(sub)
     return parser
 

@@ -64,6 +64,13 @@ class UNetConfig:
     # null class, "no label", which classifier-free guidance needs (Ho & Salimans 2022).
     num_classes: int = setting(0, flag=None, at_least=0,
                                help="classes of a class-conditional model (0: unconditional)")
+    # Ho et al. 2020 (their code's resnet_block: dense(nonlinearity(temb))), guided-diffusion and
+    # diffusers pass the time embedding through a SiLU before each residual block's projection.
+    # ddpm before 0.2 did not; checkpoints saved then say False (RunConfig.from_dict) and keep
+    # computing what they computed. With it, diffusers' UNet2DModel can hold our network.
+    time_silu: bool = setting(True, flag=None,
+                              help="a SiLU on the time embedding before each resnet block's "
+                                   "projection (Ho et al. 2020)")
     # Nichol & Dhariwal 2021, sec. 3.1: a second C output channels, v, set the reverse
     # process's variance between beta-tilde_t and beta_t (their eq. 15); trained by L_hybrid.
     learn_variance: bool = setting(
@@ -121,8 +128,10 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-Conv twice, the time embedding added in between, and a skip connection."""
 
-    def __init__(self, in_ch: int, out_ch: int, time_dim: int, dropout: float, groups: int):
+    def __init__(self, in_ch: int, out_ch: int, time_dim: int, dropout: float, groups: int,
+                 time_silu: bool = True):
         super().__init__()
+        self.time_silu = time_silu
         self.norm1 = _group_norm(in_ch, groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.time_proj = nn.Linear(time_dim, out_ch)
@@ -135,6 +144,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
+        temb = F.silu(temb) if self.time_silu else temb
         h = h + self.time_proj(temb)[:, :, None, None]  # [B, C] -> [B, C, 1, 1]
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return self.skip(x) + h
@@ -235,7 +245,7 @@ class _DownPath(nn.Module):
         time_dim = 4 * c.base_channels
         if c.block == "convnext":
             return ConvNeXtBlock(in_ch, out_ch, time_dim, c.dropout, c.convnext_mult)
-        return ResBlock(in_ch, out_ch, time_dim, c.dropout, c.norm_groups)
+        return ResBlock(in_ch, out_ch, time_dim, c.dropout, c.norm_groups, c.time_silu)
 
     def _attention(self, channels: int, size: int) -> nn.Module:
         c = self.config

@@ -1,0 +1,342 @@
+"""ddpm <-> diffusers: 'ddpm export --format diffusers' and diffusers folders as input.
+
+The exported UNet2DModel must compute our network's function and the exported scheduler our
+schedule (checked through diffusers' own classes), a diffusers model must sample under ddpm as
+under diffusers' own loop, and every model or folder the two cannot exchange is refused in one
+line with nothing written."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ddpm_in_process as cli
+from conftest import snapshot
+
+diffusers = pytest.importorskip("diffusers")  # in the [test] extra: installed wherever CI runs
+
+from ddpm import get_preset, train  # noqa: E402
+from ddpm.checkpoint import load_checkpoint  # noqa: E402
+from ddpm.config import RunConfig, build_schedule  # noqa: E402
+from ddpm.models import UNet  # noqa: E402
+from ddpm.pipeline import load_pipeline  # noqa: E402
+from ddpm.samplers import clip_x0, ddim_sample, initial_noise, make_timesteps  # noqa: E402
+
+
+def tiny_checkpoint(root, fake_fashion, name, *, model=None, diffusion=None, sample=None):
+    """A one-step run of the tiny preset with the given settings, its EMA weights replaced by
+    random ones (training from zero-initialised layers would leave outputs near 0, which would
+    hide a wrong mapping). Returns the checkpoint's path and the model with those weights."""
+    c = get_preset("tiny")
+    config = dataclasses.replace(
+        c, model=dataclasses.replace(c.model, **(model or {})),
+        diffusion=dataclasses.replace(c.diffusion, **(diffusion or {})),
+        sample=dataclasses.replace(c.sample, **(sample or {})),
+        data=dataclasses.replace(c.data, data_dir=str(fake_fashion)),
+        train=dataclasses.replace(c.train, steps=1, sample_every=0, checkpoint_every=1))
+    run = root / name
+    train(config, run, progress=False, final_grid=False)
+    path = run / "checkpoints" / "ckpt-00000001.pt"
+    state = load_checkpoint(path)
+    net = UNet(RunConfig.from_dict(state["config"]).model)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=generator))
+    torch.save({**state, "ema": net.state_dict()}, path)
+    return path, net.eval()
+
+
+CASES = {
+    "linear-eps": dict(),
+    "cosine-v-conditional": dict(model={"num_classes": 10}, diffusion={"schedule": "cosine",
+                                                                       "prediction_type": "v"}),
+    "quadratic-x0-learned": dict(model={"learn_variance": True, "attention_resolutions": (14,),
+                                        "attention_head_dim": 4},
+                                 diffusion={"schedule": "quadratic", "prediction_type": "x0"}),
+    "sigmoid-v-zero-snr": dict(diffusion={"schedule": "sigmoid", "prediction_type": "v",
+                                          "zero_terminal_snr": True},
+                               sample={"x0_transform": "none"}),
+}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, fake_fashion):
+    """Each case of CASES trained, exported with the CLI: name -> (out folder, net, config)."""
+    root = tmp_path_factory.mktemp("export")
+    out = {}
+    for name, settings in CASES.items():
+        path, net = tiny_checkpoint(root, fake_fashion, name, **settings)
+        r = cli("export", path, "--format", "diffusers", root / f"{name}-out")
+        assert r.returncode == 0, r.stderr
+        assert "same outputs" in r.stdout
+        out[name] = (root / f"{name}-out", net, RunConfig.from_dict(load_checkpoint(path)["config"]))
+    return out
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_exported_unet_computes_our_network(exported, case):
+    folder, net, config = exported[case]
+    unet = diffusers.UNet2DModel.from_pretrained(folder / "unet").eval()
+    mc = config.model
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, mc.in_channels, mc.image_size, mc.image_size, generator=g)
+    t = torch.randint(0, config.diffusion.num_train_timesteps, (6,), generator=g)
+    y = torch.randint(0, mc.num_classes + 1, (6,), generator=g) if mc.num_classes else None
+    with torch.no_grad():
+        ours, theirs = net(x, t, y), unet(x, t, class_labels=y).sample
+    assert ours.shape == theirs.shape
+    assert ours.abs().max() > 0.1  # random weights: a real function to compare
+    assert (ours - theirs).abs().max() < 1e-4
+    # real-valued timesteps too (our ODE samplers visit them)
+    tf = torch.rand(6, generator=g) * 999
+    with torch.no_grad():
+        assert (net(x, tf, y) - unet(x, tf, class_labels=y).sample).abs().max() < 1e-4
+    # and the whole pipeline loads as diffusers users load it
+    assert isinstance(diffusers.DDPMPipeline.from_pretrained(folder).unet, diffusers.UNet2DModel)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_exported_scheduler_drives_our_ddim(exported, case):
+    """diffusers' DDIMScheduler made from the exported config, 10 steps from the same noise,
+    gives our DDIM's images."""
+    folder, net, config = exported[case]
+    scheduler = diffusers.DDIMScheduler.from_pretrained(folder / "scheduler")
+    schedule = build_schedule(config)
+    assert torch.allclose(scheduler.alphas_cumprod.double(), schedule.alphas_cumprod, atol=1e-6)
+    mc, dc = config.model, config.diffusion
+    x_T = torch.randn(4, mc.in_channels, mc.image_size, mc.image_size,
+                      generator=torch.Generator().manual_seed(3))
+    y = torch.tensor([0, 1, 2, 0]) if mc.num_classes else None
+    C = mc.in_channels
+
+    def ours_net(x, t):
+        return net(x, t, y)
+
+    clip = config.sample.x0_transform == "clip"
+    ours = ddim_sample(ours_net, schedule, x_T, make_timesteps(dc.num_train_timesteps, 10, "leading"),
+                       prediction_type=dc.prediction_type, x0_transform=clip_x0 if clip else None)
+    scheduler.set_timesteps(10)
+    x = x_T.clone()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            out = net(x, torch.full((4,), int(t)), y)[:, :C]  # DDIM reads the prediction only
+            # ours makes eps agree with the clipped x0 (eq. 4), as use_clipped_model_output does
+            x = scheduler.step(out, t, x, eta=0.0, use_clipped_model_output=True).prev_sample
+    assert (ours - x).abs().max() < 1e-3
+
+
+def test_export_refuses_what_diffusers_cannot_hold(tmp_path, fake_fashion):
+    """Each refusal: one line, exit 2, nothing written."""
+    cases = {
+        "convnext": ({"block": "convnext"}, "convnext blocks"),
+        "patches": ({"patch_size": 2, "channel_mults": (1,)}, "patches"),
+        "first-level": ({"channel_mults": (2, 2)}, "first level"),
+        "groups": ({"base_channels": 12, "norm_groups": 8}, "groups"),
+        "heads": ({"attention_resolutions": (14,), "base_channels": 12, "norm_groups": 4,
+                   "attention_head_dim": 5}, "attention widths"),
+    }
+    for name, (model, words) in cases.items():
+        path, _ = tiny_checkpoint(tmp_path, fake_fashion, name, model=model)
+        before = snapshot(tmp_path)
+        r = cli("export", path, "--format", "diffusers", tmp_path / f"{name}-out")
+        assert r.returncode == 2, (name, r.stdout, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert words in r.stderr and "nothing was written" in r.stderr, r.stderr
+        assert snapshot(tmp_path) == before
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{name}-out")]
+
+
+def test_export_keeps_an_existing_folder_unless_forced(tmp_path, fake_fashion):
+    path, net = tiny_checkpoint(tmp_path, fake_fashion, "run")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("a user's file")
+    r = cli("export", path, "--format", "diffusers", out)
+    assert r.returncode == 2 and "exists" in r.stderr and "--force" in r.stderr
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    r = cli("export", path, "--format", "diffusers", out, "--force")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["ddpm.json", "model_index.json",
+                                                     "scheduler", "unet"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_export_names_the_extra_without_diffusers(tmp_path, fake_fashion, monkeypatch):
+    path, _ = tiny_checkpoint(tmp_path, fake_fashion, "run")
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers -> ImportError
+    r = cli("export", path, "--format", "diffusers", tmp_path / "out")
+    assert r.returncode == 2
+    assert "pip install 'ddpm[diffusers]'" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_legacy_checkpoints_keep_their_function(tmp_path, fake_fashion):
+    """A checkpoint saved before time_silu existed (its config lacks the key) computes, as it
+    did, without the SiLU; the export refuses it in one line."""
+    path, net = tiny_checkpoint(tmp_path, fake_fashion, "run")
+    state = load_checkpoint(path)
+    model = {k: v for k, v in state["config"]["model"].items() if k != "time_silu"}
+    old = tmp_path / "old.pt"
+    torch.save({**state, "config": {**state["config"], "model": model}}, old)
+    pipe = load_pipeline(old)
+    assert pipe.config.model.time_silu is False
+    legacy = UNet(dataclasses.replace(net.config, time_silu=False))
+    legacy.load_state_dict(net.state_dict())
+    x, t = torch.randn(2, 1, 28, 28), torch.tensor([5, 60])
+    with torch.no_grad():
+        assert torch.equal(pipe.model(x, t), legacy(x, t))
+        assert not torch.allclose(pipe.model(x, t), net(x, t), atol=1e-3)  # the SiLU matters
+    r = cli("export", old, "--format", "diffusers", tmp_path / "out")
+    assert r.returncode == 2 and "before 0.2" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# --- import ----------------------------------------------------------------------------------
+
+
+def foreign_unet(**config):
+    """A randomly initialised UNet2DModel of a shape ddpm's own U-Net cannot take (flipped
+    sin/cos, shifted frequencies, asymmetric downsampling padding, eps 1e-6: the original DDPM
+    CIFAR-10 model's choices)."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=16, in_channels=1, out_channels=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=8,
+        attention_head_dim=None, flip_sin_to_cos=True, freq_shift=1, downsample_padding=0,
+        norm_eps=1e-6, **config)
+    with torch.no_grad():  # its zero-initialised layers made non-zero, as a trained model's
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return unet.eval()
+
+
+@pytest.fixture(scope="module")
+def unet_folder(tmp_path_factory):
+    """UNet2DModel.save_pretrained with the scheduler's save_pretrained in the same folder."""
+    folder = tmp_path_factory.mktemp("foreign") / "unet"
+    unet = foreign_unet()
+    unet.save_pretrained(folder)
+    diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                            clip_sample=True).save_pretrained(folder)
+    return folder, unet
+
+
+def test_ddpm_samples_a_diffusers_model_as_diffusers_does(unet_folder, tmp_path):
+    """'ddpm sample --sampler ddim --eta 0' equals diffusers' own DDIM loop from the same noise."""
+    folder, unet = unet_folder
+    out = tmp_path / "x.npz"
+    r = cli("sample", folder, "--sampler", "ddim", "--eta", "0", "--steps", "10", "--spacing",
+            "leading", "--n", "4", "--seed", "5", "--precision", "fp32", "--out", out)
+    assert r.returncode == 0, r.stderr
+    ours = np.load(out)["arr_0"].astype(int)  # [N, H, W, C] uint8
+    x = initial_noise((4, 1, 16, 16), torch.Generator().manual_seed(5), torch.device("cpu"))
+    scheduler = diffusers.DDIMScheduler.from_pretrained(folder)
+    scheduler.set_timesteps(10)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(x, t).sample, t, x, eta=0.0,
+                               use_clipped_model_output=True).prev_sample
+    theirs = ((x.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy().astype(int)
+    assert np.abs(ours - theirs).max() <= 1
+    assert ours.std() > 5  # images, not a constant
+    r = cli("viz", "reverse", folder, "--steps", "5", "--n", "4", "--out", tmp_path / "rev.gif")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "rev.gif").stat().st_size > 0
+
+
+def test_every_sampler_and_the_figures_on_a_pipeline_folder(tmp_path):
+    """A DDPMPipeline.save_pretrained folder: every ddpm sampler, viz reverse, the Python API."""
+    folder = tmp_path / "pipe"
+    diffusers.DDPMPipeline(unet=foreign_unet(), scheduler=diffusers.DDPMScheduler(
+        beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")).save_pretrained(folder)
+    pipe = load_pipeline(folder)
+    assert pipe.config.diffusion.schedule == "cosine"  # diffusers' cosine is ours
+    assert pipe.config.diffusion.prediction_type == "v"
+    for sampler in ("ddpm", "ddim", "dpm++", "euler", "heun"):
+        r = cli("sample", folder, "--sampler", sampler, "--steps", "5", "--n", "2",
+                "--out", tmp_path / f"{sampler}.npz")
+        assert r.returncode == 0, (sampler, r.stderr)
+        images = np.load(tmp_path / f"{sampler}.npz")["arr_0"]
+        assert images.shape == (2, 16, 16, 1)
+    r = cli("viz", "reverse", folder, "--steps", "5", "--n", "4", "--out", tmp_path / "rev.gif")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "rev.gif").stat().st_size > 0
+
+
+def test_imported_schedules_are_diffusers_formulas(tmp_path):
+    """The betas ddpm rebuilds from each beta_schedule are those diffusers' scheduler holds."""
+    from ddpm.diffusers_io import diffusers_betas
+
+    for kind in ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"):
+        s = diffusers.DDPMScheduler(beta_schedule=kind, beta_start=0.00085, beta_end=0.012)
+        ours = diffusers_betas(dict(s.config))
+        assert torch.allclose(ours, s.betas.double(), rtol=1e-5, atol=1e-9), kind
+    s = diffusers.DDPMScheduler(rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    folder = tmp_path / "zsnr"
+    diffusers.DDPMPipeline(unet=foreign_unet(), scheduler=s).save_pretrained(folder)
+    pipe = load_pipeline(folder)
+    assert pipe.schedule.alphas_cumprod[-1] == 0  # zero terminal SNR, exactly
+    assert torch.allclose(pipe.schedule.alphas_cumprod[:-1], s.alphas_cumprod[:-1].double(),
+                          atol=1e-6)
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"beta_schedule": "exp"}, "beta_schedule 'exp'"),
+    ({"prediction_type": "flow"}, "prediction_type 'flow'"),
+    ({"variance_type": "learned"}, "variance_type 'learned'"),
+    ({"variance_type": "learned_range"}, "variance_type 'learned_range' needs 2"),
+])
+def test_a_scheduler_ddpm_cannot_represent_is_refused(unet_folder, tmp_path, change, words):
+    folder, unet = unet_folder
+    bad = tmp_path / "bad"
+    unet.save_pretrained(bad)
+    config = json.loads((folder / "scheduler_config.json").read_text())
+    (bad / "scheduler_config.json").write_text(json.dumps({**config, **change}))
+    before = snapshot(tmp_path)
+    r = cli("sample", bad, "--n", "2", "--steps", "2", "--out", tmp_path / "x.png")
+    assert r.returncode == 2 and words in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert snapshot(tmp_path) == before
+
+
+def test_a_unet_folder_without_its_scheduler_is_refused(tmp_path):
+    foreign_unet().save_pretrained(tmp_path / "u")
+    r = cli("sample", tmp_path / "u", "--n", "2", "--out", tmp_path / "x.png")
+    assert r.returncode == 2 and "scheduler_config.json" in r.stderr, r.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_an_exported_model_comes_back_with_its_run_config(exported, tmp_path):
+    """A folder ddpm wrote samples under ddpm exactly as the run it came from (ddpm.json)."""
+    folder, net, config = exported["cosine-v-conditional"]
+    pipe = load_pipeline(folder)
+    assert pipe.config == config and pipe.num_classes == 10
+    a = pipe.generate(3, seed=1, sampler="dpm++", num_sample_steps=5, labels=[0, 1, 2],
+                      guidance=2.0)
+    ours = dataclasses.replace(pipe, model=net)
+    b = ours.generate(3, seed=1, sampler="dpm++", num_sample_steps=5, labels=[0, 1, 2],
+                      guidance=2.0)
+    assert (a - b).abs().max() < 1e-4
+
+
+def test_eval_scores_an_exported_folder_as_its_run(exported):
+    """'ddpm eval' on the folder: FID/KID run, and the likelihood bound equals the run's own."""
+    folder, net, config = exported["linear-eps"]
+    r = cli("eval", folder, "--n", 128, "--sampler", "dpm++", "--steps", 3, "--json",
+            "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["fid"] > 0
+    run = folder.parent / "linear-eps"
+    bpd = []
+    for source in (folder, run):
+        r = cli("eval", source, "--nll", "--n", 4, "--nll-timesteps", 4, "--json", "--no-progress",
+                "--precision", "fp32")
+        assert r.returncode == 0, r.stderr
+        bpd.append(json.loads(r.stdout.strip().splitlines()[-1])["bits_per_dim"])
+    assert bpd[0] == pytest.approx(bpd[1], rel=1e-4)
