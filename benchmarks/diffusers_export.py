@@ -5,11 +5,11 @@ diffusers' own DDIMPipeline against ddpm's own sampling of the same weights.
     python benchmarks/diffusers_export.py runs/fashion-cpu --n 1000 --steps 50
 
 Rows, each scored by ``ddpm eval --images`` (offline Fashion-MNIST features, train split):
-- diffusers DDIMPipeline (eta 0, ``--steps``, its defaults otherwise: "leading" steps, clipped
-  x0, the unclipped eps in the update), on the folder ``ddpm export`` wrote, in fp32; and again
+- diffusers DDIMPipeline (eta 0, ``--steps``, the exported ``timestep_spacing`` (the run's:
+  fashion-cpu's trailing), its defaults otherwise: clipped x0, the unclipped eps in the update), on the folder ``ddpm export`` wrote, in fp32; and again
   with ``use_clipped_model_output=True`` (eps made to agree with the clipped x0, as ddpm does);
 - ddpm's DDIM with the same steps and spacing, on the run (``ddpm eval RUN --sampler ddim``), fp32;
-- ddpm's default sampler for reference (DPM-Solver++, 20 steps), fp32.
+- ddpm's DPM-Solver++ at 20 steps with the run's spacing (fashion-cpu: trailing), fp32.
 Results: WORK/results.json and a Markdown table on stdout.
 """
 
@@ -82,12 +82,13 @@ def main() -> None:
                             + (", use_clipped_model_output=True" if clipped else " (its defaults)"),
                      "fid": r["fid"], "kid": r["kid"], "sampling_s": seconds})
 
-    for sampler, steps, spacing in (("ddim", args.steps, "leading"), ("dpm++", 20, None)):
+    exported_spacing = scheduler.config.timestep_spacing  # the run's, exported; else diffusers' leading
+    for sampler, steps, spacing in (("ddim", args.steps, exported_spacing), ("dpm++", 20, None)):
         r = ddpm("eval", args.run, "--n", str(args.n), "--sampler", sampler, "--steps", str(steps),
                  *(["--spacing", spacing] if spacing else []), "--seed", str(args.seed),
                  "--split", "train", "--precision", "fp32", "--batch-size", str(args.batch_size),
                  "--json", "--no-progress")
-        rows.append({"row": f"ddpm {sampler}, {steps} steps" + (f" ({spacing})" if spacing else ""),
+        rows.append({"row": f"ddpm {sampler}, {steps} steps ({spacing or 'spacing of the run'})",
                      "fid": r["fid"], "kid": r["kid"], "sampling_s": r["seconds"]["sampling"]})
 
     result = {"run": args.run, "export_s": export_s, "n": args.n, "rows": rows,

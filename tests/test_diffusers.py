@@ -54,7 +54,8 @@ def tiny_checkpoint(root, fake_fashion, name, *, model=None, diffusion=None, sam
 CASES = {
     "linear-eps": dict(),
     "cosine-v-conditional": dict(model={"num_classes": 10}, diffusion={"schedule": "cosine",
-                                                                       "prediction_type": "v"}),
+                                                                       "prediction_type": "v"},
+                                 sample={"spacing": "trailing"}),
     "quadratic-x0-learned": dict(model={"learn_variance": True, "attention_resolutions": (14,),
                                         "attention_head_dim": 4},
                                  diffusion={"schedule": "quadratic", "prediction_type": "x0"}),
@@ -118,7 +119,9 @@ def test_exported_scheduler_drives_our_ddim(exported, case):
         return net(x, t, y)
 
     clip = config.sample.x0_transform == "clip"
-    ours = ddim_sample(ours_net, schedule, x_T, make_timesteps(dc.num_train_timesteps, 10, "leading"),
+    spacing = config.sample.spacing or "leading"  # exported as timestep_spacing; else theirs
+    assert scheduler.config.timestep_spacing == spacing
+    ours = ddim_sample(ours_net, schedule, x_T, make_timesteps(dc.num_train_timesteps, 10, spacing),
                        prediction_type=dc.prediction_type, x0_transform=clip_x0 if clip else None)
     scheduler.set_timesteps(10)
     x = x_T.clone()

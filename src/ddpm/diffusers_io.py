@@ -185,7 +185,7 @@ def to_unet2d_weights(model: UNet) -> dict[str, torch.Tensor]:
 def scheduler_config(config: RunConfig, schedule: NoiseSchedule) -> dict[str, Any]:
     """The DDPMScheduler settings of a run: its betas by name where diffusers' formula for that
     name gives ours (within float32), else as ``trained_betas``; prediction type, the sampler's
-    variance and its x0 transform."""
+    variance, its x0 transform and its spacing of the steps."""
     dc, sc = config.diffusion, config.sample
     betas = schedule.betas
     if dc.zero_terminal_snr:  # diffusers rescales the named schedule's betas itself
@@ -205,6 +205,9 @@ def scheduler_config(config: RunConfig, schedule: NoiseSchedule) -> dict[str, An
         # and (ours) unbounded above
         "thresholding": sc.x0_transform == "dynamic", "dynamic_thresholding_ratio": 0.995,
         "sample_max_value": 1e6 if sc.x0_transform == "dynamic" else 1.0,
+        # the run's own choice of steps, where diffusers has it (same definitions as ours)
+        **({"timestep_spacing": sc.spacing} if sc.spacing in ("linspace", "leading", "trailing")
+           else {}),
     }
 
 
