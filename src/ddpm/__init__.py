@@ -5,7 +5,7 @@ The Python API mirrors the command line::
     from ddpm import UNet, UNetConfig, make_schedule, get_preset, train, load_pipeline
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .config import (DataConfig, DiffusionConfig, RunConfig, SampleConfig, TrainConfig, get_preset,
                      with_overrides)
