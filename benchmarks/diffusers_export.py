@@ -18,23 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-
-
-def ddpm(*args: str) -> dict | None:
-    cmd = [sys.executable, "-m", "ddpm", *args]
-    print("$ ddpm", " ".join(args), flush=True)
-    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    print(out.stdout, end="", flush=True)
-    if out.returncode != 0:
-        raise SystemExit(f"'ddpm {args[0]}' exited with status {out.returncode}")
-    lines = out.stdout.strip().splitlines()
-    return json.loads(lines[-1]) if "--json" in args and lines else None
+from peers import ddpm_cli as ddpm  # run 'python -m ddpm ...', return its JSON line
 
 
 def main() -> None:

@@ -39,7 +39,7 @@ from .checkpoint import checkpoint_config, load_run_or_file, load_weights
 from .config import DiffusionConfig, RunConfig, SampleConfig, build_schedule
 from .models import UNet
 from .models.unet import AttentionBlock, UNetConfig
-from .schedules import NoiseSchedule, make_schedule, rescale_zero_terminal_snr, schedule_from_betas
+from .schedules import NoiseSchedule, make_schedule, schedule_from_betas, zero_terminal_snr_betas
 
 EXTRA = "pip install 'ddpm[diffusers]'"
 RUN_CONFIG_FILE = "ddpm.json"  # our config beside diffusers' files; diffusers ignores it
@@ -48,7 +48,7 @@ RUN_CONFIG_FILE = "ddpm.json"  # our config beside diffusers' files; diffusers i
 PREDICTION_TYPES = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 VARIANCE_TYPES = {"posterior": "fixed_small", "beta": "fixed_large", "learned": "learned_range"}
 # Each of our schedules and the diffusers beta_schedule that, with our betas' end points as
-# beta_start and beta_end, defines the same betas (checked numerically: ``_scheduler_kwargs``).
+# beta_start and beta_end, defines the same betas (checked numerically: :func:`scheduler_config`).
 SCHEDULE_NAMES = {"linear": "linear", "quadratic": "scaled_linear", "cosine": "squaredcos_cap_v2",
                   "sigmoid": "sigmoid"}
 
@@ -402,11 +402,10 @@ def load_diffusers(folder: str | os.PathLike, device: torch.device) -> tuple[
                               f"(a score model of noise levels); ddpm samples DDPM models, "
                               f"whose time embedding is 'positional'")
         saved = _read_json(folder / RUN_CONFIG_FILE, quiet=True)
-        config = _config_from_diffusers(uc, sc, saved.get("config"), folder)
-        betas = diffusers_betas(sc)
-        if sc.get("rescale_betas_zero_snr"):
-            alpha_bar = rescale_zero_terminal_snr(torch.cumprod(1 - betas, 0))
-            betas = 1 - alpha_bar / torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+        named_betas = diffusers_betas(sc)  # before any zero-terminal-SNR rescaling
+        config = _config_from_diffusers(uc, sc, saved.get("config"), named_betas)
+        betas = zero_terminal_snr_betas(named_betas) if sc.get("rescale_betas_zero_snr") \
+            else named_betas
         # each in (0, 1); the last is 1 under zero terminal SNR (x_T is pure noise)
         if betas.min() <= 0 or betas[:-1].max() >= 1 or betas[-1] > 1:
             raise ExportError(f"its scheduler's betas run from {betas.min():.3g} to "
@@ -446,10 +445,11 @@ def _load_unet(diffusers, unet_dir: Path, uc: dict[str, Any]) -> nn.Module:
 
 
 def _config_from_diffusers(uc: dict[str, Any], sc: dict[str, Any], saved: dict | None,
-                           folder: Path) -> RunConfig:
+                           betas: torch.Tensor) -> RunConfig:
     """Our config of a diffusers model: the run's config that ``ddpm export`` wrote beside it
     (``ddpm.json``) when there is one and it reads; else one made from the diffusers configs.
-    Either way the diffusers configs must describe a model ddpm can sample (ExportError)."""
+    Either way the diffusers configs must describe a model ddpm can sample (ExportError).
+    ``betas`` are the scheduler's, before any zero-terminal-SNR rescaling."""
     C = int(uc.get("in_channels", 3))
     out_channels = int(uc.get("out_channels", C))
     variance = sc.get("variance_type") or "fixed_small"
@@ -471,7 +471,6 @@ def _config_from_diffusers(uc: dict[str, Any], sc: dict[str, Any], saved: dict |
             base = RunConfig.from_dict(saved)
         except ValueError:
             base = None  # written by another version: the diffusers facts alone
-    classes = 0
     if uc.get("class_embed_type") is not None or uc.get("num_class_embeds"):
         if base is None or not base.model.num_classes or \
                 uc.get("class_embed_type") is not None or \
@@ -479,17 +478,18 @@ def _config_from_diffusers(uc: dict[str, Any], sc: dict[str, Any], saved: dict |
             raise ExportError("it is a class-conditional UNet2DModel that ddpm did not export; "
                               "ddpm samples those only with the null class that its own "
                               "classifier-free guidance needs")
-        classes = base.model.num_classes
+    if base is not None:
+        return base
     size = uc.get("sample_size", 32)
     size = size[0] if isinstance(size, (list, tuple)) else size
     widths = uc.get("block_out_channels") or [64]
     model = UNetConfig(in_channels=C, image_size=int(size), base_channels=int(widths[0]),
                        channel_mults=tuple(max(1, w // widths[0]) for w in widths),
                        num_res_blocks=int(uc.get("layers_per_block", 2)), attention_resolutions=(),
-                       num_classes=classes, learn_variance=learned)
+                       learn_variance=learned)
     T = int(sc.get("num_train_timesteps", 1000))
     diffusion = DiffusionConfig(
-        schedule=_schedule_name(sc),
+        schedule=_schedule_name(sc, betas),
         num_train_timesteps=T, prediction_type=prediction,
         zero_terminal_snr=bool(sc.get("rescale_betas_zero_snr", False)))
     sample = SampleConfig(
@@ -498,13 +498,13 @@ def _config_from_diffusers(uc: dict[str, Any], sc: dict[str, Any], saved: dict |
                   "learned_range": "learned"}.get(variance, "posterior"),
         x0_transform="clip" if sc.get("clip_sample", True) else
         ("dynamic" if sc.get("thresholding") else "none"))
-    return base if base is not None else RunConfig(model=model, diffusion=diffusion, sample=sample)
+    return RunConfig(model=model, diffusion=diffusion, sample=sample)
 
 
-def _schedule_name(sc: dict[str, Any]) -> str:
+def _schedule_name(sc: dict[str, Any], betas: torch.Tensor) -> str:
     """Ours, where the scheduler's betas are one of our schedules (Ho et al.'s linear 1e-4 ..
     0.02 is); else "diffusers NAME", a schedule ddpm samples but does not train."""
-    betas, T = diffusers_betas(sc), int(sc.get("num_train_timesteps", 1000))
+    T = int(sc.get("num_train_timesteps", 1000))
     for name in SCHEDULE_NAMES:
         try:
             if _same(betas, make_schedule(name, T).betas):

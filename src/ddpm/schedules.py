@@ -169,6 +169,13 @@ def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return root**2
 
 
+def zero_terminal_snr_betas(betas: torch.Tensor) -> torch.Tensor:
+    """The betas whose alpha_bar is :func:`rescale_zero_terminal_snr` of ``betas``' (the last
+    beta becomes 1: x_T is pure noise)."""
+    alpha_bar = rescale_zero_terminal_snr(torch.cumprod(1.0 - betas, dim=0))
+    return 1.0 - alpha_bar / torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+
+
 def make_schedule(
     name: str = "linear", num_train_timesteps: int = 1000, *, zero_terminal_snr: bool = False
 ) -> NoiseSchedule:
@@ -190,8 +197,7 @@ def make_schedule(
             f"or the cosine or sigmoid schedule"
         )
     if zero_terminal_snr:
-        alpha_bar = rescale_zero_terminal_snr(torch.cumprod(1.0 - betas, dim=0))
-        betas = 1.0 - alpha_bar / torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+        betas = zero_terminal_snr_betas(betas)
     return schedule_from_betas(name, betas)
 
 
