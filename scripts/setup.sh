@@ -2,6 +2,7 @@
 # One-time set-up on a fresh Debian machine; safe to run again (it skips what is done).
 #   - a virtual environment in .venv with torch 2.14.1 / torchvision 0.29.1 and this package
 #   - Debian's dataset-fashion-mnist package (the embedded default dataset)
+#   - with --test: Debian's chromium and chromium-driver, the browser of the web page's tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,5 +20,9 @@ fi
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   as_root apt-get update -qq
   as_root apt-get install -y -qq dataset-fashion-mnist
+fi
+if [ "${1:-}" = "--test" ] && ! { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }; then
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver
 fi
 echo "set-up done: .venv ready, Fashion-MNIST in /usr/share/datasets/fashion-mnist"

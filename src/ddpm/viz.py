@@ -55,6 +55,12 @@ def _image_bytes(image: torch.Tensor, format: str = "png") -> bytes:
     return buf.getvalue()
 
 
+def grid_png(x: torch.Tensor, nrow: int | None = None) -> bytes:
+    """Images ``[B, C, H, W]`` in [-1, 1] as the bytes of one PNG grid, the file ``save_grid``
+    writes to a .png path."""
+    return _image_bytes(grid_image(x, nrow), "png")
+
+
 def save_grid(x: torch.Tensor, path: str | os.PathLike, nrow: int | None = None) -> Path:
     """Write images ``[B, C, H, W]`` in [-1, 1] as one grid, atomically: PNG, or JPEG or
     (lossless) WebP by the suffix of ``path``."""
@@ -303,21 +309,7 @@ def save_animation(
         raise ValueError(f"{out}: an animation is written as {' or '.join(ANIMATION_SUFFIXES)}")
     frames = [np.ascontiguousarray(f) for f in frames]
     if suffix == ".gif":
-        from PIL import Image
-
-        frame_ms = round(1000.0 / fps)
-        durations = [frame_ms] * (len(frames) - 1) + [frame_ms + round(1000.0 * hold_s)]
-        # Grey frames are written as grey ('L'), which GIF holds exactly; colour frames are
-        # reduced to a 256-colour palette by Pillow, as GIF requires.
-        grey = all(f.shape[2] == 1 or (f == f[..., :1]).all() for f in frames)
-        images = [Image.fromarray(f[..., 0], "L") if grey else Image.fromarray(f, "RGB")
-                  for f in frames]
-        buf = io.BytesIO()
-        # optimize=False: Pillow's palette optimisation remaps grey levels of a frame that uses
-        # more than ~250 of them (measured: up to 3 levels off on 1/3 of the pixels)
-        images[0].save(buf, format="GIF", save_all=True, append_images=images[1:],
-                       duration=durations, loop=0, optimize=False)
-        atomic_write_bytes(buf.getvalue(), out)
+        atomic_write_bytes(gif_bytes(frames, fps=fps, hold_s=hold_s), out)
         return out
     imageio_ffmpeg = video_writer()
     frames = [_even(f if f.shape[2] == 3 else f.repeat(3, axis=2)) for f in frames]
@@ -339,6 +331,25 @@ def save_animation(
     finally:
         Path(tmp).unlink(missing_ok=True)
     return out
+
+
+def gif_bytes(frames: Sequence[np.ndarray], *, fps: float = 12.0, hold_s: float = 1.5) -> bytes:
+    """uint8 frames ``[H, W, C]`` as the bytes of a looping GIF (see :func:`save_animation`)."""
+    from PIL import Image
+
+    frame_ms = round(1000.0 / fps)
+    durations = [frame_ms] * (len(frames) - 1) + [frame_ms + round(1000.0 * hold_s)]
+    # Grey frames are written as grey ('L'), which GIF holds exactly; colour frames are
+    # reduced to a 256-colour palette by Pillow, as GIF requires.
+    grey = all(f.shape[2] == 1 or (f == f[..., :1]).all() for f in frames)
+    images = [Image.fromarray(np.ascontiguousarray(f[..., 0]), "L") if grey
+              else Image.fromarray(np.ascontiguousarray(f), "RGB") for f in frames]
+    buf = io.BytesIO()
+    # optimize=False: Pillow's palette optimisation remaps grey levels of a frame that uses
+    # more than ~250 of them (measured: up to 3 levels off on 1/3 of the pixels)
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:],
+                   duration=durations, loop=0, optimize=False)
+    return buf.getvalue()
 
 
 def read_animation(path: str | os.PathLike) -> np.ndarray:

@@ -1,7 +1,7 @@
 """The ``ddpm`` command line: the only place that parses strings.
 
 ``main`` builds the parser from one module per command family (``train``; ``sample`` and
-``eval``; ``viz``; the ``tools`` bench, presets, train-classifier, posthoc-ema and export), runs the command, and turns
+``eval``; ``viz``; the ``tools`` bench, presets, train-classifier, posthoc-ema and export; ``serve``), runs the command, and turns
 user mistakes into one line and exit code 2 instead of a traceback. The options of every setting
 are made from its declaration in the config (``options.add_settings``).
 """
@@ -19,7 +19,7 @@ from ..checkpoint import CheckpointError, SaveError
 from ..classifier import WeightsNotFoundError
 from ..config import SettingError
 from ..data import DatasetNotFoundError
-from . import sample, tools, train, viz
+from . import sample, serve, tools, train, viz
 from .options import EXIT_USAGE, Parser, UsageError, setting_flags
 
 
@@ -40,6 +40,7 @@ def build_parser() -> Parser:
     tools.add_presets_parser(sub)
     tools.add_posthoc_parser(sub)
     tools.add_export_parser(sub)
+    serve.add_parser(sub)
     viz.add_parser(sub)
     return parser
 
