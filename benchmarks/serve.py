@@ -78,8 +78,7 @@ def main() -> None:
 
     # As 'ddpm serve' runs: the generations on this (the main) thread, uvicorn on another; the
     # client on a third, which ends the server when it is done.
-    server = WebServer(pipe, args.run, Limits(max_steps=pipe.schedule.num_train_timesteps),
-                       port=0)
+    server = WebServer(pipe, args.run, Limits(), port=0)
     out: dict = {}
 
     def client() -> None:

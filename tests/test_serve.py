@@ -63,8 +63,7 @@ def start_server(source: Path, delay_s: float = 0.0, **limits) -> WebServer:
             return forward(x_t, t, y)
 
         pipe._forward = slow
-    T = pipe.schedule.num_train_timesteps
-    return WebServer(pipe, str(source), Limits(max_steps=T, **limits), port=0).start()
+    return WebServer(pipe, str(source), Limits(**limits), port=0).start()
 
 
 @pytest.fixture(scope="module")
@@ -359,6 +358,41 @@ def test_a_cancelled_request_frees_its_slot(slow_server):
     assert freed_s < 5.0  # a step or two, not the 1.9 s left of A's 100 steps (loose: CI)
     got, events = c.generate(GOOD)  # the slot is free
     assert got == 200 and events[-1][0] == "done"
+
+
+def test_a_full_queue_refuses_and_a_failed_generation_is_said(run):
+    server = start_server(run, delay_s=0.02, max_queue=1)
+    c = Client(server.url)
+    pipe = server.engine.pipe
+    try:
+        conn_a, r_a = c.open_stream({"steps": 100, "n": 2})  # runs for 2 s at least
+        a_events = c.events(r_a)
+        assert next(a_events)[0] == "queued" and next(a_events)[0] == "started"
+        conn_b, r_b = c.open_stream({"steps": 2, "n": 1})  # waits: the one place in the queue
+        assert next(c.events(r_b)) == ("queued", {"job": 2, "ahead": 1})
+        got, answer = c.generate({"steps": 2, "n": 1})
+        assert got == 503 and "1 generations are waiting already (this server's --max-queue)" \
+            in answer["error"]
+        conn_a.close()
+        conn_b.close()
+        wait_for(lambda: c.json("/api/status")["running"] is None)
+
+        forward = pipe._forward
+
+        def broken(x_t, t, y):  # the machine fails mid-way (e.g. out of memory)
+            raise RuntimeError("out of memory (a test)")
+
+        pipe._forward = broken
+        got, events = c.generate({"steps": 3, "n": 1})
+        assert got == 200 and events[-1][0] == "error"
+        assert events[-1][1]["error"] == ("the generation failed: RuntimeError: out of memory "
+                                          "(a test)")
+        pipe._forward = forward
+        got, events = c.generate({"steps": 3, "n": 1})  # and the server goes on
+        assert got == 200 and events[-1][0] == "done"
+        assert c.json("/api/status")["ended"] == {"cancelled": 2, "failed": 1, "done": 1}
+    finally:
+        server.stop()
 
 
 def rss_bytes(pid: int) -> int:

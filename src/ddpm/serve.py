@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 from collections import Counter, OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any
 
@@ -77,7 +77,7 @@ class Limits:
     """What one request may ask for and how much the server holds (the flags of 'ddpm serve')."""
 
     max_images: int = 64
-    max_steps: int = 1000  # at most the model's T; 'ddpm serve' makes the default T
+    max_steps: int | None = None  # None: the model's T (and never more than T)
     max_queue: int = 16  # requests waiting behind the running one; more are refused (503)
     # Finished grids and GIFs kept for download, newest first, at most this many bytes in all
     # (and 16 generations): the server's memory does not grow with the requests it has served.
@@ -300,6 +300,8 @@ class Engine:
             for job in [*self._waiting, *([self._running] if self._running else [])]:
                 job.cancelled.set()
                 job.emit("cancelled", job=job.id, error="the server is shutting down")
+            for job in self._waiting:
+                self._end(job, "cancelled")
             self._waiting.clear()
             self._cv.notify_all()
 
@@ -534,6 +536,8 @@ class WebServer:
             import uvicorn
         except ImportError:
             raise ValueError(f"'ddpm serve' needs Starlette and uvicorn: {SERVE_EXTRA}") from None
+        if limits.max_steps is None:
+            limits = replace(limits, max_steps=pipe.schedule.num_train_timesteps)
         limits.check(pipe.schedule.num_train_timesteps)
         self.socket = bind(host, port)
         self.engine = Engine(pipe, limits)

@@ -1,8 +1,9 @@
 """The ``ddpm`` command line: the only place that parses strings.
 
 ``main`` builds the parser from one module per command family (``train``; ``sample`` and
-``eval``; ``viz``; the ``tools`` bench, presets, train-classifier, posthoc-ema and export; ``serve``), runs the command, and turns
-user mistakes into one line and exit code 2 instead of a traceback. The options of every setting
+``eval``; ``viz``; the ``tools`` bench, presets, train-classifier, posthoc-ema and export;
+``serve``), runs the command, and turns user mistakes into one line and exit code 2 instead of
+a traceback. The options of every setting
 are made from its declaration in the config (``options.add_settings``).
 """
 

@@ -44,8 +44,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     pipe = load_pipeline(args.checkpoint, device=args.device, use_ema=not args.no_ema,
                          precision=args.precision, compile=args.compile)
-    T = pipe.schedule.num_train_timesteps
-    limits = Limits(max_images=args.max_images, max_steps=args.max_steps or T,
+    limits = Limits(max_images=args.max_images, max_steps=args.max_steps,
                     max_queue=args.max_queue)
     try:
         server = WebServer(pipe, str(args.checkpoint), limits, host=args.host, port=args.port)
@@ -56,8 +55,9 @@ def run_serve(args: argparse.Namespace) -> int:
               f"one use the page and this machine's {pipe.device.type.upper()}; the page has no "
               f"password", file=sys.stderr)
     k = pipe.num_classes
+    precision = resolve_precision(pipe.precision, pipe.device)
     print(f"serving {args.checkpoint} (step {pipe.step}, "
-          f"{f'{k} classes' if k else 'unconditional'}, {pipe.device} {resolve_precision(pipe.precision, pipe.device)}) at "
+          f"{f'{k} classes' if k else 'unconditional'}, {pipe.device} {precision}) at "
           f"{server.url}", flush=True)
     print("open that address in a browser; Ctrl+C stops the server", flush=True)
     server.serve_forever()  # until Ctrl+C
