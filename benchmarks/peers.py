@@ -289,6 +289,19 @@ def sample_seeds(args: argparse.Namespace) -> list[int]:
     return list(range(args.seed, args.seed + args.sample_seeds))
 
 
+def sample_and_score(args: argparse.Namespace, row_dir: Path, draw) -> tuple[list[dict], float]:
+    """A peer's EMA model sampled once per sampling seed by ``draw(seed)`` (float images in [0, 1],
+    [N, C, H, W]), each set saved and scored; the scores and the mean seconds of one ``draw``."""
+    scored, sampling = [], 0.0
+    for seed in sample_seeds(args):
+        start = time.perf_counter()
+        images = draw(seed)
+        sampling += (time.perf_counter() - start) / args.sample_seeds
+        save_npz(images, row_dir / f"samples-seed{seed}.npz")
+        scored.append(score(row_dir / f"samples-seed{seed}.npz", args.n))
+    return scored, sampling
+
+
 def score(npz: Path, n: int) -> dict:
     return ddpm_cli("eval", "--images", str(npz), "--dataset", "fashion-mnist", "--data-dir",
                     DATA_DIR, "--split", "train", "--n", str(n), "--json", "--no-progress")
@@ -411,16 +424,14 @@ def row_ddp(args: argparse.Namespace, row_dir: Path, budget: float, s: dict) -> 
     seconds = time.perf_counter() - deadline.start
 
     model = trainer.ema.ema_model.eval()
-    scored, sampling = [], 0.0
-    for seed in sample_seeds(args):
+
+    def draw(seed: int):
         torch.manual_seed(seed)
-        start = time.perf_counter()
         with torch.inference_mode():
-            images = torch.cat([model.sample(batch_size=min(SAMPLE_BATCH, args.n - i))
-                                for i in range(0, args.n, SAMPLE_BATCH)])
-        sampling += (time.perf_counter() - start) / args.sample_seeds
-        save_npz(images, row_dir / f"samples-seed{seed}.npz")
-        scored.append(score(row_dir / f"samples-seed{seed}.npz", args.n))
+            return torch.cat([model.sample(batch_size=min(SAMPLE_BATCH, args.n - i))
+                              for i in range(0, args.n, SAMPLE_BATCH)])
+
+    scored, sampling = sample_and_score(args, row_dir, draw)
     per_step = s["train_batch_size"] * s["gradient_accumulate_every"]
     return result("denoising-diffusion-pytorch 2.3.4",
                   f"{'tuned' if args.row == 'tuned' else 'README'} Trainer: batch "
@@ -509,18 +520,17 @@ def row_diffusers(args: argparse.Namespace, row_dir: Path, budget: float, s: dic
     pipe = DDIMPipeline(unet=unet.eval(),
                         scheduler=DDIMScheduler.from_config(noise_scheduler.config))
     pipe.set_progress_bar_config(disable=True)
-    scored, sampling = [], 0.0
-    for seed in sample_seeds(args):
-        start = time.perf_counter()
+
+    def draw(seed: int):
         batches = []
         for i in range(0, args.n, SAMPLE_BATCH):  # seed 0 draws what the single-seed script did
             g = torch.Generator().manual_seed(seed * 100_000 + i)
             out = pipe(batch_size=min(SAMPLE_BATCH, args.n - i), generator=g,
                        num_inference_steps=50, output_type="np").images  # [B, H, W, C] in [0, 1]
             batches.append(torch.from_numpy(out).permute(0, 3, 1, 2))
-        sampling += (time.perf_counter() - start) / args.sample_seeds
-        save_npz(torch.cat(batches), row_dir / f"samples-seed{seed}.npz")
-        scored.append(score(row_dir / f"samples-seed{seed}.npz", args.n))
+        return torch.cat(batches)
+
+    scored, sampling = sample_and_score(args, row_dir, draw)
     return result("diffusers 0.42.1",
                   f"{'tuned' if args.row == 'tuned' else 'train_unconditional example'}: batch "
                   f"{s['batch_size']}, AdamW lr {lr(s['lr'])}, warm-up {s['warmup']}, EMA max "

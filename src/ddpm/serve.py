@@ -158,14 +158,13 @@ def parse_request(body: Any, pipe: Pipeline, limits: Limits) -> GenerateRequest:
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or \
             not math.isfinite(guidance) or guidance < 0:
         raise RequestError(f"guidance must be a finite number >= 0, got {json.dumps(guidance)}")
-    if guidance and not pipe.num_classes:
-        raise RequestError(f"guidance {guidance:g} needs a class-conditional model, and this one "
-                           f"was trained without classes; leave guidance at 0")
     x0 = body.get("x0", False)
     if not isinstance(x0, bool):
         raise RequestError(f"x0 must be true or false, got {json.dumps(x0)}")
     request = GenerateRequest(n, steps, seed, sampler, label, float(guidance), x0)
-    try:  # the rules between settings and against the model, checked as the CLI checks them
+    # The rules between settings and against the model (guidance only with classes, ...), by
+    # the checks the CLI uses, named by this API's fields.
+    try:
         pipe.sample_config(**request.settings())
     except SettingError as exc:
         names = {"sample.sampler": "sampler", "sample.num_sample_steps": "steps",
@@ -290,8 +289,7 @@ class Engine:
         with self._cv:
             return {"running": self._running.id if self._running else None,
                     "waiting": [j.id for j in self._waiting], "ended": dict(self.ended),
-                    "kept": list(self.results),
-                    "kept_bytes": sum(len(b) for r in self.results.values() for b in r.values())}
+                    "kept": list(self.results), "kept_bytes": self._kept_bytes()}
 
     def close(self) -> None:
         """Cancel everything and let the worker end (the server is stopping)."""
@@ -386,11 +384,12 @@ class Engine:
     def _keep(self, job_id: int, files: dict[str, bytes]) -> None:
         with self._cv:
             self.results[job_id] = files
-            while len(self.results) > 1 and (
-                    len(self.results) > self.limits.keep_jobs or
-                    sum(len(b) for r in self.results.values() for b in r.values())
-                    > self.limits.keep_bytes):
+            while len(self.results) > 1 and (len(self.results) > self.limits.keep_jobs or
+                                             self._kept_bytes() > self.limits.keep_bytes):
                 self.results.popitem(last=False)
+
+    def _kept_bytes(self) -> int:
+        return sum(len(b) for files in self.results.values() for b in files.values())
 
 
 # --- HTTP -----------------------------------------------------------------------------------------
