@@ -35,7 +35,8 @@ ddp: denoising-diffusion-pytorch 2.3.4 (lucidrains)
     and the library's defaults otherwise (Adam betas (0.9, 0.99), grad-norm clip 1, EMA every 10
     steps after 100, objective pred_v, sigmoid beta schedule, 1000 steps, random flips).
     Deviations: Unet(dim=16, dim_mults=(1, 2, 4)) instead of the README's dim 64, (1, 2, 4, 8),
-    to fit 28x28 (28 -> 14 -> 7) and be near our size: 721,185 parameters against our 627,433
+    to fit 28x28 (28 -> 14 -> 7) and be near our size: 721,185 parameters against our preset's
+    627,433 when it was measured (540,401 since issue 21's smaller first level)
     (dim 14 would give 568k; 16 keeps the README's power-of-two widths); calculate_fid=False
     (its FID needs an Inception download; we score every row the same way afterwards);
     save_and_sample_every is never reached (its sample grids would eat the budget);
@@ -54,7 +55,8 @@ diffusers 0.42.1
     [-1, 1], MSE on epsilon, Accelerator with mixed precision "no".
     Deviations: UNet2DModel(block_out_channels=(24, 48, 48), layers_per_block=1, attention at 7x7,
     norm_num_groups=8) instead of the example's 64x64 six-level model, to fit 28x28 and our size
-    (627,433 parameters, the same as ours: the layer shapes of our preset);
+    (627,433 parameters: the layer shapes of our preset until issue 21, which then moved to
+    (16, 48, 48) without attention at 7x7; the peer keeps the shape its rows were measured with);
     images come from the in-memory IDX arrays (the example reads an HF ``datasets`` image
     folder; the transforms are the same, Resize/CenterCrop at 28 being no-ops). Sampled with
     DDIMPipeline, a DDIMScheduler made from the DDPM scheduler's config, 50 steps (the example

@@ -244,7 +244,8 @@ def test_resume_with_the_same_options_and_a_different_one(tmp_path, fake_fashion
     r = ddpm_in_process("train", *first, "--steps", 4, "--resume", run, "--lr", 0.5)
     assert r.returncode == 2 and "changes train.lr from 0.001 to 0.5" in r.stderr
     r = ddpm_in_process("train", "--preset", "fashion-cpu", "--resume", run, "--steps", 4)
-    assert r.returncode == 2 and "changes model.base_channels from 8 to 24" in r.stderr
+    width = get_preset("fashion-cpu").model.base_channels
+    assert r.returncode == 2 and f"changes model.base_channels from 8 to {width}" in r.stderr
     r = ddpm_in_process("train", "--resume", run, "--steps", 4, "--dry-run")
     assert r.returncode == 0 and json.loads(r.stdout)["config"]["train"]["steps"] == 4
 
@@ -253,7 +254,7 @@ def test_help_shows_the_preset_default_of_every_setting():
     r = ddpm_in_process("train", "--help")
     text = " ".join(r.stdout.split())
     assert "--lr X AdamW peak learning rate (fashion-cpu: 0.002)" in text
-    assert "--channel-mults M1,M2,..." in text and "(fashion-cpu: 1,2,2)" in text
+    assert "--channel-mults M1,M2,..." in text and "(fashion-cpu: 1,3,3)" in text
     assert "--hflip, --no-hflip" in text
 
 

@@ -87,7 +87,7 @@ ODD_INPUTS = [
      "--class-dropout is a setting of a class-conditional model; add --conditional", ()),
     ("train --resume {root}/run --out {root}/elsewhere", "--resume continues a run in place", ()),
     ("train --resume {root}/run --preset fashion-cpu --steps 4",
-     "changes model.base_channels from 8 to 24", ()),
+     "changes model.base_channels from 8 to", ()),
     ("train --resume {root}/empty", "has no checkpoints", ()),
     ("sample {root}/run --eta 0.5 --out {root}/existing.png",
      "--eta is a setting of the ddim sampler, not of ddpm", ()),

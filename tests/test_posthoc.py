@@ -1,5 +1,6 @@
 """Issue 21's levers: power-function EMA with post-hoc reconstruction (Karras et al. 2024), and
-EDM's log-normal noise levels and loss weights (Karras et al. 2022), against closed forms."""
+EDM's preconditioning, log-normal noise levels and loss weights (Karras et al. 2022), against
+closed forms."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from ddpm.diffusion import (draw_t_eps, edm_weight, min_snr_weight, timestep_probs,
-                            training_loss, v_from_eps_x0)
+from ddpm.diffusion import (draw_t_eps, edm_weight, eps_x0_from_prediction, min_snr_weight,
+                            precondition, timestep_probs, training_loss, v_from_eps_x0)
 from ddpm.posthoc import (PowerEMA, gamma_from_std, list_snapshots, power_weights, reconstruct,
                           solve_posthoc, std_from_gamma)
 from ddpm.schedules import make_schedule
@@ -147,6 +148,111 @@ def test_training_loss_with_edm_weights_weights_each_sample_by_lambda():
     assert float(got) == pytest.approx(float(expected), rel=1e-5)
 
 
+# --- EDM's preconditioning (Karras et al. 2022, sec. 5 and Table 1) ---------------------------
+
+
+def _table_1(ab: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, ...]:
+    """c_in, c_skip, c_out at sigma = sqrt((1 - ab) / ab), written as the paper writes them."""
+    sigma = ((1 - ab) / ab).sqrt()
+    c_skip = sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
+    c_out = sigma * sigma_data / (sigma ** 2 + sigma_data ** 2).sqrt()
+    c_in = 1 / (sigma ** 2 + sigma_data ** 2).sqrt()
+    return c_in, c_skip, c_out
+
+
+@pytest.mark.parametrize("prediction_type", ["eps", "x0", "v"])
+def test_edm_preconditioning_is_table_1_in_edms_variables(prediction_type):
+    schedule = make_schedule("linear", 1000)
+    gen = torch.Generator().manual_seed(1)
+    x_t = torch.randn(5, 2, 3, 3, generator=gen, dtype=torch.float64)
+    seen = {}
+
+    def network(x, t):
+        seen["input"] = x
+        return torch.sin(3 * x) + 0.1 * t.view(-1, 1, 1, 1)
+
+    for t, ab in ((torch.tensor([0, 10, 300, 700, 999]), None),
+                  (torch.tensor([0.0, 10.5, 299.25, 700.75, 998.5], dtype=torch.float64), None)):
+        ab = (schedule.alpha_bar_at(t) if t.is_floating_point() else schedule.alphas_cumprod[t])
+        ab = ab.view(-1, 1, 1, 1)
+        c_in, c_skip, c_out = _table_1(ab, 0.5)
+        x = x_t / ab.sqrt()  # EDM's x = x0 + sigma eps
+        expected_x0 = c_skip * x + c_out * network(c_in * x, t)
+        prediction = precondition(network, schedule, "edm", sigma_data=0.5,
+                                  prediction_type=prediction_type)(x_t, t)
+        torch.testing.assert_close(seen["input"], c_in * x)
+        _, x0 = eps_x0_from_prediction(prediction, x_t, ab, prediction_type)
+        torch.testing.assert_close(x0, expected_x0)
+
+
+def test_edm_preconditioning_denoises_gaussian_data_optimally_with_a_zero_network():
+    """For x0 ~ N(0, sigma_data^2), c_skip x alone is E[x0 | x_t] (F* = 0), and both the
+    network's input c_in x and its ideal output (x0 - c_skip x) / c_out have unit variance."""
+    schedule = make_schedule("linear", 1000)
+    sigma_data = 0.6
+    gen = torch.Generator().manual_seed(2)
+    t = torch.tensor([1, 50, 250, 500, 999]).repeat_interleave(100_000)
+    ab = schedule.alphas_cumprod[t].view(-1, 1)
+    x0 = sigma_data * torch.randn(len(t), 1, generator=gen, dtype=torch.float64)
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * torch.randn(len(t), 1, generator=gen, dtype=torch.float64)
+    denoised = precondition(lambda x, t: torch.zeros_like(x), schedule, "edm", sigma_data=sigma_data,
+                            prediction_type="x0")(x_t, t)
+    posterior_mean = ab.sqrt() * sigma_data ** 2 / (ab * sigma_data ** 2 + 1 - ab) * x_t
+    torch.testing.assert_close(denoised, posterior_mean)
+    c_in, c_skip, c_out = _table_1(ab, sigma_data)
+    x = x_t / ab.sqrt()
+    for j in range(5):
+        rows = slice(j * 100_000, (j + 1) * 100_000)
+        assert float((c_in * x)[rows].var()) == pytest.approx(1.0, abs=0.02)
+        assert float(((x0 - c_skip * x) / c_out)[rows].var()) == pytest.approx(1.0, abs=0.02)
+
+
+def test_edm_preconditioning_at_unit_data_std_is_v_prediction():
+    schedule = make_schedule("cosine", 100)
+    x_t = torch.randn(4, 1, 5, 5, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([0, 33, 66, 99])
+    network = lambda x, t: x ** 2 - 0.5  # noqa: E731
+    out = precondition(network, schedule, "edm", sigma_data=1.0, prediction_type="v")(x_t, t)
+    torch.testing.assert_close(out, -network(x_t, t))  # c_in = 1, v = -F
+    assert precondition(network, schedule, "none", sigma_data=0.5, prediction_type="v") is network
+
+
+def test_edm_preconditioning_keeps_learned_variances_and_is_finite_at_zero_terminal_snr():
+    schedule = make_schedule("linear", 100, zero_terminal_snr=True)
+    assert float(schedule.alphas_cumprod[-1]) == 0.0
+    x_t = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(4))
+    t = torch.tensor([0, 99])
+    network = lambda x, t: torch.cat([x, torch.full_like(x, 0.25)], dim=1)  # noqa: E731
+    out = precondition(network, schedule, "edm", sigma_data=0.5, prediction_type="v")(x_t, t)
+    assert out.shape == (2, 2, 4, 4) and bool(torch.isfinite(out).all())
+    assert bool((out[:, 1:] == 0.25).all())  # the interpolation passes unchanged
+    # at alpha_bar = 0 the input is x_t itself and x0 = sigma_data F
+    _, x0 = eps_x0_from_prediction(out[1:, :1], x_t[1:], 0.0, "v")
+    torch.testing.assert_close(x0, 0.5 * x_t[1:])
+
+
+def test_edm_weights_through_the_preconditioning_are_a_uniform_loss_on_f():
+    """EDM's lambda(sigma) = 1 / c_out^2 on the x0-error: the loss through the preconditioned
+    network is the plain mean of (F - F_target)^2, F_target = (x0 - c_skip x) / c_out."""
+    schedule = make_schedule("linear", 1000)
+    gen = torch.Generator().manual_seed(5)
+    x0 = torch.rand(8, 1, 4, 4, generator=gen, dtype=torch.float64) * 2 - 1
+    eps = torch.randn(8, 1, 4, 4, generator=gen, dtype=torch.float64)
+    t = torch.tensor([0, 3, 40, 200, 450, 600, 850, 999])
+    network = lambda x, t: 0.2 * x - 0.1  # noqa: E731
+    ab = schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
+    c_in, c_skip, c_out = _table_1(ab, 0.5)
+    x = x0 + ((1 - ab) / ab).sqrt() * eps
+    f_target = (x0 - c_skip * x) / c_out
+    expected = ((network(c_in * x, t) - f_target) ** 2).mean()
+    for prediction_type in ("eps", "x0", "v"):
+        denoiser = precondition(network, schedule, "edm", sigma_data=0.5,
+                                prediction_type=prediction_type)
+        got = training_loss(denoiser, schedule, x0, t=t, eps=eps, prediction_type=prediction_type,
+                            weighting="edm", sigma_data=0.5)
+        assert float(got) == pytest.approx(float(expected), rel=1e-4), prediction_type
+
+
 def test_log_normal_sampling_with_learned_variances_is_refused():
     from ddpm.config import RunConfig, with_overrides
     config = with_overrides(RunConfig(), {"model": {"learn_variance": True},
@@ -237,3 +343,66 @@ def test_posthoc_command_refuses_bad_requests_in_one_line(posthoc_run, world, tm
         assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert existing.read_bytes() == b"keep me"
     assert not (tmp_path / "x.pt").exists() and not (tmp_path / "y.pt").exists()
+
+
+# --- EDM's preconditioning in training, sampling and export -------------------------------------
+
+
+def test_training_step_and_pipeline_call_the_network_through_the_preconditioning(fake_fashion, tmp_path):
+    import dataclasses
+
+    from conftest import ddpm_in_process as cli
+    from ddpm import get_preset
+    from ddpm.models import UNet
+    from ddpm.pipeline import load_pipeline
+    from ddpm.runtime import make_accelerator
+    from ddpm.step import train_step
+
+    # the training step's loss is the preconditioned network's (lr 0: the weights stay)
+    config = get_preset("tiny")
+    config = dataclasses.replace(config, diffusion=dataclasses.replace(
+        config.diffusion, prediction_type="v", preconditioning="edm", sigma_data=0.5))
+    model, schedule = UNet(config.model), make_schedule("linear", 100)
+    x0 = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    losses = {}
+    for name, c in (("edm", config), ("none", dataclasses.replace(config, diffusion=dataclasses.replace(
+            config.diffusion, preconditioning="none")))):
+        losses[name] = float(train_step(
+            model, schedule, torch.optim.AdamW(model.parameters(), lr=0.0),
+            [(x0, torch.zeros(4, dtype=torch.long))], accelerator=make_accelerator(torch.device("cpu")),
+            generator=torch.Generator().manual_seed(7), config=c, device=torch.device("cpu"),
+            lr=0.0).loss)
+    t, eps = draw_t_eps(schedule, x0.shape, torch.Generator().manual_seed(7))
+    expected = training_loss(precondition(lambda x, t: model(x, t, None), schedule, "edm",
+                                          sigma_data=0.5, prediction_type="v"),
+                             schedule, x0, t=t, eps=eps, prediction_type="v",
+                             weighting=config.diffusion.loss_weighting)
+    assert losses["edm"] == pytest.approx(float(expected.detach()), rel=1e-5)
+    assert abs(losses["edm"] - losses["none"]) > 1e-3
+
+    # a run trained with it samples through it: Table 1 around the loaded weights
+    run = tmp_path / "edm"
+    r = cli("train", "--preset", "tiny", "--data-dir", fake_fashion, "--steps", "2",
+            "--preconditioning", "edm", "--sigma-data", "0.5", "--prediction-type", "v",
+            "--out", run, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "predicts v through EDM's preconditioning (sigma_data 0.5)" in r.stdout + r.stderr
+    pipe = load_pipeline(run)
+    assert pipe.config.diffusion.preconditioning == "edm"
+    x_t = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(8))
+    steps = torch.tensor([5, 50, 99])
+    ab = pipe.schedule.alphas_cumprod[steps].float().view(-1, 1, 1, 1)
+    c_in, c_skip, c_out = _table_1(ab, 0.5)
+    with torch.inference_mode():
+        x0_expected = c_skip * x_t / ab.sqrt() + c_out * pipe.model(c_in * x_t / ab.sqrt(), steps, None)
+        _, x0_got = eps_x0_from_prediction(pipe._predict(x_t, steps, None), x_t, ab, "v")
+    torch.testing.assert_close(x0_got, x0_expected, rtol=1e-4, atol=1e-5)
+    r = cli("sample", run, "--n", "2", "--sampler", "dpm++", "--steps", "3", "--out",
+            tmp_path / "s.png", "--no-progress")
+    assert r.returncode == 0 and (tmp_path / "s.png").exists(), r.stderr
+
+    # diffusers has no such step: the export says so and writes nothing
+    pytest.importorskip("diffusers")
+    r = cli("export", run, tmp_path / "hf", "--format", "diffusers")
+    assert r.returncode == 2 and "--preconditioning edm" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "hf").exists()

@@ -139,10 +139,12 @@ def test_train_leaves_torch_global_state_as_it_found_it(tmp_path, fake_fashion):
 
 def test_train_fits_the_model_to_the_data_from_python(tmp_path, fake_fashion):
     """The Python API resolves the config as the command line does: the preset's 28 px U-Net
-    trains on 32 px images with its attention kept at the same level."""
+    (here with attention at its 7 px level) trains on 32 px images with its attention kept at
+    the same level."""
     c = get_preset("fashion-cpu")
     config = dataclasses.replace(
         c, data=dataclasses.replace(c.data, data_dir=str(fake_fashion), image_size=32),
+        model=dataclasses.replace(c.model, attention_resolutions=(7,)),
         train=dataclasses.replace(c.train, steps=1, batch_size=8, sample_every=0, fid_every=0))
     train(config, tmp_path / "run", progress=False, final_grid=False)
     saved = json.loads((tmp_path / "run/config.json").read_text())

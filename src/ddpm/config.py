@@ -20,7 +20,8 @@ from typing import Any
 
 from .data.registry import CROPS, DATASETS, SPLITS, check_options
 from .data.registry import resolve as resolve_data
-from .diffusion import LOSS_WEIGHTINGS, LOSSES, PREDICTION_TYPES, TIMESTEP_SAMPLINGS, VARIANCES
+from .diffusion import (LOSS_WEIGHTINGS, LOSSES, PRECONDITIONINGS, PREDICTION_TYPES,
+                        TIMESTEP_SAMPLINGS, VARIANCES)
 from .models import UNetConfig
 from .samplers import SAMPLERS, SPACINGS
 from .schedules import SCHEDULES, NoiseSchedule, make_schedule
@@ -54,13 +55,17 @@ class DiffusionConfig:
     prediction_type: str = setting(
         "eps", flag="--prediction-type", choices=PREDICTION_TYPES,
         help="what the network predicts: the noise eps, the image x0, or v (Salimans & Ho 2022)")
+    preconditioning: str = setting(
+        "none", flag="--preconditioning", choices=PRECONDITIONINGS,
+        help="edm: Karras et al. 2022's c_in, c_skip, c_out around the network for data of "
+             "standard deviation --sigma-data, its output then read as --prediction-type's")
     loss_weighting: str = setting("uniform", flag="--loss-weighting", choices=LOSS_WEIGHTINGS,
                                   help="uniform, min-snr (Hang et al. 2023) with --min-snr-gamma, "
                                        "or edm (Karras et al. 2022) with --sigma-data")
     min_snr_gamma: float = setting(5.0, flag="--min-snr-gamma", above=0,
                                    help="gamma of min-SNR weighting")
     sigma_data: float = setting(0.5, flag="--sigma-data", above=0,
-                                help="the data's standard deviation in EDM's weighting")
+                                help="the data's standard deviation in EDM's preconditioning and weighting")
     timestep_sampling: str = setting(
         "uniform", flag="--timestep-sampling", choices=TIMESTEP_SAMPLINGS,
         help="the law of t in training: uniform (Ho et al. 2020), or log-normal in the noise "
@@ -496,11 +501,16 @@ def load_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
 
 
 def _fashion_cpu() -> RunConfig:
-    # Chosen by measurement on a 2-core CPU for a ~10 minute budget (BENCHMARKS.md): width 24
-    # beat 16 and 32 at equal time; batch 64 trains faster per image than 128 and, with a cosine
-    # decay from 2e-3, reached the lowest held-out loss. v-prediction with min-SNR-5 weighting
-    # (and no flips, data.resolve) lowered FID at equal steps from 22.1 to 13.3, where eps with
-    # uniform weights had won on held-out loss alone. 1,400 steps take ~9.6 min at 155 img/s.
+    # Chosen by measurement on a 2-core CPU (BENCHMARKS.md). The recipe: batch 64 trains faster
+    # per image than 128 and, with a cosine decay from 2e-3, reached the lowest held-out loss;
+    # v-prediction with min-SNR-5 weighting (and no flips, data.resolve) lowered FID at equal
+    # steps from 22.1 to 13.3, where eps with uniform weights had won on held-out loss alone.
+    # The shape (issue 21; BENCHMARKS.md, "EDM's preconditioning and the model's shape at 15
+    # minutes"): a first level cheaper than the others (16 channels at 28 px, then 48 and 48)
+    # and attention only in the middle block train 1.4x the steps of the earlier 24/48/48 with
+    # attention at 7 px in 15 bf16 minutes (8,224 against 5,689) and lowered FID from 3.54 to
+    # 3.06 (means of three sampling seeds, every seed lower; a second training run 3.34, the old
+    # shape's three runs 3.54-3.74); each change alone gave 3.46, width 32 (fewer steps) 4.49.
     # Its precision is train.precision's default, auto: bf16 on a CPU with bf16 hardware, which
     # trained 1.4x the steps of fp32 in 15 minutes there and reached FID 4.63 against 5.09
     # (BENCHMARKS.md, "bf16 on a CPU that has it"); fp32 elsewhere.
@@ -508,12 +518,12 @@ def _fashion_cpu() -> RunConfig:
         model=UNetConfig(
             in_channels=1,
             image_size=28,
-            base_channels=24,
-            channel_mults=(1, 2, 2),
+            base_channels=16,
+            channel_mults=(1, 3, 3),
             num_res_blocks=1,
-            attention_resolutions=(7,),
+            attention_resolutions=(),
             dropout=0.0,
-            # 8 groups divide every width (24, 48, 72, 96, 144): one count for all, which
+            # 8 groups divide every width (16, 32, 48, 64, 96): one count for all, which
             # diffusers' UNet2DModel needs to hold the model ('ddpm export')
             norm_groups=8,
         ),

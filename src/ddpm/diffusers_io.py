@@ -187,6 +187,11 @@ def scheduler_config(config: RunConfig, schedule: NoiseSchedule) -> dict[str, An
     name gives ours (within float32), else as ``trained_betas``; prediction type, the sampler's
     variance, its x0 transform and its spacing of the steps."""
     dc, sc = config.diffusion, config.sample
+    if dc.preconditioning != "none":
+        raise ExportError(f"cannot export to diffusers: the model was trained with "
+                          f"--preconditioning {dc.preconditioning}, which scales the network's "
+                          f"input and output by the noise level; diffusers' UNet2DModel and "
+                          f"schedulers have no such step, so nothing was written")
     betas = schedule.betas
     if dc.zero_terminal_snr:  # diffusers rescales the named schedule's betas itself
         betas = make_schedule(dc.schedule, dc.num_train_timesteps).betas

@@ -204,6 +204,7 @@ def p_mean_log_variance(
 
 
 PREDICTION_TYPES = ("eps", "x0", "v")
+PRECONDITIONINGS = ("none", "edm")
 LOSS_WEIGHTINGS = ("uniform", "min-snr", "edm")
 TIMESTEP_SAMPLINGS = ("uniform", "log-normal")
 
@@ -242,6 +243,58 @@ def eps_x0_from_prediction(
             f"unknown prediction type {prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}"
         )
     return eps, x0
+
+
+def precondition(network: Callable[..., torch.Tensor], schedule: NoiseSchedule,
+                 preconditioning: str, *, sigma_data: float, prediction_type: str
+                 ) -> Callable[..., torch.Tensor]:
+    """The denoiser that the samplers and the loss call, made of the ``network``: the network
+    itself for ``"none"``; for ``"edm"`` Karras et al. 2022's preconditioning (sec. 5, Table 1).
+
+    In EDM's variables x = x_t / sqrt(alpha_bar) = x0 + sigma eps, sigma^2 = (1 - alpha_bar) /
+    alpha_bar, the network F sees c_in x and the denoised image is D = c_skip x + c_out F, with
+    c_in = 1 / sqrt(sigma^2 + sigma_data^2), c_skip = sigma_data^2 / (sigma^2 + sigma_data^2) and
+    c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2): for data of standard deviation
+    ``sigma_data`` both F's input and its ideal output have unit variance at every noise level.
+    Written in x_t with d = 1 - alpha_bar + sigma_data^2 alpha_bar (= alpha_bar (sigma^2 +
+    sigma_data^2)): the input is x_t / sqrt(d) and D = sigma_data^2 sqrt(alpha_bar) x_t / d +
+    sigma_data sqrt(1 - alpha_bar) F / sqrt(d), finite at alpha_bar = 0 (zero terminal SNR).
+    D is returned as ``prediction_type``'s quantity, so the samplers, the loss and its weights
+    (all stated on the x0-error) need nothing else; with sigma_data = 1 and v it is v = -F.
+    c_noise stays the step t itself: Table 1's choice for a VP schedule, (M - 1) t.
+
+    The network is called as ``network(x_t, t, *args)`` with t int64 (the table's steps) or
+    real-valued (:meth:`NoiseSchedule.alpha_bar_at`); a ``[B, 2C, H, W]`` output (learned
+    variances) keeps its second half as it is.
+    """
+    if preconditioning == "none":
+        return network
+    if preconditioning != "edm":
+        raise ValueError(f"unknown preconditioning {preconditioning!r}; choose one of "
+                         f"{', '.join(PRECONDITIONINGS)}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction type {prediction_type!r}; choose one of "
+                         f"{', '.join(PREDICTION_TYPES)}")
+
+    def preconditioned(x_t: torch.Tensor, t: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        steps = t.to(schedule.alphas_cumprod.device)
+        ab = (schedule.alpha_bar_at(steps) if steps.is_floating_point()
+              else schedule.alphas_cumprod[steps])  # float64 [B]
+        s, r, d = ab.sqrt(), (1 - ab).sqrt(), 1 - ab + sigma_data**2 * ab
+        # The prediction is a x_t + b F. x0: D itself; eps: eq. 4 solved for eps; v: sqrt(ab) eps
+        # - sqrt(1 - ab) x0. Each written out so that none divides by sqrt(1 - ab).
+        a, b = {"x0": (sigma_data**2 * s / d, sigma_data * r / d.sqrt()),
+                "eps": (r / d, -sigma_data * s / d.sqrt()),
+                "v": ((1 - sigma_data**2) * s * r / d, -sigma_data / d.sqrt())}[prediction_type]
+        c_in, a, b = (broadcast_per_sample(c, x_t) for c in (d.rsqrt(), a, b))
+        output = network(x_t * c_in, t, *args, **kwargs)
+        channels = x_t.shape[1]
+        prediction = a * x_t + b * output[:, :channels].to(x_t.dtype)
+        if output.shape[1] == channels:
+            return prediction
+        return torch.cat([prediction, output[:, channels:].to(x_t.dtype)], dim=1)
+
+    return preconditioned
 
 
 def training_target(

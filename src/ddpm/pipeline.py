@@ -26,7 +26,7 @@ from .checkpoint import checkpoint_config, load_run_or_file, load_weights
 from .config import RunConfig, SampleConfig, build_schedule
 from .data import to_model_range, to_uint8
 from .diffusers_io import is_diffusers_folder, load_diffusers
-from .diffusion import p_mean_log_variance, prior_bpd, q_sample, vlb_term
+from .diffusion import p_mean_log_variance, precondition, prior_bpd, q_sample, vlb_term
 from .guidance import NoisyClassifierFile, check_compatible, classifier_log_prob_grad
 from .models import UNet
 from .runtime import autocast, resolve_device, resolve_precision, warn_compile_failed
@@ -138,7 +138,7 @@ class Pipeline:
 
         def network(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
             with autocast(self.device, self.precision):
-                prediction = self._forward(x_t, t, y)
+                prediction = self._predict(x_t, t, y)
             bar.update(x_t.shape[0])
             return prediction.float()
 
@@ -211,7 +211,7 @@ class Pipeline:
             eps = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
             x_t = q_sample(self.schedule, x0, t, eps)  # float64
             with autocast(self.device, self.precision):
-                output = self._forward(x_t.to(self.device, torch.float32), t.to(self.device), None)
+                output = self._predict(x_t.to(self.device, torch.float32), t.to(self.device), None)
             mean, log_var = p_mean_log_variance(
                 self.schedule, output.double().cpu(), x_t, t, prediction_type=dc.prediction_type,
                 variance=sc.variance, learned=mc.learn_variance, x0_transform=x0_transform)
@@ -243,6 +243,13 @@ class Pipeline:
         uncompiled network goes on, with a one-line warning."""
         self.compiled, self.compile_proven = torch.compile(self.model), False
         return self
+
+    def _predict(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """The run's prediction (``diffusion.prediction_type``) at x_t: the network's output,
+        through the run's preconditioning."""
+        dc = self.config.diffusion
+        return precondition(self._forward, self.schedule, dc.preconditioning,
+                            sigma_data=dc.sigma_data, prediction_type=dc.prediction_type)(x_t, t, y)
 
     def _forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         if self.compiled is None:

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from .config import RunConfig
-from .diffusion import draw_t_eps, timestep_probs, training_loss
+from .diffusion import draw_t_eps, precondition, timestep_probs, training_loss
 from .runtime import autocast
 from .schedules import NoiseSchedule
 
@@ -146,6 +146,8 @@ def train_step(
             drop = torch.rand(x0.shape[0], generator=generator, device=generator.device)
             y = torch.where(drop < config.train.class_dropout, num_classes, y.to(drop.device))
             denoiser = functools.partial(model, y=y[rows].to(device))
+        denoiser = precondition(denoiser, schedule, dc.preconditioning, sigma_data=dc.sigma_data,
+                                prediction_type=dc.prediction_type)
         # Gradients are averaged across processes once per update, after the last micro-batch.
         last = i == len(batches) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):

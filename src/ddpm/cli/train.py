@@ -206,8 +206,10 @@ def summary(config: RunConfig, preset: str) -> str:
         f"model: U-Net of {m.block} blocks {m.base_channels}x{list(m.channel_mults)}, "
         f"{m.num_res_blocks} blocks/level, "
         f"attention at {list(m.attention_resolutions)} px, {m.in_channels}x{m.image_size}x{m.image_size}\n"
-        f"diffusion: {d.schedule} schedule, T={d.num_train_timesteps}, predicts {d.prediction_type}, "
-        f"{d.loss} loss" + _weighting_text(d) + "\n"
+        f"diffusion: {d.schedule} schedule, T={d.num_train_timesteps}, predicts {d.prediction_type}"
+        + (f" through EDM's preconditioning (sigma_data {d.sigma_data:g})"
+           if d.preconditioning == "edm" else "")
+        + f", {d.loss} loss" + _weighting_text(d) + "\n"
         f"training: {stop}, batch {t.batch_size}x{t.grad_accum}, lr {t.lr:g}, EMA {t.ema_decay}, "
         f"{precision} ({why}), on {config.data.dataset}"
         + (f", conditional on {m.num_classes} classes (label dropout {t.class_dropout:g})"
