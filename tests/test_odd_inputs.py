@@ -20,7 +20,7 @@ from PIL import Image
 
 from conftest import ddpm_in_process, snapshot
 from ddpm.checkpoint import load_checkpoint, load_run_or_file
-from ddpm.config import RunConfig
+from ddpm.config import RunConfig, get_preset
 
 SEED_RANGE = "[0, 9223372036854775806]"
 
@@ -87,7 +87,7 @@ ODD_INPUTS = [
      "--class-dropout is a setting of a class-conditional model; add --conditional", ()),
     ("train --resume {root}/run --out {root}/elsewhere", "--resume continues a run in place", ()),
     ("train --resume {root}/run --preset fashion-cpu --steps 4",
-     "changes model.base_channels from 8 to", ()),
+     f"changes model.base_channels from 8 to {get_preset('fashion-cpu').model.base_channels}", ()),
     ("train --resume {root}/empty", "has no checkpoints", ()),
     ("sample {root}/run --eta 0.5 --out {root}/existing.png",
      "--eta is a setting of the ddim sampler, not of ddpm", ()),

@@ -64,8 +64,9 @@ class DiffusionConfig:
                                        "or edm (Karras et al. 2022) with --sigma-data")
     min_snr_gamma: float = setting(5.0, flag="--min-snr-gamma", above=0,
                                    help="gamma of min-SNR weighting")
-    sigma_data: float = setting(0.5, flag="--sigma-data", above=0,
-                                help="the data's standard deviation in EDM's preconditioning and weighting")
+    sigma_data: float = setting(
+        0.5, flag="--sigma-data", above=0,
+        help="the data's standard deviation in EDM's preconditioning and weighting")
     timestep_sampling: str = setting(
         "uniform", flag="--timestep-sampling", choices=TIMESTEP_SAMPLINGS,
         help="the law of t in training: uniform (Ho et al. 2020), or log-normal in the noise "
