@@ -36,7 +36,7 @@ ddp: denoising-diffusion-pytorch 2.3.4 (lucidrains)
     steps after 100, objective pred_v, sigmoid beta schedule, 1000 steps, random flips).
     Deviations: Unet(dim=16, dim_mults=(1, 2, 4)) instead of the README's dim 64, (1, 2, 4, 8),
     to fit 28x28 (28 -> 14 -> 7) and be near our size: 721,185 parameters against our preset's
-    627,433 when it was measured (540,401 since issue 21's smaller first level)
+    627,433 when it was measured (425,281 since issue 21's cheaper first levels)
     (dim 14 would give 568k; 16 keeps the README's power-of-two widths); calculate_fid=False
     (its FID needs an Inception download; we score every row the same way afterwards);
     save_and_sample_every is never reached (its sample grids would eat the budget);
@@ -55,8 +55,11 @@ diffusers 0.42.1
     [-1, 1], MSE on epsilon, Accelerator with mixed precision "no".
     Deviations: UNet2DModel(block_out_channels=(24, 48, 48), layers_per_block=1, attention at 7x7,
     norm_num_groups=8) instead of the example's 64x64 six-level model, to fit 28x28 and our size
-    (627,433 parameters: the layer shapes of our preset until issue 21, which then moved to
-    (16, 48, 48) without attention at 7x7; the peer keeps the shape its rows were measured with);
+    (627,433 parameters: the layer shapes of our preset until issue 21, which then made its
+    first levels cheaper and dropped the attention at 7x7; the peer keeps the shape its rows
+    were measured with, and ``--peer-shape preset`` gives it the layer shapes of today's preset,
+    read from it: block_out_channels = base_channels x channel_mults, attention at 7x7 only if
+    the preset has it, the middle block's always, as in ours, so the same parameter count);
     images come from the in-memory IDX arrays (the example reads an HF ``datasets`` image
     folder; the transforms are the same, Resize/CenterCrop at 28 being no-ops). Sampled with
     DDIMPipeline, a DDIMScheduler made from the DDPM scheduler's config, 50 steps (the example
@@ -89,7 +92,8 @@ PEER_MODULES = {"ddp": "denoising_diffusion_pytorch", "diffusers": "diffusers"}
 DATA_DIR = "/usr/share/datasets/fashion-mnist"
 SAMPLE_BATCH = 128
 # Settings a saved result must share to be reused.
-SAME = ("minutes", "n", "seed", "sample_seeds", "threads", "precision", "ours_args")
+SAME = ("minutes", "n", "seed", "sample_seeds", "threads", "precision", "ours_args", "peer_shape")
+PEER_SHAPES = ("old", "preset")  # the diffusers rows' U-Net: peer_unet_shape
 
 DDP_README = dict(train_batch_size=32, gradient_accumulate_every=2, train_lr=8e-5,
                   ema_decay=0.995, ema_update_every=10, amp=True)
@@ -120,6 +124,9 @@ def main() -> None:
     ap.add_argument("--ours-args", default="", metavar="'ARGS'",
                     help="more 'ddpm train' options for our row, one quoted string (a lever to "
                          "measure against the preset, e.g. '--base-channels 32')")
+    ap.add_argument("--peer-shape", choices=PEER_SHAPES, default="old",
+                    help="the diffusers rows' U-Net: old (24,48,48 with attention at 7x7, what "
+                         "their rows were measured with) or preset (today's fashion-cpu shape)")
     ap.add_argument("--reuse", action="store_true",
                     help="take a row's saved WORK/ROW.json (same settings) instead of running it")
     ap.add_argument("--tuned-base", choices=("ddp", "diffusers"),
@@ -179,8 +186,13 @@ def load_result(path: Path, settings: dict) -> dict | None:
     r = json.loads(path.read_text())
     r.setdefault("ours_args", "")  # results saved before --ours-args existed
     r.setdefault("sample_seeds", 1)  # ... and before --sample-seeds
-    # --ours-args changes our row only: a peer's saved row is reused whatever it was
-    same = {k: v for k, v in settings.items() if k != "ours_args" or path.stem == "ours"}
+    r.setdefault("peer_shape", "old")  # ... and before --peer-shape
+    # --ours-args changes our row only, --peer-shape the diffusers rows only: other saved rows
+    # are reused whatever they were
+    ignored = {"ours_args"} if path.stem != "ours" else set()
+    if path.stem in ("ours", "ddp"):
+        ignored.add("peer_shape")
+    same = {k: v for k, v in settings.items() if k not in ignored}
     return r if all(r.get(k) == v for k, v in same.items()) else None
 
 
@@ -191,7 +203,7 @@ def run_child(name: str, args: argparse.Namespace, work: Path, extra: list[str])
     cmd = [sys.executable, os.path.abspath(__file__), "--row", name, "--minutes", str(args.minutes),
            "--n", str(args.n), "--work", str(work), "--threads", str(args.threads),
            "--seed", str(args.seed), "--sample-seeds", str(args.sample_seeds),
-           "--precision", args.precision,
+           "--precision", args.precision, "--peer-shape", args.peer_shape,
            f"--ours-args={args.ours_args}", *extra]
     # Thread counts for every process of the row (ddpm subprocesses, DataLoader workers); tqdm
     # takes TQDM_* defaults from the environment, which keeps the peers' sampling bars short.
@@ -459,6 +471,17 @@ class FlippedImages:
         return x.flip(-1) if torch.rand(()) < 0.5 else x
 
 
+def peer_unet_shape(name: str) -> tuple[tuple[int, ...], bool]:
+    """(block_out_channels, attention at 7x7 besides the middle block) of the diffusers rows:
+    'old' is our preset's shape until issue 21, 'preset' today's preset's."""
+    if name == "old":
+        return (24, 48, 48), True
+    from ddpm.config import get_preset
+
+    m = get_preset("fashion-cpu").model
+    return tuple(m.base_channels * k for k in m.channel_mults), 7 in m.attention_resolutions
+
+
 def row_diffusers(args: argparse.Namespace, row_dir: Path, budget: float, s: dict) -> dict:
     import itertools
 
@@ -472,10 +495,12 @@ def row_diffusers(args: argparse.Namespace, row_dir: Path, budget: float, s: dic
     from ddpm.data import load_dataset
 
     accelerator = Accelerator(gradient_accumulation_steps=1, mixed_precision="no")
+    widths, attention_at_7 = peer_unet_shape(args.peer_shape)
+    down = ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D" if attention_at_7 else "DownBlock2D")
+    up = ("AttnUpBlock2D" if attention_at_7 else "UpBlock2D", "UpBlock2D", "UpBlock2D")
     model = UNet2DModel(sample_size=28, in_channels=1, out_channels=1, layers_per_block=1,
-                        block_out_channels=(24, 48, 48), norm_num_groups=8,
-                        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-                        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"))
+                        block_out_channels=widths, norm_num_groups=8, down_block_types=down,
+                        up_block_types=up)
     params = sum(p.numel() for p in model.parameters())
     print(f"diffusers UNet2DModel: {params:,} parameters; {s}", flush=True)
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
@@ -536,7 +561,8 @@ def row_diffusers(args: argparse.Namespace, row_dir: Path, budget: float, s: dic
     return result("diffusers 0.42.1",
                   f"{'tuned' if args.row == 'tuned' else 'train_unconditional example'}: batch "
                   f"{s['batch_size']}, AdamW lr {lr(s['lr'])}, warm-up {s['warmup']}, EMA max "
-                  f"{s['ema_max_decay']:g}; UNet2DModel (24,48,48)",
+                  f"{s['ema_max_decay']:g}; UNet2DModel ({','.join(map(str, widths))}"
+                  f"{', attention at 7x7' if attention_at_7 else ''})",
                   params, step, s["batch_size"], seconds, "DDIM 50 steps", sampling, scored)
 
 

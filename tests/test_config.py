@@ -222,7 +222,7 @@ def test_config_file_partial_full_and_dry_run_output_with_flags_over_it(tmp_path
     ('{"train": ', "is not JSON"),
     ('[1, 2]', "must hold an object of sections"),
     ('{"sample": {"guidance": Infinity}}', "sample.guidance must be finite and at least 0, got inf"),
-    ('{"train": {"lr_schedule": "linear"}}', "unknown train.lr_schedule 'linear'; choose one of"),
+    ('{"train": {"lr_schedule": "step"}}', "unknown train.lr_schedule 'step'; choose one of"),
 ])
 def test_a_bad_config_file_is_one_line(tmp_path, content, message):
     path = tmp_path / "c.json"
@@ -254,7 +254,7 @@ def test_help_shows_the_preset_default_of_every_setting():
     r = ddpm_in_process("train", "--help")
     text = " ".join(r.stdout.split())
     assert "--lr X AdamW peak learning rate (fashion-cpu: 0.002)" in text
-    assert "--channel-mults M1,M2,..." in text and "(fashion-cpu: 1,3,3)" in text
+    assert "--channel-mults M1,M2,..." in text and "(fashion-cpu: 1,2,3)" in text
     assert "--hflip, --no-hflip" in text
 
 

@@ -121,16 +121,33 @@ def test_bf16_autocast_in_the_training_step():
     assert all(p.dtype == torch.float32 for p in model.parameters()), "weights stay float32"
 
 
-def test_cosine_over_minutes_follows_the_time_budget():
+@pytest.mark.parametrize("shape, at_quarter", [("cosine", (1 + 0.5 ** 0.5) / 2), ("linear", 0.75)])
+def test_decay_over_minutes_follows_the_time_budget(shape, at_quarter):
     c = get_preset("tiny")
     c = dataclasses.replace(c, train=dataclasses.replace(c.train, steps=None, minutes=10.0,
-                                                         lr_schedule="cosine", warmup_steps=0))
+                                                         lr_schedule=shape, warmup_steps=0))
     lr = c.train.lr
     assert learning_rate(c, 500, 0.0) == pytest.approx(lr)
+    assert learning_rate(c, 500, 0.25) == pytest.approx(lr * at_quarter)  # cos(pi/4) = 2^-1/2
     assert learning_rate(c, 500, 0.5) == pytest.approx(lr / 2)
     assert learning_rate(c, 500, 1.0) == pytest.approx(0.0, abs=1e-12)
-    with pytest.raises(ValueError, match="needs steps, or minutes"):
+    assert learning_rate(c, 500, 1.3) == pytest.approx(0.0, abs=1e-12)  # past the budget: 0
+    with pytest.raises(ValueError, match=f"the {shape} learning-rate schedule needs steps, or"):
         learning_rate(c, 500)
+
+
+@pytest.mark.parametrize("shape", ["cosine", "linear"])
+def test_decay_over_steps_starts_after_the_warm_up(shape):
+    c = get_preset("tiny")
+    c = dataclasses.replace(c, train=dataclasses.replace(c.train, steps=110, lr_schedule=shape,
+                                                         warmup_steps=10))
+    lr = c.train.lr
+    assert learning_rate(c, 4) == pytest.approx(lr / 2)  # warm-up: (4 + 1) / 10
+    assert learning_rate(c, 10) == pytest.approx(lr)
+    assert learning_rate(c, 60) == pytest.approx(lr / 2)  # half-way through the 100 decay steps
+    assert learning_rate(c, 110) == pytest.approx(0.0, abs=1e-12)
+    constant = dataclasses.replace(c, train=dataclasses.replace(c.train, lr_schedule="constant"))
+    assert learning_rate(constant, 60) == learning_rate(constant, 109) == lr
 
 
 def test_resume_config_keeps_a_two_process_run_trainable(two_process_run):

@@ -406,3 +406,68 @@ def test_training_step_and_pipeline_call_the_network_through_the_preconditioning
     r = cli("export", run, tmp_path / "hf", "--format", "diffusers")
     assert r.returncode == 2 and "--preconditioning edm" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "hf").exists()
+
+
+# --- the EDM formulation as one option ----------------------------------------------------------
+
+
+def _dry_run(*options):
+    import json
+
+    from conftest import ddpm_in_process as cli
+
+    r = cli("train", "--preset", "tiny", "--dry-run", *options)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)["config"]
+
+
+def test_formulation_edm_lays_its_settings_over_the_preset_and_the_options_win(tmp_path):
+    from ddpm.config import FORMULATIONS
+
+    plain, edm = _dry_run(), _dry_run("--formulation", "edm")
+    changed = {(s, k): v for s in edm for k, v in edm[s].items() if plain[s][k] != v}
+    # exactly Karras et al.'s pieces, each its own setting, and nothing else of the preset
+    assert changed == {("diffusion", "preconditioning"): "edm",
+                       ("diffusion", "timestep_sampling"): "log-normal",
+                       ("diffusion", "loss_weighting"): "edm",
+                       ("sample", "sampler"): "heun", ("sample", "num_sample_steps"): 18,
+                       ("sample", "spacing"): "karras"}
+    assert changed == {(s, k): v for s, d in FORMULATIONS["edm"].items() for k, v in d.items()}
+    # an option given, and a --config file, override the formulation's value; the rest stays
+    given = _dry_run("--formulation", "edm", "--loss-weighting", "min-snr", "--sigma-data", "0.8")
+    assert given["diffusion"]["loss_weighting"] == "min-snr"
+    assert given["diffusion"]["preconditioning"] == "edm" and given["diffusion"]["sigma_data"] == 0.8
+    file = tmp_path / "c.json"
+    file.write_text('{"diffusion": {"timestep_sampling": "uniform"}}')
+    from_file = _dry_run("--formulation", "edm", "--config", file)
+    assert from_file["diffusion"]["timestep_sampling"] == "uniform"
+    assert from_file["sample"]["sampler"] == "heun"
+
+
+def test_a_run_of_the_edm_formulation_trains_samples_and_resumes(fake_fashion, tmp_path):
+    from conftest import ddpm_in_process as cli
+    from ddpm.pipeline import load_pipeline
+
+    run = tmp_path / "edm"
+    r = cli("train", "--preset", "tiny", "--formulation", "edm", "--sigma-data", "0.8",
+            "--data-dir", fake_fashion, "--steps", "2", "--out", run, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "preset: tiny, formulation edm" in r.stdout
+    assert "through EDM's preconditioning (sigma_data 0.8)" in r.stdout and "EDM weights" in r.stdout
+    config = load_pipeline(run).config
+    assert (config.diffusion.preconditioning, config.diffusion.timestep_sampling,
+            config.diffusion.loss_weighting) == ("edm", "log-normal", "edm")
+    assert (config.sample.sampler, config.sample.num_sample_steps) == ("heun", 18)
+    r = cli("sample", run, "--n", "2", "--steps", "3", "--out", tmp_path / "s.png", "--no-progress")
+    assert r.returncode == 0 and (tmp_path / "s.png").exists(), r.stderr
+    # a job script run again with --resume added goes on; the formulation named on a run that
+    # was not trained with it is refused before anything is written
+    r = cli("train", "--resume", run, "--formulation", "edm", "--steps", "3", "--no-progress")
+    assert r.returncode == 0 and "trained 3 steps" in r.stdout, r.stderr
+    plain = tmp_path / "plain"
+    assert cli("train", "--preset", "tiny", "--data-dir", fake_fashion, "--steps", "1", "--out",
+               plain, "--no-progress").returncode == 0
+    before = sorted(p.name for p in (plain / "checkpoints").iterdir())
+    r = cli("train", "--resume", plain, "--formulation", "edm", "--steps", "2", "--no-progress")
+    assert r.returncode == 2 and "changes diffusion.preconditioning from 'none' to 'edm'" in r.stderr, r.stderr
+    assert sorted(p.name for p in (plain / "checkpoints").iterdir()) == before

@@ -28,7 +28,7 @@ from .schedules import SCHEDULES, NoiseSchedule, make_schedule
 from .settings import SEED_MAX, check_fields, coerce, names, setting, settings_of
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "linear")
 ON_NAN = ("stop", "skip")
 X0_TRANSFORMS = ("clip", "dynamic", "none")
 
@@ -157,7 +157,8 @@ class TrainConfig:
                                 help="linear learning-rate warm-up")
     lr_schedule: str = setting(
         "constant", flag="--lr-schedule", choices=LR_SCHEDULES, group="optimisation",
-        help="after warm-up: constant, or cosine decay to 0 at --steps (or over --minutes)")
+        help="after warm-up: constant, or a cosine or linear decay to 0 at --steps (or over "
+             "--minutes)")
     grad_clip: float = setting(1.0, flag="--grad-clip", above=0, group="optimisation",
                                help="clip the gradient norm to this")
     grad_accum: int = setting(1, flag="--grad-accum", at_least=1, group="optimisation",
@@ -507,11 +508,14 @@ def _fashion_cpu() -> RunConfig:
     # v-prediction with min-SNR-5 weighting (and no flips, data.resolve) lowered FID at equal
     # steps from 22.1 to 13.3, where eps with uniform weights had won on held-out loss alone.
     # The shape (issue 21; BENCHMARKS.md, "EDM's preconditioning and the model's shape at 15
-    # minutes"): a first level cheaper than the others (16 channels at 28 px, then 48 and 48)
-    # and attention only in the middle block train 1.4x the steps of the earlier 24/48/48 with
-    # attention at 7 px in 15 bf16 minutes (8,224 against 5,689) and lowered FID from 3.54 to
-    # 3.06 (means of three sampling seeds, every seed lower; a second training run 3.34, the old
-    # shape's three runs 3.54-3.74); each change alone gave 3.46, width 32 (fewer steps) 4.49.
+    # minutes" and "Cheaper still: 16 / 32 / 48"): at this budget steps beat width. A first
+    # level cheaper than the others and attention only in the middle block (16 / 48 / 48)
+    # trained 1.4x the steps of the earlier 24 / 48 / 48 with attention at 7 px in 15 bf16
+    # minutes and lowered FID from 3.54 to 3.06 and 3.34 (two training runs, means of three
+    # sampling seeds; the old shape's three runs 3.54-3.74); 32 channels at 14 px instead of 48
+    # (16 / 32 / 48) trained 1.37x the steps again and gave 2.95 and 3.13 on the same two seeds.
+    # Wider (32 / 64 / 64), deeper (two blocks per level on 16 / 48 / 48: 3.42) and a linear
+    # instead of a cosine decay (3.23) did not help.
     # Its precision is train.precision's default, auto: bf16 on a CPU with bf16 hardware, which
     # trained 1.4x the steps of fp32 in 15 minutes there and reached FID 4.63 against 5.09
     # (BENCHMARKS.md, "bf16 on a CPU that has it"); fp32 elsewhere.
@@ -520,7 +524,7 @@ def _fashion_cpu() -> RunConfig:
             in_channels=1,
             image_size=28,
             base_channels=16,
-            channel_mults=(1, 3, 3),
+            channel_mults=(1, 2, 3),
             num_res_blocks=1,
             attention_resolutions=(),
             dropout=0.0,
@@ -648,6 +652,21 @@ PRESETS = {
 }
 DEFAULT_PRESET = "fashion-cpu"  # on a CPU; on CUDA, DEFAULT_GPU_PRESET
 DEFAULT_GPU_PRESET = "fashion-gpu"
+
+# Formulations: named sets of settings laid over any preset ('ddpm train --formulation NAME',
+# under --config and the options given). Each piece stays its own setting, recorded in the
+# run's config.json as such. EDM (Karras et al. 2022): Table 1's preconditioning (sec. 5),
+# log-normal noise levels and lambda(sigma) weights (sec. 5, "Loss weighting and sampling"),
+# and the 2nd-order Heun sampler over their rho = 7 spacing at 18 steps, 35 evaluations (sec.
+# 3, Algorithm 1). sigma_data stays the run's (--sigma-data: 0.5 is theirs for images in
+# [-1, 1]).
+FORMULATIONS: dict[str, dict[str, dict[str, Any]]] = {
+    "edm": {
+        "diffusion": {"preconditioning": "edm", "timestep_sampling": "log-normal",
+                      "loss_weighting": "edm"},
+        "sample": {"sampler": "heun", "num_sample_steps": 18, "spacing": "karras"},
+    },
+}
 
 
 def get_preset(name: str) -> RunConfig:

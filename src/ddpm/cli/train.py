@@ -17,8 +17,9 @@ import torch
 
 from ..checkpoint import (CHECKPOINT_DIR, best_checkpoint_path, checkpoint_config,
                           list_checkpoints, load_run_or_file)
-from ..config import (DEFAULT_GPU_PRESET, DEFAULT_PRESET, PRESETS, RunConfig, differences, get_preset,
-                      load_config_file, resumable_keys, resume_changes, resumed, with_overrides)
+from ..config import (DEFAULT_GPU_PRESET, DEFAULT_PRESET, FORMULATIONS, PRESETS, RunConfig,
+                      differences, get_preset, load_config_file, resumable_keys, resume_changes,
+                      resumed, with_overrides)
 from ..data import open_dataset
 from ..models import UNet, count_parameters
 from ..rundir import CONFIG_FILE
@@ -38,6 +39,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help=f"named configuration to start from (default: {DEFAULT_GPU_PRESET} on "
                         f"CUDA, {DEFAULT_PRESET} on a CPU)")
+    p.add_argument("--formulation", choices=sorted(FORMULATIONS), default=None,
+                   help="a formulation's settings over the preset's (--config and the options "
+                        "given override them): edm is Karras et al. 2022's --preconditioning "
+                        "edm --timestep-sampling log-normal --loss-weighting edm, sampled with "
+                        "--sampler heun --steps 18 --spacing karras; give --sigma-data too")
     p.add_argument("--config", metavar="FILE.json", default=None,
                    help="settings over the preset's: a run's config.json, a hand-written partial "
                         "one such as {\"train\": {\"lr\": 0.001}}, or --dry-run's output; the "
@@ -94,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
     if launcher:  # checked here once, not N times by the processes; the data fetched once
         open_dataset(config.data)
         return _launch(args)
-    log(summary(config, args.preset or ("the run's" if args.resume else _preset_name(args))))
+    preset = args.preset or ("the run's" if args.resume else _preset_name(args))
+    log(summary(config, preset + (f", formulation {args.formulation}" if args.formulation else "")))
     log(f"parameters: {params:,}")
     log(f"run directory: {run_dir}  (config in {run_dir / CONFIG_FILE})")
     result = train(config, run_dir, resume=bool(args.resume), progress=not args.no_progress)
@@ -124,6 +131,8 @@ def _new_config(args: argparse.Namespace) -> RunConfig:
     works out what follows from what), and the classes of --conditional."""
     typed = given_settings(args)
     overrides = _merged(load_config_file(args.config), typed) if args.config else typed
+    if args.formulation:
+        overrides = _merged(FORMULATIONS[args.formulation], overrides)
     config = with_overrides(get_preset(_preset_name(args)), overrides)
     if args.conditional:
         return _conditional(config)
@@ -171,6 +180,8 @@ def _resumed_config(args: argparse.Namespace, run_dir: Path) -> tuple[RunConfig,
     path, state = load_run_or_file(run_dir)
     saved = checkpoint_config(state, path)
     overrides = given_settings(args)
+    if args.formulation:  # its settings must be the run's, as if each had been given
+        overrides = _merged(FORMULATIONS[args.formulation], overrides)
     if args.preset or args.config:
         # The config those options build must be the run's: compare every setting.
         changes = differences(saved, _new_config(args), resumable=False)
