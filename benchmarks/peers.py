@@ -187,10 +187,10 @@ def load_result(path: Path, settings: dict) -> dict | None:
     r.setdefault("ours_args", "")  # results saved before --ours-args existed
     r.setdefault("sample_seeds", 1)  # ... and before --sample-seeds
     r.setdefault("peer_shape", "old")  # ... and before --peer-shape
-    # --ours-args changes our row only, --peer-shape the diffusers rows only: other saved rows
-    # are reused whatever they were
+    # --ours-args changes our row only, --peer-shape the diffusers rows only (diffusers, and
+    # tuned when it starts from diffusers): other saved rows are reused whatever they were
     ignored = {"ours_args"} if path.stem != "ours" else set()
-    if path.stem in ("ours", "ddp"):
+    if path.stem in ("ours", "ddp") or r.get("tuned_base") == "ddp":
         ignored.add("peer_shape")
     same = {k: v for k, v in settings.items() if k not in ignored}
     return r if all(r.get(k) == v for k, v in same.items()) else None
