@@ -13,6 +13,10 @@ guidance's (Dhariwal & Nichol 2021) instead, on any run, conditional or not (a c
 keeps ``--cfg`` as its classifier-free scale):
 
     python benchmarks/conditional.py runs/demo --classifier clf.pt --guidance 0 1 3 10
+
+Each row is judged twice: by that shipped CNN, and by a judge of another kind that no guidance
+gradient can have been steered towards, the majority of the 5 nearest training images in pixel
+space (k-NN; its accuracy on the test split is printed beside the CNN's).
 """
 
 from __future__ import annotations
@@ -26,6 +30,25 @@ import sys
 import time
 
 import torch
+
+
+class PixelKNN:
+    """The class of the majority of the ``k`` training images nearest in pixel space: a judge
+    with no gradient for guidance to follow, unlike any network classifier."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, k: int = 5):
+        self.train = images.flatten(1).float() / 255  # [N, D]
+        self.norms = (self.train ** 2).sum(1)
+        self.labels, self.k = labels, k
+
+    def predict(self, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+        out = []
+        for batch in images.flatten(1).float().div(255).split(batch_size):
+            # squared distances ||a||^2 - 2 a.b + ||b||^2, without the constant ||a||^2
+            dist = self.norms[None] - 2 * batch @ self.train.T  # [B, N]
+            nearest = self.labels[dist.topk(self.k, largest=False).indices]  # [B, k]
+            out.append(nearest.mode(dim=1).values)
+        return torch.cat(out)
 
 
 def main() -> None:
@@ -48,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from ddpm.classifier import load_classifier
-    from ddpm.data import to_uint8
+    from ddpm.data import load_dataset, to_uint8
     from ddpm.guidance import load_noisy_classifier
     from ddpm.metrics import Evaluator
     from ddpm.pipeline import load_pipeline
@@ -68,6 +91,10 @@ def main() -> None:
         sys.exit(f"{args.run} is not a class-conditional Fashion-MNIST run (or give --classifier)")
     classifier = load_classifier("fashion-mnist")
     evaluator = Evaluator("fashion-mnist", pipe.config.data.data_dir, split="train")
+    train, test = (load_dataset("fashion-mnist", pipe.config.data.data_dir, split)
+                   for split in ("train", "test"))
+    knn = PixelKNN(train.images, train.labels)
+    knn_accuracy = (knn.predict(test.images) == test.labels).float().mean().item()
     labels = torch.arange(args.n) % k  # every class equally often
     rows = []
     for w in args.guidance:
@@ -81,7 +108,9 @@ def main() -> None:
         hit = predicted == labels
         per_class = [hit[labels == c].float().mean().item() for c in range(k)]
         r = evaluator.evaluate(images, seed=args.seed)
-        rows.append({"guidance": w, "accuracy": hit.float().mean().item(), "worst_class":
+        knn_hit = (knn.predict(images) == labels).float().mean().item()
+        rows.append({"guidance": w, "accuracy": hit.float().mean().item(), "knn_accuracy": knn_hit,
+                     "worst_class":
                      names[min(range(k), key=per_class.__getitem__)] if names else "",
                      "worst_accuracy": min(per_class), "fid": r.fid, "kid": r.kid,
                      "floor_fid": r.floor_fid, "sampling_s": seconds})
@@ -96,16 +125,18 @@ def main() -> None:
         print(f"wrote {args.grid}: one row per class, guidance {args.grid_guidance:g}")
 
     print(f"\n{args.run}: {pipe.step} steps; {args.n} images per row ({args.sampler}, {args.steps} "
-          f"steps), classifier test accuracy {classifier.test_accuracy:.1%}; "
+          f"steps), classifier test accuracy {classifier.test_accuracy:.1%}, pixel 5-NN test "
+          f"accuracy {knn_accuracy:.1%}; "
           f"{platform.processor() or platform.machine()}, {datetime.date.today()}")
     if noisy:
         print(f"classifier guidance with {args.classifier} (accuracy by t: "
               f"{ {t: round(a, 3) for t, a in noisy.accuracy_by_t.items()} }), cfg {args.cfg:g}")
     scale = "classifier scale s" if noisy else "guidance w"
-    print(f"| {scale} | samples of the requested class | worst class | FID | KID | sampling s |")
-    print("|---|---|---|---|---|---|")
+    print(f"| {scale} | of the requested class (CNN) | (pixel 5-NN) | worst class (CNN) | FID | "
+          f"KID | sampling s |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['guidance']:g} | {r['accuracy']:.1%} | {r['worst_class']} "
+        print(f"| {r['guidance']:g} | {r['accuracy']:.1%} | {r['knn_accuracy']:.1%} | {r['worst_class']} "
               f"{r['worst_accuracy']:.0%} | {r['fid']:.2f} | {r['kid']:.3f} | {r['sampling_s']:.0f} |")
     print(f"(real images: FID {rows[0]['floor_fid']:.2f})")
 

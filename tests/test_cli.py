@@ -253,10 +253,11 @@ def test_sampling_precision_and_compile_options(trained_run, tmp_path, monkeypat
     fp32, _ = draw("a.npz", "--precision", "fp32")
     bf16, _ = draw("b.npz", "--precision", "bf16")
     assert not np.array_equal(fp32, bf16) and np.abs(fp32 - bf16).mean() < 8
-    from ddpm.runtime import cpu_bf16_flag
+    from ddpm.pipeline import load_pipeline
 
-    default, _ = draw("d.npz")  # auto: bf16 on a CPU with bf16 hardware, else fp32
-    assert np.array_equal(default, bf16 if cpu_bf16_flag() else fp32)
+    default, _ = draw("d.npz")  # auto: what this machine measured faster (then cached)
+    chosen = load_pipeline(run, precision="auto").precision
+    assert np.array_equal(default, bf16 if chosen == "bf16" else fp32)
 
     def broken(module, **kwargs):
         def fails(*args, **kw):

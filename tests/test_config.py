@@ -221,7 +221,7 @@ def test_config_file_partial_full_and_dry_run_output_with_flags_over_it(tmp_path
     ('{"train": {"learning_rate": 0.1}}', "unknown setting train.learning_rate; the train settings are"),
     ('{"train": ', "is not JSON"),
     ('[1, 2]', "must hold an object of sections"),
-    ('{"sample": {"guidance": Infinity}}', "sample.guidance must be finite and at least 0, got inf"),
+    ('{"sample": {"guidance": Infinity}}', "sample.guidance must be finite and in [0, 100], got inf"),
     ('{"train": {"lr_schedule": "step"}}', "unknown train.lr_schedule 'step'; choose one of"),
 ])
 def test_a_bad_config_file_is_one_line(tmp_path, content, message):

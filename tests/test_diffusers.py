@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import pickle
+import shutil
 import sys
 
 import numpy as np
@@ -162,6 +165,10 @@ def test_export_keeps_an_existing_folder_unless_forced(tmp_path, fake_fashion):
     r = cli("export", path, "--format", "diffusers", out)
     assert r.returncode == 2 and "exists" in r.stderr and "--force" in r.stderr
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    r = cli("export", path, "--format", "diffusers", out, "--force")  # never over a user's file
+    assert r.returncode == 2 and "not part of a diffusers export ('mine.txt')" in r.stderr
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    (out / "mine.txt").unlink()
     r = cli("export", path, "--format", "diffusers", out, "--force")
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in out.iterdir()) == ["ddpm.json", "model_index.json",
@@ -343,3 +350,308 @@ def test_eval_scores_an_exported_folder_as_its_run(exported):
         assert r.returncode == 0, r.stderr
         bpd.append(json.loads(r.stdout.strip().splitlines()[-1])["bits_per_dim"])
     assert bpd[0] == pytest.approx(bpd[1], rel=1e-4)
+
+
+# --- diffusers folders that are damaged, hostile, or not ddpm's to sample --------------------
+
+WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+BIN = "unet/diffusion_pytorch_model.bin"
+UNET_CONFIG, SCHEDULER_CONFIG = "unet/config.json", "scheduler/scheduler_config.json"
+
+
+@pytest.fixture(scope="module")
+def pipeline_folder(tmp_path_factory):
+    """A DDPMPipeline.save_pretrained folder of 100 steps, to be copied and damaged."""
+    folder = tmp_path_factory.mktemp("pipeline") / "pipe"
+    diffusers.DDPMPipeline(unet=foreign_unet(), scheduler=diffusers.DDPMScheduler(
+        num_train_timesteps=100)).save_pretrained(folder)
+    return folder
+
+
+class RunsCode:
+    """What a hostile pickle holds: unpickling it would create the file ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def edit(name, **changes):
+    def apply(folder):
+        path = folder / name
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return apply
+
+
+def write(name, data):
+    def apply(folder):
+        (folder / name).unlink(missing_ok=True)
+        (folder / name).write_bytes(data if isinstance(data, bytes) else data.encode())
+    return apply
+
+
+def link(name, target):
+    def apply(folder):
+        (folder / name).unlink()
+        (folder / name).symlink_to(target)
+    return apply
+
+
+def remove(name):
+    return lambda folder: (folder / name).unlink()
+
+
+def replace_by_folder(name):
+    def apply(folder):
+        (folder / name).unlink()
+        (folder / name).mkdir()
+    return apply
+
+
+def tensors(change):
+    """Rewrite the weights as ``change(their dict)`` returns them."""
+    from safetensors.torch import load_file, save_file
+
+    def apply(folder):
+        save_file(change(load_file(folder / WEIGHTS)), folder / WEIGHTS)
+    return apply
+
+
+def pickled(value, *, zip=True):
+    """The weights as a .bin of ``value(marker file)``: torch.save's zip, or a bare pickle."""
+    def apply(folder):
+        (folder / WEIGHTS).unlink()
+        obj = value(folder.parent / "marker")
+        if zip:
+            torch.save(obj, folder / BIN)
+        else:
+            (folder / BIN).write_bytes(pickle.dumps(obj))
+    return apply
+
+
+def nested_json(name, depth=100_000):
+    return write(name, "[" * depth + "]" * depth)
+
+
+def ddpm_json(**changes):
+    """A ddpm.json as 'ddpm export' writes it, for a run of the tiny preset (1x28x28 images)."""
+    return write("ddpm.json", json.dumps({"config": get_preset("tiny").to_dict(), "step": 1,
+                                          "classes": [], **changes}))
+
+
+def nan_at(name):
+    return tensors(lambda w: {**w, name: torch.full_like(w[name], float("nan"))})
+
+
+# (what is done to a good pipeline folder, what the one line must say)
+DAMAGED_FOLDERS = {
+    # weights that are not safetensors, or are no file at all
+    "garbage-weights": (write(WEIGHTS, b"these are not weights" * 10),
+                        "unet/diffusion_pytorch_model.safetensors is not a safetensors file or is "
+                        "damaged: its first 8 bytes give a"),
+    "zero-weights": (write(WEIGHTS, bytes(4096)), "its 0-byte header is not a JSON object"),
+    "empty-weights": (write(WEIGHTS, b""), "safetensors is 0 bytes, too few for a safetensors file"),
+    "huge-header-length": (write(WEIGHTS, (10**15).to_bytes(8, "little") + b"{}"),
+                           "its first 8 bytes give a 1000000000000000-byte header, but 2 bytes "
+                           "follow"),
+    "weights-link-to-etc-passwd": (link(WEIGHTS, "/etc/passwd"),
+                                   "safetensors is not a safetensors file or is damaged"),
+    "weights-link-to-dev-zero": (link(WEIGHTS, "/dev/zero"),
+                                 "safetensors is not a regular file but a device or a pipe "
+                                 "(/dev/zero)"),
+    "weights-broken-link": (link(WEIGHTS, "/no/such/blob"),
+                            "safetensors is a link to /no/such/blob, which does not exist"),
+    "weights-a-folder": (replace_by_folder(WEIGHTS), "safetensors is a folder, not a file"),
+    "no-weights": (remove(WEIGHTS), "safetensors is missing (and so is the .bin"),
+    # weights that are not this config's, or not numbers
+    "all-nan-weights": (tensors(lambda w: {k: torch.full_like(v, float("nan")) for k, v in w.items()}),
+                        "holds NaN or infinite values"),
+    "one-inf-tensor": (tensors(lambda w: {**w, "conv_out.bias": torch.full_like(
+        w["conv_out.bias"], float("inf"))}), "tensor 'conv_out.bias' holds NaN or infinite values"),
+    "wrong-shape": (tensors(lambda w: {**w, "conv_in.weight": torch.zeros(16, 3, 3, 3)}),
+                    "safetensors: tensor 'conv_in.weight' is [16, 3, 3, 3], where "
+                    "unet/config.json needs [16, 1, 3, 3]"),
+    "missing-tensor": (tensors(lambda w: {k: v for k, v in w.items() if k != "conv_out.bias"}),
+                       "safetensors lacks 1 of the tensors unet/config.json needs, such as "
+                       "'conv_out.bias'"),
+    "extra-tensor": (tensors(lambda w: {**w, "extra.weight": torch.zeros(2)}),
+                     "safetensors has 1 tensor(s) unet/config.json has no place for, such as "
+                     "'extra.weight'"),
+    "very-long-key": (tensors(lambda w: {**w, "k" * 100_000: torch.zeros(2)}),
+                      "has no place for, such as 'kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk...;"),
+    "integer-tensor": (tensors(lambda w: {**w, "conv_out.bias": torch.zeros(1, dtype=torch.int64)}),
+                       "tensor 'conv_out.bias' holds torch.int64, not floating-point weights"),
+    # pickles
+    "pickle-bin-that-runs-code": (pickled(RunsCode),
+                                  "diffusion_pytorch_model.bin is not a readable plain tensor "
+                                  "file: it holds objects other than tensors"),
+    "bare-pickle-bin": (pickled(RunsCode, zip=False),
+                        "diffusion_pytorch_model.bin is not a readable plain tensor file: it is "
+                        "not a torch file"),
+    "bin-of-a-list": (pickled(lambda _: [torch.zeros(2)]),
+                      "unet/diffusion_pytorch_model.bin holds a list, not a dict of named tensors"),
+    # the folder's layout
+    "no-model-index": (remove("model_index.json"),
+                       "it is neither a ddpm run (no checkpoints/ckpt-STEP.pt) nor a diffusers "
+                       "pipeline folder (model_index.json is missing); give a run directory"),
+    "model-index-a-list": (write("model_index.json", "[]"),
+                           "model_index.json holds an array where its settings belong"),
+    "unknown-scheduler-class": (edit("model_index.json", scheduler=["diffusers", "FooScheduler"]),
+                                "its scheduler 'FooScheduler' is none that diffusers"),
+    "scheduler-without-betas": (edit("model_index.json",
+                                     scheduler=["diffusers", "ScoreSdeVeScheduler"]),
+                                "its scheduler ScoreSdeVeScheduler has no beta schedule"),
+    "no-unet-config": (remove(UNET_CONFIG), "unet/config.json is missing"),
+    "unet-a-file": (lambda f: (shutil.rmtree(f / "unet"), (f / "unet").write_text("x")),
+                    "cannot read unet/config.json: Not a directory"),
+    "scheduler-config-a-folder": (replace_by_folder(SCHEDULER_CONFIG),
+                                  "scheduler/scheduler_config.json is a folder, not a file"),
+    "config-link-to-dev-zero": (link(UNET_CONFIG, "/dev/zero"),
+                                "unet/config.json is not a regular file but a device or a pipe"),
+    "config-not-utf8": (write(UNET_CONFIG, b"\xff\xfe{}"), "unet/config.json is not JSON ("),
+    "config-nested-too-deep": (nested_json(SCHEDULER_CONFIG),
+                               "scheduler/scheduler_config.json is not JSON (maximum recursion"),
+    "config-of-17-MB": (lambda f: os.truncate(f / UNET_CONFIG, 17 << 20),
+                        "unet/config.json is 17 MB, more than a config can be (16 MB)"),
+    # the UNet2DModel's config
+    "in-channels-null": (edit(UNET_CONFIG, in_channels=None),
+                         "unet/config.json: in_channels is null; expected 1 or 3"),
+    "in-channels-negative": (edit(UNET_CONFIG, in_channels=-1), "in_channels is -1; expected 1 or 3"),
+    "in-channels-fractional": (edit(UNET_CONFIG, in_channels=1.5), "in_channels is 1.5; expected"),
+    "in-channels-a-string": (edit(UNET_CONFIG, in_channels="1"), "in_channels is '1'; expected"),
+    "in-channels-301-digits": (edit(UNET_CONFIG, in_channels=10**300),
+                               "in_channels is 1000000000000000000000000000000000000...; expected"),
+    "sample-size-a-billion": (edit(UNET_CONFIG, sample_size=10**9),
+                              "unet/config.json: sample_size is 1000000000; expected the side of "
+                              "its square images, 1 to 4096 pixels"),
+    "sample-size-not-square": (edit(UNET_CONFIG, sample_size=[16, 32]), "sample_size is [16, 32]"),
+    "sample-size-odd": (edit(UNET_CONFIG, sample_size=15),
+                        "sample_size 15 is not a multiple of 2, as the 1 downsamplings between "
+                        "its 2 levels"),
+    "layers-per-block-a-million": (edit(UNET_CONFIG, layers_per_block=10**6),
+                                   "layers_per_block is 1000000; expected an integer from 1 to 32"),
+    "unknown-block-type": (edit(UNET_CONFIG, down_block_types=["Weird2D", "AttnDownBlock2D"]),
+                           "unet/config.json: diffusers cannot build a UNet2DModel of it "
+                           "(Weird2D does not exist.)"),
+    "block-types-too-few": (edit(UNET_CONFIG, up_block_types=["UpBlock2D"]),
+                            "up_block_types is [\"UpBlock2D\"]; expected a list of 2 block names"),
+    "groups-not-dividing": (edit(UNET_CONFIG, norm_num_groups=7),
+                            "must be divisible by num_groups (7)"),
+    # the scheduler's config
+    "zero-timesteps": (edit(SCHEDULER_CONFIG, num_train_timesteps=0),
+                       "scheduler/scheduler_config.json: num_train_timesteps is 0; expected an "
+                       "integer from 2 to 100,000"),
+    "a-billion-timesteps": (edit(SCHEDULER_CONFIG, num_train_timesteps=10**9),
+                            "num_train_timesteps is 1000000000; expected an integer from 2"),
+    "nan-beta-end": (edit(SCHEDULER_CONFIG, beta_end=float("nan")),
+                     "scheduler_config.json: beta_end is NaN; expected a finite number in (0, 1)"),
+    "zero-beta-start": (edit(SCHEDULER_CONFIG, beta_start=0), "beta_start is 0; expected a finite"),
+    "trained-betas-too-few": (edit(SCHEDULER_CONFIG, trained_betas=[0.1, 0.2, 0.3]),
+                              "trained_betas has 3 values; expected a list of "
+                              "num_train_timesteps = 100"),
+    "trained-betas-with-text": (edit(SCHEDULER_CONFIG, trained_betas=[0.1, "x"] + [0.1] * 98),
+                                "trained_betas[1] is 'x'; expected a finite number in (0, 1)"),
+    "beta-schedule-a-number": (edit(SCHEDULER_CONFIG, beta_schedule=7),
+                               "beta_schedule is 7; expected the name of a schedule"),
+    "prediction-type-a-list": (edit(SCHEDULER_CONFIG, prediction_type=[]),
+                               "prediction_type is []; expected a name"),
+    "clip-sample-a-string": (edit(SCHEDULER_CONFIG, clip_sample="yes"),
+                             "clip_sample is 'yes'; expected true or false"),
+    # ddpm.json, ddpm's own file beside diffusers'
+    "ddpm-json-not-json": (write("ddpm.json", "{not json"), "ddpm.json is not JSON ("),
+    "ddpm-json-a-list": (write("ddpm.json", "[1, 2]"),
+                         "ddpm.json holds an array where its settings belong"),
+    "ddpm-json-step-a-word": (ddpm_json(step="abc"), "ddpm.json: step is 'abc'; expected an integer"),
+    "ddpm-json-of-another-model": (ddpm_json(), "ddpm.json describes 1x28x28 images, a fixed "
+                                                "variance, T = 100, eps, its diffusers configs "
+                                                "1x16x16 images"),
+}
+
+
+@pytest.mark.parametrize("damage, message", DAMAGED_FOLDERS.values(), ids=list(DAMAGED_FOLDERS))
+def test_a_damaged_diffusers_folder_is_one_line_exit_2_and_changes_nothing(
+        pipeline_folder, tmp_path, damage, message):
+    folder = tmp_path / "pipe"
+    shutil.copytree(pipeline_folder, folder)
+    damage(folder)
+    before = snapshot(tmp_path)
+    r = cli("sample", folder, "--n", 2, "--steps", 2, "--no-progress", "--out", tmp_path / "x.png")
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"ddpm sample: error: {folder} cannot be sampled by ddpm: ")
+    assert message in lines[0], lines[0]
+    assert len(lines[0].replace(str(folder), "")) < 400 and "weights_only" not in lines[0]
+    assert "Traceback" not in r.stderr + r.stdout
+    assert not (tmp_path / "marker").exists(), "a pickle ran code"
+    assert snapshot(tmp_path) == before and not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("command", ["eval {folder} --n 128 --no-progress",
+                                     "viz reverse {folder} --out {root}/r.gif"])
+def test_eval_and_viz_refuse_a_damaged_folder_as_sample_does(pipeline_folder, tmp_path, command):
+    folder = tmp_path / "pipe"
+    shutil.copytree(pipeline_folder, folder)
+    edit(SCHEDULER_CONFIG, beta_end=float("nan"))(folder)
+    before = snapshot(tmp_path)
+    r = cli(*command.format(folder=folder, root=tmp_path).split())
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "scheduler/scheduler_config.json: beta_end is NaN" in lines[0]
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_an_unreadable_config_is_named(pipeline_folder, tmp_path):
+    folder = tmp_path / "pipe"
+    shutil.copytree(pipeline_folder, folder)
+    (folder / UNET_CONFIG).chmod(0)
+    r = cli("sample", folder, "--n", 2, "--out", tmp_path / "x.png")
+    assert r.returncode == 2 and "cannot read unet/config.json: Permission denied" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_and_linked_weights_sample_as_float32_does(pipeline_folder, tmp_path, dtype):
+    """Weights saved in fp16 or bf16 (as many hub models are), behind a link (as the hub's cache
+    keeps them), sample as their float32 values do."""
+    from safetensors.torch import load_file, save_file
+
+    half = tmp_path / "half"
+    shutil.copytree(pipeline_folder, half)
+    weights = load_file(half / WEIGHTS)
+    blob = tmp_path / "blob"
+    save_file({k: v.to(dtype) for k, v in weights.items()}, blob)
+    link(WEIGHTS, blob)(half)
+    rounded = tmp_path / "rounded"
+    shutil.copytree(pipeline_folder, rounded)
+    save_file({k: v.to(dtype).float() for k, v in weights.items()}, rounded / WEIGHTS)
+    images = []
+    for folder in (half, rounded):
+        r = cli("sample", folder, "--sampler", "ddim", "--steps", 3, "--n", 2, "--seed", 1,
+                "--no-progress", "--out", tmp_path / f"{folder.name}.npz")
+        assert r.returncode == 0, r.stderr
+        images.append(np.load(tmp_path / f"{folder.name}.npz")["arr_0"])
+    assert np.array_equal(*images)
+
+
+def test_export_refuses_a_diffusers_folder_and_diverged_weights(pipeline_folder, tmp_path,
+                                                                fake_fashion):
+    path, net = tiny_checkpoint(tmp_path, fake_fashion, "run")
+    state = load_checkpoint(path)
+    diverged = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                for k, v in state["ema"].items()}
+    torch.save({**state, "ema": diverged}, tmp_path / "nan.pt")
+    for source, message in [
+            (pipeline_folder, f"{pipeline_folder} is a diffusers folder already; 'ddpm export' "
+                              f"writes one from a ddpm run directory or .pt checkpoint"),
+            (tmp_path / "nan.pt", f"cannot export to diffusers: tensor 'time_mlp.0.weight' of the "
+                                  f"EMA weights of {tmp_path / 'nan.pt'} holds NaN or infinite "
+                                  f"values (the run diverged); nothing was written")]:
+        before = snapshot(tmp_path)
+        r = cli("export", source, "--format", "diffusers", tmp_path / "out")
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
+        assert snapshot(tmp_path) == before and not (tmp_path / "out").exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

@@ -260,7 +260,7 @@ def test_class_by_name_or_index_and_guidance_change_the_images(conditional_run, 
     (("--class", "10"), "--class 10 is out of range: this model has classes 0..9"),
     (("--class", "-1"), "--class -1 is out of range"),
     (("--class", "boots"), "not a class of this model; give one of T-shirt/top"),
-    (("--guidance", "-1"), "expected a number >= 0"),
+    (("--guidance", "-1"), "expected a number in [0, 100], got -1"),
 ])
 def test_bad_class_requests_are_one_line_errors(conditional_run, tmp_path, args, message):
     r = cli("sample", conditional_run, "--out", tmp_path / "x.png", "--no-progress", *args)

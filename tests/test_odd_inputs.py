@@ -28,8 +28,8 @@ SEED_RANGE = "[0, 9223372036854775806]"
 ODD_INPUTS = [
     # --- issue 18, item 5: inf is refused where nan is (no float setting means anything by it)
     ("sample {root}/run --guidance inf --out {root}/existing.png",
-     "argument --guidance: expected a finite number >= 0, got inf", ()),
-    ("eval {root}/crun --guidance inf", "argument --guidance: expected a finite number >= 0", ()),
+     "argument --guidance: expected a finite number in [0, 100], got inf", ()),
+    ("eval {root}/crun --guidance inf", "argument --guidance: expected a finite number in [0, 100]", ()),
     ("train --preset tiny --minutes inf --out {root}/new", "argument --minutes: expected a finite", ()),
     ("viz reverse {root}/run --out {root}/r.gif --fps inf", "argument --fps: expected a finite", ()),
     # --- item 6: raw messages
@@ -99,7 +99,7 @@ ODD_INPUTS = [
     ("sample {root}/run --batch-size 0 --out {root}/existing.png", "expected a number >= 1, got 0", ()),
     ("sample {root}/run --class all --out {root}/existing.png", "trained without class labels", ()),
     ("sample {root}/crun --class all --guidance -1 --out {root}/existing.png",
-     "expected a number >= 0, got -1", ()),
+     "expected a number in [0, 100], got -1", ()),
     ("sample {root}/run --x0 sigmoid --out {root}/existing.png", "invalid choice: 'sigmoid'", ()),
     ("eval {root}/run --split val", "invalid choice: 'val'", ()),
     ("eval {root}/run --npz-key a", "--npz-key names an array of --images", ()),
@@ -113,22 +113,102 @@ ODD_INPUTS = [
     ("presets huge", "invalid choice: 'huge'", ()),
     ("bench --seconds 0", "expected a number > 0, got 0", ()),
     ("train-classifier --dataset cifar10 --out {root}/c.pt", "invalid choice: 'cifar10'", ()),
+    # --- config files of every shape (files of the fixture odd_configs) -------------------------
+    ("train --preset tiny --dry-run --config {odd}/null.json",
+     "--config {odd}/null.json: config section 'train' must be an object of settings such as "
+     "{{\"batch_size\": ...}}, got null", ()),
+    ("train --resume {root}/run --config {odd}/null.json",
+     "config section 'train' must be an object of settings", ()),
+    ("train --preset tiny --dry-run --config {odd}/deep.json",
+     "--config {odd}/deep.json nests lists or objects too deep to read", ()),
+    ("train --resume {root}/run --config {odd}/deep.json", "nests lists or objects too deep", ()),
+    ("train --preset tiny --dry-run --config {odd}/list.json",
+     "config section 'train' must be an object of settings such as", ()),
+    ("train --preset tiny --dry-run --config {odd}/zero.json", "an object of settings", ()),
+    ("train --preset tiny --dry-run --config {odd}/empty.json",
+     "--config {odd}/empty.json is empty; write the settings to change", ()),
+    ("train --preset tiny --dry-run --config {odd}/folder.json",
+     "--config {odd}/folder.json is a folder; give a JSON file", ()),
+    ("train --preset tiny --dry-run --config {odd}/huge.json", "is more than 1 MiB", ()),
+    ("train --preset tiny --dry-run --config {odd}/binary.json",
+     "--config {odd}/binary.json is not JSON text (byte 128 is not UTF-8)", ("codec",)),
+    ("train --preset tiny --dry-run --config {odd}/twice.json",
+     "'train' is given twice in one object; give each key once", ()),
+    ("train --preset tiny --dry-run --config {odd}/digits.json",
+     "a whole number of 5,000 digits, more than any setting takes", ("set_int_max_str_digits",)),
+    ("train --preset tiny --dry-run --config {odd}/long_section.json",
+     "unknown config section(s) 'xxxxxxxx", ("x" * 100,)),
+    ("train --preset tiny --dry-run --config {odd}/long_value.json",
+     "train.lr must be a number, got 'yyyyyyyy", ("y" * 100,)),
+    ("train --resume {root}/run --config {odd}/lr.json",
+     "--config {odd}/lr.json changes train.lr from 0.001 to 0.5; drop it from the file, or start "
+     "a new run with --out (--resume may change only --device, --minutes, --steps, --threads)",
+     ("base_channels",)),
+    (f"train --preset tiny --seed {'9' * 5000} --out {{root}}/new",
+     f"argument --seed: expected a number in {SEED_RANGE}, got a whole number of 5,000 digits",
+     ("9" * 100,)),
+    (f"train --preset tiny --lr {'z' * 500} --out {{root}}/new",
+     "argument --lr: expected a number, got 'zzzz", ("z" * 100,)),
+    # --- outputs that would replace what a command reads, or a folder ----------------------------
+    ("train-classifier --data-dir {fake} --epochs 1 --out {root}/empty --force",
+     "--out {root}/empty is a folder; give a file name", ()),
+    ("train-classifier --noisy --like {root}/run --epochs 1 --out {root}/afile/c.pt",
+     "cannot write in {root}/afile, which is a file", ()),
+    # --- a command refused after its --out was checked makes no folder for it
+    ("sample {root}/junk.pt --out {root}/new/g.png", "junk.pt is not a readable ddpm checkpoint", ()),
+    ("sample {root}/junk.pt --out {root}/new/s.npz", "junk.pt is not a readable ddpm checkpoint", ()),
+    ("viz reverse {root}/junk.pt --out {root}/new/r.gif --sheet {root}/elsewhere/s.png",
+     "junk.pt is not a readable ddpm checkpoint", ()),
+    ("viz curves {root}/empty --out {root}/new/c.png", "has no metrics.jsonl", ()),
+    ("viz forward --timesteps 5000 --out {root}/new/f.png", "--timesteps 5000 is outside 0..999", ()),
 ]
+
+
+@pytest.fixture(scope="module")
+def odd_configs(tmp_path_factory) -> Path:
+    """--config files of every odd shape: sections that are not objects, JSON nested 200,000 deep,
+    empty, a folder, over 1 MiB, not text, a key twice, a 5,000-digit number, names and values
+    too long to echo, and a partial one that changes a setting --resume may not change."""
+    root = tmp_path_factory.mktemp("odd-configs")
+    files = {
+        "null.json": '{"train": null}',
+        "list.json": '{"train": []}',
+        "zero.json": '{"train": 0}',
+        "deep.json": "[" * 200_000 + "]" * 200_000,
+        "empty.json": "",
+        "twice.json": '{"train": {"lr": 0.001}, "train": {"steps": 5}}',
+        "digits.json": '{"train": {"seed": ' + "9" * 5000 + "}}",
+        "long_section.json": '{"' + "x" * 10_000 + '": {}}',
+        "long_value.json": '{"train": {"lr": "' + "y" * 10_000 + '"}}',
+        "lr.json": '{"train": {"lr": 0.5}}',
+        "huge.json": json.dumps({"train": {"lr": 0.001}, "note": " " * 2_000_000}),
+    }
+    for name, text in files.items():
+        (root / name).write_text(text)
+    (root / "binary.json").write_bytes(bytes(range(256)))
+    (root / "folder.json").mkdir()
+    return root
+
+
+def assert_refused(r, message: str, absent=()) -> None:
+    """One line on stderr saying ``message`` (and none of ``absent``), exit code 2, no traceback."""
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert message in lines[0], r.stderr
+    assert not any(word in lines[0] for word in absent), r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
 
 
 @pytest.mark.parametrize("command, message, absent", ODD_INPUTS,
                          ids=[c.split(" --out")[0][:60] for c, _, _ in ODD_INPUTS])
-def test_odd_input_is_one_line_exit_2_and_changes_nothing(world, fake_fashion, command, message,
-                                                          absent):
-    before = snapshot(world)
-    fill = {"root": world, "fake": fake_fashion}
+def test_odd_input_is_one_line_exit_2_and_changes_nothing(world, fake_fashion, odd_configs, command,
+                                                          message, absent):
+    before = snapshot(world), snapshot(odd_configs)
+    fill = {"root": world, "fake": fake_fashion, "odd": odd_configs}
     r = ddpm_in_process(*command.format(**fill).split())
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert r.returncode == 2 and len(lines) == 1, r.stderr
-    assert message.format(**fill) in lines[0], r.stderr
-    assert not any(word in lines[0] for word in absent), r.stderr
-    assert "Traceback" not in r.stderr + r.stdout
-    assert snapshot(world) == before, "an odd command changed the files that were there"
+    assert_refused(r, message.format(**fill), absent)
+    assert (snapshot(world), snapshot(odd_configs)) == before, \
+        "an odd command changed the files that were there"
     assert not (world / "new").exists() and not (world / "elsewhere").exists()
 
 
@@ -137,6 +217,12 @@ def test_an_empty_output_path_is_refused(world):
     r = ddpm_in_process("sample", world / "run", "--out", "")
     assert r.returncode == 2 and "--out is empty" in r.stderr
     assert snapshot(world) == before
+
+
+def test_an_output_in_a_new_folder_gets_the_folder(tmp_path):
+    out = tmp_path / "new" / "sub" / "s.png"
+    r = ddpm_in_process("viz", "schedule", "--out", out)
+    assert r.returncode == 0 and out.is_file(), r.stderr
 
 
 # --- item 1: a decompression bomb -----------------------------------------------------------------
@@ -294,3 +380,237 @@ def test_nothing_refused_here_runs_code_or_loads_unsafely(world):
         load_checkpoint(world / "text.pt")
     assert "weights_only" not in str(info.value)
     assert torch.load(world / "run/checkpoints/ckpt-00000002.pt", weights_only=True)["step"] == 2
+
+
+# --- config files that are right, and a partial one on --resume ----------------------------------
+
+
+def test_a_config_file_with_a_byte_order_mark_is_read(world, tmp_path):
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"train": {"lr": 0.002}}')  # as some editors save it
+    r = ddpm_in_process("train", "--preset", "tiny", "--config", path, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["config"]["train"]["lr"] == 0.002
+
+
+def test_a_partial_config_on_resume_lies_over_the_runs_own_settings(world, tmp_path):
+    """What the file leaves out is the run's, not the default preset's: a file that sets the
+    stopping rule and the run's own lr resumes; one that changes lr is refused, naming lr."""
+    path = tmp_path / "more.json"
+    path.write_text('{"train": {"lr": 0.001, "steps": 3}}')
+    before = snapshot(world)
+    r = ddpm_in_process("train", "--resume", world / "run", "--config", path, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    config = json.loads(r.stdout)["config"]
+    saved = RunConfig.from_dict(load_checkpoint(world / "run/checkpoints/ckpt-00000002.pt")["config"])
+    assert config["train"]["steps"] == 3 and RunConfig.from_dict(config).model == saved.model
+    path.write_text('{"train": {"lr": 0.002}}')
+    r = ddpm_in_process("train", "--resume", world / "run", "--config", path, "--steps", 3)
+    assert_refused(r, f"--config {path} changes train.lr from 0.001 to 0.002", ("base_channels",))
+    assert snapshot(world) == before
+
+
+# --- a closed stdout ------------------------------------------------------------------------------
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    """'ddpm presets | head -c 400': the pipe is closed before ddpm writes; it stops quietly
+    with the shell's code for SIGPIPE."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "ddpm", "presets"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader is gone before the first byte
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and err == "", err
+
+
+# --- export: never over the model it exports ------------------------------------------------------
+
+
+@pytest.mark.parametrize("source, out, message", [
+    ("{run}", "{run}", "OUT_DIR {run} is the run being exported"),
+    ("{run}", "{run}/checkpoints", "OUT_DIR {run}/checkpoints lies inside the run being exported"),
+    ("{run}", "{tmp}", "OUT_DIR {tmp} holds the run being exported"),
+    ("{run}/checkpoints/ckpt-00000002.pt", "{run}", "is the run being exported"),
+    ("{run}/checkpoints/ckpt-00000002.pt", "{run}/checkpoints", "lies inside the run"),
+    ("{link}", "{run}", "is the run being exported"),
+    ("{run}", "{link}", "OUT_DIR {link} is the run being exported"),
+    ("{tmp}/lone.pt", "{tmp}", "holds the checkpoint being exported"),
+    ("{run}", "{tmp}/afile/sub", "cannot write {tmp}/afile/sub: {tmp}/afile is a file"),
+    ("{run}", "", "OUT_DIR is empty"),
+], ids=["run", "its checkpoints", "its parent", "checkpoint to its run", "checkpoint to its folder",
+        "link to run", "run to link", "lone checkpoint to its folder", "under a file", "empty"])
+def test_export_never_writes_over_the_model_it_exports(run_copy, tmp_path, source, out, message):
+    pytest.importorskip("diffusers")
+    (tmp_path / "link").symlink_to(run_copy, target_is_directory=True)
+    shutil.copy(run_copy / "checkpoints/ckpt-00000002.pt", tmp_path / "lone.pt")
+    (tmp_path / "afile").write_text("a file, not a folder")
+    fill = {"run": run_copy, "tmp": tmp_path, "link": tmp_path / "link"}
+    before = snapshot(tmp_path)
+    r = ddpm_in_process("export", source.format(**fill), out.format(**fill), "--format",
+                        "diffusers", "--force")
+    assert_refused(r, message.format(**fill))
+    assert snapshot(tmp_path) == before and (tmp_path / "link").is_symlink()
+
+
+def test_export_inside_the_run_is_refused_without_force_too(run_copy):
+    pytest.importorskip("diffusers")
+    r = ddpm_in_process("export", run_copy, run_copy / "hf", "--format", "diffusers")
+    assert_refused(r, f"OUT_DIR {run_copy / 'hf'} lies inside the run being exported")
+    assert not (run_copy / "hf").exists()
+
+
+def paths(root: Path) -> list[str]:
+    """Every file and folder under ``root``, hidden ones too: what a refusal must leave as it was."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("force", [True, False], ids=["force", "no force"])
+@pytest.mark.parametrize("files, message", [
+    (["notes.txt", "photos/cat.png", "todo"],
+     "holds 3 files that are not part of a diffusers export ('notes.txt', 'photos/', 'todo'); "
+     "--force replaces only an empty folder or a previous export: remove them yourself, or "
+     "choose a new folder"),
+    ([f"f{i}" for i in range(5)], "holds 5 files that are not part of a diffusers export "
+                                  "('f0', 'f1', 'f2', ...)"),
+    (["model_index.json", "unet/config.json", "notes.txt"],
+     "holds 1 file that is not part of a diffusers export ('notes.txt'); --force replaces only "
+     "an empty folder or a previous export: remove it yourself"),
+    (["model_index.json", "scheduler/notes.txt"],
+     "holds 1 file that is not part of a diffusers export ('scheduler/notes.txt')"),
+    (["unet/config.json", "ddpm.json"],  # without model_index.json it is no export
+     "holds 2 files that are not part of a diffusers export ('ddpm.json', 'unet/config.json')"),
+    (["model_index.json/notes.txt"],
+     "holds 1 file that is not part of a diffusers export ('model_index.json/')"),
+], ids=["home", "many", "export and a note", "a note in scheduler/", "no model_index.json",
+        "model_index.json a folder"])
+def test_export_never_replaces_a_folder_holding_other_files(world, tmp_path, files, message,
+                                                            force):
+    pytest.importorskip("diffusers")
+    out = tmp_path / "home"
+    for name in files:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(f"the user's {name}")
+    before = snapshot(tmp_path), paths(tmp_path)
+    r = ddpm_in_process("export", world / "run", out, "--format", "diffusers",
+                        *["--force"] * force)
+    assert_refused(r, f"OUT_DIR {out} exists and {message}")
+    assert (snapshot(tmp_path), paths(tmp_path)) == before
+
+
+def test_export_force_replaces_an_empty_folder_or_an_export_whole_or_not_at_all(
+        world, tmp_path, monkeypatch):
+    pytest.importorskip("diffusers")
+    out = tmp_path / "hf"
+    out.mkdir()
+    export = ["export", world / "run", out, "--format", "diffusers", "--force"]
+    assert ddpm_in_process(*export).returncode == 0
+    before = snapshot(tmp_path), paths(tmp_path)
+    with monkeypatch.context() as patch:  # an export that fails its check replaces nothing
+        patch.setattr("ddpm.diffusers_io._max_output_difference", lambda *args: 1.0)
+        assert_refused(ddpm_in_process(*export), "differs from the model by up to 1.00e+00")
+    assert (snapshot(tmp_path), paths(tmp_path)) == before
+    export[1] = world / "crun"
+    assert ddpm_in_process(*export).returncode == 0
+    assert json.loads((out / "ddpm.json").read_text())["config"]["model"]["num_classes"] == 10
+    assert paths(tmp_path) == before[1]  # the same files, nothing left beside them
+
+
+# --- posthoc-ema: a step with a snapshot, and outputs that keep the run ---------------------------
+
+
+@pytest.fixture(scope="module")
+def snapshot_run(tmp_path_factory, fake_fashion) -> Path:
+    """A tiny run with EMA snapshots at steps 5, 10, 15 and 20 and checkpoints at 10 and 20."""
+    run = tmp_path_factory.mktemp("snapshots") / "run"
+    r = ddpm_in_process("train", "--preset", "tiny", "--data-dir", fake_fashion, "--steps", 20,
+                        "--posthoc-ema", "0.05,0.1", "--ema-snapshot-every", 5,
+                        "--checkpoint-every", 10, "--sample-every", 0, "--no-progress",
+                        "--out", run)
+    assert r.returncode == 0, r.stderr
+    return run
+
+
+@pytest.mark.parametrize("args, message, absent", [
+    ("--step 7", "step 7 has no EMA snapshot, and an average is rebuilt at a step that has one; "
+                 "choose one of steps 5, 10, 15, 20", ()),
+    (f"--step {'9' * 400}", "(400 characters) is outside the run's snapshots", ("9" * 100,)),
+    ("--out {run}/checkpoints/ckpt-00000020.pt --force",
+     "--out {run}/checkpoints/ckpt-00000020.pt is a file of the run", ()),
+    ("--out {run}/ema/snapshot-00000010.pt --force", "is a file of the run", ()),
+    ("--out {run}/config.json --force", "is a file of the run", ()),
+    ("--out {run} --force", "--out {run} is a folder; give a file name", ()),
+    ("--out {run}/config.json/x.pt", "which is a file; choose a folder", ()),
+], ids=["step without a snapshot", "huge step", "checkpoint", "snapshot", "config", "the run",
+        "under a file"])
+def test_posthoc_ema_refuses_a_step_without_a_snapshot_and_outputs_over_the_run(
+        snapshot_run, args, message, absent):
+    before = snapshot(snapshot_run)
+    r = ddpm_in_process("posthoc-ema", snapshot_run, "--std", "0.1",
+                        *args.format(run=snapshot_run).split(), "--no-progress")
+    assert_refused(r, message.format(run=snapshot_run), absent)
+    assert snapshot(snapshot_run) == before
+
+
+def test_posthoc_ema_refuses_an_empty_out_and_snapshots_not_of_the_run(snapshot_run, tmp_path):
+    before = snapshot(snapshot_run)
+    r = ddpm_in_process("posthoc-ema", snapshot_run, "--std", "0.1", "--out", "")
+    assert_refused(r, "--out is empty")
+    assert snapshot(snapshot_run) == before
+    run = tmp_path / "run"
+    shutil.copytree(snapshot_run, run)
+    torch.save({"step": 25, "note": "not averages"}, run / "ema/snapshot-00000025.pt")
+    before = snapshot(run)
+    r = ddpm_in_process("posthoc-ema", run, "--std", "0.1", "--out", tmp_path / "p.pt")
+    assert_refused(r, "snapshot-00000025.pt is a torch file but not an EMA snapshot")
+    assert snapshot(run) == before and not (tmp_path / "p.pt").exists()
+    last = torch.load(run / "ema/snapshot-00000020.pt", weights_only=True)
+    for profile in last["profiles"]:  # the averages of a wider model, copied in from its run
+        profile["weights"] = {k: torch.zeros(v.numel() + 1) for k, v in profile["weights"].items()}
+    torch.save(last, run / "ema/snapshot-00000025.pt")
+    before = snapshot(run)
+    r = ddpm_in_process("posthoc-ema", run, "--std", "0.1", "--out", tmp_path / "p.pt")
+    assert_refused(r, "snapshot-00000005.pt and snapshot-00000025.pt hold averages of different "
+                      "models; keep only this run's snapshots")
+    assert snapshot(run) == before and not (tmp_path / "p.pt").exists()
+
+
+# --- the noise-aware classifier: its output, and damaged files of it -----------------------------
+
+
+def test_train_classifier_never_writes_over_the_run_it_is_like(run_copy):
+    before = snapshot(run_copy)
+    for like in (run_copy, run_copy / "checkpoints/ckpt-00000002.pt"):
+        r = ddpm_in_process("train-classifier", "--noisy", "--like", like, "--epochs", 1,
+                            "--out", run_copy / "checkpoints/ckpt-00000002.pt", "--force",
+                            "--no-progress")
+        assert_refused(r, f"is a file of the run {run_copy.resolve()} that this command reads")
+    assert snapshot(run_copy) == before
+
+
+@pytest.fixture(scope="module")
+def damaged_classifiers(world, tmp_path_factory) -> Path:
+    """Noise-aware classifiers for the world's run with one piece of metadata damaged each."""
+    root = tmp_path_factory.mktemp("classifiers")
+    r = ddpm_in_process("train-classifier", "--noisy", "--like", world / "run", "--epochs", 1,
+                        "--out", root / "clf.pt", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    blob = torch.load(root / "clf.pt", weights_only=True)
+    torch.save({**blob, "accuracy_by_t": [0.5, 0.4]}, root / "accuracy-list.pt")
+    torch.save({**blob, "dataset": "x" * 5000}, root / "long-dataset.pt")
+    return root
+
+
+@pytest.mark.parametrize("name, message, absent", [
+    ("accuracy-list.pt", "accuracy-list.pt is a damaged noisy classifier", ()),
+    ("long-dataset.pt", "is a damaged noisy classifier (unknown dataset 'xxxx", ("x" * 100,)),
+])
+def test_sample_with_a_damaged_classifier_is_one_line(world, damaged_classifiers, name, message,
+                                                      absent):
+    before = snapshot(world)
+    r = ddpm_in_process("sample", world / "run", "--classifier", damaged_classifiers / name,
+                        "--class", 1, "--n", 2, "--steps", 2, "--out", world / "existing.png")
+    assert_refused(r, message, absent)
+    assert snapshot(world) == before

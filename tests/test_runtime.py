@@ -27,7 +27,7 @@ def test_autocast_follows_the_precision():
     cpu = torch.device("cpu")
     layer = torch.nn.Linear(4, 4)
     x = torch.randn(2, 4)
-    assert resolve_precision("auto", cpu) == ("bf16" if cpu_bf16_flag() else "fp32")
+    assert resolve_precision("auto", cpu) == "fp32", "nothing measured: the exact precision"
     with autocast(cpu, "fp32"):
         assert layer(x).dtype == torch.float32
     with autocast(cpu, "bf16"):
@@ -59,7 +59,7 @@ def cpuinfo(tmp_path, flags: str) -> str:
     return str(path)
 
 
-def test_auto_precision_is_bf16_only_on_cpus_with_bf16_hardware(tmp_path, monkeypatch):
+def test_bf16_hardware_is_read_from_the_cpu_flags(tmp_path, monkeypatch):
     assert cpu_bf16_flag(cpuinfo(tmp_path, "avx512f avx512_bf16 avx512_vnni")) == "avx512_bf16"
     assert cpu_bf16_flag(cpuinfo(tmp_path, "avx512f amx_tile amx_bf16")) == "amx_bf16"
     # avx512f alone, or a flag that merely contains the name, is not bf16 hardware
@@ -67,9 +67,10 @@ def test_auto_precision_is_bf16_only_on_cpus_with_bf16_hardware(tmp_path, monkey
     assert cpu_bf16_flag(str(tmp_path / "no-such-file")) is None  # not Linux
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(runtime, "cpu_bf16_flag", lambda: "avx512_bf16")
-    assert resolve_precision("auto", cpu) == "bf16"
-    assert training_precision("auto", cpu) == ("bf16", "auto: bf16, this CPU has avx512_bf16")
-    assert training_precision("fp32", cpu) == ("fp32", "as asked")
+    measured = lambda: ("bf16", "auto: bf16, bf16 measured 1.60x fp32 here")  # noqa: E731
+    assert resolve_precision("auto", cpu, measured) == "bf16"
+    assert training_precision("auto", cpu, measured) == measured()
+    assert training_precision("fp32", cpu, measured) == ("fp32", "as asked")
     monkeypatch.setattr(runtime, "cpu_bf16_flag", lambda: None)
     assert resolve_precision("auto", cpu) == "fp32" and resolve_precision("auto", cuda) == "bf16"
     assert training_precision("auto", cpu) == ("fp32", "auto: fp32, this CPU has no bf16 hardware")
@@ -86,6 +87,26 @@ def test_precision_follows_the_environment_only_under_accelerate_launch(monkeypa
     assert training_precision("fp32", cpu) == ("fp32", "as asked"), "an explicit choice wins"
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
         training_precision("fp16", cpu)
+
+
+def test_processes_launched_without_a_precision_never_measure(monkeypatch):
+    """One of several processes would time its share of the cores, and each could choose
+    differently: without the launcher's --mixed_precision they take fp32 and measure nothing
+    ('ddpm train --num-processes' measures once, before launching, and hands the choice on)."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "cpu_bf16_flag", lambda: "amx_bf16")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+
+    def probe():
+        raise AssertionError("a launched process measured")
+
+    assert training_precision("auto", cpu, probe) == (
+        "fp32", "auto: fp32, launched without --mixed_precision bf16")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert training_precision("auto", cpu, probe) == (
+        "bf16", "auto: accelerate launch --mixed_precision bf16")
 
 
 def test_runs_of_two_precisions_in_one_process(fake_fashion, tmp_path):

@@ -9,7 +9,9 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -19,9 +21,11 @@ from urllib.parse import urlparse
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import ddpm_in_process as cli
+from conftest import snapshot
 from ddpm.pipeline import load_pipeline
 from ddpm.serve import Limits, WebServer
 from ddpm.viz import read_animation
@@ -101,12 +105,20 @@ class Client:
         return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
 
     def get(self, path: str) -> tuple[int, bytes, str]:
+        status, body, headers = self.request("GET", path)
+        return status, body, headers.get("content-type", "")
+
+    def request(self, method: str, path: str, body: bytes = b"",
+                headers: dict | None = None) -> tuple[int, bytes, dict]:
+        """Any request (a Host among ``headers`` replaces the client's); the status, the whole
+        body and the headers (lower-case names)."""
         conn = self.connect()
-        conn.request("GET", path)
-        r = conn.getresponse()
-        body = r.read()
-        conn.close()
-        return r.status, body, r.getheader("content-type", "")
+        try:
+            conn.request(method, path, body=body or None, headers=headers or {})
+            r = conn.getresponse()
+            return r.status, r.read(), {k.lower(): v for k, v in r.getheaders()}
+        finally:
+            conn.close()
 
     def json(self, path: str) -> dict:
         status, body, _ = self.get(path)
@@ -168,7 +180,8 @@ def test_page_and_model_description(server, run):
     status, page, ctype = c.get("/")
     assert status == 200 and ctype.startswith("text/html") and b"Generate" in page
     info = c.json("/api/model")
-    assert info["source"] == str(run) and info["image_size"] == 28 and info["channels"] == 1
+    assert info["source"] == run.name and info["image_size"] == 28 and info["channels"] == 1
+    assert str(run.parent) not in page.decode() + json.dumps(info)  # no absolute path
     assert info["conditional"] is False and info["classes"] == []
     assert info["limits"] == {"max_images": 64, "max_steps": 100, "max_queue": 16}
     assert "dpm++" in info["samplers"] and info["defaults"]["sampler"] in info["samplers"]
@@ -252,11 +265,33 @@ BAD = [  # body (or raw bytes), HTTP status, what the message must say
     ({"sampler": "plms"}, 400, 'unknown sampler "plms"; choose one of ddpm, ddim, dpm++'),
     ({"class": 3}, 400, "class 3: this model was trained without classes; leave class empty"),
     ({"guidance": 2}, 400, "guidance 2 needs a class-conditional model"),
-    ({"guidance": -1}, 400, "guidance must be a finite number >= 0, got -1"),
+    ({"guidance": -1}, 400, "guidance must be a number in [0, 100], got -1"),
     ({"x0": "yes"}, 400, 'x0 must be true or false, got "yes"'),
-    ({"stepz": 10}, 400, "unknown field 'stepz'; the fields are n, steps, seed"),
+    ({"stepz": 10}, 400, 'unknown field "stepz"; the fields are n, steps, seed'),
     ([1, 2], 400, "the request must be a JSON object"),
     (b"steps=10", 400, "the request body is not JSON"),
+    # an empty body is refused as null is: the defaults are asked for with {}
+    (b"", 400, "the request must be a JSON object of some of the fields n, steps, seed, sampler, "
+               "class, guidance, x0, e.g. {} for the defaults; got an empty body"),
+    (b" \n", 400, "e.g. {} for the defaults; got an empty body"),
+    (None, 400, "e.g. {} for the defaults; got null"),
+    # numbers are JSON numbers: a string, a boolean or a fraction is not a whole number
+    ({"n": "4"}, 400, 'n (the number of images) must be a whole number, got "4", a string: send '
+                      'the number without quotes'),
+    ({"steps": "2"}, 400, 'steps must be a whole number, got "2", a string'),
+    ({"seed": "7"}, 400, 'seed must be a whole number, got "7"'),
+    ({"steps": True}, 400, "steps must be a whole number, got true"),
+    ({"n": 1.5}, 400, "n (the number of images) must be a whole number, got 1.5"),
+    # nesting beyond the parser's depth, and a body beyond any request's size
+    (b"[" * 100_000, 400, "the request body is nested too deeply; send one flat JSON object"),
+    (b'{"n": ' + b"[" * 100_000, 400, "the request body is nested too deeply"),
+    (b'{"n": ' + b"1" * 4000 + b"}", 400, "got 111111111111111111111111... (4000 digits)"),
+    # a seed out of range says the range, and never echoes a huge value in full
+    ({"seed": 1e300}, 400, "seed must be from 0 to 9223372036854775806, got 1e+300"),
+    ({"seed": 10**300}, 400, "seed must be from 0 to 9223372036854775806, got "
+                             "100000000000000000000000... (301 digits)"),
+    ({"seed": 2**63}, 400, "seed must be from 0 to 9223372036854775806, got 92233720368547758"),
+    ({"guidance": 1e300}, 400, "guidance must be a number in [0, 100], got 1e+300"),
 ]
 
 
@@ -264,8 +299,9 @@ BAD = [  # body (or raw bytes), HTTP status, what the message must say
 def test_a_bad_value_gets_a_message_and_the_server_goes_on(server, body, status, message):
     c = Client(server.url)
     raw = body if isinstance(body, bytes) else None
-    got, answer = c.generate(None if raw else body, raw=raw)
+    got, answer = c.generate(None if raw is not None else body, raw=raw)
     assert got == status and message in answer["error"], answer
+    assert len(answer["error"]) < 300, "a message repeats no huge value"
     got, events = c.generate(GOOD)
     assert got == 200 and events[-1][0] == "done"
 
@@ -273,7 +309,9 @@ def test_a_bad_value_gets_a_message_and_the_server_goes_on(server, body, status,
 @pytest.mark.parametrize("body,message", [
     ({"class": 10}, "class must be from 0 to 9 (this model's classes), got 10"),
     ({"class": "sandal-ish"}, 'class "sandal-ish" is not a class of this model; give an index'),
-    ({"guidance": "inf"}, "guidance must be a finite number >= 0, got Infinity"),
+    ({"guidance": "inf"}, 'guidance must be a number in [0, 100], got "inf"'),
+    ({"guidance": 1e300}, "guidance must be a number in [0, 100], got 1e+300"),
+    ({"class": "4"}, 'class "4" is not a class of this model; give an index 0..9 as a number'),
 ])
 def test_conditional_bad_values(conditional_server, body, message):
     c = Client(conditional_server.url)
@@ -288,6 +326,229 @@ def test_other_paths_and_methods(server):
     assert c.get("/nothing")[0] == 404
     status, body, _ = c.get("/api/jobs/999999/grid.png")
     assert status == 404 and b"generate it again" in body
+
+
+# --- who may use the server: its Host, the Origin of a page, JSON only ----------------------------
+
+
+def test_only_requests_addressed_to_the_server_are_served(server):
+    """A page on another site that points its own name at 127.0.0.1 (DNS rebinding) sends its
+    own name as Host: refused, for reading as for generating."""
+    c = Client(server.url)
+    before = c.json("/api/status")
+    port = urlparse(server.url).port
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", f"LocalHost:{port}"):
+        assert c.request("GET", "/api/model", headers={"Host": host})[0] == 200, host
+    for host in ("evil.example.com", f"evil.example.com:{port}", f"localhost:{port + 1}",
+                 "127.0.0.1", f"localhost.evil.example:{port}", f"127.0.0.1:{port}@evil.example",
+                 "[::1]"):
+        for method, path in (("GET", "/api/model"), ("GET", "/"), ("POST", "/api/generate")):
+            status, body, _ = c.request(method, path, b"{}", {
+                "Host": host, "Content-Type": "application/json"})
+            error = json.loads(body)["error"]
+            assert status == 421 and "is not this server's address" in error, (host, body)
+            assert f"it answers only to {server.url}" in error
+    assert c.json("/api/status") == before, "a refused request started nothing"
+
+
+def test_another_sites_page_cannot_start_a_generation(server):
+    c = Client(server.url)
+    before = c.json("/api/status")
+    own = server.url.rstrip("/")
+    json_type = {"Content-Type": "application/json"}
+    refused = [  # headers, status, what the message must say
+        ({"Origin": "http://evil.example", "Content-Type": "text/plain"}, 403,
+         'a page from "http://evil.example" may not use this server; open ' + server.url),
+        ({"Origin": "http://evil.example", **json_type}, 403, "may not use this server"),
+        ({"Origin": "null", **json_type}, 403, 'a page from "null" may not use this server'),
+        ({"Origin": own.replace("http:", "https:"), **json_type}, 403, "may not use this server"),
+        ({"Origin": own + "0", **json_type}, 403, "may not use this server"),
+        ({"Content-Type": "text/plain"}, 415, "send the settings as JSON with Content-Type: "
+                                               'application/json, not "text/plain"'),
+        ({"Content-Type": "application/x-www-form-urlencoded"}, 415, "application/json, not"),
+        ({"Content-Type": "multipart/form-data; boundary=x"}, 415, "application/json, not"),
+        ({}, 415, "application/json, not none"),
+    ]
+    for headers, status, message in refused:
+        got, body, _ = c.request("POST", "/api/generate", b'{"steps": 2, "n": 1}', headers)
+        assert got == status and message in json.loads(body)["error"], (headers, body)
+    assert c.json("/api/status") == before, "a refused request started nothing"
+    # the server's own page (its Origin) and a script (no Origin) are served
+    for headers in ({"Origin": own, **json_type}, json_type,
+                    {"Content-Type": "application/json; charset=utf-8"}):
+        got, body, _ = c.request("POST", "/api/generate", b'{"steps": 2, "n": 1}', headers)
+        assert got == 200 and b"event: done" in body, (headers, body[-300:])
+
+
+# --- odd requests to the real command ------------------------------------------------------------
+
+JSON = {"Content-Type": "application/json"}
+ODD_REQUESTS = [  # method, path, headers, body, the status and what its message must say
+    ("PUT", "/api/generate", JSON, b"{}", 405, 'PUT "/api/generate" is not allowed; use POST'),
+    ("DELETE", "/api/model", {}, b"", 405, 'DELETE "/api/model" is not allowed; use GET'),
+    ("POST", "/api/status", JSON, b"{}", 405, 'POST "/api/status" is not allowed; use GET'),
+    ("GET", "/api/model/extra", {}, b"", 404, 'nothing at "/api/model/extra"; there are /, '),
+    ("GET", "/api/jobs/1/grid.png/more", {}, b"", 404, 'nothing at "/api/jobs/1/grid.png/more"'),
+    ("GET", "/api/jobs/1/..%2F..%2Fconfig.json", {}, b"", 404, "nothing at"),
+    ("GET", "/api/jobs/" + "9" * 5000 + "/grid.png", {}, b"", 404,
+     '(5000 characters) is not among those this server keeps'),
+    ("GET", "/api/jobs/-1/grid.png", {}, b"", 404, 'generation "-1" is not among those'),
+    ("GET", "/api/jobs/1/" + "g" * 3000, {}, b"", 404, "is not among those this server keeps"),
+    ("POST", "/api/generate?n=1000&steps=1", JSON, b"{}", 400,
+     'takes its settings as a JSON body, not in the query string (got "?n=1000&steps=1")'),
+    ("POST", "/api/generate", JSON, b'{"n": 1' + b"0" * 40 + b"}", 400,
+     "n (the number of images) must be from 1 to 64 (this server's --max-images), got "
+     "100000000000000000000000... (41 digits)"),
+    ("POST", "/api/generate", JSON, b'{"steps": -5}', 400,
+     "steps must be from 1 to 100 (the model's training timesteps T), got -5"),
+    ("POST", "/api/generate", JSON, b'{"guidance": NaN}', 400,
+     "the request body is not JSON (NaN is not a JSON number)"),
+    ("POST", "/api/generate", JSON, b'{"seed": -Infinity}', 400,
+     "not JSON (-Infinity is not a JSON number)"),
+    ("POST", "/api/generate", JSON, b'\xff\xfe{"n": 1}', 400, "the request body is not UTF-8 text"),
+    ("POST", "/api/generate", JSON, b'{"class": "unicorn"}', 400,
+     'class "unicorn" is not a class of this model; give an index 0..9 as a number or a name'),
+    ("POST", "/api/generate", JSON, b'{"class": 2.5}', 400, "class must be a whole number, got 2.5"),
+    ("POST", "/api/generate", JSON, b'{"class": -1}', 400,
+     "class must be from 0 to 9 (this model's classes), got -1"),
+    ("POST", "/api/generate", JSON, json.dumps({"sampler": "x" * 10_000}).encode(), 400,
+     'unknown sampler "xxxxxxxxxxxxxxxxxxxxxxx... (10000 characters); choose one of'),
+    ("POST", "/api/generate", JSON, json.dumps({"y" * 10_000: 1}).encode(), 400,
+     'unknown field "yyyyyyyyyyyyyyyyyyyyyyy... (10000 characters); the fields are n, steps'),
+    ("POST", "/api/generate", JSON, b'{"n": 1' + b" " * 2**21 + b"}", 413,
+     "the request body is over 1048576 bytes"),
+    ("POST", "/api/generate", JSON, b'"{}"', 400, 'e.g. {} for the defaults; got "{}"'),
+    ("POST", "/api/generate", JSON, b'{"x0": "false"}', 400, 'x0 must be true or false, got "false"'),
+    ("POST", "/api/generate", JSON, b'{"guidance": -0.5}', 400,
+     "guidance must be a number in [0, 100], got -0.5"),
+    ("POST", "/api/generate", JSON, b'{"guidance": "7"}', 400,
+     'guidance must be a number in [0, 100], got "7"'),
+    ("POST", "/api/generate", {"Content-Type": "application/jsonp"}, b"{}", 415,
+     'application/json, not "application/jsonp"'),
+    ("POST", "/api/generate", {**JSON, "Origin": "null"}, b"{}", 403, 'a page from "null"'),
+    ("POST", "/api/generate", {**JSON, "Origin": "https://127.0.0.1:{port}"}, b"{}", 403,
+     'a page from "https://127.0.0.1:'),
+    ("GET", "/api/model", {"Host": "127.0.0.1:{port}.evil.example"}, b"", 421,
+     "is not this server's address"),
+    ("GET", "/", {"Host": "localhost:1"}, b"", 421, 'Host "localhost:1" is not this server'),
+]
+
+
+@pytest.fixture(scope="module")
+def served(conditional_run, tmp_path_factory):
+    """'ddpm serve' itself on the conditional run, in an empty folder: its Client, its stderr
+    (the server's log) and the folder."""
+    folder = tmp_path_factory.mktemp("served")
+    log = folder.parent / f"{folder.name}.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "ddpm", "serve", str(conditional_run),
+                                 "--port", "0"], cwd=folder, stdout=subprocess.PIPE,
+                                stderr=err, text=True)
+    try:
+        url = re.search(r"at (http://\S+)", proc.stdout.readline()).group(1)
+        yield Client(url), log, folder
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("method, path, headers, body, status, message", ODD_REQUESTS,
+                         ids=[f"{m} {p[:40]} {str(h)[:30]} {b[:20]!r}"
+                              for m, p, h, b, _, _ in ODD_REQUESTS])
+def test_an_odd_request_gets_a_message_and_changes_nothing(served, conditional_run, method, path,
+                                                           headers, body, status, message):
+    c, log, folder = served
+    before = snapshot(conditional_run), snapshot(folder), c.json("/api/status")
+    logged = log.read_text()
+    fill = {k: v.replace("{port}", str(c.port)) for k, v in headers.items()}
+    got, answer, _ = c.request(method, path, body, fill)
+    error = json.loads(answer)["error"]
+    assert got == status and message.replace("{port}", str(c.port)) in error, (got, error)
+    assert len(error) < 300, "a message repeats no huge value"
+    after = snapshot(conditional_run), snapshot(folder), c.json("/api/status")
+    assert after == before, "an odd request wrote a file or started a generation"
+    assert "Traceback" not in log.read_text()[len(logged):]
+
+
+ODD_COMMANDS = [  # 'ddpm serve' arguments, what its one line must say
+    ("{root}/empty", "holds no checkpoints"),
+    ("{root}/afile", "afile"),
+    ("{root}/junk.pt", "junk.pt is not a readable ddpm checkpoint"),
+    ("{root}/text.pt", "text.pt is not a readable ddpm checkpoint"),
+    ("{root}/pets", "pets holds no checkpoints"),
+    ("{root}/run --port -1", "argument --port: expected a number in [0, 65535], got -1"),
+    ("{root}/run --port http", "argument --port: expected a whole number, got 'http'"),
+    ("{root}/run --port 7860.5", "argument --port: expected a whole number, got '7860.5'"),
+    ("{root}/run --port 0 --host no-such-host.invalid",
+     "--host no-such-host.invalid: not an address of this machine"),
+    ("{root}/run --port 0 --host ''", "--host '': not an address of this machine"),
+    ("{root}/run --port 0 --host 203.0.113.7", "cannot listen on 203.0.113.7:0: Cannot assign "
+                                               "requested address; choose another --host or "
+                                               "--port"),
+    ("{root}/run --max-queue -1", "argument --max-queue: expected a number >= 0, got -1"),
+    ("{root}/run --max-images 0", "argument --max-images: expected a number >= 1, got 0"),
+    ("{root}/run --max-steps 0", "argument --max-steps: expected a number >= 1, got 0"),
+    ("{root}/run --max-images 1e3", "argument --max-images: expected a whole number, got '1e3'"),
+    ("{root}/run --port 0 --device tpu", "unknown device 'tpu'"),
+    ("{root}/run --precision fp8", "argument --precision: invalid choice: 'fp8'"),
+    ("{root}/run {root}/crun", "unrecognized arguments"),
+    ("", "the following arguments are required: RUN_OR_CHECKPOINT"),
+]
+
+
+@pytest.mark.parametrize("args, message", ODD_COMMANDS, ids=[a[:50] for a, _ in ODD_COMMANDS])
+def test_an_odd_command_is_one_line_exit_2_and_changes_nothing(world, monkeypatch, args,
+                                                               message):
+    def serving(self):  # a command that gets this far would serve until Ctrl+C
+        self.stop()
+        raise AssertionError("the command served")
+
+    monkeypatch.setattr(WebServer, "serve_forever", serving)
+    before = snapshot(world)
+    r = cli("serve", *shlex.split(args.format(root=world)))
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "error: " in lines[0] and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    assert snapshot(world) == before
+
+
+# --- the guidance bound ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, message", [
+    (("{root}/crun", "--guidance", "1e300"), "argument --guidance: expected a number in [0, 100], "
+                                             "got 1e300"),
+    (("{root}/crun", "--guidance", "100.5"), "argument --guidance: expected a number in [0, 100]"),
+    (("{root}/run", "--classifier-scale", "1e300"), "argument --classifier-scale: expected a "
+                                                    "number in [0, 100], got 1e300"),
+])
+def test_guidance_above_its_bound_is_refused_by_the_command_line(world, args, message):
+    before = snapshot(world)
+    r = cli("sample", *(a.format(root=world) for a in args), "--out", world / "existing.png")
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    assert snapshot(world) == before
+
+
+def test_guidance_at_its_bound_gives_finite_images(world, tmp_path):
+    """Classifier-free guidance and classifier guidance both at the largest scale allowed, on
+    the raw predictions (no clipping of x0): every pixel finite. Above it, Python is refused too."""
+    from ddpm.config import GUIDANCE_MAX, UNetConfig
+    from ddpm.guidance import load_noisy_classifier, train_noisy_classifier
+
+    pipe = load_pipeline(world / "crun")
+    small = UNetConfig(base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
+                       attention_resolutions=(), norm_groups=4, dropout=0.0)
+    train_noisy_classifier(None, None, tmp_path / "clf.pt", like=pipe.config, epochs=1,
+                           batch_size=64, model=small, progress=False)
+    classifier = load_noisy_classifier(tmp_path / "clf.pt")
+    for sampler in ("ddpm", "ddim", "dpm++"):
+        images = pipe.generate(4, seed=1, num_sample_steps=4, labels=3, sampler=sampler,
+                               x0_transform="none", guidance=GUIDANCE_MAX,
+                               classifier=classifier, classifier_scale=GUIDANCE_MAX)
+        assert torch.isfinite(images).all(), sampler
+    with pytest.raises(ValueError, match=r"guidance must be in \[0, 100\], got 1e\+300"):
+        pipe.generate(1, num_sample_steps=2, labels=3, guidance=1e300)
 
 
 # --- the queue, cancellation and memory -----------------------------------------------------------
@@ -390,7 +651,9 @@ def test_a_full_queue_refuses_and_a_failed_generation_is_said(run):
         pipe._forward = forward
         got, events = c.generate({"steps": 3, "n": 1})  # and the server goes on
         assert got == 200 and events[-1][0] == "done"
-        assert c.json("/api/status")["ended"] == {"cancelled": 2, "failed": 1, "done": 1}
+        # the engine counts a generation as ended just after its last event goes out
+        wait_for(lambda: c.json("/api/status")["ended"] == {"cancelled": 2, "failed": 1,
+                                                            "done": 1})
     finally:
         server.stop()
 
@@ -469,7 +732,18 @@ def test_every_address_is_served_with_a_warning(run):
         warning = proc.stderr.readline()
         assert "warning: --host 0.0.0.0 lets every machine" in warning
         url = re.search(r"at (http://\S+)", line).group(1)
-        assert Client(url).get("/")[0] == 200
+        c = Client(url)
+        assert c.get("/")[0] == 200
+        # addressed as any IP, localhost or this machine's name: its own; another name is not
+        port = urlparse(url).port
+        for host in (f"192.0.2.7:{port}", f"[2001:db8::1]:{port}", f"localhost:{port}",
+                     f"{socket.gethostname()}:{port}"):
+            assert c.request("GET", "/api/model", headers={"Host": host})[0] == 200, host
+        for host in (f"evil.example.com:{port}", f"192.0.2.7:{port + 1}"):
+            status, body, _ = c.request("GET", "/api/model", headers={"Host": host})
+            assert status == 421 and (f"it answers only to an IP address of this machine, "
+                                      f"localhost or {socket.gethostname()}, at port {port}"
+                                      in json.loads(body)["error"]), body
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -260,3 +260,26 @@ def test_mp4_without_imageio_ffmpeg_says_how_to_get_it(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"pip install 'ddpm\[video\]', or write a \.gif"):
         save_animation([frame, frame], tmp_path / "a.mp4")
     assert not (tmp_path / "a.mp4").exists()
+
+
+@pytest.mark.parametrize("shape, nrow, padding, pad_value", [
+    ((7, 1, 5, 6), 3, 2, 1.0), ((1, 1, 5, 5), 2, 2, 1.0), ((4, 3, 4, 4), 8, 0, 0.0),
+    ((10, 3, 3, 3), 4, 3, 0.5)])
+def test_our_grid_and_png_are_torchvisions(shape, nrow, padding, pad_value):
+    """The grid and the PNG bytes that torchvision's make_grid and save_image give (ours spare
+    the command line the import of torchvision)."""
+    import io
+
+    from torchvision.utils import make_grid as torchvision_grid, save_image
+
+    from ddpm.viz import _image_bytes, make_grid
+
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(make_grid(x, nrow, padding, pad_value),
+                       torchvision_grid(x, nrow=nrow, padding=padding, pad_value=pad_value))
+    u = (x * 255).to(torch.uint8)
+    assert torch.equal(make_grid(u, nrow, padding, 255),
+                       torchvision_grid(u, nrow=nrow, padding=padding, pad_value=255))
+    buf = io.BytesIO()
+    save_image(x[0], buf, format="png")
+    assert _image_bytes(x[0], "png") == buf.getvalue()

@@ -20,21 +20,27 @@ from torch.utils.flop_counter import FlopCounterMode
 from .config import RunConfig
 from .data import ImageData
 from .models import count_parameters
-from .runtime import autocast, make_accelerator, processor_name, resolve_device, torch_state_kept
-from .train import Training, build_training
+from .pipeline import Pipeline, sampling_probe
+from .runtime import (autocast, make_accelerator, precision_and_reason, processor_name,
+                      resolve_device, torch_state_kept, training_precision)
+from .train import Training, build_training, training_probe
 
 
 @dataclass(frozen=True)
 class BenchResult:
     params: int
     batch_size: int
-    precision: str
+    precision: str  # what the run computes in: the asked one, or auto's choice
+    precision_why: str  # how it was chosen ("as asked", "auto: bf16 measured 1.60x fp32 here")
+    sample_precision: str  # what sampling computes in, chosen the same way for its step
+    sample_precision_why: str
     threads: int
     device: str
-    train_images_per_s: float
-    train_steps: int  # timed optimiser steps
+    train_images_per_s: float  # in ``precision``
+    train_steps: int  # timed optimiser steps in ``precision``
     sample_batch_size: int
-    sample_images_per_s: float  # images through one network evaluation per second
+    sample_images_per_s: float  # in ``sample_precision``: images through one network evaluation a second
+    rates: dict[str, dict[str, float]]  # fp32, bf16 (and fp16 when used): {"train": images/s, "sample": images/s}
     forward_gflops_per_image: float  # counted by torch's FLOP counter (matmuls and convolutions)
     train_gflops_per_image: float  # forward + backward of the training step, counted likewise
     achieved_gflops: float  # train_gflops_per_image * train_images_per_s
@@ -101,57 +107,72 @@ def _synthetic_data(config: RunConfig, n: int) -> ImageData:
 def bench(
     config: RunConfig,
     *,
-    seconds: float = 10.0,
+    seconds: float = 5.0,
     sample_batch_size: int = 128,
     peak_seconds: float = 2.0,
     progress: Callable[[str], None] = lambda message: None,
 ) -> BenchResult:
-    """Measure ``config``'s training step and sampling evaluation on its device and precision.
-    The network, optimiser and data stream are built as ``ddpm train`` builds them
-    (``train.build_training``), on synthetic images."""
+    """Measure ``config``'s training step and sampling evaluation on its device, in fp32 and in
+    bf16 (``seconds`` each), and say which of them ``config``'s precision takes (``auto``: the
+    measurement that training and sampling make, ``autoprecision``). The network, optimiser and
+    data stream are built as ``ddpm train`` builds them (``train.build_training``), on synthetic
+    images."""
     tc = config.train
     device = resolve_device(tc.device)
     with torch_state_kept():
         run = build_training(config, make_accelerator(device), device,
                              lambda: _synthetic_data(config, 8 * tc.batch_size))
         sync = _synchronizer(device)
-
-        def one_training_step(run: Training = run) -> None:
-            run.update(run.next_batches(), tc.lr)
-
-        progress(f"training step: batch {tc.batch_size}x{tc.grad_accum}, {run.precision}, "
-                 f"{torch.get_num_threads()} threads, {seconds:g} s")
-        run.model.train()
-        steps, elapsed = _timed(one_training_step, seconds, 3, sync)
-        train_images_per_s = steps * tc.batch_size * tc.grad_accum / elapsed
-        # Counted on the plain network: a compiled one computes the same products.
-        plain = dataclasses.replace(run, model=run.net)
-        train_gflops = count_gflops(lambda: one_training_step(plain)) / (tc.batch_size * tc.grad_accum)
-
-        progress(f"sampling evaluation: batch {sample_batch_size}, {seconds:g} s")
-        sampling_net = run.ema.model
         m = config.model
         x = torch.randn(sample_batch_size, m.in_channels, m.image_size, m.image_size, device=device)
         t = torch.full((sample_batch_size,), run.schedule.num_train_timesteps // 2, device=device)
+        sampling = Pipeline(run.ema.model, run.schedule, config, 0, device)
+        sample_precision, sample_why = precision_and_reason(tc.precision, device,
+                                                            sampling_probe(sampling))
+        _, why = training_precision(tc.precision, device, training_probe(config, device))
+        rates: dict[str, dict[str, float]] = {}
+        steps: dict[str, int] = {}
+        # fp16 (CUDA only) is timed too when the run or sampling computes in it
+        used = {run.precision, sample_precision}
+        for precision in ("fp32", "bf16", *(("fp16",) if "fp16" in used else ())):
+            progress(f"training step: batch {tc.batch_size}x{tc.grad_accum}, {precision}, "
+                     f"{torch.get_num_threads()} threads, {seconds:g} s")
+            timed_run = dataclasses.replace(run, precision=precision,
+                                            scaler=run.scaler if precision == "fp16" else None)
 
-        def one_evaluation() -> None:
-            with torch.inference_mode(), autocast(device, run.precision):
-                sampling_net(x, t)
+            def one_training_step(run: Training = timed_run) -> None:
+                run.update(run.next_batches(), tc.lr)
 
-        calls, elapsed = _timed(one_evaluation, seconds, 2, sync)
-        sample_images_per_s = calls * sample_batch_size / elapsed
-        forward_gflops = count_gflops(one_evaluation) / sample_batch_size
+            run.model.train()
+            steps[precision], elapsed = _timed(one_training_step, seconds, 3, sync)
+            train_rate = steps[precision] * tc.batch_size * tc.grad_accum / elapsed
+
+            progress(f"sampling evaluation: batch {sample_batch_size}, {precision}, {seconds:g} s")
+
+            def one_evaluation(precision: str = precision) -> None:
+                with torch.inference_mode(), autocast(device, precision):
+                    run.ema.model(x, t)
+
+            calls, elapsed = _timed(one_evaluation, seconds, 2, sync)
+            rates[precision] = {"train": train_rate, "sample": calls * sample_batch_size / elapsed}
+        # Counted on the plain network: a compiled one computes the same products.
+        plain = dataclasses.replace(run, model=run.net)
+        train_gflops = count_gflops(lambda: plain.update(plain.next_batches(), tc.lr)) / (
+            tc.batch_size * tc.grad_accum)
+        forward_gflops = count_gflops(lambda: run.ema.model(x, t)) / sample_batch_size
 
         progress(f"peak matmul: float32 and bfloat16, {peak_seconds:g} s each")
         peak32 = peak_matmul_gflops(torch.float32, device, seconds=peak_seconds)
         peak16 = peak_matmul_gflops(torch.bfloat16, device, seconds=peak_seconds)
         threads = torch.get_num_threads()
-    achieved = train_gflops * train_images_per_s
+    train_rate, sample_rate = rates[run.precision]["train"], rates[sample_precision]["sample"]
+    achieved = train_gflops * train_rate
     return BenchResult(
         params=count_parameters(run.net), batch_size=tc.batch_size, precision=run.precision,
+        precision_why=why, sample_precision=sample_precision, sample_precision_why=sample_why,
         threads=threads, device=str(device),
-        train_images_per_s=train_images_per_s, train_steps=steps,
-        sample_batch_size=sample_batch_size, sample_images_per_s=sample_images_per_s,
+        train_images_per_s=train_rate, train_steps=steps[run.precision],
+        sample_batch_size=sample_batch_size, sample_images_per_s=sample_rate, rates=rates,
         forward_gflops_per_image=forward_gflops, train_gflops_per_image=train_gflops,
         achieved_gflops=achieved, peak_gflops_fp32=peak32, peak_gflops_bf16=peak16,
         utilisation=achieved / max(peak32, peak16), cpu=processor_name(device),
@@ -160,17 +181,21 @@ def bench(
 
 
 def format_table(r: BenchResult) -> str:
+    f32, b16 = r.rates["fp32"], r.rates["bf16"]
     rows = [
         ("machine", f"{r.cpu}, {r.threads} threads, torch {r.torch}"),
         ("model", f"{r.params:,} parameters"),
-        ("training", f"{r.train_images_per_s:,.1f} images/s (batch {r.batch_size}, {r.precision}, "
-                     f"{r.train_steps} steps timed)"),
-        ("sampling", f"{r.sample_images_per_s:,.1f} images/s per network evaluation "
-                     f"(batch {r.sample_batch_size}): {r.sample_images_per_s / 20:,.1f} images/s "
-                     f"with 20 steps"),
+        ("training", f"{f32['train']:,.1f} images/s in fp32, {b16['train']:,.1f} in bf16 "
+                     f"({b16['train'] / f32['train']:.2f}x; batch {r.batch_size})"),
+        ("", f"trains in {r.precision} ({r.precision_why})"),
+        ("sampling", f"{f32['sample']:,.1f} images/s per network evaluation in fp32, "
+                     f"{b16['sample']:,.1f} in bf16 ({b16['sample'] / f32['sample']:.2f}x; batch "
+                     f"{r.sample_batch_size})"),
+        ("", f"samples in {r.sample_precision} ({r.sample_precision_why}): "
+             f"{r.sample_images_per_s / 20:,.1f} images/s with 20 steps"),
         ("FLOPs", f"{r.forward_gflops_per_image:.4f} GFLOPs forward, "
                   f"{r.train_gflops_per_image:.4f} GFLOPs per training image"),
-        ("achieved", f"{r.achieved_gflops:,.1f} GFLOP/s in the training step"),
+        ("achieved", f"{r.achieved_gflops:,.1f} GFLOP/s in the training step ({r.precision})"),
         ("peak matmul", f"{r.peak_gflops_fp32:,.1f} GFLOP/s float32, "
                         f"{r.peak_gflops_bf16:,.1f} GFLOP/s bfloat16"),
         ("utilisation", f"{r.utilisation:.1%} of the faster peak"),

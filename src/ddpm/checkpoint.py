@@ -65,9 +65,12 @@ def _umask() -> int:
     return mask
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
+def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], *,
+                  sync: bool = True) -> None:
     """Call ``write(f)`` on a temporary file beside ``path``, sync it, then rename it to ``path``:
-    ``path`` is always either the old file or the whole new one, never a partial write."""
+    ``path`` is always either the old file or the whole new one, never a partial write. With
+    ``sync=False`` the rename is as atomic, but nothing waits for the disk: for many small files
+    whose folder is synced once at the end (:func:`sync_folder`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -75,13 +78,20 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) 
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    if sync:
+        _fsync_dir(path.parent)
+
+
+def sync_folder(folder: str | os.PathLike) -> None:
+    """Wait for the disk to hold ``folder``'s entries (after writes made with ``sync=False``)."""
+    _fsync_dir(Path(folder))
 
 
 def unwritable(folder: str | os.PathLike) -> str | None:
@@ -111,12 +121,19 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
-    _atomic_write(path, lambda f: f.write(data))
+def atomic_write_bytes(data: bytes, path: str | os.PathLike, *, sync: bool = True) -> None:
+    _atomic_write(path, lambda f: f.write(data), sync=sync)
 
 
 def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR / f"ckpt-{step:08d}.pt"
+
+
+def run_of(run_or_file: str | os.PathLike) -> Path:
+    """The run a run directory or checkpoint file belongs to, symlinks resolved: a checkpoint in
+    a run's checkpoints/ folder is that run's; a checkpoint file elsewhere is its own."""
+    path = Path(run_or_file).resolve()
+    return path.parent.parent if path.is_file() and path.parent.name == CHECKPOINT_DIR else path
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:

@@ -25,7 +25,8 @@ from .diffusion import (LOSS_WEIGHTINGS, LOSSES, PRECONDITIONINGS, PREDICTION_TY
 from .models import UNetConfig
 from .samplers import SAMPLERS, SPACINGS
 from .schedules import SCHEDULES, NoiseSchedule, make_schedule
-from .settings import SEED_MAX, check_fields, coerce, names, setting, settings_of
+from .settings import (SEED_MAX, check_fields, coerce, cut, names, setting, settings_of,
+                       shown)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -247,6 +248,13 @@ class TrainConfig:
                              "never stop; give one of them")
 
 
+# The largest guidance scale, classifier-free (--guidance) and classifier (--classifier-scale).
+# The scales used in practice are below ~30 (Ho & Salimans 2022 sweep w up to 4, text-to-image
+# models use ~7.5, Dhariwal & Nichol 2021's classifier scales go up to 10); 100 leaves room to
+# explore and still gives finite images (tests/test_serve.py samples a tiny model at it).
+GUIDANCE_MAX = 100.0
+
+
 @dataclass(frozen=True, kw_only=True)
 class SampleConfig:
     """How the run's final grid and ``ddpm sample`` draw images by default."""
@@ -279,8 +287,11 @@ class SampleConfig:
              "(Saharia et al. 2022) or none")
     # Classifier-free guidance scale w of a class-conditional model (Ho & Salimans 2022, eq. 6):
     # 0 samples the conditional model as trained; larger w trades diversity for class fidelity.
+    # At most GUIDANCE_MAX: a scale of 1e300 made eps = (1 + w) eps_c - w eps_u overflow, and
+    # every image came out black.
     guidance: float = setting(
-        0.0, flag="--guidance", at_least=0, group="class-conditional generation (Ho & Salimans 2022)",
+        0.0, flag="--guidance", at_least=0, at_most=GUIDANCE_MAX,
+        group="class-conditional generation (Ho & Salimans 2022)",
         help="classifier-free guidance scale w: 0 is the conditional model, larger w gives more "
              "typical images of the class")
 
@@ -384,11 +395,11 @@ def with_overrides(base: RunConfig, overrides: dict[str, dict[str, Any]], *,
     the data section first, then the preset's U-Net is fitted to the data (:func:`fit_model`),
     then the model's own overrides; a new dataset without a data_dir takes that dataset's
     folder; the preset's sampling steps shrink to a smaller T."""
-    unknown = set(overrides) - set(SECTIONS)
+    unknown = sorted(set(overrides) - set(SECTIONS), key=str)
     if unknown:
-        raise ValueError(f"unknown config section(s) {', '.join(sorted(map(repr, unknown)))}; "
+        raise ValueError(f"unknown config section(s) {cut(', '.join(map(shown, unknown)), 80)}; "
                          f"the sections are {names(SECTIONS)}")
-    checked = {name: _checked(name, overrides.get(name) or {}) for name in SECTIONS}
+    checked = {name: _checked(name, overrides.get(name, {})) for name in SECTIONS}
     replace = dataclasses.replace
     data = replace(base.data, **checked["data"])
     model = base.model
@@ -420,15 +431,16 @@ def with_overrides(base: RunConfig, overrides: dict[str, dict[str, Any]], *,
 
 def _checked(section: str, values: dict[str, Any]) -> dict[str, Any]:
     """``values`` for the section's fields, with unknown names and wrong types refused."""
-    if not isinstance(values, dict):
-        raise ValueError(f"config section {section!r} must be an object of settings, got "
-                         f"{values!r}")
+    if not isinstance(values, dict):  # null or [] too: a section that sets nothing is {}
+        got = "null" if values is None else shown(values)
+        raise ValueError(f"config section {section!r} must be an object of settings such as "
+                         f"{{\"{dataclasses.fields(SECTIONS[section])[0].name}\": ...}}, got {got}")
     cls = SECTIONS[section]
     known = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in values if k not in known]
     if unknown:
-        raise ValueError(f"unknown setting {section}.{unknown[0]}; the {section} settings are "
-                         f"{names(known)}")
+        raise ValueError(f"unknown setting {section}.{cut(str(unknown[0]))}; the {section} "
+                         f"settings are {names(known)}")
     return {k: coerce(cls, k, v, key=f"{section}.{k}") for k, v in values.items()}
 
 
@@ -475,28 +487,81 @@ def resumed(saved: RunConfig, overrides: dict[str, dict[str, Any]]) -> RunConfig
     return with_overrides(saved, overrides, resolve=False)
 
 
+# A config file is a few KB of JSON; a larger file is some other file given by mistake (a
+# checkpoint, a dataset), read no further than this.
+MAX_CONFIG_BYTES = 1 << 20
+# More digits than any setting's value has (a seed has 19): a typo or a pasted blob, refused
+# while the file is parsed, before Python's own limit on printing such numbers gets in the way.
+MAX_CONFIG_DIGITS = 100
+EXAMPLE_CONFIG = '{"train": {"lr": 0.001}}'
+
+
 def load_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
     """The overrides a ``--config`` file holds: a saved ``config.json``, a hand-written partial
-    one (``{"train": {"lr": 1e-3}}``), or the output of ``ddpm train --dry-run``."""
+    one (``{"train": {"lr": 1e-3}}``), or the output of ``ddpm train --dry-run``. Anything else
+    (a folder, an empty or huge file, not JSON, a key given twice, no object of sections, a
+    setting's wrong name, type or range) is a ValueError naming the file."""
     path = Path(path)
+    where = f"--config {path}"
     try:
-        values = json.loads(path.read_text())
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except IsADirectoryError:
+        raise ValueError(f"{where} is a folder; give a JSON file such as a run's config.json "
+                         f"or {EXAMPLE_CONFIG}") from None
     except OSError as exc:
-        raise ValueError(f"cannot read --config {path}: {exc.strerror or exc}") from None
+        raise ValueError(f"cannot read {where}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ValueError(f"{where} is more than {MAX_CONFIG_BYTES >> 20} MiB, and a config file is "
+                         f"a few KB of JSON; give a run's config.json or a file such as "
+                         f"{EXAMPLE_CONFIG}")
+    if not raw.strip():
+        raise ValueError(f"{where} is empty; write the settings to change, e.g. {EXAMPLE_CONFIG}")
+    try:
+        text = raw.decode("utf-8-sig")  # the byte-order mark some editors write is no mistake
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{where} is not JSON text (byte {exc.start} is not UTF-8); a config "
+                         f"file is JSON such as a run's config.json, not a checkpoint") from None
+    try:
+        values = json.loads(text, object_pairs_hook=_unique_keys, parse_int=_whole_number)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"--config {path} is not JSON ({exc.msg} at line {exc.lineno}, column "
+        raise ValueError(f"{where} is not JSON ({exc.msg} at line {exc.lineno}, column "
                          f"{exc.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{where} nests lists or objects too deep to read; a config holds "
+                         f"sections of settings, e.g. {EXAMPLE_CONFIG}") from None
+    except ValueError as exc:  # from the two hooks
+        raise ValueError(f"{where}: {exc}") from None
     if isinstance(values, dict) and set(values) == {"config", "parameters"}:
         values = values["config"]  # a dry run's output, as printed
     if not isinstance(values, dict):
-        raise ValueError(f"--config {path} must hold an object of sections ({names(SECTIONS)})")
+        raise ValueError(f"{where} must hold an object of sections ({names(SECTIONS)}), e.g. "
+                         f"{EXAMPLE_CONFIG}")
     try:  # names, types and ranges, said with the file's name
         config = with_overrides(RunConfig(), values, resolve=False)
         for section in SECTIONS:
             check_fields(getattr(config, section), prefix=f"{section}.")
     except ValueError as exc:
-        raise ValueError(f"--config {path}: {exc}") from None
+        raise ValueError(f"{where}: {exc}") from None
     return values
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different: JSON would keep the last of two, and drop the
+    other setting without a word."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"{shown(key)} is given twice in one object; give each key once")
+        seen.add(key)
+    return dict(pairs)
+
+
+def _whole_number(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_CONFIG_DIGITS:
+        raise ValueError(f"a whole number of {len(digits.lstrip('-')):,} digits, more than any "
+                         f"setting takes")
+    return int(digits)
 
 
 # --- presets ------------------------------------------------------------------------------------

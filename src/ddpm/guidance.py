@@ -41,11 +41,12 @@ from tqdm.auto import tqdm
 
 from .checkpoint import atomic_save, read_torch_file
 from .config import DEFAULT_PRESET, DataConfig, RunConfig, build_schedule, get_preset
-from .data import FOLDER_DATASETS, ImageData, load_dataset, random_crop, to_model_range
+from .data import DATASETS, FOLDER_DATASETS, ImageData, load_dataset, random_crop, to_model_range
 from .data import resolve as resolve_data
 from .diffusion import q_sample
 from .models.unet import NoisyClassifier, UNetConfig
 from .schedules import NoiseSchedule
+from .settings import shown
 
 FORMAT = 1
 KIND = "noisy-classifier"
@@ -321,6 +322,8 @@ def load_noisy_classifier(path: str | os.PathLike,
         raise ValueError(f"{path} is {what}; make one with 'ddpm train-classifier --noisy "
                          f"--like {run} --out CLASSIFIER.pt'")
     try:
+        if blob["dataset"] not in DATASETS:  # said short, not echoed whole in every message
+            raise ValueError(f"unknown dataset {shown(blob['dataset'])}")
         config = RunConfig.from_dict({"model": blob["model"]}).model  # older files: time_silu
         model = NoisyClassifier(config)
         model.load_state_dict(blob["weights"])
@@ -334,7 +337,7 @@ def load_noisy_classifier(path: str | os.PathLike,
             zero_terminal_snr=bool(schedule["zero_terminal_snr"]),
             accuracy_by_t={int(t): float(a) for t, a in blob["accuracy_by_t"].items()},
             epochs=int(blob["epochs"]), seed=int(blob["seed"]))
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ValueError(f"{path} is a damaged noisy classifier ({detail}): its weights or "
                          f"metadata do not fit together; {make}") from None

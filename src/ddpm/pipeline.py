@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -29,7 +30,10 @@ from .diffusers_io import is_diffusers_folder, load_diffusers
 from .diffusion import p_mean_log_variance, precondition, prior_bpd, q_sample, vlb_term
 from .guidance import NoisyClassifierFile, check_compatible, classifier_log_prob_grad
 from .models import UNet
-from .runtime import autocast, resolve_device, resolve_precision, warn_compile_failed
+from .autoprecision import choose
+from .data.registry import default_cache_dir
+from .runtime import (PrecisionProbe, autocast, precision_and_reason, resolve_device,
+                      torch_state_kept, warn_compile_failed)
 from .samplers import (DEFAULT_SPACING, StepCallback, classifier_free_guidance,
                        classifier_guidance, clip_x0, dynamic_threshold, get_sampler,
                        initial_noise, make_timesteps)
@@ -45,10 +49,11 @@ class Pipeline:
     config: RunConfig
     step: int
     device: torch.device
-    precision: str = "fp32"
+    precision: str = "fp32"  # fp32 | bf16 | fp16, resolved (auto is chosen when loaded)
     classes: tuple[str, ...] = ()  # the training data's class names, label i = classes[i]
     compiled: Any = None  # torch.compile(model), when asked for and compiling works
     compile_proven: bool = False  # a call through ``compiled`` has succeeded
+    precision_why: str = "as asked"  # how the precision was chosen, for summary lines
 
     @property
     def num_classes(self) -> int:
@@ -87,6 +92,30 @@ class Pipeline:
         sc.validate(num_train_timesteps=self.schedule.num_train_timesteps,
                     num_classes=self.num_classes, learn_variance=self.config.model.learn_variance)
         return sc
+
+    def evaluations_per_image(self, **settings: Any) -> int:
+        """Network evaluations that :meth:`generate` spends on one image with ``settings``."""
+        sc = self.sample_config(**settings)
+        steps = len(make_timesteps(self.schedule.num_train_timesteps, sc.num_sample_steps,
+                                   sc.spacing or DEFAULT_SPACING[sc.sampler], schedule=self.schedule))
+        evaluations = 2 * steps - 1 if sc.sampler == "heun" else steps
+        # classifier-free guidance: conditional and unconditional, as one batch
+        return 2 * evaluations if self.num_classes and sc.guidance > 0 else evaluations
+
+    @torch.inference_mode()
+    def seconds_per_evaluation(self, *, batch_size: int = 128, repeats: int = 2) -> float:
+        """Seconds one network evaluation takes per image at ``batch_size``, the fastest of
+        ``repeats`` after one untimed (a forecast's figure: it costs a few evaluations)."""
+        mc = self.config.model
+        x = torch.zeros(batch_size, mc.in_channels, mc.image_size, mc.image_size, device=self.device)
+        t = torch.full((batch_size,), self.schedule.num_train_timesteps // 2, device=self.device)
+        best = math.inf
+        for i in range(repeats + 1):
+            begin = time.perf_counter()
+            with autocast(self.device, self.precision):
+                self._predict(x, t, None).float().cpu()  # .cpu() waits for a GPU
+            best = best if i == 0 else min(best, time.perf_counter() - begin)
+        return best / batch_size
 
     @torch.inference_mode()
     def generate(
@@ -130,10 +159,8 @@ class Pipeline:
         generator = torch.Generator("cpu").manual_seed(seed)
         mc = self.config.model
         out = []
-        evaluations = 2 * len(timesteps) - 1 if sc.sampler == "heun" else len(timesteps)
-        if self.num_classes and sc.guidance > 0:
-            evaluations *= 2  # conditional and unconditional, as one batch
-        bar = tqdm(total=n * evaluations, unit="img-eval", unit_scale=True, disable=not progress,
+        bar = tqdm(total=n * self.evaluations_per_image(**settings), unit="img-eval",
+                   unit_scale=True, disable=not progress,
                    desc=f"sampling ({sc.sampler}, {sc.num_sample_steps} steps)")
 
         def network(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -319,16 +346,48 @@ def load_pipeline(
     scheduler's config: ``diffusers_io.load_diffusers``); sample in ``precision`` (autocast:
     fp32, bf16, fp16 on CUDA, or auto) and, with ``compile``, through ``torch.compile``."""
     dev = resolve_device(device)
-    resolve_precision(precision, dev)  # an unknown name, or fp16 on a CPU, said now
+    precision_and_reason(precision, dev)  # an unknown name, or fp16 on a CPU, said now
     if is_diffusers_folder(run_or_checkpoint):
         model, schedule, config, step, classes = load_diffusers(run_or_checkpoint, dev)
-        pipe = Pipeline(model, schedule, config, step, dev, precision, classes=classes)
-        return pipe.compile() if compile else pipe
-    path, state = load_run_or_file(run_or_checkpoint)
-    config = checkpoint_config(state, path)
-    model = UNet(config.model)
-    load_weights(model, state, path, ema=use_ema)
-    model.to(dev).eval().requires_grad_(False)
-    pipe = Pipeline(model, build_schedule(config), config, int(state["step"]), dev, precision,
-                    classes=tuple(state.get("classes", ())))
+        pipe = Pipeline(model, schedule, config, step, dev, classes=classes)
+    else:
+        path, state = load_run_or_file(run_or_checkpoint)
+        config = checkpoint_config(state, path)
+        model = UNet(config.model)
+        load_weights(model, state, path, ema=use_ema)
+        model.to(dev).eval().requires_grad_(False)
+        pipe = Pipeline(model, build_schedule(config), config, int(state["step"]), dev,
+                        classes=tuple(state.get("classes", ())))
+    pipe.precision, pipe.precision_why = precision_and_reason(precision, dev, sampling_probe(pipe))
     return pipe.compile() if compile else pipe
+
+
+#: The batch of auto's sampling measurement: 'ddpm sample' and 'eval' sample 128 at a time, the
+#: web page a few; 64 lies between, and the choice was the same at 64 and 128 where measured.
+PROBE_BATCH = 64
+
+
+def sampling_probe(pipe: Pipeline) -> PrecisionProbe:
+    """``--precision auto``'s measurement of ``pipe``'s sampling step (``autoprecision``): one
+    network evaluation of :data:`PROBE_BATCH` images, uncompiled, in fp32 and in bf16; once per
+    machine and model shape, then read from the cache folder."""
+    mc = pipe.config.model
+    shape = {"model": pipe.config.to_dict()["model"], "network": type(pipe.model).__name__,
+             "batch": PROBE_BATCH}
+
+    def make_step(precision: str) -> Callable[[], torch.Tensor]:
+        x = torch.randn(PROBE_BATCH, mc.in_channels, mc.image_size, mc.image_size, device=pipe.device)
+        t = torch.full((PROBE_BATCH,), pipe.schedule.num_train_timesteps // 2, device=pipe.device)
+
+        @torch.inference_mode()
+        def step() -> torch.Tensor:
+            with autocast(pipe.device, precision):
+                return pipe.model(x, t, None)
+        return step
+
+    def probe() -> tuple[str, str]:
+        with torch_state_kept():
+            found = choose("sample", shape, make_step, cache_dir=default_cache_dir())
+        return found.precision, found.why()
+
+    return probe

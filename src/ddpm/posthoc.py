@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, atomic_save, read_torch_file
+from .settings import cut
 from .step import EMA
 
 SNAPSHOT_DIR = "ema"
@@ -127,6 +128,24 @@ def list_snapshots(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _SNAPSHOT.match(p.name)))
 
 
+def _is_profile(profile: object) -> bool:
+    """Has ``profile`` the layout of :meth:`PowerEMA.profile`?"""
+    return (isinstance(profile, dict) and isinstance(profile.get("gamma"), float)
+            and isinstance(profile.get("num_updates"), int)
+            and isinstance(profile.get("weights"), dict)
+            and all(isinstance(v, torch.Tensor) for v in profile["weights"].values()))
+
+
+def _read_snapshot(path: Path) -> dict:
+    """A snapshot :func:`save_snapshot` wrote, or a CheckpointError saying the file is not one."""
+    snapshot = read_torch_file(path, "ddpm EMA snapshot")
+    profiles = snapshot.get("profiles") if isinstance(snapshot, dict) else None
+    if not (isinstance(profiles, list) and profiles and all(map(_is_profile, profiles))):
+        raise CheckpointError(f"{path} is a torch file but not an EMA snapshot of 'ddpm train "
+                              f"--posthoc-ema' (no averages in it); move it out of {path.parent}")
+    return snapshot
+
+
 def reconstruct(run_dir: str | os.PathLike, stds: Sequence[float], step: int | None = None
                 ) -> tuple[int, int, list[tuple[dict[str, torch.Tensor], float]]]:
     """The weights of the power EMA of each relative length in ``stds`` at ``step`` (default:
@@ -141,10 +160,27 @@ def reconstruct(run_dir: str | os.PathLike, stds: Sequence[float], step: int | N
     first, last = found[0][0], found[-1][0]
     step = last if step is None else step
     if not first <= step <= last:
-        raise ValueError(f"step {step} is outside the run's snapshots (steps {first} to {last}); "
-                         f"choose a step between them")
-    snapshots = [read_torch_file(p, "ddpm EMA snapshot") for s, p in found if s <= step]
+        raise ValueError(f"step {cut(str(step))} is outside the run's snapshots (steps {first} "
+                         f"to {last}); choose a step between them")
+    steps = [s for s, _ in found]
+    if step not in steps:
+        # The weights trained after the last snapshot before it are in no snapshot, so no
+        # combination of them is that step's average (Karras et al. 2024 rebuild at a snapshot).
+        named = steps if len(steps) <= 10 else [max(s for s in steps if s < step),
+                                                 min(s for s in steps if s > step)]
+        which = "" if len(steps) <= 10 else f"the nearest of its {len(steps)}, "
+        raise ValueError(f"step {step} has no EMA snapshot, and an average is rebuilt at a step "
+                         f"that has one; choose {which}one of steps "
+                         f"{', '.join(map(str, named))}")
+    snapshots = [_read_snapshot(p) for s, p in found if s <= step]
     profiles = [p for s in snapshots for p in s["profiles"]]
+    shapes = {name: value.shape for name, value in profiles[-1]["weights"].items()}
+    for (_, path), snapshot in zip(found, snapshots):
+        if any({n: v.shape for n, v in p["weights"].items()} != shapes
+               for p in snapshot["profiles"]):
+            raise CheckpointError(f"{path.name} and {found[len(snapshots) - 1][1].name} hold "
+                                  f"averages of different models; keep only this run's snapshots "
+                                  f"in {path.parent}")
     bases = [(float(p["gamma"]), int(p["num_updates"])) for p in profiles]
     reference = profiles[-1]["weights"]
     rebuilt = []

@@ -236,6 +236,24 @@ class RunOutputs:
         if tc.checkpoint_every and step % tc.checkpoint_every == 0:
             self.checkpoint(state, final=False)
 
+    def sampling_seconds(self, step: int, last_step: int, *, final_grid: bool = True) -> float:
+        """The seconds that the preview grids, FID measurements and final grid still due after
+        ``step`` (to ``last_step``) will spend sampling: their network evaluations, at the rate
+        of one evaluation of the EMA model timed now (batch 128, the run's precision)."""
+        if not self.main:
+            return 0.0
+        tc, pipe = self.tc, self.pipe
+        def due(every: int) -> int:  # multiples of ``every`` in (step, last_step]
+            return last_step // every - step // every if every else 0
+
+        fids = due(tc.fid_every) + (1 if tc.fid_every and last_step % tc.fid_every else 0)
+        evaluations = (due(tc.sample_every) * tc.sample_n * pipe.evaluations_per_image(
+                           num_sample_steps=tc.sample_steps)
+                       + fids * tc.fid_n * pipe.evaluations_per_image(
+                           sampler=tc.fid_sampler, num_sample_steps=tc.fid_steps)
+                       + (tc.sample_n * pipe.evaluations_per_image() if final_grid else 0))
+        return evaluations * pipe.seconds_per_evaluation(batch_size=128)
+
     def snapshot(self, state: TrainState) -> None:
         """Save the power EMAs of this step (the main process), unless saved already; before the
         step's checkpoint, so a checkpoint never has a later step than the snapshots."""

@@ -2,11 +2,12 @@
 handle of a training process, and torch's process-wide state kept as the caller had it.
 
 Training, sampling and ``ddpm bench`` all come here, so a precision means the same everywhere:
-``auto`` is bf16 on CUDA and on a CPU with bfloat16 hardware (AVX-512 BF16 or AMX: 1.6x the
-training steps and 2x the sampling evaluations of fp32 on a 2-core EPYC), fp32 on other CPUs
-(where bf16 autocast is emulated and was measured ~10x slower; BENCHMARKS.md has both), and
-follows ``accelerate launch --mixed_precision`` only in a process that ``accelerate launch``
-started.
+``auto`` is bf16 on CUDA; on a CPU with bfloat16 instructions (AVX-512 BF16 or AMX) it is what a
+short measurement of the model's own step finds faster (``autoprecision.py``: bf16 was 1.6x
+fp32 for training on a 2-core EPYC, and slower on a 2-core Xeon with the same flag); fp32 on
+other CPUs (where bf16 autocast is emulated and was measured ~10x slower; BENCHMARKS.md has
+both). It follows ``accelerate launch --mixed_precision`` only in a process that ``accelerate
+launch`` started.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import contextlib
 import datetime
 import os
 import warnings
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -63,34 +64,53 @@ def cpu_bf16_flag(cpuinfo: str = "/proc/cpuinfo") -> str | None:
     return None
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` is bf16 on CUDA and on a CPU with bf16 hardware (:func:`cpu_bf16_flag`), fp32 on
-    other CPUs; the others are returned as given, fp16 only on CUDA (its gradient scaler needs
-    it)."""
+#: What ``auto`` takes on a CPU with bf16 instructions: a call that measures the step about to
+#: run in fp32 and bf16 (or reads that measurement from the cache) and returns the precision and
+#: why (``train.training_probe``, ``pipeline.sampling_probe``, both through ``autoprecision``).
+PrecisionProbe = Callable[[], "tuple[str, str]"]
+
+
+def precision_and_reason(precision: str, device: torch.device,
+                         probe: PrecisionProbe | None = None) -> tuple[str, str]:
+    """The precision to compute in, and why (for summary lines). ``auto`` is bf16 on CUDA, fp32
+    on a CPU without bf16 instructions, and on one with them what ``probe`` measures (fp32 when
+    there is no probe: nothing was measured); the others are returned as given, fp16 only on
+    CUDA (its gradient scaler needs it)."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" or cpu_bf16_flag() else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("precision fp16 needs a CUDA device; on a CPU use bf16 or fp32")
-    return precision
+    if precision != "auto":
+        return precision, "as asked"
+    if device.type == "cuda":
+        return "bf16", "auto: bf16 on CUDA"
+    flag = cpu_bf16_flag()
+    if flag is None:
+        return "fp32", "auto: fp32, this CPU has no bf16 hardware"
+    if probe is None:
+        return "fp32", f"auto: fp32, bf16 ({flag}) not measured for this model"
+    return probe()
 
 
-def training_precision(precision: str, device: torch.device) -> tuple[str, str]:
+def resolve_precision(precision: str, device: torch.device,
+                      probe: PrecisionProbe | None = None) -> str:
+    """:func:`precision_and_reason`'s precision."""
+    return precision_and_reason(precision, device, probe)[0]
+
+
+def training_precision(precision: str, device: torch.device,
+                       probe: PrecisionProbe | None = None) -> tuple[str, str]:
     """The precision a training process uses, and why, for the run's summary: ``auto`` follows
-    ``accelerate launch --mixed_precision bf16|fp16`` in a process it launched, and is
-    otherwise :func:`resolve_precision`'s choice."""
+    ``accelerate launch --mixed_precision bf16|fp16`` in a process it launched; one of several
+    processes launched without it never measures (each would time its own share of the cores and
+    could choose differently) and trains in fp32; otherwise :func:`precision_and_reason`."""
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if precision == "auto" and launched_by_accelerate() and launcher in ("bf16", "fp16"):
-        return resolve_precision(launcher, device), f"auto: accelerate launch --mixed_precision {launcher}"
-    resolved = resolve_precision(precision, device)
-    if precision == "auto":
-        if device.type == "cuda":
-            return resolved, "auto: bf16 on CUDA"
-        flag = cpu_bf16_flag()
-        return resolved, (f"auto: bf16, this CPU has {flag}" if flag else
-                          "auto: fp32, this CPU has no bf16 hardware")
-    return resolved, "as asked"
+    if precision == "auto" and launched_by_accelerate():
+        if launcher in ("bf16", "fp16"):
+            return resolve_precision(launcher, device), f"auto: accelerate launch --mixed_precision {launcher}"
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device.type == "cpu" and cpu_bf16_flag():
+            return "fp32", "auto: fp32, launched without --mixed_precision bf16"
+    return precision_and_reason(precision, device, probe)
 
 
 def autocast(device: torch.device, precision: str):

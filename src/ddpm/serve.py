@@ -13,6 +13,12 @@ One page (``web/index.html``) and a small JSON API, served by Starlette on uvico
     GET  /api/jobs/ID/grid.png    a finished generation's grid; /api/jobs/ID/denoising.gif its
                                   reverse process (the newest few are kept, see Limits.keep_bytes)
 
+Every answer goes only to a request addressed to this server (its Host, see :class:`Served`), and
+a generation starts only from a JSON POST of no other site's page (its Origin): a page elsewhere
+cannot reach a server on loopback by pointing its own name at 127.0.0.1 (DNS rebinding), nor
+start work here with a form or a 'simple' cross-origin request (CSRF). A refusal, like every
+bad request, is a 4xx with {"error": ...}.
+
 The frames are the sampler's own: ``Pipeline.generate``'s step callback, the one ``Pipeline.trace``
 and ``ddpm viz reverse`` use, so the grid a page shows is the grid ``ddpm sample`` writes with the
 same settings and seed. One :class:`Engine` per server runs one generation at a time on the
@@ -26,9 +32,12 @@ import asyncio
 import base64
 import contextlib
 import io
+import ipaddress
 import itertools
 import json
 import math
+import os
+import re
 import socket
 import sys
 import threading
@@ -36,16 +45,17 @@ import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, replace
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import SettingError
+from .config import SampleConfig, SettingError
 from .data import to_uint8
 from .pipeline import Pipeline
 from .runtime import resolve_precision
 from .samplers import SAMPLERS
-from .settings import SEED_MAX
+from .settings import SEED_MAX, settings_of
 from .viz import evenly_spaced, frame_grid, gif_bytes, grid_png, reverse_frames
 
 # At most 10 frames a second go to the page: enough to watch, and each costs the sampling thread
@@ -57,6 +67,11 @@ HEARTBEAT_S = 1.0  # a comment line while a request waits: a closed page is noti
 MAX_IMAGES = 128  # one batch, the one 'ddpm sample' draws (batch size 128): the same images
 # The JSON fields of a generate request; the page's form has one input for each.
 FIELDS = ("n", "steps", "seed", "sampler", "class", "guidance", "x0")
+# A request is a few hundred bytes; a larger body is refused (413) before it is read in full.
+MAX_BODY_BYTES = 2**20
+SHOWN_CHARS = 40  # a value echoed in a message is cut to this: never a 301-digit number in full
+# The guidance scales a request may ask for: the range SampleConfig declares ('ddpm sample's).
+GUIDANCE_RULE = next(d for f, d in settings_of(SampleConfig) if f.name == "guidance")
 SERVE_EXTRA = "pip install 'ddpm[serve]'"
 
 
@@ -116,27 +131,65 @@ class GenerateRequest:
 # --- checking a request --------------------------------------------------------------------------
 
 
+def shown(value: Any) -> str:
+    """``value`` as JSON for a message, cut to SHOWN_CHARS characters (a list or an object only
+    named), so that a message never repeats a huge value back."""
+    if isinstance(value, (dict, list)):
+        return "an object" if isinstance(value, dict) else "a list"
+    text = json.dumps(value)
+    if len(text) <= SHOWN_CHARS:
+        return text
+    size = f"{len(value)} characters" if isinstance(value, str) else f"{len(text)} digits"
+    return f"{text[:SHOWN_CHARS - 16]}... ({size})"
+
+
 def _whole(name: str, value: Any, low: int, high: int, why: str = "") -> int:
-    """A whole number in low..high from JSON (a number or a numeric string), or RequestError."""
-    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-        value = int(value)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(f"{name} must be a whole number, got {json.dumps(value)}")
+    """A whole number in low..high from a JSON number, or RequestError. A string is refused, as
+    a boolean or a fraction is: the API takes numbers as numbers (the page sends them so)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            (isinstance(value, float) and not value.is_integer()):
+        hint = ", a string: send the number without quotes" if isinstance(value, str) else ""
+        raise RequestError(f"{name} must be a whole number, got {shown(value)}{hint}")
     if not low <= value <= high:
-        raise RequestError(f"{name} must be from {low} to {high}{why}, got {value}")
-    return value
+        raise RequestError(f"{name} must be from {low} to {high}{why}, got {shown(value)}")
+    return int(value)
+
+
+def parse_body(raw: bytes) -> Any:
+    """The body of ``POST /api/generate`` as strict JSON (no NaN or Infinity), or RequestError.
+    An empty body is refused as null is: the defaults are asked for with ``{}``."""
+    if not raw.strip():
+        raise RequestError(_not_an_object("an empty body"))
+
+    def no_constant(name: str) -> None:
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=no_constant)
+    except UnicodeDecodeError:
+        raise RequestError("the request body is not UTF-8 text; send a JSON object such as "
+                           '{"steps": 20}') from None
+    except RecursionError:  # the parser's own limit on nesting (about 1000 deep)
+        raise RequestError("the request body is nested too deeply; send one flat JSON object "
+                           'such as {"steps": 20}') from None
+    except ValueError as exc:
+        raise RequestError(f"the request body is not JSON ({exc}); send an object with some of "
+                           f"the fields {', '.join(FIELDS)}") from None
+
+
+def _not_an_object(what: str) -> str:
+    return (f"the request must be a JSON object of some of the fields {', '.join(FIELDS)}, e.g. "
+            f"{{}} for the defaults; got {what}")
 
 
 def parse_request(body: Any, pipe: Pipeline, limits: Limits) -> GenerateRequest:
     """The JSON body of ``POST /api/generate`` as a request this model can run within the limits;
     RequestError with a message that names the field, the value and what to give otherwise."""
     if not isinstance(body, dict):
-        raise RequestError(f"the request must be a JSON object with some of the fields "
-                           f"{', '.join(FIELDS)}; got {type(body).__name__}")
+        raise RequestError(_not_an_object(shown(body)))
     if unknown := sorted(set(body) - set(FIELDS)):
-        raise RequestError(f"unknown field {unknown[0]!r}; the fields are {', '.join(FIELDS)}")
+        raise RequestError(f"unknown field {shown(unknown[0])}; the fields are "
+                           f"{', '.join(FIELDS)}")
     run = pipe.config.sample
     T = pipe.schedule.num_train_timesteps
     n = _whole("n (the number of images)", body.get("n", min(16, limits.max_images)), 1,
@@ -147,20 +200,18 @@ def parse_request(body: Any, pipe: Pipeline, limits: Limits) -> GenerateRequest:
                    limits.max_steps, steps_why)
     seed = _whole("seed", body.get("seed", 0), 0, SEED_MAX)
     sampler = body.get("sampler", run.sampler)
-    if sampler not in SAMPLERS:
-        raise RequestError(f"unknown sampler {json.dumps(sampler)}; choose one of "
+    if not isinstance(sampler, str) or sampler not in SAMPLERS:
+        raise RequestError(f"unknown sampler {shown(sampler)}; choose one of "
                            f"{', '.join(SAMPLERS)}")
     label = _class_label(body.get("class"), pipe)
     guidance = body.get("guidance", run.guidance if pipe.num_classes else 0.0)
-    if isinstance(guidance, str):
-        with contextlib.suppress(ValueError):
-            guidance = float(guidance)
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or \
-            not math.isfinite(guidance) or guidance < 0:
-        raise RequestError(f"guidance must be a finite number >= 0, got {json.dumps(guidance)}")
+            not GUIDANCE_RULE.admits(guidance):
+        raise RequestError(f"guidance must be a number {GUIDANCE_RULE.condition()}, got "
+                           f"{shown(guidance)}")
     x0 = body.get("x0", False)
     if not isinstance(x0, bool):
-        raise RequestError(f"x0 must be true or false, got {json.dumps(x0)}")
+        raise RequestError(f"x0 must be true or false, got {shown(x0)}")
     request = GenerateRequest(n, steps, seed, sampler, label, float(guidance), x0)
     # The rules between settings and against the model (guidance only with classes, ...), by
     # the checks the CLI uses, named by this API's fields.
@@ -174,21 +225,28 @@ def parse_request(body: Any, pipe: Pipeline, limits: Limits) -> GenerateRequest:
 
 
 def _class_label(value: Any, pipe: Pipeline) -> int | None:
-    """The ``class`` field: empty for every class in turn, an index, or a class name."""
+    """The ``class`` field: empty for every class in turn, an index (a number), or a name."""
     if value is None or value == "":
         return None
     k = pipe.num_classes
     if not k:
-        raise RequestError(f"class {json.dumps(value)}: this model was trained without classes; "
+        raise RequestError(f"class {shown(value)}: this model was trained without classes; "
                            f"leave class empty")
-    names = [c.lower() for c in pipe.classes]
-    if isinstance(value, str) and value.lower() in names:
-        return names.index(value.lower())
-    if isinstance(value, str) and not value.strip().lstrip("+-").isdigit():
+    if isinstance(value, str):
+        names = [c.lower() for c in pipe.classes]
+        if value.lower() in names:
+            return names.index(value.lower())
         known = f" or a name ({', '.join(pipe.classes)})" if pipe.classes else ""
-        raise RequestError(f"class {json.dumps(value)} is not a class of this model; give an "
-                           f"index 0..{k - 1}{known}, or leave it empty for every class in turn")
+        raise RequestError(f"class {shown(value)} is not a class of this model; give an index "
+                           f"0..{k - 1} as a number{known}, or leave it empty for every class "
+                           f"in turn")
     return _whole("class", value, 0, k - 1, " (this model's classes)")
+
+
+def run_name(source: str) -> str:
+    """What the page calls the model: the last component of its path (the run's folder, the
+    checkpoint's file), never the absolute path, which tells a visitor about this machine."""
+    return Path(source).resolve().name or "the model"
 
 
 def model_info(pipe: Pipeline, source: str, limits: Limits) -> dict[str, Any]:
@@ -196,7 +254,7 @@ def model_info(pipe: Pipeline, source: str, limits: Limits) -> dict[str, Any]:
     mc, run = pipe.config.model, pipe.config.sample
     k = pipe.num_classes
     return {
-        "source": source, "step": pipe.step, "image_size": mc.image_size,
+        "source": run_name(source), "step": pipe.step, "image_size": mc.image_size,
         "channels": mc.in_channels, "num_train_timesteps": pipe.schedule.num_train_timesteps,
         "conditional": bool(k),
         "classes": [pipe.classes[i] if i < len(pipe.classes) else str(i) for i in range(k)],
@@ -395,6 +453,80 @@ class Engine:
 # --- HTTP -----------------------------------------------------------------------------------------
 
 
+# A Host header or an Origin's authority: a name or an IP literal, and maybe a port.
+AUTHORITY = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9_.-]+)(?::([0-9]{1,5}))?")
+
+
+def authority(text: str) -> tuple[str, int] | None:
+    """``'Host:port'`` as (lower-case name or normalised IP, port; 80 when none), or None."""
+    match = AUTHORITY.fullmatch(text.strip().lower())
+    if match is None:
+        return None
+    name = match.group(1).strip("[]")
+    with contextlib.suppress(ValueError):
+        name = str(ipaddress.ip_address(name))
+    return name, int(match.group(2) or 80)
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Served:
+    """The addresses this server answers to: the Host a request must name, and the origin a
+    request that starts work may come from. The port is always the bound one. Bound to loopback:
+    localhost, 127.0.0.1 and [::1] (and the --host given). Bound to every address (0.0.0.0,
+    ::): any IP literal (an IP in the address bar is the visitor's own choice, never a site's
+    name pointed here), localhost and this machine's host name; reach it under another name by
+    binding --host to that name. Bound to one address or name: that name and its address."""
+
+    where: str  # the addresses it answers to, in words, for messages
+    port: int
+    names: frozenset[str]
+    any_ip: bool = False
+
+    @classmethod
+    def bound(cls, host: str, address: str, port: int, url: str) -> "Served":
+        ip = ipaddress.ip_address(address.split("%")[0])  # an IPv6 scope id is not in a Host
+        names = {str(ip), *(a[0] for a in [authority(host)] if a)}
+        if ip.is_loopback or ip.is_unspecified:
+            names |= {"localhost", "127.0.0.1", "::1"}
+        where = url
+        if ip.is_unspecified:
+            names.add(socket.gethostname().lower())
+            where = (f"an IP address of this machine, localhost or {socket.gethostname()}, at "
+                     f"port {port} (e.g. {url})")
+        return cls(where, port, frozenset(names), any_ip=ip.is_unspecified)
+
+    def admits(self, text: str) -> bool:
+        """Whether a Host header (or an Origin's host and port) names this server."""
+        parsed = authority(text)
+        return parsed is not None and parsed[1] == self.port and (
+            parsed[0] in self.names or (self.any_ip and _is_ip(parsed[0])))
+
+    def refusal(self, method: str, headers: Any) -> RequestError | None:
+        """Why a request with these headers is not served, or None. A state-changing request
+        (anything but GET and HEAD) may come from no page but this server's own."""
+        hosts = headers.getlist("host")
+        if len(hosts) != 1 or not self.admits(hosts[0]):
+            given = f"Host {shown(hosts[0])}" if len(hosts) == 1 else f"{len(hosts)} Host headers"
+            return RequestError(f"{given} is not this server's address: it answers only to "
+                                f"{self.where}, so that other sites' pages cannot reach it; open "
+                                f"it there", 421)
+        origin = headers.get("origin")
+        if method not in ("GET", "HEAD") and origin is not None:
+            scheme, sep, rest = origin.partition("://")
+            if not (scheme.lower() == "http" and sep and authority(rest) == authority(hosts[0])):
+                return RequestError(f"a page from {shown(origin)} may not use this server; "
+                                    f"open {self.where} and use its page", 403)
+        return None
+
+
 def _sse(kind: str, data: dict) -> bytes:
     return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
 
@@ -445,11 +577,26 @@ class EventStream:
             raise pumped
 
 
-def create_app(engine: Engine, source: str) -> Any:
-    """The Starlette application of one engine (one model)."""
+async def read_body(request: Any, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request's body, or RequestError 413 as soon as it passes ``limit`` bytes."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(f"the request body is over {limit} bytes; the settings are a "
+                               f"small JSON object such as {{\"steps\": 20}}", 413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(engine: Engine, source: str, served: Served) -> Any:
+    """The Starlette application of one engine (one model), answering only requests that
+    ``served`` admits."""
     try:
         from starlette.applications import Starlette
-        from starlette.requests import Request
+        from starlette.datastructures import Headers
+        from starlette.exceptions import HTTPException
+        from starlette.requests import ClientDisconnect, Request
         from starlette.responses import HTMLResponse, JSONResponse, Response
         from starlette.routing import Route
     except ImportError:
@@ -469,39 +616,70 @@ def create_app(engine: Engine, source: str) -> Any:
 
     async def generate(request: Request) -> Any:
         try:
-            body = json.loads(await request.body() or b"{}")
-        except ValueError:
-            return JSONResponse({"error": "the request body is not JSON; send an object with "
-                                          f"some of the fields {', '.join(FIELDS)}"}, 400)
-        try:
+            if request.url.query:  # settings there would be ignored: say so instead
+                raise RequestError(f"POST /api/generate takes its settings as a JSON body, not "
+                                   f"in the query string (got {shown('?' + request.url.query)})")
+            ctype = request.headers.get("content-type", "")
+            # Only a JSON POST starts work: a form or a text/plain fetch from another site (a
+            # request a browser sends without asking this server first) is refused.
+            if ctype.partition(";")[0].strip().lower() != "application/json":
+                raise RequestError(f"send the settings as JSON with Content-Type: "
+                                   f"application/json, not {shown(ctype) if ctype else 'none'}",
+                                   415)
+            body = parse_body(await read_body(request))
             job = engine.submit(parse_request(body, engine.pipe, engine.limits),
                                 asyncio.get_running_loop())
         except RequestError as exc:
             return JSONResponse({"error": str(exc)}, exc.status)
+        except ClientDisconnect:  # gone before its body came: no one to answer
+            return Response(status_code=400)
         return EventStream(engine, job)
 
     async def download(request: Request) -> Response:
         job, name = request.path_params["job"], request.path_params["name"]
-        files = engine.results.get(job)
+        # The id is read here, not by a route convertor: int() of a 5,000-digit id raises.
+        files = engine.results.get(int(job)) if job.isdigit() and len(job) < 19 else None
         if files is None or name not in files:
-            what = (f"no file {name!r}; there are grid.png and denoising.gif" if files else
-                    f"generation {job} is not among those this server keeps (the newest "
+            what = (f"no file {shown(name)}; there are grid.png and denoising.gif" if files else
+                    f"generation {shown(job)} is not among those this server keeps (the newest "
                     f"{len(engine.results)}); generate it again")
             return JSONResponse({"error": what}, 404)
         media = "image/png" if name.endswith(".png") else "image/gif"
         return Response(files[name], media_type=media, headers={
             "content-disposition": f'attachment; filename="ddpm-{job}-{name}"'})
 
+    async def not_served(request: Request, exc: HTTPException) -> Response:
+        """404 and 405 as the API's other refusals: JSON with a message."""
+        path = shown(request.url.path)
+        if exc.status_code == 405:
+            allowed = {m.strip() for m in (exc.headers or {}).get("Allow", "GET").split(",")}
+            what = (f"{request.method} {path} is not allowed; use "
+                    f"{' or '.join(sorted(allowed - {'HEAD'}))}")
+        else:
+            what = (f"nothing at {path}; there are /, /api/model, /api/status, /api/generate "
+                    f"(POST) and /api/jobs/ID/grid.png or denoising.gif")
+        return JSONResponse({"error": what}, exc.status_code, headers=exc.headers)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Any):
         yield
         engine.close()
 
-    return Starlette(routes=[
+    app = Starlette(routes=[
         Route("/", index), Route("/api/model", model), Route("/api/status", status),
         Route("/api/generate", generate, methods=["POST"]),
-        Route("/api/jobs/{job:int}/{name}", download),
-    ], lifespan=lifespan)
+        Route("/api/jobs/{job}/{name}", download),
+    ], exception_handlers={HTTPException: not_served}, lifespan=lifespan)
+
+    async def guarded(scope: dict, receive: Any, send: Any) -> None:
+        refusal = scope["type"] == "http" and served.refusal(scope["method"],
+                                                             Headers(scope=scope))
+        if refusal:
+            await JSONResponse({"error": str(refusal)}, refusal.status)(scope, receive, send)
+        else:
+            await app(scope, receive, send)
+
+    return guarded
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -509,15 +687,18 @@ def bind(host: str, port: int) -> socket.socket:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        raise ValueError(f"--host {host}: not an address of this machine ({exc.strerror}); "
-                         f"give 127.0.0.1, 0.0.0.0 or a name that resolves") from None
+        raise ValueError(f"--host {host or repr(host)}: not an address of this machine "
+                         f"({exc.strerror}); give 127.0.0.1, 0.0.0.0 or a name that "
+                         f"resolves") from None
     family = infos[0][0]
     try:
         return socket.create_server((host, port), family=family)
     except OSError as exc:
         hint = ("choose another --port, or --port 0 for any free one"
                 if exc.errno == 98 else "choose another --host or --port")
-        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror}; {hint}") from None
+        # os.strerror: create_server's own strerror repeats the address in Python's words
+        why = os.strerror(exc.errno) if exc.errno else exc.strerror
+        raise ValueError(f"cannot listen on {host}:{port}: {why}; {hint}") from None
 
 
 class WebServer:
@@ -539,8 +720,10 @@ class WebServer:
             limits = replace(limits, max_steps=pipe.schedule.num_train_timesteps)
         limits.check(pipe.schedule.num_train_timesteps)
         self.socket = bind(host, port)
+        address, bound_port = self.socket.getsockname()[:2]
         self.engine = Engine(pipe, limits)
-        self.app = create_app(self.engine, source)
+        self.app = create_app(self.engine, source, Served.bound(host, address, bound_port,
+                                                                self.url))
         config = uvicorn.Config(self.app, log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=3)
         self.server = uvicorn.Server(config)

@@ -124,16 +124,20 @@ def coerce(cls: type, name: str, value: Any, *, key: str) -> Any:
         length = tuple_length(kind)
         if not isinstance(value, (list, tuple)) or (length is not None and len(value) != length):
             count = f"{length} " if length is not None else ""
-            raise ValueError(f"{key} must be a list of {count}{_type_name(item)}s, got {value!r}")
+            raise ValueError(f"{key} must be a list of {count}{_type_name(item)}s, got "
+                             f"{shown(value)}")
         return tuple(_scalar(item, v, key) for v in value)
     return _scalar(kind, value, key)
 
 
 def _scalar(kind: type, value: Any, key: str) -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # past float's range: no setting means anything by it
+            raise ValueError(f"{key} must be a finite number, got {shown(value)}") from None
     if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
-        raise ValueError(f"{key} must be a {_type_name(kind)}, got {value!r}")
+        raise ValueError(f"{key} must be a {_type_name(kind)}, got {shown(value)}")
     return value
 
 
@@ -155,16 +159,16 @@ def check_fields(config: Any, prefix: str = "") -> None:
         values = value if isinstance(value, tuple) else (value,)
         name = prefix + f.name
         if isinstance(value, tuple) and len(value) < decl.min_items:
-            raise ValueError(f"{name} needs at least {decl.min_items} value(s), got {value!r}")
+            raise ValueError(f"{name} needs at least {decl.min_items} value(s), got {shown(value)}")
         for v in values:
             if decl.choices is not None and v not in decl.choices:
-                raise ValueError(f"unknown {name} {v!r}; choose one of "
+                raise ValueError(f"unknown {name} {shown(v)}; choose one of "
                                  f"{', '.join(map(str, decl.choices))}")
             if isinstance(v, (int, float)) and not isinstance(v, bool) and not decl.admits(v):
                 what = decl.condition()
                 if isinstance(v, float) and not math.isfinite(v):
                     what = f"finite and {what}" if what else "finite"
-                raise ValueError(f"{name} must be {what}, got {v!r}")
+                raise ValueError(f"{name} must be {what}, got {shown(v)}")
 
 
 def settings_of(cls: type) -> list[tuple[dataclasses.Field, Setting]]:
@@ -174,6 +178,22 @@ def settings_of(cls: type) -> list[tuple[dataclasses.Field, Setting]]:
 
 def names(choices: Sequence[Any]) -> str:
     return ", ".join(map(str, choices))
+
+
+def cut(text: str, limit: int = 40) -> str:
+    """``text`` as a message quotes it: at most ``limit`` characters, the rest said by its
+    length (a pasted file or a key of 10,000 characters is not echoed back)."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def shown(value: Any, limit: int = 40) -> str:
+    """``value``'s repr as a message quotes it (:func:`cut`); a whole number too long to print
+    (a 301-digit one, or one past Python's 4,300-digit limit) is named by its length."""
+    if isinstance(value, int) and value.bit_length() > 3.33 * limit:
+        return f"a whole number of about {int(value.bit_length() * math.log10(2)) + 1:,} digits"
+    return cut(repr(value), limit)
 
 
 def number_text(x: float) -> str:

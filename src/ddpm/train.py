@@ -37,8 +37,10 @@ from .metrics import check_image_count, resolve_extractor
 from .models import UNet
 from .pipeline import build_schedule
 from .rundir import RunOutputs, repair_config_file, run_lock, write_config
-from .runtime import (gradient_scaler, make_accelerator, resolve_device, torch_state_kept,
-                      training_precision, warn_compile_failed)
+from .autoprecision import choose
+from .data.registry import default_cache_dir
+from .runtime import (PrecisionProbe, gradient_scaler, make_accelerator, resolve_device,
+                      torch_state_kept, training_precision, warn_compile_failed)
 from .posthoc import PowerEMA
 from .step import EMA, StepStats, learning_rate, train_step
 from .schedules import NoiseSchedule
@@ -46,6 +48,8 @@ from .schedules import NoiseSchedule
 # With --on-nan skip, this many non-finite steps in a row stop the run anyway: the weights do not
 # change on a skipped step, so a fault that persists this long will not pass by skipping.
 MAX_SKIPS_IN_A_ROW = 100
+# The run's expected length is said after this many steps (timed after the first).
+FORECAST_STEPS = 50
 
 
 # --- the set-up ---------------------------------------------------------------------------------
@@ -125,8 +129,8 @@ def build_training(config: RunConfig, accelerator: Accelerator, device: torch.de
     tc = config.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
+    precision, _ = training_precision(tc.precision, device, training_probe(config, device))
     torch.manual_seed(tc.seed)
-    precision, _ = training_precision(tc.precision, device)
     schedule = build_schedule(config)
     net = UNet(config.model).to(device)
     if tc.channels_last:
@@ -154,6 +158,46 @@ def build_training(config: RunConfig, accelerator: Accelerator, device: torch.de
     return Training(config, accelerator, device, precision, schedule, schedule.to(device), net,
                     model, optimizer, gradient_scaler(precision, device), ema, posthoc, data, stream,
                     noise_generator, eager if tc.compile else None)
+
+
+class _LoneProcess:
+    """What ``train_step`` asks of the Accelerate handle for one process with one micro-batch:
+    a measurement is never one of several processes (it must not wait for the others)."""
+
+    process_index, num_processes = 0, 1
+
+
+def training_probe(config: RunConfig, device: torch.device, *, processes: int = 1) -> PrecisionProbe:
+    """``--precision auto``'s measurement of this run's training step (``autoprecision``): an
+    update of a throwaway network of the run's shape (AdamW, the run's loss, one process's
+    micro-batch of noise, channels-last when asked) in fp32 and in bf16, with the threads one of
+    ``processes`` processes gets. Measured once per machine and shape (then read from the
+    cache folder); the run's random state and thread count are left as they were."""
+    tc, m = config.train, config.model
+    batch = max(1, tc.batch_size // processes)
+    shape = {"model": config.to_dict()["model"], "batch": batch, "channels_last": tc.channels_last}
+    memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
+
+    def make_step(precision: str) -> Callable[[], StepStats]:
+        net = UNet(m).to(device, memory_format=memory_format)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=tc.lr, fused=device.type in ("cpu", "cuda"))
+        generator = torch.Generator(device).manual_seed(0)
+        x0 = torch.randn(batch, m.in_channels, m.image_size, m.image_size, device=device)
+        y = torch.zeros(batch, dtype=torch.long, device=device)
+        schedule = build_schedule(config).to(device)
+        return lambda: train_step(net, schedule, optimizer, [(x0, y)],
+                                  accelerator=_LoneProcess(), generator=generator, config=config,
+                                  device=device, lr=tc.lr, precision=precision)
+
+    def probe() -> tuple[str, str]:
+        with torch_state_kept():
+            threads = tc.threads or max(1, torch.get_num_threads() // processes)
+            torch.set_num_threads(threads)
+            found = choose("train", shape, make_step,
+                           cache_dir=config.data.cache_dir or default_cache_dir())
+        return found.precision, found.why()
+
+    return probe
 
 
 def _fits(data: ImageData, device: torch.device) -> bool:
@@ -261,6 +305,7 @@ def _train(config: RunConfig, run_dir: Path, accelerator: Accelerator, device: t
     run.model.train()
     state.start_clock()
     faults = _NonFinite(device, state.skipped_steps)
+    forecast = _Forecast(state.step, tc.steps) if main else None
     stats = None
     with outputs, _StopRequest() as signals:
         fraction, interrupted = stop_rule.check(signals)
@@ -288,8 +333,10 @@ def _train(config: RunConfig, run_dir: Path, accelerator: Accelerator, device: t
                             stop_rule.minutes_left())
             if interrupted:  # save now; grids and FID would only delay a scheduler's kill
                 break
-            with window.paused():  # images/s counts training only
-                outputs.periodic(state, finished)
+            if forecast is not None and forecast.due(state.step):
+                outputs.bar.write(forecast.say(state, outputs, final_grid))
+            with window.paused(), forecast.paused() if forecast else contextlib.nullcontext():
+                outputs.periodic(state, finished)  # images/s and the forecast count training only
         faults.check(state, run_dir, outputs.bar)
         outputs.snapshot(state)
         outputs.checkpoint(state, final=True)
@@ -406,6 +453,40 @@ class _StopRule:
         if self.steps is not None and step >= self.steps:
             return True
         return fraction is not None and fraction >= 1.0
+
+
+class _Forecast:
+    """How long the run will take on this machine, said once, :data:`FORECAST_STEPS` steps
+    after the first step of this invocation (which builds kernels, and is not counted): the
+    steps left at the rate of those steps, and the sampling that the preview grids, FID
+    measurements and final grid still due will do (``RunOutputs.sampling_seconds``)."""
+
+    def __init__(self, first_step: int, last_step: int | None):
+        self.first, self.last = first_step + 1, last_step
+        self.start, self.paused_s = 0.0, 0.0
+
+    def due(self, step: int) -> bool:
+        """Called after each step; True at the step whose forecast is to be said."""
+        if step == self.first:
+            self.start, self.paused_s = time.perf_counter(), 0.0
+        return (self.last is not None and step == self.first + FORECAST_STEPS
+                and self.last > step)
+
+    @contextlib.contextmanager
+    def paused(self):
+        begin = time.perf_counter()
+        yield
+        self.paused_s += time.perf_counter() - begin
+
+    def say(self, state: TrainState, outputs: RunOutputs, final_grid: bool) -> str:
+        step_s = (time.perf_counter() - self.start - self.paused_s) / FORECAST_STEPS
+        training_s = (self.last - state.step) * step_s
+        sampling_s = outputs.sampling_seconds(state.step, self.last, final_grid=final_grid)
+        left = training_s + sampling_s
+        return (f"{FORECAST_STEPS} steps at {step_s:.3f} s each: the run's {self.last:,} steps "
+                f"should take about {(state.elapsed_s + left) / 60:.1f} min in all on this machine, "
+                f"{left / 60:.1f} min from now ({training_s / 60:.1f} training, "
+                f"{sampling_s / 60:.1f} sampling preview grids, FID and the final grid)")
 
 
 class _LogWindow:

@@ -19,15 +19,34 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torchvision.utils import make_grid, save_image
 
-from .checkpoint import atomic_write_bytes
+from .checkpoint import atomic_write_bytes, sync_folder
 from .data import to_uint8, to_unit_range
 from .diffusion import q_sample
 from .schedules import NoiseSchedule
 
 FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 ANIMATION_SUFFIXES = (".gif", ".mp4")
+
+
+def make_grid(images: torch.Tensor, nrow: int, padding: int = 2, pad_value: float = 0.0) -> torch.Tensor:
+    """Images ``[B, C, H, W]`` -> one grid ``[C', H', W']``, ``nrow`` to a row, ``padding``
+    pixels of ``pad_value`` around each; one channel is repeated three times (``C'`` = 3), and a
+    single image comes back as it is. torchvision's make_grid does the same; ours spares
+    ``ddpm sample`` the ~2 s that importing torchvision.utils costs (it imports torch._dynamo)."""
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    b, c, h, w = images.shape
+    if b == 1:
+        return images[0].clone()
+    cols = min(nrow, b)
+    rows = math.ceil(b / cols)
+    grid = images.new_full((c, rows * (h + padding) + padding, cols * (w + padding) + padding),
+                           pad_value)
+    for i, image in enumerate(images):
+        top, left = (i // cols) * (h + padding) + padding, (i % cols) * (w + padding) + padding
+        grid[:, top : top + h, left : left + w] = image
+    return grid
 
 
 def grid_image(x: torch.Tensor, nrow: int | None = None, padding: int = 2) -> torch.Tensor:
@@ -42,13 +61,14 @@ GRID_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"
 def _image_bytes(image: torch.Tensor, format: str = "png") -> bytes:
     """An image ``[C, H, W]`` in [0, 1] as the bytes of a file in ``format``: PNG (exact), JPEG
     (quality 95) or lossless WebP."""
-    buf = io.BytesIO()
-    if format == "png":
-        save_image(image, buf, format="png")
-    else:
-        from PIL import Image
+    from PIL import Image
 
-        pixels = image.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    buf = io.BytesIO()
+    pixels = image.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    if format == "png":  # RGB, grey repeated, as torchvision's save_image wrote them before
+        Image.fromarray(pixels.repeat(3, axis=2) if pixels.shape[-1] == 1 else pixels).save(
+            buf, format="png")
+    else:
         options = {"quality": 95} if format == "jpeg" else {"lossless": True}
         Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(
             buf, format=format, **options)
@@ -73,14 +93,17 @@ def save_grid(x: torch.Tensor, path: str | os.PathLike, nrow: int | None = None)
 
 
 def save_images(x: torch.Tensor, folder: str | os.PathLike, start_index: int = 0) -> list[Path]:
-    """Write each image of ``[B, C, H, W]`` in [-1, 1] as ``folder/000000.png`` and so on."""
+    """Write each image of ``[B, C, H, W]`` in [-1, 1] as ``folder/000000.png`` and so on, each
+    whole or not at all; the folder is synced once at the end, not after every file (two disk
+    syncs a file took 2.6 s of a 1,000-image 'ddpm sample')."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, img in enumerate(to_unit_range(x.cpu())):
         path = folder / f"{start_index + i:06d}.png"
-        atomic_write_bytes(_image_bytes(img), path)
+        atomic_write_bytes(_image_bytes(img), path, sync=False)
         paths.append(path)
+    sync_folder(folder)
     return paths
 
 

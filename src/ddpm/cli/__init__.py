@@ -9,6 +9,7 @@ are made from its declaration in the config (``options.add_settings``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -22,6 +23,9 @@ from ..config import SettingError
 from ..data import DatasetNotFoundError
 from . import sample, serve, tools, train, viz
 from .options import EXIT_USAGE, Parser, UsageError, setting_flags
+
+
+EXIT_BROKEN_PIPE = 141  # a shell's exit code for a program ended by SIGPIPE
 
 
 def build_parser() -> Parser:
@@ -70,7 +74,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = functools.partial(_one_line_warning, command)
-            return args.func(args)
+            code = args.func(args)
+            sys.stdout.flush()  # here, where a closed pipe is caught, not at interpreter exit
+            return code
+    except BrokenPipeError:
+        # The reader of stdout has gone ('ddpm presets | head'): stop quietly, as a program
+        # killed by SIGPIPE does, with the shell's code for that (128 + 13). Python would flush
+        # stdout again at exit and complain, so stdout goes to /dev/null first.
+        with contextlib.suppress(OSError, ValueError):  # a stdout without a file (tests)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except SettingError as exc:
         print(f"ddpm {command}: error: {_setting_message(exc, argv)}", file=sys.stderr)
         return EXIT_USAGE

@@ -12,13 +12,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from ..checkpoint import best_checkpoint_path, list_checkpoints, run_of, unwritable
 from ..config import PRECISIONS, SECTIONS
-from ..checkpoint import unwritable
-from ..settings import (SEED_MAX, Setting, field_types, item_type, number_text, settings_of,
-                        tuple_length, unwrap_optional)
+from ..posthoc import list_snapshots
+from ..rundir import CONFIG_FILE, METRICS_FILE
+from ..settings import (SEED_MAX, Setting, cut, field_types, item_type, number_text, settings_of,
+                        shown, tuple_length, unwrap_optional)
 
 EXIT_USAGE = 2
 SECTION_TITLES = {"model": "model (the U-Net)", "diffusion": "diffusion", "data": "data",
@@ -58,12 +61,17 @@ def number(kind: type = int, rule: Setting | None = None, **bounds: float) -> Ca
         try:
             value = kind(text)
         except ValueError:
+            digits = text.strip().lstrip("+-")
+            if digits.isdigit():  # more digits than Python converts (4,300)
+                raise argparse.ArgumentTypeError(
+                    f"expected a number {_symbolic(rule)}".rstrip()
+                    + f", got a whole number of {len(digits):,} digits") from None
             noun = "a whole number" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {shown(text)}") from None
         if not rule.admits(value):
             finite = "finite " if kind is float and not math.isfinite(value) else ""
             raise argparse.ArgumentTypeError(
-                f"expected a {finite}number {_symbolic(rule)}".rstrip() + f", got {text}")
+                f"expected a {finite}number {_symbolic(rule)}".rstrip() + f", got {cut(text)}")
         return value
 
     return parse
@@ -237,21 +245,59 @@ def describe(value: Any) -> str:
 
 
 def check_out(path: str, suffixes: Sequence[str], option: str = "--out") -> Path:
-    """Refuse, before any work, an output whose suffix is not one of ``suffixes`` or whose folder
-    cannot be written."""
+    """Refuse, before any work and creating nothing, an output whose suffix is not one of
+    ``suffixes`` or whose folder cannot be written (the writers make the folder, so that a
+    command refused later leaves none behind)."""
     out = Path(path)
     if out.is_dir():
         raise UsageError(f"{option} {path} is a folder; give a file name ending in {suffixes[0]}")
     if out.suffix.lower() not in suffixes:
         raise UsageError(f"{option} {path}: the file must end in {', '.join(suffixes)}")
+    _check_folder_of(out, option)
+    return out
+
+
+def check_out_file(path: str, *, force: bool, reads: str | os.PathLike | None = None,
+                   option: str = "--out") -> Path:
+    """Refuse, before any work and creating nothing, an output file that is empty, a folder, in a
+    folder that cannot be written, there already without ``force``, or one of the files of the
+    run (or checkpoint) the command ``reads``, which ``force`` would overwrite with another
+    kind of file."""
+    if not path.strip():
+        raise UsageError(f"{option} is empty; give the file to write, e.g. {option} out.pt")
+    out = Path(path)
+    if out.is_dir():
+        raise UsageError(f"{option} {path} is a folder; give a file name such as "
+                         f"{Path(path) / 'out.pt'}")
+    if reads is not None and out.resolve() in _files_of(reads):
+        run = run_of(reads)
+        what = f"a file of the run {run}" if run.is_dir() else "the checkpoint"
+        raise UsageError(f"{option} {path} is {what} that this command reads, which is kept; "
+                         f"choose another file name")
+    if out.exists() and not force:
+        raise UsageError(f"{out} exists; add --force to replace it or choose another {option}")
+    _check_folder_of(out, option)
+    return out
+
+
+def _files_of(run_or_file: str | os.PathLike) -> set[Path]:
+    """The files training wrote in the run of ``run_or_file`` (or that checkpoint file), resolved."""
+    run = run_of(run_or_file)
+    if not run.is_dir():
+        return {run}
+    files = [*list_checkpoints(run), best_checkpoint_path(run), run / CONFIG_FILE,
+             run / METRICS_FILE, *(p for _, p in list_snapshots(run))]
+    return {p.resolve() for p in files}
+
+
+def _check_folder_of(out: Path, option: str) -> None:
+    """Refuse an output file ``out`` whose folder is a file or cannot be written."""
     if out.parent.exists() and not out.parent.is_dir():
-        raise UsageError(f"{option} {path}: cannot write in {out.parent}, which is a file; "
+        raise UsageError(f"{option} {out}: cannot write in {out.parent}, which is a file; "
                          f"choose a folder")
     if (reason := unwritable(out.parent)) is not None:
-        raise UsageError(f"{option} {path}: cannot write in {out.parent}: {reason}; "
+        raise UsageError(f"{option} {out}: cannot write in {out.parent}: {reason}; "
                          f"choose a writable folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..config import SampleConfig
+from ..config import GUIDANCE_MAX, SampleConfig
 from ..data import DATASETS, IMAGE_SUFFIXES, SPLITS, load_dataset, load_images, to_uint8
 from ..guidance import NoisyClassifierFile, check_compatible, load_noisy_classifier
 from ..rundir import CONFIG_FILE
@@ -88,7 +88,8 @@ def add_classifier_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--classifier", metavar="CLF.pt", default=None,
                    help="guide sampling towards --class with this noise-aware classifier (made by "
                         "'ddpm train-classifier --noisy'); any model, with --guidance too")
-    g.add_argument("--classifier-scale", type=number(float, at_least=0), default=None, metavar="S",
+    g.add_argument("--classifier-scale", type=number(float, at_least=0, at_most=GUIDANCE_MAX),
+                   default=None, metavar="S",
                    help="scale s of the classifier's gradient (default 1; 0 is unguided)")
 
 
@@ -175,7 +176,8 @@ def run_sample(args: argparse.Namespace) -> int:
     if guidance:
         guided += f", classifier scale {guidance['classifier_scale']:g}"
     classes = pipe.classes or (guidance["classifier"].classes if guidance else ())
-    what = f"{n} images ({sc.sampler}, {sc.num_sample_steps} steps{guided}, {seconds:.1f} s)"
+    what = (f"{n} images ({sc.sampler}, {sc.num_sample_steps} steps{guided}, {pipe.precision}, "
+            f"{seconds:.1f} s)")
     if args.class_ == "all":
         what += f", {args.n} of each of {pipe.num_classes} classes"
     elif args.class_ is not None:

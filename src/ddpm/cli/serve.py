@@ -26,7 +26,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "folder")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on: 127.0.0.1 is this machine only; 0.0.0.0 is every "
-                        "machine that can reach this one")
+                        "machine that can reach this one. Requests must be addressed to it at "
+                        "--port: as localhost, 127.0.0.1 or [::1] on loopback; on 0.0.0.0 as an "
+                        "IP address, localhost or this machine's host name; else as --host. "
+                        "Another name is refused (421), so other sites cannot reach the server "
+                        "(DNS rebinding), nor can their pages start generations (Origin)")
     p.add_argument("--port", type=number(int, at_least=0, at_most=65535), default=7860,
                    help="port to listen on (0: any free one)")
     p.add_argument("--max-images", type=positive_int, default=64,

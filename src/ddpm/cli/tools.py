@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 from ..bench import bench, format_table
-from ..checkpoint import (atomic_save, checkpoint_config, checkpoint_path, load_checkpoint,
-                          load_run_or_file)
+from ..checkpoint import (CHECKPOINT_DIR, atomic_save, checkpoint_config, checkpoint_path,
+                          load_checkpoint, load_run_or_file)
 from ..classifier import CLASSIFIER_DATASETS, train_classifier
 from ..config import DEFAULT_PRESET, PRESETS, get_preset, with_overrides
 from ..data import DATASETS
@@ -22,8 +22,8 @@ from ..metrics import Evaluator, check_image_count, data_options, resolve_extrac
 from ..pipeline import load_pipeline
 from ..posthoc import MAX_STD, gamma_from_std, list_snapshots, reconstruct
 from ..runtime import resolve_device
-from .options import (Defaults, UsageError, add_model_options, add_settings, given_settings,
-                      number, number_list, positive_int, seed)
+from .options import (Defaults, UsageError, add_model_options, add_settings, check_out_file,
+                      given_settings, number, number_list, positive_int, seed)
 from .sample import add_sample_settings, sample_settings
 
 # The settings of a training run that change its speed, besides the model's shape.
@@ -40,13 +40,14 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=Defaults,
         description=(
             "Time a preset's real training step (data, forward, backward, AdamW, EMA) on "
-            "synthetic images and its sampling network evaluation, count their FLOPs with "
-            "torch's FLOP counter, and measure this machine's peak float32 and bfloat16 matmul "
-            "rate; utilisation is the training step's FLOP/s over the faster peak."))
+            "synthetic images and its sampling network evaluation, in fp32 and in bf16, and say "
+            "which one --precision auto takes for each; count their FLOPs with torch's FLOP "
+            "counter, and measure this machine's peak float32 and bfloat16 matmul rate; "
+            "utilisation is the training step's FLOP/s over the faster peak."))
     p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
                    help="configuration to measure")
-    p.add_argument("--seconds", type=number(float, above=0), default=10.0,
-                   help="time each of training and sampling this long")
+    p.add_argument("--seconds", type=number(float, above=0), default=5.0,
+                   help="time each of training and sampling this long, in fp32 and in bf16")
     p.add_argument("--sample-batch-size", type=positive_int, default=128)
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     note = lambda key, default: "default: the preset's"  # noqa: E731
@@ -128,9 +129,7 @@ def run_train_classifier(args: argparse.Namespace) -> int:
             f"argument --dataset: invalid choice: {args.dataset!r} for the feature extractor "
             f"(choose from {', '.join(map(repr, sorted(CLASSIFIER_DATASETS)))}); add --noisy for "
             f"the noise-aware classifier of guidance, which learns any labelled dataset")
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise UsageError(f"{out} exists; add --force to replace it or choose another --out")
+    out = check_out_file(args.out, force=args.force, reads=args.like)
     if args.noisy:
         return _train_noisy_classifier(args, out)
     dataset = args.dataset or "fashion-mnist"
@@ -218,9 +217,8 @@ def run_posthoc(args: argparse.Namespace) -> int:
     if not list_snapshots(run):
         raise UsageError(f"{run} holds no EMA snapshots (ema/snapshot-STEP.pt); train with "
                          f"--posthoc-ema 0.05,0.10 to keep them")
-    out = Path(args.out) if args.out else run / "checkpoints" / "posthoc-ema.pt"
-    if out.exists() and not args.force:
-        raise UsageError(f"{out} exists; add --force to replace it or choose another --out")
+    out = check_out_file(str(run / CHECKPOINT_DIR / "posthoc-ema.pt") if args.out is None
+                         else args.out, force=args.force, reads=run)
     if args.no_ema:
         raise UsageError("--no-ema samples the raw weights; posthoc-ema rebuilds averages, so "
                          "drop --no-ema")
@@ -276,7 +274,8 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", metavar="OUT_DIR", help="folder to write")
     p.add_argument("--format", choices=("diffusers",), required=True,
                    help="what to write (diffusers: a DDPMPipeline folder)")
-    p.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
+    p.add_argument("--force", action="store_true", help="replace an existing OUT_DIR that is empty or a previous export "
+                        "(never a folder holding other files)")
     p.add_argument("--no-ema", action="store_true",
                    help="export the raw weights instead of the EMA's")
     p.set_defaults(func=run_export)

@@ -24,8 +24,10 @@ from ..data import open_dataset
 from ..models import UNet, count_parameters
 from ..rundir import CONFIG_FILE
 from ..runtime import resolve_device, training_precision
-from ..train import check_run, train
-from .options import Defaults, UsageError, add_settings, describe, given_settings, positive_int
+from ..settings import shown
+from ..train import check_run, train, training_probe
+from .options import (Defaults, UsageError, add_settings, describe, given_settings, positive_int,
+                      setting_flags)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -99,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if launcher:  # checked here once, not N times by the processes; the data fetched once
         open_dataset(config.data)
-        return _launch(args)
+        return _launch(args, config)
     preset = args.preset or ("the run's" if args.resume else _preset_name(args))
     log(summary(config, preset + (f", formulation {args.formulation}" if args.formulation else "")))
     log(f"parameters: {params:,}")
@@ -179,11 +181,15 @@ def _resumed_config(args: argparse.Namespace, run_dir: Path) -> tuple[RunConfig,
                          f"{run_dir / CHECKPOINT_DIR}; start a new run with 'ddpm train --out {run_dir}'")
     path, state = load_run_or_file(run_dir)
     saved = checkpoint_config(state, path)
-    overrides = given_settings(args)
+    typed = given_settings(args)
+    from_file = load_config_file(args.config) if args.config else {}
+    # A --config file lays its settings over the run's own, as the options do (not over a
+    # preset: what the file leaves out is the run's); the options given override the file.
+    overrides = _merged(from_file, typed)
     if args.formulation:  # its settings must be the run's, as if each had been given
         overrides = _merged(FORMULATIONS[args.formulation], overrides)
-    if args.preset or args.config:
-        # The config those options build must be the run's: compare every setting.
+    if args.preset:
+        # The config the preset builds must be the run's: compare every setting.
         changes = differences(saved, _new_config(args), resumable=False)
     else:
         changes = resume_changes(saved, overrides)
@@ -192,10 +198,15 @@ def _resumed_config(args: argparse.Namespace, run_dir: Path) -> tuple[RunConfig,
     may_change = resumable_keys()
     if changes:
         key, old, new = changes[0]
+        section, name = key.split(".")
+        in_file = name in from_file.get(section, {}) and name not in typed.get(section, {})
+        source, fix = ((f"--config {args.config}", "drop it from the file") if in_file else
+                       ("the command line", "drop that option"))
+        rule = ", ".join(sorted(setting_flags()[k] for k in may_change))
         raise UsageError(
             f"--resume continues {run_dir} with the settings it was started with ({CONFIG_FILE}), "
-            f"but the command line changes {key} from {old!r} to {new!r}; drop that option, or "
-            f"start a new run with --out")
+            f"but {source} changes {key} from {shown(old, 100)} to {shown(new, 100)}; {fix}, or "
+            f"start a new run with --out (--resume may change only {rule})")
     allowed = {s: {k: v for k, v in values.items() if f"{s}.{k}" in may_change}
                for s, values in overrides.items()}
     config, step = resumed(saved, allowed), int(state["step"])
@@ -211,7 +222,8 @@ def summary(config: RunConfig, preset: str) -> str:
     """The run in four lines, printed before training starts."""
     m, d, t = config.model, config.diffusion, config.train
     stop = f"{t.steps} steps" if t.steps is not None else f"{t.minutes:g} minutes"
-    precision, why = training_precision(t.precision, resolve_device(t.device))
+    device = resolve_device(t.device)
+    precision, why = training_precision(t.precision, device, training_probe(config, device))
     return (
         f"preset: {preset}\n"
         f"model: U-Net of {m.block} blocks {m.base_channels}x{list(m.channel_mults)}, "
@@ -243,10 +255,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch(args: argparse.Namespace) -> int:
+def _launch(args: argparse.Namespace, config: RunConfig) -> int:
     """``ddpm train --num-processes N ...`` is ``accelerate launch ... -m ddpm train ...``,
     run in this process so that a failed training process ends in its own message, not in the
-    launcher's traceback."""
+    launcher's traceback. ``--precision auto`` is chosen here, once for all the processes, and
+    handed to them as the launcher's ``--mixed_precision``."""
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
@@ -258,10 +271,17 @@ def _launch(args: argparse.Namespace) -> int:
             skip = True
         elif not arg.startswith("--num-processes="):
             rest.append(arg)
+    device = resolve_device(config.train.device)
+    precision, why = training_precision(
+        config.train.precision, device,
+        training_probe(config, device, processes=args.num_processes))
+    if config.train.precision == "auto":
+        print(f"precision: {precision} ({why})", flush=True)
     launch = [
         # Accelerate's torchrun-based launcher; on a machine without GPUs it uses gloo on CPUs.
         "--multi_gpu", "--num_processes", str(args.num_processes), "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--mixed_precision", precision if precision in ("bf16", "fp16") else "no",
+        "--dynamo_backend", "no",
         "--main_process_port", str(_free_port()), "-m", "ddpm", *rest,
     ]
     if "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available():
