@@ -353,9 +353,14 @@ def row_ours(args: argparse.Namespace, row_dir: Path) -> dict:
     per_step = config["batch_size"] * config["grad_accum"]
     import torch
 
-    from ddpm.runtime import resolve_precision
+    from ddpm.config import RunConfig
+    from ddpm.runtime import training_precision
+    from ddpm.train import training_probe
 
-    precision = resolve_precision(args.precision, torch.device("cpu"))
+    # what the run trained in: auto's measurement, as the run made it (read from the cache)
+    cpu = torch.device("cpu")
+    precision, _ = training_precision(args.precision, cpu,
+                                      training_probe(RunConfig.from_dict(full), cpu))
     return result("ddpm (ours)",
                   f"preset fashion-cpu{' ' + args.ours_args if args.ours_args else ''}: "
                   f"batch {per_step}, AdamW lr {lr(config['lr'])} cosine, "

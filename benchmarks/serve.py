@@ -23,7 +23,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from ddpm.pipeline import load_pipeline
-from ddpm.runtime import resolve_precision
 from ddpm.serve import Limits, WebServer
 
 
@@ -105,7 +104,7 @@ def main() -> None:
                                                               "kept"))
 
     med = lambda xs: statistics.median(xs)  # noqa: E731
-    precision = resolve_precision("auto", pipe.device)
+    precision = pipe.precision  # auto's choice, made when it was loaded
     print(f"{args.run}: {args.n} images, {body['sampler']} {body['steps']} steps, {precision}, "
           f"x0 frames on; medians of {args.repeat}; python {sys.version.split()[0]}")
     print("| | seconds | first frame (s) | frames streamed | MB streamed |")

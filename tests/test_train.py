@@ -291,3 +291,30 @@ def test_a_random_state_from_another_kind_of_device_gives_a_warning_not_a_crash(
         result = train(resume_config(tmp_path / "run", steps=3), tmp_path / "run", resume=True,
                        progress=False, final_grid=False)
     assert result.step == 3
+
+
+def test_a_run_forecasts_its_length_after_its_first_steps(fake_fashion, tmp_path, monkeypatch):
+    """After FORECAST_STEPS timed steps the run says how long it will take: the steps left at
+    the rate measured, and the network evaluations its previews, FID and final grid will spend
+    at the rate of one evaluation timed then (here fixed at 0.3 s, so the sampling part is exact)."""
+    from conftest import ddpm_in_process
+    from ddpm.pipeline import Pipeline
+    from ddpm.train import FORECAST_STEPS
+
+    monkeypatch.setattr(Pipeline, "seconds_per_evaluation", lambda self, **kw: 0.3)
+    steps, every, n, sample_steps = FORECAST_STEPS + 11, 20, 4, 5
+    r = ddpm_in_process("train", "--preset", "tiny", "--data-dir", fake_fashion, "--steps", steps,
+                        "--sample-every", every, "--sample-n", n, "--sample-steps", sample_steps,
+                        "--precision", "fp32", "--no-progress", "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    (line,) = [x for x in r.stdout.splitlines() if x.startswith(f"{FORECAST_STEPS} steps at")]
+    assert f"the run's {steps} steps should take about" in line and "in all on this machine" in line
+    # due after step 51 of 61: the preview at step 60 (n images x 5 steps) and the final grid
+    # (n images x the run's own sampling steps), at 0.3 s an evaluation
+    tiny_sampling_steps = get_preset("tiny").sample.num_sample_steps
+    expected = (n * sample_steps + n * tiny_sampling_steps) * 0.3
+    assert f"{expected / 60:.1f} sampling preview grids, FID and the final grid" in line
+    short = ddpm_in_process("train", "--preset", "tiny", "--data-dir", fake_fashion, "--steps",
+                            FORECAST_STEPS, "--sample-every", 0, "--no-progress", "--out",
+                            tmp_path / "short")
+    assert short.returncode == 0 and "should take about" not in short.stdout, "nothing left to say"
