@@ -99,12 +99,14 @@ def main() -> None:
     def median(name: str, key: str) -> float:
         return statistics.median(x[key] for x in results[name])
 
-    base_train, base_sample = median("default", "train_images_per_s"), median("default", "sample_images_per_s")
+    base_train = median("default", "train_images_per_s")
+    base_sample = median("default", "sample_images_per_s")
     first = results["default"][0]
     print(f"{first['cpu']}, {first['threads']} threads, torch {first['torch']}, "
           f"{platform.python_version()}, {time.strftime('%Y-%m-%d')}; medians of {args.repeats}, "
           f"{args.seconds:g} s each\n")
-    print("| variant | training images/s | vs default | sampling images/s per evaluation | vs default | utilisation |")
+    print("| variant | training images/s | vs default | sampling images/s per evaluation | vs default "
+          "| utilisation |")
     print("|---|---|---|---|---|---|")
     for name in names:
         t, s = median(name, "train_images_per_s"), median(name, "sample_images_per_s")

@@ -4,8 +4,8 @@
 
 Training images/s times whole optimiser steps (forward, backward, clip, AdamW, EMA) on real
 Fashion-MNIST batches after 3 warm-up steps. Sampling times 64 images with the preset's default
-ancestral sampler at 1000 steps and at the 100 respaced steps the preset uses. The weights are untrained: speed
-does not depend on them.
+ancestral sampler at 1000 steps and at the 100 respaced steps the preset uses. The weights are
+untrained: speed does not depend on them.
 """
 
 from __future__ import annotations

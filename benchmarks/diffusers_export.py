@@ -6,7 +6,8 @@ diffusers' own DDIMPipeline against ddpm's own sampling of the same weights.
 
 Rows, each scored by ``ddpm eval --images`` (offline Fashion-MNIST features, train split):
 - diffusers DDIMPipeline (eta 0, ``--steps``, the exported ``timestep_spacing`` (the run's:
-  fashion-cpu's trailing), its defaults otherwise: clipped x0, the unclipped eps in the update), on the folder ``ddpm export`` wrote, in fp32; and again
+  fashion-cpu's trailing), its defaults otherwise: clipped x0, the unclipped eps in the update),
+  on the folder ``ddpm export`` wrote, in fp32; and again
   with ``use_clipped_model_output=True`` (eps made to agree with the clipped x0, as ddpm does);
 - ddpm's DDIM with the same steps and spacing, on the run (``ddpm eval RUN --sampler ddim``), fp32;
 - ddpm's DPM-Solver++ at 20 steps with the run's spacing (fashion-cpu: trailing), fp32.

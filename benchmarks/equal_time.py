@@ -3,7 +3,7 @@
     python benchmarks/equal_time.py --minutes 10 --n 1000 [--only resnet,convnext] [--work runs/arch]
     python benchmarks/equal_time.py --steps 450 --only eps,v-min-snr-no-hflip --work runs/recipe
 
-The variants change the U-Net's shape (issue 5's architecture comparison) or the training recipe
+The variants change the U-Net's shape (the architecture comparison) or the training recipe
 (loss weighting, prediction type, schedule, learning rate, augmentation).
 
 Each variant is ``ddpm train`` with the default preset and the variant's options for ``--minutes``
@@ -24,14 +24,14 @@ import subprocess
 import sys
 import time
 
-# The preset's recipe before issue 5's second pass (which made it v, min-SNR-5, no flips): the
+# The preset's recipe before its second tuning (which made it v, min-SNR-5, no flips): the
 # shape rows were measured with it. Every row spells its recipe out, so that it means the same
 # whatever the preset's own recipe is.
 EPS = ["--prediction-type", "eps", "--loss-weighting", "uniform"]
 BEFORE = [*EPS, "--hflip"]
 VARIANTS = {
     # the preset's shape: 24 channels x (1, 2, 2) with attention at 7 px when the table was
-    # measured; 16 x (1, 3, 3) with attention in the middle block only since issue 21
+    # measured; 16 x (1, 3, 3) with attention in the middle block only, its later shape
     "resnet": BEFORE,
     "convnext": [*BEFORE, "--arch", "convnext"],
     "convnext-18": [*BEFORE, "--arch", "convnext", "--base-channels", "18"],  # ~ the preset's size
@@ -47,7 +47,8 @@ VARIANTS = {
     "eps-min-snr": ["--prediction-type", "eps", "--loss-weighting", "min-snr", "--hflip"],
     "v": ["--prediction-type", "v", "--loss-weighting", "uniform", "--hflip"],
     "v-min-snr": ["--prediction-type", "v", "--loss-weighting", "min-snr", "--hflip"],
-    "v-min-snr-no-hflip": ["--prediction-type", "v", "--loss-weighting", "min-snr", "--no-hflip"],  # the preset now
+    # the preset now
+    "v-min-snr-no-hflip": ["--prediction-type", "v", "--loss-weighting", "min-snr", "--no-hflip"],
 }
 
 
@@ -73,7 +74,8 @@ def main() -> None:
         result = os.path.join(args.work, f"{name}.json")
         if not os.path.exists(result):
             budget = ["--steps", str(args.steps)] if args.steps else ["--minutes", str(args.minutes)]
-            print(f"{name}: training {shlex.join(budget)} ({time.strftime('%H:%M')})", file=sys.stderr, flush=True)
+            print(f"{name}: training {shlex.join(budget)} ({time.strftime('%H:%M')})",
+                  file=sys.stderr, flush=True)
             train = ddpm("train", "--out", run, *budget, "--fid-every", "0",
                          "--sample-every", "0", "--checkpoint-every", "0", "--no-progress",
                          *VARIANTS[name])

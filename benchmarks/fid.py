@@ -9,8 +9,8 @@ the script only collects the JSON lines into a Markdown table with the time each
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -53,7 +53,8 @@ def main() -> None:
     print(f"\n{platform.processor() or platform.machine()}, {time.strftime('%Y-%m-%d')}, "
           f"extractor {rows[0][0]['extractor']}, reference {rows[0][0]['dataset']} "
           f"{rows[0][0]['split']}\n")
-    print("| sampler | steps | n | FID | KID | floor FID | floor KID | sampling s | features+metrics s | total s |")
+    print("| sampler | steps | n | FID | KID | floor FID | floor KID | sampling s | features+metrics s "
+          "| total s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r, wall in rows:
         s = r["seconds"]

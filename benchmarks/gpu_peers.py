@@ -1,6 +1,6 @@
 """GPU speed against diffusers, and short Fashion-MNIST runs of fashion-cpu and fashion-gpu.
 
-    python benchmarks/gpu_peers.py                 # on a GPU: the figures of issue 19
+    python benchmarks/gpu_peers.py                 # on a GPU: every figure
     python benchmarks/gpu_peers.py --quick         # small sizes, seconds: tries the script anywhere
 
 In one run:

@@ -36,7 +36,7 @@ ddp: denoising-diffusion-pytorch 2.3.4 (lucidrains)
     steps after 100, objective pred_v, sigmoid beta schedule, 1000 steps, random flips).
     Deviations: Unet(dim=16, dim_mults=(1, 2, 4)) instead of the README's dim 64, (1, 2, 4, 8),
     to fit 28x28 (28 -> 14 -> 7) and be near our size: 721,185 parameters against our preset's
-    627,433 when it was measured (425,281 since issue 21's cheaper first levels)
+    627,433 when it was measured (425,281 since the preset's cheaper first levels)
     (dim 14 would give 568k; 16 keeps the README's power-of-two widths); calculate_fid=False
     (its FID needs an Inception download; we score every row the same way afterwards);
     save_and_sample_every is never reached (its sample grids would eat the budget);
@@ -55,7 +55,7 @@ diffusers 0.42.1
     [-1, 1], MSE on epsilon, Accelerator with mixed precision "no".
     Deviations: UNet2DModel(block_out_channels=(24, 48, 48), layers_per_block=1, attention at 7x7,
     norm_num_groups=8) instead of the example's 64x64 six-level model, to fit 28x28 and our size
-    (627,433 parameters: the layer shapes of our preset until issue 21, which then made its
+    (627,433 parameters: the layer shapes of our preset until its shape changed, which made its
     first levels cheaper and dropped the attention at 7x7; the peer keeps the shape its rows
     were measured with, and ``--peer-shape preset`` gives it the layer shapes of today's preset,
     read from it: block_out_channels = base_channels x channel_mults, attention at 7x7 only if
@@ -478,7 +478,7 @@ class FlippedImages:
 
 def peer_unet_shape(name: str) -> tuple[tuple[int, ...], bool]:
     """(block_out_channels, attention at 7x7 besides the middle block) of the diffusers rows:
-    'old' is our preset's shape until issue 21, 'preset' today's preset's."""
+    'old' is our preset's shape before it changed to 16 / 32 / 48, 'preset' today's preset's."""
     if name == "old":
         return (24, 48, 48), True
     from ddpm.config import get_preset

@@ -21,8 +21,8 @@ import torch
 from ddpm import get_preset, train
 from ddpm.data import load_dataset, to_model_range
 from ddpm.diffusion import eps_x0_from_prediction, q_sample
-from ddpm.schedules import extract
 from ddpm.pipeline import load_pipeline
+from ddpm.schedules import extract
 from ddpm.viz import save_grid
 
 # Round 1: width at an equal 4-minute wall-clock budget (--minutes 4).

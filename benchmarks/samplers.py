@@ -27,7 +27,6 @@ from ddpm.schedules import make_schedule
 from ddpm.toy import mixture_denoiser
 from ddpm.viz import grid_image
 
-
 STEPS = (10, 20, 50, 100, 1000)
 GRID_SETTINGS = (("ddpm", 1000), ("ddpm", 100), ("ddim", 50), ("dpm++", 20), ("heun", 10))
 WEIGHTS, MEANS, STDS = (0.3, 0.7), (-0.5, 0.5), (0.2, 0.2)

@@ -2,7 +2,8 @@
 # One-time set-up on a fresh Debian machine; safe to run again (it skips what is done).
 #   - a virtual environment in .venv with torch 2.14.1 / torchvision 0.29.1 and this package
 #   - Debian's dataset-fashion-mnist package (the embedded default dataset)
-#   - with --test: Debian's chromium and chromium-driver, the browser of the web page's tests
+#   - with --test: the checkers of scripts/check (extras lint and docs: ruff, mypy, mkdocs), and
+#     Debian's chromium and chromium-driver, the browser of the web page's tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,7 +16,11 @@ if [ ! -x .venv/bin/python ]; then
   fi
 fi
 .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-.venv/bin/python -m pip install -q -e '.[test,video]'
+if [ "${1:-}" = "--test" ]; then  # and what scripts/check runs: ruff, mypy, mkdocs
+  .venv/bin/python -m pip install -q -e '.[test,video,lint,docs]'
+else
+  .venv/bin/python -m pip install -q -e '.[test,video]'
+fi
 
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   as_root apt-get update -qq

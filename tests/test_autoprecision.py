@@ -9,9 +9,10 @@ import math
 import pytest
 import torch
 
-from conftest import ddpm_in_process
 from ddpm import autoprecision, runtime
-from ddpm.autoprecision import MARGIN, Measurement, cache_key, choose, measure
+from ddpm.autoprecision import MARGIN, cache_key, choose, measure
+
+from conftest import ddpm_in_process
 
 
 class Clock:
@@ -91,7 +92,8 @@ def test_a_cached_choice_is_used_without_measuring_and_each_key_is_its_own(tmp_p
     for use, changed_shape, machine_change in changes:
         monkeypatch.setattr(autoprecision, "machine", lambda m=machine_change: {**real_machine(), **m})
         again = Clock(0.1, 0.5)
-        assert choose(use, changed_shape, again.make_step, cache_dir=tmp_path, timer=again).precision == "fp32"
+        chosen = choose(use, changed_shape, again.make_step, cache_dir=tmp_path, timer=again)
+        assert chosen.precision == "fp32"
         assert again.calls, (use, changed_shape, machine_change)
     monkeypatch.setattr(autoprecision, "machine", real_machine)
     assert len(json.loads((tmp_path / "precision.json").read_text())) == 1 + len(changes)
@@ -198,8 +200,7 @@ def test_the_measurement_leaves_the_run_as_it_would_have_been(fake_fashion, tmp_
     monkeypatch.setattr(runtime, "cpu_bf16_flag", lambda: "avx512_bf16")
     base = {"data": {"data_dir": str(fake_fashion), "cache_dir": str(tmp_path / "cache")},
             "train": {"steps": 1, "sample_every": 0}}
-    auto = train(with_overrides(get_preset("tiny"), base), tmp_path / "auto", progress=False,
-                 final_grid=False)
+    train(with_overrides(get_preset("tiny"), base), tmp_path / "auto", progress=False, final_grid=False)
     record = next(iter(json.loads((tmp_path / "cache/precision.json").read_text()).values()))
     chosen = record["precision"]
     assert math.isfinite(record["fp32_s"]) and chosen in ("fp32", "bf16")

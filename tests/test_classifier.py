@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddpm.classifier import (WeightsNotFoundError, accuracy, load_classifier, shipped_weights,
-                             train_classifier)
+from ddpm.classifier import WeightsNotFoundError, accuracy, load_classifier, shipped_weights, train_classifier
 from ddpm.data import load_dataset
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")

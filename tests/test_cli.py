@@ -127,9 +127,11 @@ def test_every_sampler_from_the_command_line(trained_run, tmp_path, sampler, ste
 
 
 def test_sampler_options_are_checked(trained_run, tmp_path):
-    r = ddpm_in_process("sample", trained_run[0], "--sampler", "euler", "--eta", "0.5", "--out", tmp_path / "x.png")
+    r = ddpm_in_process("sample", trained_run[0], "--sampler", "euler", "--eta", "0.5",
+                        "--out", tmp_path / "x.png")
     assert r.returncode == 2 and "--eta is a setting of the ddim sampler, not of euler" in r.stderr
-    r = ddpm_in_process("sample", trained_run[0], "--sampler", "ddim", "--eta", "1.5", "--out", tmp_path / "x.png")
+    r = ddpm_in_process("sample", trained_run[0], "--sampler", "ddim", "--eta", "1.5",
+                        "--out", tmp_path / "x.png")
     assert r.returncode == 2 and "expected a number in [0, 1], got 1.5" in r.stderr
     r = ddpm_in_process("sample", trained_run[0], "--sampler", "dpm++", "--variance", "beta",
                         "--out", tmp_path / "x.png")
@@ -174,8 +176,8 @@ def test_checkpoint_from_another_version_is_explained(trained_run, tmp_path):
 
 
 def test_smaller_T_than_the_preset_samples_with_all_steps(tmp_path, fake_fashion):
-    r = ddpm("train", "--preset", "tiny", "--steps", 2, "--num-timesteps", 8, "--schedule", "cosine", "--sample-every", 1,
-             "--out", tmp_path / "run", "--data-dir", fake_fashion, "--no-progress")
+    r = ddpm("train", "--preset", "tiny", "--steps", 2, "--num-timesteps", 8, "--schedule", "cosine",
+             "--sample-every", 1, "--out", tmp_path / "run", "--data-dir", fake_fashion, "--no-progress")
     assert r.returncode == 0, r.stderr
     import json
 

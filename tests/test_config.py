@@ -8,13 +8,25 @@ import json
 
 import pytest
 
-from conftest import ddpm_in_process
 from ddpm.cli import build_parser
 from ddpm.cli.options import given_settings
-from ddpm.config import (PRESETS, SECTIONS, DataConfig, RunConfig, SettingError, TrainConfig,
-                         fit_model, get_preset, load_config_file, resume_changes, with_overrides)
+from ddpm.config import (
+    PRESETS,
+    SECTIONS,
+    DataConfig,
+    RunConfig,
+    SettingError,
+    TrainConfig,
+    fit_model,
+    get_preset,
+    load_config_file,
+    resume_changes,
+    with_overrides,
+)
 from ddpm.models import UNet, UNetConfig, count_parameters
 from ddpm.settings import field_types, item_type, settings_of, unwrap_optional
+
+from conftest import ddpm_in_process
 
 # The settings that follow from others when the command line builds a run (config.with_overrides):
 # a new dataset takes its own folder; the U-Net takes the data's size and channels (attention at

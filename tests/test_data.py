@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_fake_fashion, write_idx
 from ddpm.data import BatchStream, DatasetNotFoundError, load_dataset, read_idx, to_model_range
+
+from conftest import make_fake_fashion, write_idx
 
 REAL_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -75,7 +76,8 @@ def test_batch_stream_epochs_flips_and_resume(fake_fashion):
     b.load_state_dict(state)
     b.generator.set_state(gstate)
     resumed = [b.next() for _ in range(3)]
-    assert all(torch.equal(e[0], r[0]) and torch.equal(e[1], r[1]) for e, r in zip(expected, resumed))
+    assert all(torch.equal(e[0], r[0]) and torch.equal(e[1], r[1])
+               for e, r in zip(expected, resumed, strict=True))
     flips = BatchStream(data, 256, hflip=True, generator=torch.Generator().manual_seed(0)).next()[0]
     plain = BatchStream(data, 256, hflip=False, generator=torch.Generator().manual_seed(0)).next()[0]
     same = (flips == plain).flatten(1).all(1)

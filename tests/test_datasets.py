@@ -13,15 +13,35 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as F
 
-from conftest import (label_colour, make_fake_cifar, make_fake_fashion, make_fake_flowers102,
-                      make_fake_tinyimagenet, make_image_folder)
 from ddpm.cli import build_parser
 from ddpm.cli.options import given_settings
 from ddpm.config import DataConfig, get_preset, with_overrides
-from ddpm.data import (FASHION_MNIST_CLASSES, BatchStream, DatasetNotFoundError,
-                       ImageData, StreamingImages, check_options, load_dataset, load_images,
-                       open_dataset, resolve, stored_size, to_model_range, to_uint8)
-from ddpm.data import registry, sources
+from ddpm.data import (
+    FASHION_MNIST_CLASSES,
+    BatchStream,
+    DatasetNotFoundError,
+    ImageData,
+    StreamingImages,
+    check_options,
+    load_dataset,
+    load_images,
+    open_dataset,
+    registry,
+    resolve,
+    sources,
+    stored_size,
+    to_model_range,
+    to_uint8,
+)
+
+from conftest import (
+    label_colour,
+    make_fake_cifar,
+    make_fake_fashion,
+    make_fake_flowers102,
+    make_fake_tinyimagenet,
+    make_image_folder,
+)
 
 
 def assert_colours_match_labels(images: torch.Tensor, labels: torch.Tensor, tol: float = 4.0):
@@ -247,7 +267,7 @@ def test_streaming_gives_the_batches_of_memory(tmp_path, workers):
     for resumed in (fresh, b):  # a new stream, and one rewound while its workers run ahead
         resumed.load_state_dict(state)
         resumed.generator.set_state(gstate)
-        for (xa, ya), (xb, yb) in zip(expected, [resumed.next() for _ in range(3)]):
+        for (xa, ya), (xb, yb) in zip(expected, [resumed.next() for _ in range(3)], strict=True):
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
@@ -277,7 +297,7 @@ def test_random_crops_are_windows_of_the_stored_images(fake_fashion):
     assert x.shape == (64, 1, 28, 28) and x.min() >= -1 and x.max() <= 1
     assert torch.equal(y, stored.labels[idx])
     crops, offsets = to_uint8(x), set()
-    for image, crop in zip(stored.images[idx], crops):
+    for image, crop in zip(stored.images[idx], crops, strict=True):
         found = [(dy, dx) for dy in range(5) for dx in range(5)
                  if torch.equal(image[:, dy : dy + 28, dx : dx + 28], crop)]
         assert found, "a crop that is no window of its image"
@@ -296,7 +316,8 @@ def test_flips_and_crops_come_from_the_generator_alone(fake_fashion):
         return [s.next() for _ in range(6)]
 
     same, other = batches(4), batches(5)
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(same, batches(4)))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+               for a, b in zip(same, batches(4), strict=True))
     assert not torch.equal(same[0][0], other[0][0])
     with pytest.raises(ValueError, match="batch size 999 is larger than the dataset"):
         BatchStream(stored, 999, hflip=True, generator=torch.Generator())

@@ -15,11 +15,11 @@ import torch
 
 from ddpm import get_preset
 from ddpm.checkpoint import load_run_or_file
+from ddpm.models import UNet
 from ddpm.runtime import make_accelerator
+from ddpm.schedules import make_schedule
 from ddpm.step import learning_rate, train_step
 from ddpm.train import resume_config
-from ddpm.models import UNet
-from ddpm.schedules import make_schedule
 
 # The update of 2 processes x 8 images equals that of 1 process x 16 in exact arithmetic: both
 # see the same images, timesteps and noise, and DDP's mean of two 8-image mean gradients is the

@@ -9,8 +9,9 @@ import json
 import pytest
 import torch
 
-from conftest import ddpm_in_process, make_fake_cifar, make_image_folder
 from ddpm.config import PRESETS
+
+from conftest import ddpm_in_process, make_fake_cifar, make_image_folder
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA device: these run on the GPU")

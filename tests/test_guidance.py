@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 
-from conftest import ddpm_in_process as cli
 from ddpm.models import UNet, UNetConfig
 from ddpm.samplers import ancestral_sample, classifier_free_guidance, initial_noise, make_timesteps
 from ddpm.schedules import make_schedule
 from ddpm.toy import gaussian_denoiser, mixture_denoiser
+
+from conftest import ddpm_in_process as cli
 
 T = 1000
 SCHEDULE = make_schedule("linear", T)
@@ -22,7 +23,7 @@ WEIGHTS, MEANS, STDS = (0.5, 0.3, 0.2), (-1.5, 0.5, 2.0), (0.5, 0.4, 0.6)
 def toy_model(weights=WEIGHTS, means=MEANS, stds=STDS):
     """The exact conditional eps-predictor of each class, and for the null label (len(weights))
     the exact unconditional one of the mixture: a perfectly trained conditional network."""
-    classes = [gaussian_denoiser(SCHEDULE, m, s) for m, s in zip(means, stds)]
+    classes = [gaussian_denoiser(SCHEDULE, m, s) for m, s in zip(means, stds, strict=True)]
     unconditional = mixture_denoiser(SCHEDULE, weights, means, stds)
 
     def model(x_t, t, y):
@@ -40,7 +41,7 @@ def log_densities(x, ab):
     """log p_t(x | k) for each class k of the 1-pixel mixture, ``[B, K]`` (x_t ~ N(sqrt(ab) m,
     ab s^2 + 1 - ab))."""
     cols = []
-    for m, s in zip(MEANS, STDS):
+    for m, s in zip(MEANS, STDS, strict=True):
         var = ab * s**2 + 1 - ab
         cols.append(-0.5 * (x - math.sqrt(ab) * m) ** 2 / var - 0.5 * math.log(2 * math.pi * var))
     return torch.stack(cols, 1)
@@ -97,7 +98,7 @@ def guided_gaussian_moments(m, s, w, timesteps):
     an unconditional N(0, 1): both eps-predictors are affine in x_t, so every step of Algorithm 2
     maps a Gaussian x_t to a Gaussian x_{t-1}; its mean and variance follow in closed form."""
     mean, var = 0.0, 1.0  # x_T ~ N(0, 1)
-    for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
+    for t, t_prev in zip(timesteps, timesteps[1:] + [-1], strict=True):
         ab = float(SCHEDULE.alphas_cumprod[t])
         ab_prev = 1.0 if t_prev < 0 else float(SCHEDULE.alphas_cumprod[t_prev])
         v_c = ab * s**2 + 1 - ab
@@ -174,7 +175,8 @@ def test_guidance_batches_both_evaluations_into_one_call():
         return x_t * (y.reshape(-1, 1, 1, 1) + 1).to(x_t.dtype)
 
     x = torch.ones(3, 1, 2, 2)
-    out = classifier_free_guidance(model, torch.tensor([0, 1, 2]), 5, 2.0)(x, torch.zeros(3, dtype=torch.long))
+    guided = classifier_free_guidance(model, torch.tensor([0, 1, 2]), 5, 2.0)
+    out = guided(x, torch.zeros(3, dtype=torch.long))
     assert len(calls) == 1 and calls[0].tolist() == [0, 1, 2, 5, 5, 5]
     # (1 + w) (y + 1) - w (5 + 1) with w = 2
     assert out[:, 0, 0, 0].tolist() == [3 * 1 - 12, 3 * 2 - 12, 3 * 3 - 12]
@@ -360,7 +362,8 @@ def test_classifier_free_guidance_leaves_a_learned_variance_unmixed():
         var = torch.where((y == 3)[:, None, None, None], -torch.ones_like(x_t), torch.ones_like(x_t) * 0.5)
         return torch.cat([pred, var], 1)
 
-    out = classifier_free_guidance(model, torch.tensor([0, 1]), 3, 2.0)(torch.zeros(2, 1, 2, 2), torch.tensor([5, 5]))
+    guided = classifier_free_guidance(model, torch.tensor([0, 1]), 3, 2.0)
+    out = guided(torch.zeros(2, 1, 2, 2), torch.tensor([5, 5]))
     assert out.shape == (2, 2, 2, 2)
     assert torch.equal(out[:, :1], torch.full((2, 1, 2, 2), 3.0))  # 1 + 2 (1 - 0)
     assert torch.equal(out[:, 1:], torch.full((2, 1, 2, 2), 0.5))  # the conditional variance

@@ -10,9 +10,18 @@ import pytest
 import torch
 from torch import nn
 
-from ddpm.diffusion import (VLB_WEIGHT, discretized_gaussian_log_likelihood,
-                            interpolated_log_variance, model_log_variance, normal_kl,
-                            p_mean_log_variance, prior_bpd, q_sample, training_loss, vlb_term)
+from ddpm.diffusion import (
+    VLB_WEIGHT,
+    discretized_gaussian_log_likelihood,
+    interpolated_log_variance,
+    model_log_variance,
+    normal_kl,
+    p_mean_log_variance,
+    prior_bpd,
+    q_sample,
+    training_loss,
+    vlb_term,
+)
 from ddpm.samplers import ancestral_sample, ddim_sample, make_timesteps
 from ddpm.schedules import extract, make_schedule
 from ddpm.toy import gaussian_denoiser, gaussian_reverse_variance
@@ -30,8 +39,7 @@ def _cdf(z: torch.Tensor) -> torch.Tensor:
 
 def test_normal_kl_is_the_closed_form_and_torch_distributions():
     g = torch.Generator().manual_seed(0)
-    m1, m2 = torch.randn(500, generator=g, dtype=torch.float64), torch.randn(500, generator=g, dtype=torch.float64)
-    lv1, lv2 = torch.randn(500, generator=g, dtype=torch.float64), torch.randn(500, generator=g, dtype=torch.float64)
+    m1, m2, lv1, lv2 = (torch.randn(500, generator=g, dtype=torch.float64) for _ in range(4))
     got = normal_kl(m1, lv1, m2, lv2)
     v1, v2 = lv1.exp(), lv2.exp()
     # KL(N1 || N2) = log(s2 / s1) + (s1^2 + (m1 - m2)^2) / (2 s2^2) - 1/2
@@ -141,8 +149,9 @@ def _bound_by_hand(schedule, x0, variance):
             total += -p.log().flatten(1).sum(1)
         else:
             true_mean = (ab_prev.sqrt() * betas[t] / (1 - ab[t])) * x0 + c2 * x_t
-            kl = torch.distributions.kl_divergence(torch.distributions.Normal(true_mean, beta_tilde[t].sqrt()),
-                                                   torch.distributions.Normal(mean, var.sqrt()))
+            true_posterior = torch.distributions.Normal(true_mean, beta_tilde[t].sqrt())
+            model_posterior = torch.distributions.Normal(mean, var.sqrt())
+            kl = torch.distributions.kl_divergence(true_posterior, model_posterior)
             total += kl.flatten(1).sum(1)
     return total / dims / math.log(2)
 
@@ -208,7 +217,7 @@ def _exact_variance_denoiser(schedule, timesteps):
     """The toy's optimal eps with, as its second C channels, the interpolation that gives the
     true Var(x_{t_prev} | x_t) over the sampler's respaced pair (eq. 15 solved for v)."""
     base = gaussian_denoiser(schedule, MU, S)
-    following = dict(zip(timesteps, timesteps[1:] + [-1]))
+    following = dict(zip(timesteps, timesteps[1:] + [-1], strict=True))
 
     def denoiser(x_t, t):
         eps = base(x_t, t)
@@ -390,8 +399,9 @@ def learned_run(tmp_path_factory, fake_fashion):
 
 
 def test_learned_variance_run_samples_with_its_variance_and_resumes(learned_run, fake_fashion, tmp_path):
-    from conftest import ddpm_in_process as cli
     from ddpm.pipeline import load_pipeline
+
+    from conftest import ddpm_in_process as cli
     pipe = load_pipeline(learned_run)
     assert pipe.config.model.learn_variance and pipe.config.sample.variance == "learned"
     assert pipe.model.conv_out.out_channels == 2

@@ -11,10 +11,18 @@ import torch
 from torchvision.transforms.functional import gaussian_blur
 
 from ddpm.data import load_dataset
-from ddpm.metrics import (INCEPTION_FILE, FeatureExtractor, WeightsNotFoundError,
-                          classifier_extractor, feature_statistics, frechet_distance,
-                          inception_extractor, kernel_distance, precision_recall,
-                          reference_statistics)
+from ddpm.metrics import (
+    INCEPTION_FILE,
+    FeatureExtractor,
+    WeightsNotFoundError,
+    classifier_extractor,
+    feature_statistics,
+    frechet_distance,
+    inception_extractor,
+    kernel_distance,
+    precision_recall,
+    reference_statistics,
+)
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -131,7 +139,7 @@ def _scores(extractor: FeatureExtractor, reference: torch.Tensor, candidates: to
 
 
 def _in_order(scores: dict[str, float], order: list[str]) -> bool:
-    return all(scores[a] < scores[b] for a, b in zip(order, order[1:]))
+    return all(scores[a] < scores[b] for a, b in zip(order, order[1:], strict=False))
 
 
 def _real_fashion() -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,15 +9,23 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ddpm_in_process, write_idx
 from ddpm.classifier import shipped_weights
 from ddpm.config import get_preset
 from ddpm.data import FASHION_MNIST_CLASSES
-from ddpm.guidance import (FORMAT, KIND, NoisyClassifierFile, check_compatible,
-                           classifier_log_prob_grad, evaluation_timesteps, load_noisy_classifier,
-                           train_noisy_classifier)
+from ddpm.guidance import (
+    FORMAT,
+    KIND,
+    NoisyClassifierFile,
+    check_compatible,
+    classifier_log_prob_grad,
+    evaluation_timesteps,
+    load_noisy_classifier,
+    train_noisy_classifier,
+)
 from ddpm.models import UNet, UNetConfig
 from ddpm.models.unet import NoisyClassifier
+
+from conftest import ddpm_in_process, write_idx
 
 # A classifier small enough to train in a second.
 SMALL = UNetConfig(base_channels=8, channel_mults=(1, 2), num_res_blocks=1,

@@ -43,8 +43,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("prediction_type, weighting", [("eps", "uniform"), ("x0", "uniform"),
-                                                        ("v", "uniform"), ("x0", "min-snr"), ("v", "min-snr")])
+@pytest.mark.parametrize("prediction_type, weighting",
+                         [("eps", "uniform"), ("x0", "uniform"), ("v", "uniform"), ("x0", "min-snr"),
+                          ("v", "min-snr")])
 def test_small_model_learns_the_mixture(prediction_type, weighting, one_thread):
     torch.manual_seed(0)
     schedule = make_schedule("cosine", 200)
@@ -107,7 +108,7 @@ def test_loss_matches_its_closed_form(prediction_type, weighting, loss):
     for b, step in enumerate(t.tolist()):
         ab = math.prod(1 - beta for beta in betas[:step + 1])  # index step holds t = step + 1
         errors = []
-        for x, e in zip(x0[b].flatten().tolist(), eps[b].flatten().tolist()):
+        for x, e in zip(x0[b].flatten().tolist(), eps[b].flatten().tolist(), strict=True):
             x_t = math.sqrt(ab) * x + math.sqrt(1 - ab) * e
             target = {"eps": e, "x0": x, "v": math.sqrt(ab) * e - math.sqrt(1 - ab) * x}
             errors.append(elementwise(0.5 * x_t - target[prediction_type]))

@@ -1,8 +1,9 @@
 """Reliability, second round: careless and hostile inputs, and what crashes leave behind.
 
-Each case of issue 18 is driven through the command line with its reproduction, and so are the
-odd inputs tried after it (ODD_INPUTS, beyond the 27 of test_reliability.BAD_INPUT). A bad input
-gets one line, exit code 2, no traceback, and the files already there stay as they were.
+Each case found by a campaign of careless and hostile inputs is driven through the command line
+with its reproduction, and so are the odd inputs tried after it (ODD_INPUTS, beyond the 27 of
+test_reliability.BAD_INPUT). A bad input gets one line, exit code 2, no traceback, and the files
+already there stay as they were.
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ddpm_in_process, snapshot
 from ddpm.checkpoint import load_checkpoint, load_run_or_file
 from ddpm.config import RunConfig, get_preset
+
+from conftest import ddpm_in_process, snapshot
 
 SEED_RANGE = "[0, 9223372036854775806]"
 
 # (command, what its one line must say, what it must not say)
 ODD_INPUTS = [
-    # --- issue 18, item 5: inf is refused where nan is (no float setting means anything by it)
+    # --- inf is refused where nan is (no float setting means anything by it)
     ("sample {root}/run --guidance inf --out {root}/existing.png",
      "argument --guidance: expected a finite number in [0, 100], got inf", ()),
     ("eval {root}/crun --guidance inf", "argument --guidance: expected a finite number in [0, 100]", ()),
@@ -57,12 +59,13 @@ ODD_INPUTS = [
     ("sample {root}/run --out {root}/run", "is a training run's folder; give a new folder", ()),
     ("sample {root}/run --out {root}/s.gif", "sample writes no .gif files", ()),
     ("sample {root}/run --out {root}/s.bmp", "sample writes no .bmp files", ()),
-    # --- the campaign after issue 18 --------------------------------------------------------
+    # --- the campaign that followed ---------------------------------------------------------
     ("train --preset tiny --lr nan --out {root}/new", "argument --lr: expected a finite number > 0", ()),
     ("train --preset tiny --lr -0.1 --out {root}/new", "argument --lr: expected a number > 0, got -0.1", ()),
     ("train --preset tiny --ema-decay 1 --out {root}/new", "expected a number in (0, 1), got 1", ()),
     ("train --preset tiny --batch-size 0 --out {root}/new", "expected a number >= 1, got 0", ()),
-    ("train --preset tiny --channel-mults 1,0 --out {root}/new", "expected a number >= 1, got 0 in '1,0'", ()),
+    ("train --preset tiny --channel-mults 1,0 --out {root}/new",
+     "expected a number >= 1, got 0 in '1,0'", ()),
     ("train --preset tiny --adam-betas 0.9 --out {root}/new",
      "expected 2 comma-separated values such as 0.9,0.999, got '0.9'", ()),
     ("train --preset tiny --adam-betas 0.9,1.5 --out {root}/new", "expected a number in [0, 1), got 1.5", ()),

@@ -1,4 +1,4 @@
-"""Issue 21's levers: power-function EMA with post-hoc reconstruction (Karras et al. 2024), and
+"""Power-function EMA with post-hoc reconstruction (Karras et al. 2024), and
 EDM's preconditioning, log-normal noise levels and loss weights (Karras et al. 2022), against
 closed forms."""
 
@@ -10,10 +10,25 @@ import pytest
 import torch
 from torch import nn
 
-from ddpm.diffusion import (draw_t_eps, edm_weight, eps_x0_from_prediction, min_snr_weight,
-                            precondition, timestep_probs, training_loss, v_from_eps_x0)
-from ddpm.posthoc import (PowerEMA, gamma_from_std, list_snapshots, power_weights, reconstruct,
-                          solve_posthoc, std_from_gamma)
+from ddpm.diffusion import (
+    draw_t_eps,
+    edm_weight,
+    eps_x0_from_prediction,
+    min_snr_weight,
+    precondition,
+    timestep_probs,
+    training_loss,
+    v_from_eps_x0,
+)
+from ddpm.posthoc import (
+    PowerEMA,
+    gamma_from_std,
+    list_snapshots,
+    power_weights,
+    reconstruct,
+    solve_posthoc,
+    std_from_gamma,
+)
 from ddpm.schedules import make_schedule
 
 # --- the power EMA's profile -----------------------------------------------------------------------
@@ -275,9 +290,11 @@ def posthoc_run(tmp_path_factory, fake_fashion):
     return out
 
 
-def test_training_keeps_snapshots_that_rebuild_its_averages_and_resume_exactly(posthoc_run, fake_fashion, tmp_path):
-    from conftest import ddpm_in_process as cli
+def test_training_keeps_snapshots_that_rebuild_its_averages_and_resume_exactly(posthoc_run, fake_fashion,
+                                                                               tmp_path):
     from ddpm.checkpoint import load_checkpoint
+
+    from conftest import ddpm_in_process as cli
     assert [s for s, _ in list_snapshots(posthoc_run)] == [2, 4, 6]
     state = load_checkpoint(posthoc_run / "checkpoints" / "ckpt-00000006.pt")
     assert [p["std"] for p in state["posthoc_ema"]] == [0.05, 0.2]
@@ -297,7 +314,7 @@ def test_training_keeps_snapshots_that_rebuild_its_averages_and_resume_exactly(p
     assert r.returncode == 0, r.stderr
     a, b = (torch.load(run / "ema" / "snapshot-00000006.pt", weights_only=True)
             for run in (posthoc_run, partial))
-    for pa, pb in zip(a["profiles"], b["profiles"]):
+    for pa, pb in zip(a["profiles"], b["profiles"], strict=True):
         assert pa["num_updates"] == pb["num_updates"] == 6
         for name in pa["weights"]:
             assert torch.equal(pa["weights"][name], pb["weights"][name]), name
@@ -305,6 +322,7 @@ def test_training_keeps_snapshots_that_rebuild_its_averages_and_resume_exactly(p
 
 def test_posthoc_command_scores_lengths_and_writes_the_best_as_a_sampleable_checkpoint(posthoc_run, tmp_path):
     import json
+
     from conftest import ddpm_in_process as cli
     out = tmp_path / "best.pt"
     r = cli("posthoc-ema", posthoc_run, "--std", "0.05,0.1", "--n", "128", "--steps", "2",
@@ -351,12 +369,13 @@ def test_posthoc_command_refuses_bad_requests_in_one_line(posthoc_run, world, tm
 def test_training_step_and_pipeline_call_the_network_through_the_preconditioning(fake_fashion, tmp_path):
     import dataclasses
 
-    from conftest import ddpm_in_process as cli
     from ddpm import get_preset
     from ddpm.models import UNet
     from ddpm.pipeline import load_pipeline
     from ddpm.runtime import make_accelerator
     from ddpm.step import train_step
+
+    from conftest import ddpm_in_process as cli
 
     # the training step's loss is the preconditioned network's (lr 0: the weights stay)
     config = get_preset("tiny")
@@ -445,8 +464,9 @@ def test_formulation_edm_lays_its_settings_over_the_preset_and_the_options_win(t
 
 
 def test_a_run_of_the_edm_formulation_trains_samples_and_resumes(fake_fashion, tmp_path):
-    from conftest import ddpm_in_process as cli
     from ddpm.pipeline import load_pipeline
+
+    from conftest import ddpm_in_process as cli
 
     run = tmp_path / "edm"
     r = cli("train", "--preset", "tiny", "--formulation", "edm", "--sigma-data", "0.8",
@@ -469,5 +489,6 @@ def test_a_run_of_the_edm_formulation_trains_samples_and_resumes(fake_fashion, t
                plain, "--no-progress").returncode == 0
     before = sorted(p.name for p in (plain / "checkpoints").iterdir())
     r = cli("train", "--resume", plain, "--formulation", "edm", "--steps", "2", "--no-progress")
-    assert r.returncode == 2 and "changes diffusion.preconditioning from 'none' to 'edm'" in r.stderr, r.stderr
+    assert r.returncode == 2, r.stderr
+    assert "changes diffusion.preconditioning from 'none' to 'edm'" in r.stderr, r.stderr
     assert sorted(p.name for p in (plain / "checkpoints").iterdir()) == before

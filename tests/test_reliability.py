@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ddpm_in_process, snapshot
 from ddpm import get_preset, train
-from ddpm.checkpoint import (CheckpointError, list_checkpoints, load_checkpoint,
-                             load_run_or_file)
+from ddpm.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_run_or_file
+
+from conftest import ddpm_in_process, snapshot
 
 
 def tiny_config(data_dir, **train_overrides):
@@ -330,7 +330,7 @@ def test_sigkill_during_checkpoint_and_log_writes_never_loses_the_run(tmp_path, 
     written, with a metrics line written every step: a checkpoint always loads, every round
     resumes, and resuming reaches the uninterrupted run's weights. A kill lands between the
     bytes of one 150-byte line write too rarely to schedule, so in every third round the last
-    line is cut where such a kill would cut it (issue 18: that made a run unresumable)."""
+    line is cut where such a kill would cut it (such a cut line once made a run unresumable)."""
     steps = 40
     args = ("--preset", "tiny", "--data-dir", fake_fashion, "--steps", steps, "--checkpoint-every",
             1, "--keep-checkpoints", 2, "--sample-every", 0, "--log-every", 1, "--threads", 1,
@@ -347,7 +347,7 @@ def test_sigkill_during_checkpoint_and_log_writes_never_loses_the_run(tmp_path, 
             break
         p = ddpm_process("train", *(("--resume", run) if resume else ("--out", run)), *args)
         # let it get going: a checkpoint newer than the one it started from
-        wait_for(lambda: any(int(c.stem[5:]) > start_step for c in list_checkpoints(run)), p)
+        wait_for(lambda start=start_step: any(int(c.stem[5:]) > start for c in list_checkpoints(run)), p)
         if round_ % 2:  # as soon as a checkpoint's temporary file is seen
             wait_for(lambda: any(f.name.endswith(".tmp") for f in folder.iterdir()), p, poll=0.001)
         else:

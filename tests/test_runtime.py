@@ -6,10 +6,15 @@ import dataclasses
 import pytest
 import torch
 
-from ddpm import get_preset
-from ddpm import runtime
-from ddpm.runtime import (autocast, cpu_bf16_flag, resolve_device, resolve_precision,
-                          torch_state_kept, training_precision)
+from ddpm import get_preset, runtime
+from ddpm.runtime import (
+    autocast,
+    cpu_bf16_flag,
+    resolve_device,
+    resolve_precision,
+    torch_state_kept,
+    training_precision,
+)
 from ddpm.train import train
 
 

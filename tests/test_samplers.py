@@ -25,7 +25,7 @@ def exact_output_moments(schedule, timesteps, mu, s, variance):
     ab = schedule.alphas_cumprod.tolist()
     m, v = 0.0, 1.0
     ts = list(timesteps)
-    for t, tp in zip(ts, ts[1:] + [-1]):
+    for t, tp in zip(ts, ts[1:] + [-1], strict=True):
         a, ap = ab[t], (ab[tp] if tp >= 0 else 1.0)
         beta = 1 - a / ap
         d = a * s * s + 1 - a
@@ -127,7 +127,7 @@ def test_timesteps_are_validated():
 from ddpm.diffusion import eps_x0_from_prediction, training_target  # noqa: E402
 from ddpm.samplers import DEFAULT_SPACING, SAMPLERS, get_sampler  # noqa: E402
 
-# Step counts suited to each sampler (issue 3) and the discretisation tolerance on the output std,
+# Step counts suited to each sampler and the discretisation tolerance on the output std,
 # from the order-of-convergence measurements below (error ~ C / N^p on the linear schedule):
 # DDIM and Euler at 100 steps are 3% off, DPM-Solver++(2M) at 20 steps 1.5%, Heun at 20 steps 5%.
 STEPS_AND_STD_TOLERANCE = {"ddpm": (1000, 0.01), "ddim": (100, 0.04), "euler": (100, 0.04),
@@ -194,9 +194,9 @@ def test_order_of_convergence(name, order):
     # least-squares slope of log(error) against log(steps)
     xs, ys = [math.log(n) for n in steps], [math.log(e) for e in errors]
     xm, ym = sum(xs) / len(xs), sum(ys) / len(ys)
-    slope = sum((a - xm) * (b - ym) for a, b in zip(xs, ys)) / sum((a - xm) ** 2 for a in xs)
+    slope = sum((a - xm) * (b - ym) for a, b in zip(xs, ys, strict=True)) / sum((a - xm) ** 2 for a in xs)
     assert -slope == pytest.approx(order, abs=0.3), f"errors {errors}"
-    assert all(a > b for a, b in zip(errors, errors[1:])), f"errors {errors}"
+    assert all(a > b for a, b in zip(errors, errors[1:], strict=False)), f"errors {errors}"
 
 
 def churn_output_moments(schedule, timesteps, mu, s, churn, second_order):
@@ -219,7 +219,7 @@ def churn_output_moments(schedule, timesteps, mu, s, churn, second_order):
     gamma = min(churn / len(ts), math.sqrt(2) - 1)
     top = sigma(schedule.num_train_timesteps - 1)
     m, v = -mu, 1 / schedule.alpha_bar_scalar(ts[0])  # x_hat_T = x_T / sqrt(ab_T), x_T ~ N(0, I)
-    for t, t_prev in zip(ts, ts[1:] + [-1]):
+    for t, t_prev in zip(ts, ts[1:] + [-1], strict=True):
         level, level_prev = sigma(t), sigma(t_prev)
         if gamma > 0 and CHURN_SIGMA_MIN <= level <= CHURN_SIGMA_MAX:
             raised = min((1 + gamma) * level, top)
@@ -352,7 +352,7 @@ def test_ddim_eta_one_matches_ancestral_law():
 def test_spacings_are_descending_and_in_range(spacing, n):
     schedule = make_schedule("linear", 1000)
     ts = make_timesteps(1000, n, spacing, schedule=schedule)
-    assert len(ts) == n and all(a > b for a, b in zip(ts, ts[1:]))
+    assert len(ts) == n and all(a > b for a, b in zip(ts, ts[1:], strict=False))
     assert 0 <= ts[-1] and ts[0] <= 999
     if spacing == "trailing":
         assert ts[0] == 999

@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,11 +25,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ddpm_in_process as cli
-from conftest import snapshot
 from ddpm.pipeline import load_pipeline
 from ddpm.serve import Limits, WebServer
 from ddpm.viz import read_animation
+
+from conftest import ddpm_in_process as cli
+from conftest import snapshot
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
@@ -285,7 +287,7 @@ BAD = [  # body (or raw bytes), HTTP status, what the message must say
     # nesting beyond the parser's depth, and a body beyond any request's size
     (b"[" * 100_000, 400, "the request body is nested too deeply; send one flat JSON object"),
     (b'{"n": ' + b"[" * 100_000, 400, "the request body is nested too deeply"),
-    (b'{"n": ' + b"1" * 4000 + b"}", 400, "got 111111111111111111111111... (4000 digits)"),
+    (b'{"n": ' + b"1" * 4000 + b"}", 400, "got 111111111111111111111111... (4,000 digits)"),
     # a seed out of range says the range, and never echoes a huge value in full
     ({"seed": 1e300}, 400, "seed must be from 0 to 9223372036854775806, got 1e+300"),
     ({"seed": 10**300}, 400, "seed must be from 0 to 9223372036854775806, got "
@@ -391,7 +393,7 @@ ODD_REQUESTS = [  # method, path, headers, body, the status and what its message
     ("GET", "/api/jobs/1/grid.png/more", {}, b"", 404, 'nothing at "/api/jobs/1/grid.png/more"'),
     ("GET", "/api/jobs/1/..%2F..%2Fconfig.json", {}, b"", 404, "nothing at"),
     ("GET", "/api/jobs/" + "9" * 5000 + "/grid.png", {}, b"", 404,
-     '(5000 characters) is not among those this server keeps'),
+     '(5,000 characters) is not among those this server keeps'),
     ("GET", "/api/jobs/-1/grid.png", {}, b"", 404, 'generation "-1" is not among those'),
     ("GET", "/api/jobs/1/" + "g" * 3000, {}, b"", 404, "is not among those this server keeps"),
     ("POST", "/api/generate?n=1000&steps=1", JSON, b"{}", 400,
@@ -412,9 +414,9 @@ ODD_REQUESTS = [  # method, path, headers, body, the status and what its message
     ("POST", "/api/generate", JSON, b'{"class": -1}', 400,
      "class must be from 0 to 9 (this model's classes), got -1"),
     ("POST", "/api/generate", JSON, json.dumps({"sampler": "x" * 10_000}).encode(), 400,
-     'unknown sampler "xxxxxxxxxxxxxxxxxxxxxxx... (10000 characters); choose one of'),
+     'unknown sampler "xxxxxxxxxxxxxxxxxxxxxxx... (10,000 characters); choose one of'),
     ("POST", "/api/generate", JSON, json.dumps({"y" * 10_000: 1}).encode(), 400,
-     'unknown field "yyyyyyyyyyyyyyyyyyyyyyy... (10000 characters); the fields are n, steps'),
+     'unknown field "yyyyyyyyyyyyyyyyyyyyyyy... (10,000 characters); the fields are n, steps'),
     ("POST", "/api/generate", JSON, b'{"n": 1' + b" " * 2**21 + b"}", 413,
      "the request body is over 1048576 bytes"),
     ("POST", "/api/generate", JSON, b'"{}"', 400, 'e.g. {} for the defaults; got "{}"'),
@@ -557,15 +559,21 @@ def test_guidance_at_its_bound_gives_finite_images(world, tmp_path):
 def test_eight_concurrent_requests_complete_in_queue_order(slow_server):
     c = Client(slow_server.url, timeout=120)
     results: dict[int, dict] = {}
+    admitted = [threading.Event() for _ in range(8)]
 
     def one(i: int) -> None:
-        time.sleep(0.05 * i)  # arrive in order i, while the first ones still run
+        # arrive in order i, while the first ones still run: each waits until the one before it
+        # was admitted (a fixed delay is not an order on a loaded machine)
+        if i and not admitted[i - 1].wait(60):
+            raise AssertionError(f"request {i - 1} was never admitted")
         conn, r = c.open_stream({"steps": 10, "n": 2, "seed": i})
         events = []
         try:
             for kind, data in c.events(r):
                 events.append((kind, data, time.monotonic()))
+                admitted[i].set()
         finally:
+            admitted[i].set()  # a failed request does not hold the others for a minute
             conn.close()
         results[i] = {"job": events[0][1]["job"], "events": events}
 

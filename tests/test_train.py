@@ -5,10 +5,16 @@ import pytest
 import torch
 
 from ddpm import get_preset, train
+from ddpm.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    list_checkpoints,
+    load_checkpoint,
+    load_run_or_file,
+    save_checkpoint,
+)
 from ddpm.config import resolve
 from ddpm.data import load_dataset
-from ddpm.checkpoint import (CheckpointError, atomic_save, list_checkpoints, load_checkpoint,
-                             load_run_or_file, save_checkpoint)
 from ddpm.diffusion import q_sample
 from ddpm.models import UNet, UNetConfig
 from ddpm.schedules import make_schedule
@@ -236,9 +242,9 @@ def test_the_sync_free_step_equals_a_straightforward_one(fake_fashion):
             updates += 1
     assert updates == 5 and run.ema.num_updates == 5
     for mine, theirs in ((run.net, net), (run.ema.model, ema)):
-        for (name, a), b in zip(mine.state_dict().items(), theirs.state_dict().values()):
+        for (name, a), b in zip(mine.state_dict().items(), theirs.state_dict().values(), strict=True):
             assert torch.equal(a, b), name
-    for a, b in zip(run.optimizer.state.values(), opt.state.values()):
+    for a, b in zip(run.optimizer.state.values(), opt.state.values(), strict=True):
         assert all(torch.equal(a[k], b[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
 
 
@@ -274,7 +280,7 @@ def test_a_compile_that_fails_falls_back_to_eager_with_one_warning(fake_fashion,
         else:
             for _ in range(2):
                 runs[compile_].update(runs[compile_].next_batches(), 1e-3)
-    for a, b in zip(runs[True].net.parameters(), runs[False].net.parameters()):
+    for a, b in zip(runs[True].net.parameters(), runs[False].net.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -297,9 +303,10 @@ def test_a_run_forecasts_its_length_after_its_first_steps(fake_fashion, tmp_path
     """After FORECAST_STEPS timed steps the run says how long it will take: the steps left at
     the rate measured, and the network evaluations its previews, FID and final grid will spend
     at the rate of one evaluation timed then (here fixed at 0.3 s, so the sampling part is exact)."""
-    from conftest import ddpm_in_process
     from ddpm.pipeline import Pipeline
     from ddpm.train import FORECAST_STEPS
+
+    from conftest import ddpm_in_process
 
     monkeypatch.setattr(Pipeline, "seconds_per_evaluation", lambda self, **kw: 0.3)
     steps, every, n, sample_steps = FORECAST_STEPS + 11, 20, 4, 5

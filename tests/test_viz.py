@@ -8,14 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ddpm_in_process
 from ddpm.data import load_dataset, to_model_range, to_uint8
 from ddpm.pipeline import load_pipeline
+from ddpm.rundir import PREVIEW_SEED, PROGRESS_FILE
 from ddpm.samplers import initial_noise
 from ddpm.schedules import make_schedule
-from ddpm.rundir import PREVIEW_SEED, PROGRESS_FILE
-from ddpm.viz import (forward_noised, frame_grid, read_animation, reverse_frames, save_animation,
-                      upscale)
+from ddpm.viz import forward_noised, frame_grid, read_animation, reverse_frames, save_animation, upscale
+
+from conftest import ddpm_in_process
 
 
 def ddpm(*args):
@@ -64,10 +64,10 @@ def test_forward_strip_starts_at_the_data_and_its_variance_follows_the_schedule(
         assert torch.allclose(strip[k].double(), expected, rtol=0, atol=1e-5), t  # float32 roots
     var0 = x0.var().item()
     variances = [strip[k].var().item() for k in range(len(ts))]
-    for t, v in zip(ts, variances):
+    for t, v in zip(ts, variances, strict=True):
         expected = alpha_bar[t].item() * var0 + 1 - alpha_bar[t].item()
         assert v == pytest.approx(expected, rel=0.02), t  # 200k iid values: std error ~0.3%
-    assert all(a < b for a, b in zip(variances, variances[1:]))  # grows with t
+    assert all(a < b for a, b in zip(variances, variances[1:], strict=False))  # grows with t
     # and the pixels at t = 999 are almost all noise: correlation with x0 is sqrt(alpha_bar) small
     corr = torch.corrcoef(torch.stack([strip[-1].flatten(), x0.flatten()]))[0, 1].item()
     assert abs(corr) < 0.05
@@ -270,7 +270,8 @@ def test_our_grid_and_png_are_torchvisions(shape, nrow, padding, pad_value):
     the command line the import of torchvision)."""
     import io
 
-    from torchvision.utils import make_grid as torchvision_grid, save_image
+    from torchvision.utils import make_grid as torchvision_grid
+    from torchvision.utils import save_image
 
     from ddpm.viz import _image_bytes, make_grid
 

@@ -7,13 +7,26 @@ The Python API mirrors the command line::
 
 __version__ = "0.2.0"
 
-from .config import (DataConfig, DiffusionConfig, RunConfig, SampleConfig, TrainConfig, get_preset,
-                     with_overrides)
+from .config import (
+    DataConfig,
+    DiffusionConfig,
+    RunConfig,
+    SampleConfig,
+    TrainConfig,
+    get_preset,
+    with_overrides,
+)
 from .diffusion import q_posterior, q_sample, training_loss
 from .models import UNet, UNetConfig
 from .pipeline import Pipeline, load_pipeline
-from .samplers import (ancestral_sample, ddim_sample, dpmpp_2m_sample, euler_sample, heun_sample,
-                       make_timesteps)
+from .samplers import (
+    ancestral_sample,
+    ddim_sample,
+    dpmpp_2m_sample,
+    euler_sample,
+    heun_sample,
+    make_timesteps,
+)
 from .schedules import NoiseSchedule, make_schedule
 from .train import train
 

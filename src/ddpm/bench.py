@@ -10,9 +10,11 @@ against a ceiling measured here rather than a datasheet.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -21,9 +23,15 @@ from .config import RunConfig
 from .data import ImageData
 from .models import count_parameters
 from .pipeline import Pipeline, sampling_probe
-from .runtime import (autocast, make_accelerator, precision_and_reason, processor_name,
-                      resolve_device, torch_state_kept, training_precision)
-from .train import Training, build_training, training_probe
+from .runtime import (
+    autocast,
+    make_accelerator,
+    precision_and_reason,
+    processor_name,
+    resolve_device,
+    torch_state_kept,
+)
+from .train import Training, build_training
 
 
 @dataclass(frozen=True)
@@ -39,8 +47,10 @@ class BenchResult:
     train_images_per_s: float  # in ``precision``
     train_steps: int  # timed optimiser steps in ``precision``
     sample_batch_size: int
-    sample_images_per_s: float  # in ``sample_precision``: images through one network evaluation a second
-    rates: dict[str, dict[str, float]]  # fp32, bf16 (and fp16 when used): {"train": images/s, "sample": images/s}
+    # in ``sample_precision``: images through one network evaluation a second
+    sample_images_per_s: float
+    # fp32, bf16 (and fp16 when used): {"train": images/s, "sample": images/s}
+    rates: dict[str, dict[str, float]]
     forward_gflops_per_image: float  # counted by torch's FLOP counter (matmuls and convolutions)
     train_gflops_per_image: float  # forward + backward of the training step, counted likewise
     achieved_gflops: float  # train_gflops_per_image * train_images_per_s
@@ -54,7 +64,8 @@ class BenchResult:
         return asdict(self)
 
 
-def _timed(step: Callable[[], Any], seconds: float, warmup: int, sync: Callable[[], None]) -> tuple[int, float]:
+def _timed(step: Callable[[], Any], seconds: float, warmup: int,
+           sync: Callable[[], None]) -> tuple[int, float]:
     """Run ``step`` ``warmup`` times, then for at least ``seconds``; returns (calls, seconds)."""
     for _ in range(warmup):
         step()
@@ -81,7 +92,8 @@ def peak_matmul_gflops(dtype: torch.dtype, device: torch.device, *, seconds: flo
     for n in sizes:
         a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
         out = torch.empty(n, n, device=device, dtype=dtype)
-        calls, elapsed = _timed(lambda: torch.mm(a, b, out=out), seconds / len(sizes), 1, sync)
+        product = functools.partial(torch.mm, a, b, out=out)  # binds this n's tensors
+        calls, elapsed = _timed(product, seconds / len(sizes), 1, sync)
         best = max(best, 2 * n**3 * calls / elapsed / 1e9)
         if elapsed / calls > seconds / 10:
             break
@@ -123,13 +135,12 @@ def bench(
         run = build_training(config, make_accelerator(device), device,
                              lambda: _synthetic_data(config, 8 * tc.batch_size))
         sync = _synchronizer(device)
-        m = config.model
-        x = torch.randn(sample_batch_size, m.in_channels, m.image_size, m.image_size, device=device)
-        t = torch.full((sample_batch_size,), run.schedule.num_train_timesteps // 2, device=device)
-        sampling = Pipeline(run.ema.model, run.schedule, config, 0, device)
+        ema = run.ema
+        assert ema is not None  # build_training keeps one by default
+        sampling = Pipeline(ema.model, run.schedule, config, 0, device)
+        x, t = sampling.probe_input(sample_batch_size)
         sample_precision, sample_why = precision_and_reason(tc.precision, device,
                                                             sampling_probe(sampling))
-        _, why = training_precision(tc.precision, device, training_probe(config, device))
         rates: dict[str, dict[str, float]] = {}
         steps: dict[str, int] = {}
         # fp16 (CUDA only) is timed too when the run or sampling computes in it
@@ -151,7 +162,7 @@ def bench(
 
             def one_evaluation(precision: str = precision) -> None:
                 with torch.inference_mode(), autocast(device, precision):
-                    run.ema.model(x, t)
+                    ema.model(x, t)
 
             calls, elapsed = _timed(one_evaluation, seconds, 2, sync)
             rates[precision] = {"train": train_rate, "sample": calls * sample_batch_size / elapsed}
@@ -159,7 +170,7 @@ def bench(
         plain = dataclasses.replace(run, model=run.net)
         train_gflops = count_gflops(lambda: plain.update(plain.next_batches(), tc.lr)) / (
             tc.batch_size * tc.grad_accum)
-        forward_gflops = count_gflops(lambda: run.ema.model(x, t)) / sample_batch_size
+        forward_gflops = count_gflops(lambda: ema.model(x, t)) / sample_batch_size
 
         progress(f"peak matmul: float32 and bfloat16, {peak_seconds:g} s each")
         peak32 = peak_matmul_gflops(torch.float32, device, seconds=peak_seconds)
@@ -169,7 +180,7 @@ def bench(
     achieved = train_gflops * train_rate
     return BenchResult(
         params=count_parameters(run.net), batch_size=tc.batch_size, precision=run.precision,
-        precision_why=why, sample_precision=sample_precision, sample_precision_why=sample_why,
+        precision_why=run.precision_why, sample_precision=sample_precision, sample_precision_why=sample_why,
         threads=threads, device=str(device),
         train_images_per_s=train_rate, train_steps=steps[run.precision],
         sample_batch_size=sample_batch_size, sample_images_per_s=sample_rate, rates=rates,

@@ -24,8 +24,9 @@ import tempfile
 import time
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -365,7 +366,7 @@ class TrainState:
                     f"{path} keeps power EMAs of lengths {[p['std'] for p in saved]} but the run's "
                     f"config asks for {[a.std for a in self.posthoc]}; resume with the run's own "
                     f"--posthoc-ema")
-            for average, profile in zip(self.posthoc, saved):
+            for average, profile in zip(self.posthoc, saved, strict=True):
                 average.load_profile(profile)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler"):

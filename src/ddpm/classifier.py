@@ -128,7 +128,7 @@ def load_classifier(dataset: str, path: str | os.PathLike | None = None) -> Clas
 def accuracy(model: SmallCNN, data: ImageData, batch_size: int = 1000) -> float:
     model.eval()
     correct = 0
-    for images, labels in zip(data.images.split(batch_size), data.labels.split(batch_size)):
+    for images, labels in zip(data.images.split(batch_size), data.labels.split(batch_size), strict=True):
         correct += int((model(to_model_range(images)).argmax(1) == labels).sum())
     return correct / len(data)
 

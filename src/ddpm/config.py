@@ -20,13 +20,18 @@ from typing import Any
 
 from .data.registry import CROPS, DATASETS, SPLITS, check_options
 from .data.registry import resolve as resolve_data
-from .diffusion import (LOSS_WEIGHTINGS, LOSSES, PRECONDITIONINGS, PREDICTION_TYPES,
-                        TIMESTEP_SAMPLINGS, VARIANCES)
+from .diffusion import (
+    LOSS_WEIGHTINGS,
+    LOSSES,
+    PRECONDITIONINGS,
+    PREDICTION_TYPES,
+    TIMESTEP_SAMPLINGS,
+    VARIANCES,
+)
 from .models import UNetConfig
 from .samplers import SAMPLERS, SPACINGS
 from .schedules import SCHEDULES, NoiseSchedule, make_schedule
-from .settings import (SEED_MAX, check_fields, coerce, cut, names, setting, settings_of,
-                       shown)
+from .settings import SEED_MAX, check_fields, coerce, cut, names, setting, settings_of, shown
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -99,7 +104,7 @@ class DataConfig:
     """What to train on; :func:`resolve` fills in the Nones from the dataset's own facts."""
 
     dataset: str = setting("fashion-mnist", flag="--dataset", choices=DATASETS,
-                           help="training data; the README has a section on each")
+                           help="training data; docs/datasets.md has a section on each")
     data_dir: str | None = setting(
         None, flag="--data-dir", metavar="DIR",
         help="the dataset's folder (default: /usr/share/datasets/fashion-mnist for "
@@ -331,7 +336,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "RunConfig":
+    def from_dict(d: dict[str, Any]) -> RunConfig:
         """Inverse of :meth:`to_dict`. Missing keys keep their defaults; an unknown key or a
         value of the wrong type raises ValueError naming it (and the valid names).
 
@@ -447,9 +452,11 @@ def _checked(section: str, values: dict[str, Any]) -> dict[str, Any]:
 def fit_model(model: UNetConfig, data: DataConfig) -> UNetConfig:
     """The U-Net reshaped for the (resolved) data: its channels and image size, with attention
     kept at the same levels (a 28 px preset's 7 px is 8 px of 32 px images)."""
+    assert data.image_size is not None and data.channels is not None  # resolve_data() filled them
     if model.image_size == data.image_size:
         return dataclasses.replace(model, in_channels=data.channels)
-    levels = zip(model.level_sizes(), dataclasses.replace(model, image_size=data.image_size).level_sizes())
+    new_sizes = dataclasses.replace(model, image_size=data.image_size).level_sizes()
+    levels = zip(model.level_sizes(), new_sizes, strict=True)
     attention = tuple(new for old, new in levels if old in model.attention_resolutions)
     return dataclasses.replace(model, in_channels=data.channels, image_size=data.image_size,
                                attention_resolutions=attention)
@@ -572,7 +579,7 @@ def _fashion_cpu() -> RunConfig:
     # per image than 128 and, with a cosine decay from 2e-3, reached the lowest held-out loss;
     # v-prediction with min-SNR-5 weighting (and no flips, data.resolve) lowered FID at equal
     # steps from 22.1 to 13.3, where eps with uniform weights had won on held-out loss alone.
-    # The shape (issue 21; BENCHMARKS.md, "EDM's preconditioning and the model's shape at 15
+    # The shape (BENCHMARKS.md, "EDM's preconditioning and the model's shape at 15
     # minutes" and "Cheaper still: 16 / 32 / 48"): at this budget steps beat width. A first
     # level cheaper than the others and attention only in the middle block (16 / 48 / 48)
     # trained 1.4x the steps of the earlier 24 / 48 / 48 with attention at 7 px in 15 bf16

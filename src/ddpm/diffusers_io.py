@@ -31,14 +31,24 @@ import re
 import shutil
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from types import ModuleType
+from typing import Any
 
 import torch
 from torch import nn
 
-from .checkpoint import (CHECKPOINT_DIR, checkpoint_config, load_run_or_file, load_weights,
-                         read_torch_file, run_of, unwritable)
+from . import settings
+from .checkpoint import (
+    CHECKPOINT_DIR,
+    checkpoint_config,
+    load_run_or_file,
+    load_weights,
+    read_torch_file,
+    run_of,
+    unwritable,
+)
 from .config import DiffusionConfig, RunConfig, SampleConfig, build_schedule
 from .models import UNet
 from .models.unet import AttentionBlock, UNetConfig
@@ -60,7 +70,7 @@ class ExportError(ValueError):
     """A model or folder diffusers and ddpm cannot exchange; the message says why, in one line."""
 
 
-def require_diffusers(what: str):
+def require_diffusers(what: str) -> ModuleType:
     """The diffusers module, or a ValueError naming the extra that installs it."""
     try:
         import diffusers
@@ -143,7 +153,7 @@ def unet2d_config(mc: UNetConfig, model: UNet) -> dict[str, Any]:
 # Our parameter names -> UNet2DModel's, by the position of each tensor in the network.
 _BLOCK_PARTS = {"norm1": "norm1", "conv1": "conv1", "time_proj": "time_emb_proj", "norm2": "norm2",
                 "conv2": "conv2", "skip": "conv_shortcut"}
-_RENAMES = [
+_RENAMES: list[tuple[str, str | Callable[[re.Match[str]], str]]] = [
     (r"time_mlp\.0\.", "time_embedding.linear_1."),
     (r"time_mlp\.2\.", "time_embedding.linear_2."),
     (r"class_emb\.", "class_embedding."),
@@ -174,7 +184,7 @@ def to_unet2d_weights(model: UNet) -> dict[str, torch.Tensor]:
             part, kind = name.rsplit(".", 2)[-2:]  # e.g. ("qkv", "weight")
             base = name[: -len(f"{part}.{kind}")]
             if part == "qkv":
-                for key, chunk in zip(("to_q", "to_k", "to_v"), tensor.chunk(3, dim=0)):
+                for key, chunk in zip(("to_q", "to_k", "to_v"), tensor.chunk(3, dim=0), strict=True):
                     out[f"{base}{key}.{kind}"] = chunk.flatten(1) if kind == "weight" else chunk
                 continue
             if part == "proj":
@@ -438,9 +448,8 @@ def diffusers_betas(sc: dict[str, Any]) -> torch.Tensor:
 
 def _shown(value: Any, limit: int = 40) -> str:
     """``value`` as its JSON file spells it (null, NaN, [1, 2]; a string quoted as Python
-    quotes it), cut to ``limit`` characters."""
-    text = repr(value) if isinstance(value, str) else json.dumps(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    quotes it, as the names in these messages are), cut (``settings.shown``)."""
+    return settings.shown(value, limit, "python" if isinstance(value, str) else "json")
 
 
 def _regular_file(path: Path, shown: str) -> int:
@@ -535,7 +544,7 @@ def _folder_parts(folder: Path) -> tuple[Path, Path, str | None]:
                       "writes it: model_index.json, unet/ and scheduler/")
 
 
-def _unet_settings(diffusers, uc: dict[str, Any], shown: str) -> dict[str, Any]:
+def _unet_settings(diffusers: ModuleType, uc: dict[str, Any], shown: str) -> dict[str, Any]:
     """The settings UNet2DModel is built with: its defaults under the keys of ``uc`` it takes
     (others are ignored, as diffusers ignores them); an ExportError, naming the key and its
     value, for a model ddpm cannot sample or one that would be enormous to build."""
@@ -578,7 +587,7 @@ def _unet_settings(diffusers, uc: dict[str, Any], shown: str) -> dict[str, Any]:
     return c
 
 
-def _check_scheduler(diffusers, sc: dict[str, Any], shown: str, named: str | None) -> None:
+def _check_scheduler(diffusers: ModuleType, sc: dict[str, Any], shown: str, named: str | None) -> None:
     """An ExportError, naming the key and its value, for a scheduler config that defines no
     DDPM noise schedule or one ddpm cannot sample; ``named`` is the class model_index.json
     gives it (diffusers loads that one)."""
@@ -590,7 +599,8 @@ def _check_scheduler(diffusers, sc: dict[str, Any], shown: str, named: str | Non
     if not isinstance(cls, type):
         raise ExportError(f"its scheduler {_shown(name)} is none that diffusers "
                           f"{diffusers.__version__} has")
-    if "beta_schedule" not in inspect.signature(cls.__init__).parameters:
+    # (cls is a class here, so __init__ is its own; mypy guards against reading an instance's)
+    if "beta_schedule" not in inspect.signature(cls.__init__).parameters:  # type: ignore[misc]
         raise ExportError(f"its scheduler {name} has no beta schedule; ddpm samples models "
                           f"trained on one (DDPMScheduler, DDIMScheduler, ...)")
     T = _setting(sc, shown, "num_train_timesteps", 1000, lambda v: _is_int(v, 2, MAX_TIMESTEPS),
@@ -621,8 +631,8 @@ def _saved_run(folder: Path) -> dict[str, Any]:
     """What 'ddpm export' wrote beside diffusers' files (ddpm.json), checked; {} without one."""
     if not os.path.lexists(folder / RUN_CONFIG_FILE):
         return {}
-    saved = _read_json(folder, RUN_CONFIG_FILE, advice=f"delete it to sample by the diffusers "
-                                                    f"configs alone")
+    saved = _read_json(folder, RUN_CONFIG_FILE, advice="delete it to sample by the diffusers "
+                                                    "configs alone")
     _setting(saved, RUN_CONFIG_FILE, "config", None, lambda v: v is None or isinstance(v, dict),
              "the run's config, a JSON object")
     _setting(saved, RUN_CONFIG_FILE, "step", 0, lambda v: _is_int(v, 0), "an integer >= 0")
@@ -714,7 +724,7 @@ def _read_weights(folder: Path, unet_dir: Path) -> tuple[dict[str, torch.Tensor]
     return weights, binary.as_posix()
 
 
-def _load_unet(diffusers, folder: Path, unet_dir: Path, uc: dict[str, Any]) -> nn.Module:
+def _load_unet(diffusers: ModuleType, folder: Path, unet_dir: Path, uc: dict[str, Any]) -> nn.Module:
     """UNet2DModel of the checked settings ``uc``, its weights read without running code and
     checked tensor by tensor against the shapes the settings give."""
     weights, shown = _read_weights(folder, unet_dir)
@@ -789,7 +799,7 @@ def _config_from_diffusers(uc: dict[str, Any], sc: dict[str, Any], saved: dict |
         ours = (base.model.in_channels, base.model.image_size, base.model.learn_variance,
                 base.diffusion.num_train_timesteps, base.diffusion.prediction_type)
         if ours != (C, size, learned, T, prediction):
-            def facts(c, s, lv, t, p):
+            def facts(c: int, s: int, lv: bool, t: int, p: str) -> str:
                 variance = "a learned" if lv else "a fixed"
                 return f"{c}x{s}x{s} images, {variance} variance, T = {t}, {p}"
             raise ExportError(f"{RUN_CONFIG_FILE} describes {facts(*ours)}, its diffusers "

@@ -13,7 +13,8 @@ that learns its variances outputs ``[B, 2C, H, W]``: its prediction, then the in
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -276,7 +277,7 @@ def precondition(network: Callable[..., torch.Tensor], schedule: NoiseSchedule,
         raise ValueError(f"unknown prediction type {prediction_type!r}; choose one of "
                          f"{', '.join(PREDICTION_TYPES)}")
 
-    def preconditioned(x_t: torch.Tensor, t: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def preconditioned(x_t: torch.Tensor, t: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         steps = t.to(schedule.alphas_cumprod.device)
         ab = (schedule.alpha_bar_at(steps) if steps.is_floating_point()
               else schedule.alphas_cumprod[steps])  # float64 [B]
@@ -412,10 +413,10 @@ def training_loss(
     they are drawn here, from ``generator``. A network that learns its variances (``[B, 2C, H,
     W]`` out) adds lambda L_vlb, which trains the variance only.
     """
-    if (t is None) != (eps is None):
-        raise ValueError("give both t and eps, or neither")
-    if t is None:
+    if t is None and eps is None:
         t, eps = draw_t_eps(schedule, x0.shape, generator)
+    elif t is None or eps is None:
+        raise ValueError("give both t and eps, or neither")
     t, eps = t.to(x0.device), eps.to(x0.device, x0.dtype)
     x_t = q_sample(schedule, x0, t, eps)
     output = denoiser(x_t, t).float()
@@ -431,7 +432,7 @@ def training_loss(
                                    edm_weight(snr, sigma_data, prediction_type))
     elif weighting != "uniform":
         raise ValueError(f"unknown loss weighting {weighting!r}; choose one of {', '.join(LOSS_WEIGHTINGS)}")
-    if learn_variance:
+    if interpolation is not None:  # learn_variance
         # Nichol & Dhariwal 2021, sec. 3.1: L_vlb reaches the variance only; the mean's gradient
         # is stopped, so L_simple alone shapes it.
         frozen = torch.cat([prediction.detach(), interpolation], dim=1)

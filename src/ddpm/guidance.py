@@ -117,9 +117,9 @@ def _load_splits(data: DataConfig, seed: int) -> tuple[ImageData, ImageData]:
     """Train and test split at the run's stored size (uint8 ``[N, C, S, S]``), with labels.
 
     A folder of images has no test split: a tenth of it (drawn with ``seed``) is held out."""
-    options = dict(image_size=data.image_size, channels=data.channels, crop=data.crop,
-                   folder_labels=True, cache_dir=data.cache_dir, strict=data.strict,
-                   download=data.download, workers=data.workers)
+    options: dict[str, Any] = dict(
+        image_size=data.image_size, channels=data.channels, crop=data.crop, folder_labels=True,
+        cache_dir=data.cache_dir, strict=data.strict, download=data.download, workers=data.workers)
     train = load_dataset(data.dataset, data.data_dir, "train", **options)
     num_classes = len(train.classes)
     if num_classes < 2:
@@ -167,7 +167,7 @@ def accuracy_by_noise_level(model: NoisyClassifier, data: ImageData, schedule: N
     result = {}
     for t in timesteps:
         correct = 0
-        for images, labels in zip(data.images.split(batch_size), data.labels.split(batch_size)):
+        for images, labels in zip(data.images.split(batch_size), data.labels.split(batch_size), strict=True):
             x0 = _fit(images, size, None, False)  # [B, C, S, S]
             steps = torch.full((x0.shape[0],), t, dtype=torch.long)  # [B]
             x_t = q_sample(schedule, x0, steps, torch.randn(x0.shape, generator=generator))
@@ -210,6 +210,7 @@ def train_noisy_classifier(
     """
     start = time.perf_counter()
     data = _data_config(dataset, data_dir, like)
+    assert data.image_size is not None and data.channels is not None  # resolve_data() filled them
     run = like or get_preset(DEFAULT_PRESET)  # whose schedule noises the images
     diffusion, schedule = run.diffusion, build_schedule(run)
     train, test = _load_splits(data, seed)

@@ -24,9 +24,9 @@ import os
 import re
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -36,8 +36,7 @@ from tqdm.auto import tqdm
 from .checkpoint import atomic_save, unwritable
 from .classifier import CLASSIFIER_DATASETS, WeightsNotFoundError, load_classifier
 from .config import DataConfig
-from .data import (FOLDER_DATASETS, SPLITS, ImageData, default_cache_dir, load_dataset,
-                   to_model_range)
+from .data import FOLDER_DATASETS, SPLITS, ImageData, default_cache_dir, load_dataset, to_model_range
 
 INCEPTION = "inception-v3"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -207,8 +206,7 @@ def kernel_distance(features_1: torch.Tensor, features_2: torch.Tensor, *, subse
                     subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
     """KID: mean and std over ``subsets`` random subsets of the unbiased MMD^2 estimate with the
     cubic polynomial kernel; subsets hold min(subset_size, n_1, n_2) samples."""
-    from torch_fidelity.metric_kid import (KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD,
-                                           kid_features_to_metric)
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 
     size = min(subset_size, len(features_1), len(features_2))
     if size < 2:
@@ -224,8 +222,7 @@ def kernel_distance(features_1: torch.Tensor, features_2: torch.Tensor, *, subse
 
 def precision_recall(fake: torch.Tensor, real: torch.Tensor, k: int = 3) -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019) with k-NN balls."""
-    from torch_fidelity.metric_prc import (KEY_METRIC_PRECISION, KEY_METRIC_RECALL,
-                                           prc_features_to_metric)
+    from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 
     out = prc_features_to_metric(fake.float(), real.float(), prc_neighborhood=k,
                                  prc_batch_size=10_000, save_cpu_ram=True, verbose=False)
@@ -347,7 +344,7 @@ class Evaluator:
     def __init__(
         self,
         dataset: str,
-        data_dir: str | os.PathLike,
+        data_dir: str | os.PathLike | None,
         *,
         split: str = "train",
         extractor: str | FeatureExtractor = "auto",

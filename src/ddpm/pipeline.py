@@ -17,26 +17,43 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
+from .autoprecision import choose
 from .checkpoint import checkpoint_config, load_run_or_file, load_weights
 from .config import RunConfig, SampleConfig, build_schedule
 from .data import to_model_range, to_uint8
+from .data.registry import default_cache_dir
 from .diffusers_io import is_diffusers_folder, load_diffusers
 from .diffusion import p_mean_log_variance, precondition, prior_bpd, q_sample, vlb_term
 from .guidance import NoisyClassifierFile, check_compatible, classifier_log_prob_grad
 from .models import UNet
-from .autoprecision import choose
-from .data.registry import default_cache_dir
-from .runtime import (PrecisionProbe, autocast, precision_and_reason, resolve_device,
-                      torch_state_kept, warn_compile_failed)
-from .samplers import (DEFAULT_SPACING, StepCallback, classifier_free_guidance,
-                       classifier_guidance, clip_x0, dynamic_threshold, get_sampler,
-                       initial_noise, make_timesteps)
+from .runtime import (
+    PrecisionProbe,
+    autocast,
+    precision_and_reason,
+    resolve_device,
+    torch_state_kept,
+    warn_compile_failed,
+)
+from .samplers import (
+    DEFAULT_SPACING,
+    GuidanceGrad,
+    StepCallback,
+    classifier_free_guidance,
+    classifier_guidance,
+    clip_x0,
+    dynamic_threshold,
+    get_sampler,
+    initial_noise,
+    make_timesteps,
+)
 from .schedules import NoiseSchedule
 
 
@@ -44,7 +61,7 @@ from .schedules import NoiseSchedule
 class Pipeline:
     """A trained denoiser (the EMA weights by default) with its schedule and config."""
 
-    model: UNet
+    model: nn.Module  # a UNet, or diffusers' UNet2DModel wrapped (diffusers_io.load_diffusers)
     schedule: NoiseSchedule
     config: RunConfig
     step: int
@@ -103,12 +120,19 @@ class Pipeline:
         return 2 * evaluations if self.num_classes and sc.guidance > 0 else evaluations
 
     @torch.inference_mode()
+    def probe_input(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch of noise at the middle timestep, as a timing of the network takes it: the
+        same values every call, drawn without touching torch's global generator."""
+        mc = self.config.model
+        x = torch.randn(batch_size, mc.in_channels, mc.image_size, mc.image_size,
+                        generator=torch.Generator().manual_seed(0))
+        t = torch.full((batch_size,), self.schedule.num_train_timesteps // 2)
+        return x.to(self.device), t.to(self.device)
+
     def seconds_per_evaluation(self, *, batch_size: int = 128, repeats: int = 2) -> float:
         """Seconds one network evaluation takes per image at ``batch_size``, the fastest of
         ``repeats`` after one untimed (a forecast's figure: it costs a few evaluations)."""
-        mc = self.config.model
-        x = torch.zeros(batch_size, mc.in_channels, mc.image_size, mc.image_size, device=self.device)
-        t = torch.full((batch_size,), self.schedule.num_train_timesteps // 2, device=self.device)
+        x, t = self.probe_input(batch_size)
         best = math.inf
         for i in range(repeats + 1):
             begin = time.perf_counter()
@@ -153,8 +177,10 @@ class Pipeline:
         sampler = get_sampler(sc.sampler)
         timesteps = make_timesteps(self.schedule.num_train_timesteps, sc.num_sample_steps,
                                    sc.spacing or DEFAULT_SPACING[sc.sampler], schedule=self.schedule)
-        options = {"ddpm": {"variance": sc.variance}, "ddim": {"eta": sc.eta},
-                   "euler": {"churn": sc.churn}, "heun": {"churn": sc.churn}}.get(sc.sampler, {})
+        sampler_options: dict[str, dict[str, Any]] = {
+            "ddpm": {"variance": sc.variance}, "ddim": {"eta": sc.eta},
+            "euler": {"churn": sc.churn}, "heun": {"churn": sc.churn}}
+        options = sampler_options.get(sc.sampler, {})
         x0_transform = X0_TRANSFORMS[sc.x0_transform]
         generator = torch.Generator("cpu").manual_seed(seed)
         mc = self.config.model
@@ -173,11 +199,15 @@ class Pipeline:
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
             x_T = initial_noise((b, mc.in_channels, mc.image_size, mc.image_size), generator, self.device)
-            denoiser = network if not self.num_classes else classifier_free_guidance(
-                network, labels[start : start + b], self.config.model.num_classes, sc.guidance)
+            y = None if labels is None else labels[start : start + b]  # [b]
+            denoiser: Callable[..., torch.Tensor] = network
+            if self.num_classes:
+                assert y is not None  # class_labels() labels every image of a conditional model
+                denoiser = classifier_free_guidance(network, y, self.config.model.num_classes, sc.guidance)
             batch_options = dict(options)
             if classifier is not None and classifier_scale > 0:
-                grad = _guidance_grad(classifier, labels[start : start + b], classifier_scale)
+                assert y is not None  # and every image that a classifier guides
+                grad = _guidance_grad(classifier, y, classifier_scale)
                 if sc.sampler == "ddpm":  # Algorithm 1: the mean moves by s Sigma grad
                     batch_options["guidance_grad"] = grad
                 else:  # Algorithm 2: eps moves by -sqrt(1 - alpha_bar) s grad
@@ -265,7 +295,7 @@ class Pipeline:
         return {"bits_per_dim": float(total.mean()), "bits_per_dim_se": se, "n": n,
                 "timesteps": k, **{name: value / n for name, value in parts.items()}}
 
-    def compile(self) -> "Pipeline":
+    def compile(self) -> Pipeline:
         """Sample through ``torch.compile(model)``; if compiling fails at the first call, the
         uncompiled network goes on, with a one-line warning."""
         self.compiled, self.compile_proven = torch.compile(self.model), False
@@ -313,7 +343,7 @@ class Pipeline:
         return torch.stack(states + [final]), torch.stack(x0_preds + [final]), timesteps
 
 
-def _guidance_grad(classifier: NoisyClassifierFile, labels: torch.Tensor, scale: float):
+def _guidance_grad(classifier: NoisyClassifierFile, labels: torch.Tensor, scale: float) -> GuidanceGrad:
     """s grad_x log p_phi(y | x_t, t) for one batch of ``labels`` (samplers.GuidanceGrad)."""
 
     def grad(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -371,13 +401,11 @@ def sampling_probe(pipe: Pipeline) -> PrecisionProbe:
     """``--precision auto``'s measurement of ``pipe``'s sampling step (``autoprecision``): one
     network evaluation of :data:`PROBE_BATCH` images, uncompiled, in fp32 and in bf16; once per
     machine and model shape, then read from the cache folder."""
-    mc = pipe.config.model
     shape = {"model": pipe.config.to_dict()["model"], "network": type(pipe.model).__name__,
              "batch": PROBE_BATCH}
 
     def make_step(precision: str) -> Callable[[], torch.Tensor]:
-        x = torch.randn(PROBE_BATCH, mc.in_channels, mc.image_size, mc.image_size, device=pipe.device)
-        t = torch.full((PROBE_BATCH,), pipe.schedule.num_train_timesteps // 2, device=pipe.device)
+        x, t = pipe.probe_input(PROBE_BATCH)
 
         @torch.inference_mode()
         def step() -> torch.Tensor:

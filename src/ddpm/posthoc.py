@@ -27,8 +27,8 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -75,7 +75,8 @@ def power_weights(gamma: float, step: int, length: int) -> torch.Tensor:
     return torch.where(tau <= step, w, torch.zeros_like(w))
 
 
-def solve_posthoc(snapshots: Sequence[tuple[float, int]], target: tuple[float, int]) -> tuple[torch.Tensor, float]:
+def solve_posthoc(snapshots: Sequence[tuple[float, int]],
+                  target: tuple[float, int]) -> tuple[torch.Tensor, float]:
     """Coefficients ``[S]`` float64 that combine snapshots, given as (gamma, step), into the
     power EMA ``target`` = (gamma, step) in the least-squares sense over the steps' weights, and
     the relative error of the combined weights, ||W^T x - w|| / ||w||."""
@@ -175,7 +176,7 @@ def reconstruct(run_dir: str | os.PathLike, stds: Sequence[float], step: int | N
     snapshots = [_read_snapshot(p) for s, p in found if s <= step]
     profiles = [p for s in snapshots for p in s["profiles"]]
     shapes = {name: value.shape for name, value in profiles[-1]["weights"].items()}
-    for (_, path), snapshot in zip(found, snapshots):
+    for (_, path), snapshot in zip(found, snapshots, strict=False):
         if any({n: v.shape for n, v in p["weights"].items()} != shapes
                for p in snapshot["profiles"]):
             raise CheckpointError(f"{path.name} and {found[len(snapshots) - 1][1].name} hold "
@@ -187,7 +188,7 @@ def reconstruct(run_dir: str | os.PathLike, stds: Sequence[float], step: int | N
     for std in stds:
         coefficients, error = solve_posthoc(bases, (gamma_from_std(std), step))
         combined = {name: sum(x * p["weights"][name].double()
-                              for x, p in zip(coefficients.tolist(), profiles)).to(value.dtype)
+                              for x, p in zip(coefficients.tolist(), profiles, strict=True)).to(value.dtype)
                     if value.is_floating_point() else value  # integer buffers: the newest's
                     for name, value in reference.items()}
         rebuilt.append((combined, error))

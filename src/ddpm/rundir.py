@@ -21,14 +21,14 @@ import json
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import (SaveError, TrainState, atomic_write_bytes, save_best_checkpoint,
-                         save_checkpoint)
+from .checkpoint import SaveError, TrainState, atomic_write_bytes, save_best_checkpoint, save_checkpoint
 from .config import RunConfig, differences
 from .data import to_uint8
 from .metrics import Evaluator, data_options
@@ -48,7 +48,7 @@ FID_SEED = 4321  # the same noise at every FID measurement: the curve shows the 
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: Path):
+def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold an exclusive lock on the run while training it (released by the OS, even on SIGKILL)."""
     try:
         import fcntl
@@ -171,9 +171,14 @@ class RunOutputs:
         """``run`` is the ``train.Training`` whose EMA and schedule the previews sample."""
         tc = run.config.train
         self.run, self.run_dir, self.tc, self.main, self.progress = run, run_dir, tc, main, progress
-        self.saved_step, self.path, self.snapshot_step = None, None, None
+        self.saved_step: int | None = None
+        self.path: Path | None = None
+        self.snapshot_step: int | None = None
         self.side = SideOutputs()  # warnings about side outputs that could not be written
-        self.pipe = self.evaluator = self.loggers = None
+        # The main process's (None in the others); the evaluator only with --fid-every.
+        self.pipe: Pipeline | None = None
+        self.evaluator: Evaluator | None = None
+        self.loggers: Loggers | None = None
         if main:
             dc = run.config.data
             # Previews and FID sample in the training's precision (bf16 where it trains in bf16).
@@ -186,7 +191,7 @@ class RunOutputs:
         self.bar = tqdm(total=tc.steps, initial=state.step, disable=not (progress and main),
                         unit="step", dynamic_ncols=True, desc="training")
 
-    def __enter__(self) -> "RunOutputs":
+    def __enter__(self) -> RunOutputs:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -201,6 +206,7 @@ class RunOutputs:
                    "images_per_s": images_per_s, "elapsed_s": state.elapsed_s}
         if self.tc.on_nan == "skip":
             metrics["skipped_steps"] = state.skipped_steps
+        assert self.loggers is not None, "only the main process logs"
         self.loggers.log(state.step, metrics)
         postfix = {"loss": f"{loss:.4f}", "img_s": f"{images_per_s:.0f}"}
         if minutes_left is not None:
@@ -240,9 +246,9 @@ class RunOutputs:
         """The seconds that the preview grids, FID measurements and final grid still due after
         ``step`` (to ``last_step``) will spend sampling: their network evaluations, at the rate
         of one evaluation of the EMA model timed now (batch 128, the run's precision)."""
-        if not self.main:
-            return 0.0
         tc, pipe = self.tc, self.pipe
+        if pipe is None:  # not the main process
+            return 0.0
         def due(every: int) -> int:  # multiples of ``every`` in (step, last_step]
             return last_step // every - step // every if every else 0
 
@@ -266,6 +272,7 @@ class RunOutputs:
             self.snapshot_step = state.step
 
     def measure_fid(self, state: TrainState) -> None:
+        assert self.pipe is not None and self.evaluator is not None and self.loggers is not None
         begin = time.perf_counter()
         images = self.pipe.generate(self.tc.fid_n, seed=FID_SEED, sampler=self.tc.fid_sampler,
                                     num_sample_steps=self.tc.fid_steps, batch_size=128)
@@ -333,7 +340,7 @@ def grid_labels(n: int, num_classes: int) -> tuple[torch.Tensor | None, int | No
     return torch.arange(num_classes).repeat_interleave(per_class), per_class
 
 
-def sample_grid(pipe: Pipeline, n: int, path: Path, *, progress: bool = False, **settings) -> Path:
+def sample_grid(pipe: Pipeline, n: int, path: Path, *, progress: bool = False, **settings: Any) -> Path:
     """A grid of EMA samples from the fixed preview noise (one row per class when conditional)."""
     labels, nrow = grid_labels(n, pipe.num_classes)
     count = n if labels is None else len(labels)

@@ -16,7 +16,8 @@ import contextlib
 import datetime
 import os
 import warnings
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -107,13 +108,14 @@ def training_precision(precision: str, device: torch.device,
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if precision == "auto" and launched_by_accelerate():
         if launcher in ("bf16", "fp16"):
-            return resolve_precision(launcher, device), f"auto: accelerate launch --mixed_precision {launcher}"
+            reason = f"auto: accelerate launch --mixed_precision {launcher}"
+            return resolve_precision(launcher, device), reason
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device.type == "cpu" and cpu_bf16_flag():
             return "fp32", "auto: fp32, launched without --mixed_precision bf16"
     return precision_and_reason(precision, device, probe)
 
 
-def autocast(device: torch.device, precision: str):
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
     """The autocast context for ``precision`` (auto | bf16 | fp16 | fp32) on ``device``."""
     precision = resolve_precision(precision, device)
     if precision == "fp32":

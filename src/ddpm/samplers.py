@@ -18,12 +18,18 @@ They keep no state between calls; all randomness comes from the ``generator`` pa
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from .diffusion import (VARIANCES, Denoiser, eps_x0_from_prediction, interpolated_log_variance,
-                        split_variance, training_target)
+from .diffusion import (
+    VARIANCES,
+    Denoiser,
+    eps_x0_from_prediction,
+    interpolated_log_variance,
+    split_variance,
+    training_target,
+)
 from .schedules import NoiseSchedule, broadcast_per_sample
 
 SAMPLERS = ("ddpm", "ddim", "dpm++", "euler", "heun")
@@ -113,7 +119,7 @@ def _check_timesteps(timesteps: Sequence[float], num_train_timesteps: int) -> li
     ts = [float(t) for t in timesteps]
     if not ts:
         raise ValueError("timesteps is empty; pass at least one step, e.g. [T - 1, ..., 0]")
-    if any(a <= b for a, b in zip(ts[:-1], ts[1:])):
+    if any(a <= b for a, b in zip(ts[:-1], ts[1:], strict=True)):
         raise ValueError(f"timesteps must be strictly descending, got {ts[:8]}...")
     if ts[0] > num_train_timesteps - 1 or ts[-1] < 0:
         raise ValueError(
@@ -276,7 +282,7 @@ def ancestral_sample(
         raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCES)}")
     ts = _check_timesteps(timesteps, schedule.num_train_timesteps)
     x_t = x_T
-    for i, (t, t_prev) in enumerate(zip(ts, ts[1:] + [-1.0])):
+    for i, (t, t_prev) in enumerate(zip(ts, ts[1:] + [-1.0], strict=True)):
         _, x0_pred, alpha_bar_t, interpolation = _predict(
             denoiser, schedule, x_t, t, prediction_type, x0_transform)
         if callback is not None:
@@ -292,6 +298,7 @@ def ancestral_sample(
             return mean  # Algorithm 2, line 4: no noise on the last step
         # Algorithm 2's sigma_t^2: beta-tilde_t (eq. 7), beta_t, or learned between them (eq. 15).
         beta_tilde_t = beta_t * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t)
+        noise_variance: float | torch.Tensor  # fixed (a float) or learned (a tensor)
         if variance == "posterior":
             noise_variance = beta_tilde_t
         elif variance == "beta":
@@ -337,7 +344,7 @@ def ddim_sample(
         raise ValueError(f"DDIM eta must be in [0, 1], got {eta}")
     ts = _check_timesteps(timesteps, schedule.num_train_timesteps)
     x_t = x_T
-    for i, (t, t_prev) in enumerate(zip(ts, ts[1:] + [-1.0])):
+    for i, (t, t_prev) in enumerate(zip(ts, ts[1:] + [-1.0], strict=True)):
         eps, x0_pred, alpha_bar_t, interpolation = _predict(
             denoiser, schedule, x_t, t, prediction_type, x0_transform)
         if callback is not None:
@@ -346,6 +353,7 @@ def ddim_sample(
         # Eq. 16: sigma_t^2 = eta^2 (1 - ab_prev) / (1 - ab) (1 - ab / ab_prev), eta^2 beta-tilde_t.
         beta_t = 1 - alpha_bar_t / alpha_bar_prev
         beta_tilde_t = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta_t
+        noise_variance: float | torch.Tensor  # fixed (a float) or learned (a tensor)
         if eta > 0 and interpolation is not None and t_prev >= 0:
             noise_variance = eta**2 * _learned_variance(interpolation, beta_t, beta_tilde_t)
         else:
@@ -382,8 +390,8 @@ def dpmpp_2m_sample(
     del generator  # deterministic; accepted for the shared signature
     ts = _check_timesteps(timesteps, schedule.num_train_timesteps)
     x_t = x_T
-    x0_last, h_last = None, None  # the previous iteration's x0 prediction and step in lambda
-    for i, (t, t_prev) in enumerate(zip(ts, ts[1:] + [-1.0])):
+    last: tuple[torch.Tensor, float] | None = None  # the previous iteration's x0_pred and h
+    for i, (t, t_prev) in enumerate(zip(ts, ts[1:] + [-1.0], strict=True)):
         _, x0_pred, alpha_bar_t, _ = _predict(
             denoiser, schedule, x_t, t, prediction_type, x0_transform)
         if callback is not None:
@@ -399,14 +407,15 @@ def dpmpp_2m_sample(
         # update tends to sqrt(1 - ab_prev) x_t + sqrt(ab_prev) D (e^{-h} - 1 -> -1), as below.
         h = (_half_log_snr(sqrt_alpha_bar_prev, sqrt_one_minus_alpha_bar_prev)
              - _half_log_snr(sqrt_alpha_bar_t, sqrt_one_minus_alpha_bar_t))
-        if x0_last is None:
+        if last is None:
             d = x0_pred  # first step: DPM-Solver++(1), i.e. DDIM
         else:
+            x0_last, h_last = last
             r = h_last / h
             d = (1 + 1 / (2 * r)) * x0_pred - (1 / (2 * r)) * x0_last
         x_t = ((sqrt_one_minus_alpha_bar_prev / sqrt_one_minus_alpha_bar_t) * x_t
                - sqrt_alpha_bar_prev * math.expm1(-h) * d)
-        x0_last, h_last = x0_pred, h
+        last = x0_pred, h
     return x_t
 
 
@@ -460,7 +469,7 @@ def _edm_sample(
     gamma = min(churn / len(ts), math.sqrt(2) - 1)  # Algorithm 2, line 4
     top = noise_level_at(schedule.num_train_timesteps - 1)  # the schedule has no noisier step
     x_hat = x_T / math.sqrt(alpha_bar_T)
-    for i, (t, t_prev) in enumerate(zip(ts, ts[1:] + [-1.0])):
+    for i, (t, t_prev) in enumerate(zip(ts, ts[1:] + [-1.0], strict=True)):
         noise_level = noise_level_at(t)
         noise_level_prev = noise_level_at(t_prev) if t_prev >= 0 else 0.0
         if gamma > 0 and CHURN_SIGMA_MIN <= noise_level <= CHURN_SIGMA_MAX:
@@ -528,7 +537,7 @@ def heun_sample(
                        churn=churn, generator=generator)
 
 
-SAMPLER_FUNCTIONS = {
+SAMPLER_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
     "ddpm": ancestral_sample,
     "ddim": ddim_sample,
     "dpm++": dpmpp_2m_sample,
@@ -537,7 +546,7 @@ SAMPLER_FUNCTIONS = {
 }
 
 
-def get_sampler(name: str):
+def get_sampler(name: str) -> Callable[..., torch.Tensor]:
     if name not in SAMPLER_FUNCTIONS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
     return SAMPLER_FUNCTIONS[name]

@@ -116,7 +116,7 @@ class NoiseSchedule:
     def num_train_timesteps(self) -> int:
         return int(self.betas.shape[0])
 
-    def to(self, device: torch.device | str) -> "NoiseSchedule":
+    def to(self, device: torch.device | str) -> NoiseSchedule:
         """The same schedule with its tensors on ``device``, still float64: training reads values
         at a batch of steps drawn on the device (:func:`extract`) without a round trip to the
         host. The samplers keep the CPU schedule, whose values they read as Python floats."""

@@ -43,6 +43,7 @@ import sys
 import threading
 import time
 from collections import Counter, OrderedDict, deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -50,6 +51,7 @@ from typing import Any
 
 import torch
 
+from . import settings
 from .config import SampleConfig, SettingError
 from .data import to_uint8
 from .pipeline import Pipeline
@@ -101,6 +103,7 @@ class Limits:
 
     def check(self, num_train_timesteps: int) -> None:
         """ValueError naming the flag, for limits the model or the server cannot honour."""
+        assert self.max_steps is not None  # WebServer sets None to T first
         if not 1 <= self.max_images <= MAX_IMAGES:
             raise ValueError(f"--max-images {self.max_images}: give 1..{MAX_IMAGES} (one batch, "
                              f"the one grid a page shows)")
@@ -132,15 +135,11 @@ class GenerateRequest:
 
 
 def shown(value: Any) -> str:
-    """``value`` as JSON for a message, cut to SHOWN_CHARS characters (a list or an object only
-    named), so that a message never repeats a huge value back."""
+    """``value`` of a request as a message quotes it (``settings.shown``, spelled as JSON); a
+    list or an object is only named."""
     if isinstance(value, (dict, list)):
         return "an object" if isinstance(value, dict) else "a list"
-    text = json.dumps(value)
-    if len(text) <= SHOWN_CHARS:
-        return text
-    size = f"{len(value)} characters" if isinstance(value, str) else f"{len(text)} digits"
-    return f"{text[:SHOWN_CHARS - 16]}... ({size})"
+    return settings.shown(value, SHOWN_CHARS, "json")
 
 
 def _whole(name: str, value: Any, low: int, high: int, why: str = "") -> int:
@@ -192,6 +191,7 @@ def parse_request(body: Any, pipe: Pipeline, limits: Limits) -> GenerateRequest:
                            f"{', '.join(FIELDS)}")
     run = pipe.config.sample
     T = pipe.schedule.num_train_timesteps
+    assert limits.max_steps is not None  # WebServer sets None to T
     n = _whole("n (the number of images)", body.get("n", min(16, limits.max_images)), 1,
                limits.max_images, " (this server's --max-images)")
     steps_why = (" (the model's training timesteps T)" if limits.max_steps == T
@@ -253,6 +253,7 @@ def model_info(pipe: Pipeline, source: str, limits: Limits) -> dict[str, Any]:
     """What ``GET /api/model`` says: the page builds its form from it."""
     mc, run = pipe.config.model, pipe.config.sample
     k = pipe.num_classes
+    assert limits.max_steps is not None  # WebServer sets None to T
     return {
         "source": run_name(source), "step": pipe.step, "image_size": mc.image_size,
         "channels": mc.in_channels, "num_train_timesteps": pipe.schedule.num_train_timesteps,
@@ -491,7 +492,7 @@ class Served:
     any_ip: bool = False
 
     @classmethod
-    def bound(cls, host: str, address: str, port: int, url: str) -> "Served":
+    def bound(cls, host: str, address: str, port: int, url: str) -> Served:
         ip = ipaddress.ip_address(address.split("%")[0])  # an IPv6 scope id is not in a Host
         names = {str(ip), *(a[0] for a in [authority(host)] if a)}
         if ip.is_loopback or ip.is_unspecified:
@@ -661,15 +662,16 @@ def create_app(engine: Engine, source: str, served: Served) -> Any:
         return JSONResponse({"error": what}, exc.status_code, headers=exc.headers)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Any):
+    async def lifespan(app: Any) -> AsyncIterator[None]:
         yield
         engine.close()
 
+    # (Starlette calls not_served only with HTTPException, the type it is registered for.)
     app = Starlette(routes=[
         Route("/", index), Route("/api/model", model), Route("/api/status", status),
         Route("/api/generate", generate, methods=["POST"]),
         Route("/api/jobs/{job}/{name}", download),
-    ], exception_handlers={HTTPException: not_served}, lifespan=lifespan)
+    ], exception_handlers={HTTPException: not_served}, lifespan=lifespan)  # type: ignore[dict-item]
 
     async def guarded(scope: dict, receive: Any, send: Any) -> None:
         refusal = scope["type"] == "http" and served.refusal(scope["method"],
@@ -744,7 +746,7 @@ class WebServer:
         finally:
             self.stop()
 
-    def start(self) -> "WebServer":
+    def start(self) -> WebServer:
         self._start_http()
         self.engine.start()
         return self

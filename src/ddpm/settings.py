@@ -16,13 +16,16 @@ and ``models/unet.py`` can use it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import json
 import math
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ def declaration(f: dataclasses.Field) -> Setting | None:
     return f.metadata.get("setting")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def field_types(cls: type) -> dict[str, Any]:
     """The resolved annotation of each field of the dataclass ``cls``."""
     return typing.get_type_hints(cls)
@@ -176,24 +179,33 @@ def settings_of(cls: type) -> list[tuple[dataclasses.Field, Setting]]:
     return [(f, d) for f in dataclasses.fields(cls) if (d := declaration(f)) is not None]
 
 
-def names(choices: Sequence[Any]) -> str:
+def names(choices: Iterable[Any]) -> str:
     return ", ".join(map(str, choices))
 
 
-def cut(text: str, limit: int = 40) -> str:
-    """``text`` as a message quotes it: at most ``limit`` characters, the rest said by its
-    length (a pasted file or a key of 10,000 characters is not echoed back)."""
+def cut(text: str, limit: int = 40, unit: str = "characters", size: int | None = None) -> str:
+    """``text`` as a message quotes it: at most ``limit`` characters, the rest said by the
+    value's ``size`` in ``unit`` (``len(text)`` unless given), so that a pasted file, a key of
+    10,000 characters or a 301-digit number is never echoed back whole."""
     if len(text) <= limit:
         return text
-    return f"{text[:limit]}... ({len(text):,} characters)"
+    return f"{text[:max(limit - 16, 8)]}... ({len(text) if size is None else size:,} {unit})"
 
 
-def shown(value: Any, limit: int = 40) -> str:
-    """``value``'s repr as a message quotes it (:func:`cut`); a whole number too long to print
-    (a 301-digit one, or one past Python's 4,300-digit limit) is named by its length."""
-    if isinstance(value, int) and value.bit_length() > 3.33 * limit:
+def shown(value: Any, limit: int = 40, spelling: str = "python") -> str:
+    """``value`` as a message quotes it, cut by :func:`cut`: spelled as Python writes it
+    (``"python"``: None, 'text') or, for a value read from JSON, as JSON does (``"json"``:
+    null, NaN, "text"), so that the user sees what they wrote."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    try:
+        text = repr(value)
+    except ValueError:  # a whole number past Python's 4,300 printable digits
         return f"a whole number of about {int(value.bit_length() * math.log10(2)) + 1:,} digits"
-    return cut(repr(value), limit)
+    if spelling == "json":
+        with contextlib.suppress(TypeError, ValueError):  # not a JSON value: Python's spelling
+            text = json.dumps(value)
+    return cut(text, limit, "digits" if number else "characters",
+               len(value) if isinstance(value, str) else None)
 
 
 def number_text(x: float) -> str:

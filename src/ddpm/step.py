@@ -13,6 +13,7 @@ import contextlib
 import copy
 import functools
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -59,12 +60,12 @@ class EMA:
         weight = 1.0 - self.current_decay()  # float64, rounded to float32 once, as the weights are
         if mask is not None:
             weight = weight * mask
-        ema_params = list(self.model.parameters())
+        ema_params: list[torch.Tensor] = list(self.model.parameters())
         params = [p.detach() for p in model.parameters()]
         # ema <- ema + (1 - decay) (param - ema). The weight goes in as tensors (the List
         # overload): a tensor passed as one Scalar would be read on the host, waiting for it.
         torch._foreach_lerp_(ema_params, params, [weight.float()] * len(params))
-        for ema_b, b in zip(self.model.buffers(), model.buffers()):
+        for ema_b, b in zip(self.model.buffers(), model.buffers(), strict=True):
             ema_b.copy_(b if mask is None else torch.where(mask, b, ema_b))
         self._updates += 1 if mask is None else mask.long()
 
@@ -145,7 +146,7 @@ def train_step(
     for i, (x0, y) in enumerate(batches):
         t, eps = draw_t_eps(schedule, x0.shape, generator, t_probs)
         rows = slice(rank * x0.shape[0] // world, (rank + 1) * x0.shape[0] // world)
-        denoiser = model
+        denoiser: Callable[..., torch.Tensor] = model
         if num_classes:
             # Ho & Salimans 2022, Algorithm 1, line 3: c <- null with probability p_uncond.
             drop = torch.rand(x0.shape[0], generator=generator, device=generator.device)
@@ -191,7 +192,8 @@ def _step_unless(optimizer: torch.optim.Optimizer, updated: torch.Tensor) -> Non
     as a tensor (its ``found_inf``, as for fp16's scaler) and skips the whole update on the
     device, its step count included; another optimiser waits for the device to answer."""
     if getattr(optimizer, "_step_supports_amp_scaling", False):
-        optimizer.found_inf = (~updated).float()
+        # an attribute fused AdamW reads but torch.optim.Optimizer does not declare
+        optimizer.found_inf = (~updated).float()  # type: ignore[attr-defined]
         optimizer.step()
     elif bool(updated):
         optimizer.step()

@@ -11,7 +11,8 @@ classifier of a mixture's components (what classifier guidance needs) are here t
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 
@@ -64,7 +65,7 @@ def _mixture_posterior(
     ab = _alpha_bar_per_sample(schedule, t, x_t)
     dims = x_t[0].numel()
     log_r, diffs, variances = [], [], []
-    for w, m, s in zip(weights, means, stds):
+    for w, m, s in zip(weights, means, stds, strict=True):
         var = ab * s**2 + 1 - ab  # [B, 1, 1, 1]
         diff = x_t - ab.sqrt() * m
         log_r.append(math.log(w) - 0.5 * (diff**2).flatten(1).sum(1) / var.flatten()
@@ -84,7 +85,7 @@ def mixture_class_grad(
 
     def grad(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         r, diffs, variances = _mixture_posterior(schedule, weights, means, stds, x_t, t)
-        scores = [-diff / var for diff, var in zip(diffs, variances)]
+        scores = [-diff / var for diff, var in zip(diffs, variances, strict=True)]
         mean_score = sum(broadcast_per_sample(r[:, k], x_t) * g for k, g in enumerate(scores))
         return scores[label] - mean_score
 
@@ -101,7 +102,8 @@ def mixture_denoiser(
         ab = _alpha_bar_per_sample(schedule, t, x_t)
         r, diffs, variances = _mixture_posterior(schedule, weights, means, stds, x_t, t)
         # E[eps | x_t] = sum_k r_k sqrt(1 - ab) (x_t - sqrt(ab) m_k) / var_k
-        return sum(broadcast_per_sample(r[:, k], x_t) * (1 - ab).sqrt() * diff / var
-                   for k, (diff, var) in enumerate(zip(diffs, variances)))
+        eps_pred = sum(broadcast_per_sample(r[:, k], x_t) * (1 - ab).sqrt() * diff / var
+                       for k, (diff, var) in enumerate(zip(diffs, variances, strict=True)))
+        return cast(torch.Tensor, eps_pred)  # a sum of tensors (typeshed allows sum()'s start, 0)
 
     return denoiser

@@ -20,30 +20,44 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import (TrainState, check_writable, checkpoint_config, list_checkpoints,
-                         load_run_or_file, remove_partial_writes)
+from .autoprecision import choose
+from .checkpoint import (
+    TrainState,
+    check_writable,
+    checkpoint_config,
+    list_checkpoints,
+    load_run_or_file,
+    remove_partial_writes,
+)
 from .config import RunConfig, SettingError, resolve, resumed
 from .data import BatchStream, ImageData, StreamingImages, open_dataset
+from .data.registry import default_cache_dir
 from .metrics import check_image_count, resolve_extractor
 from .models import UNet
 from .pipeline import build_schedule
-from .rundir import RunOutputs, repair_config_file, run_lock, write_config
-from .autoprecision import choose
-from .data.registry import default_cache_dir
-from .runtime import (PrecisionProbe, gradient_scaler, make_accelerator, resolve_device,
-                      torch_state_kept, training_precision, warn_compile_failed)
 from .posthoc import PowerEMA
-from .step import EMA, StepStats, learning_rate, train_step
+from .rundir import RunOutputs, repair_config_file, run_lock, write_config
+from .runtime import (
+    PrecisionProbe,
+    gradient_scaler,
+    make_accelerator,
+    resolve_device,
+    torch_state_kept,
+    training_precision,
+    warn_compile_failed,
+)
 from .schedules import NoiseSchedule
+from .step import EMA, StepStats, learning_rate, train_step
 
 # With --on-nan skip, this many non-finite steps in a row stop the run anyway: the weights do not
 # change on a skipped step, so a fault that persists this long will not pass by skipping.
@@ -64,6 +78,7 @@ class Training:
     accelerator: Accelerator
     device: torch.device
     precision: str  # fp32 | bf16 | fp16, resolved
+    precision_why: str  # how it was resolved ("auto: bf16, bf16 measured 1.55x fp32 here")
     schedule: NoiseSchedule  # on the CPU, for the samplers of the preview grids
     train_schedule: NoiseSchedule  # the same on the training device
     net: nn.Module  # the network whose weights are saved and averaged
@@ -129,7 +144,7 @@ def build_training(config: RunConfig, accelerator: Accelerator, device: torch.de
     tc = config.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    precision, _ = training_precision(tc.precision, device, training_probe(config, device))
+    precision, why = training_precision(tc.precision, device, training_probe(config, device))
     torch.manual_seed(tc.seed)
     schedule = build_schedule(config)
     net = UNet(config.model).to(device)
@@ -149,13 +164,13 @@ def build_training(config: RunConfig, accelerator: Accelerator, device: torch.de
     # A split that fits is held on the GPU, batches made there; otherwise made on the host in
     # pinned memory, for an asynchronous copy. (On a CPU both are the same thing.)
     on_device = device.type == "cuda" and isinstance(data, ImageData) and _fits(data, device)
-    stream = BatchStream(data, tc.batch_size, hflip=config.data.hflip,
+    stream = BatchStream(data, tc.batch_size, hflip=bool(config.data.hflip),
                          generator=torch.Generator(device if on_device else "cpu").manual_seed(tc.seed),
                          crop_size=config.data.image_size if config.data.crop == "random" else None,
                          workers=config.data.workers,
                          pin_memory=device.type == "cuda" and not on_device)
     noise_generator = torch.Generator(device).manual_seed(tc.seed + 1)
-    return Training(config, accelerator, device, precision, schedule, schedule.to(device), net,
+    return Training(config, accelerator, device, precision, why, schedule, schedule.to(device), net,
                     model, optimizer, gradient_scaler(precision, device), ema, posthoc, data, stream,
                     noise_generator, eager if tc.compile else None)
 
@@ -179,7 +194,8 @@ def training_probe(config: RunConfig, device: torch.device, *, processes: int = 
     memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
 
     def make_step(precision: str) -> Callable[[], StepStats]:
-        net = UNet(m).to(device, memory_format=memory_format)
+        # (Module.to takes a device and a memory_format together; torch's overloads omit the pair)
+        net = UNet(m).to(device, memory_format=memory_format)  # type: ignore[call-overload]
         optimizer = torch.optim.AdamW(net.parameters(), lr=tc.lr, fused=device.type in ("cpu", "cuda"))
         generator = torch.Generator(device).manual_seed(0)
         x0 = torch.randn(batch, m.in_channels, m.image_size, m.image_size, device=device)
@@ -301,11 +317,12 @@ def _train(config: RunConfig, run_dir: Path, accelerator: Accelerator, device: t
         write_config(config, run_dir)
     outputs = RunOutputs(run, run_dir, state, main=main, resume=resume, progress=progress)
     stop_rule = _StopRule(tc.steps, tc.minutes, accelerator)
-    window = _LogWindow(tc.batch_size * tc.grad_accum)
+    clock = _TrainingClock()
+    window = _LogWindow(tc.batch_size * tc.grad_accum, clock)
     run.model.train()
     state.start_clock()
     faults = _NonFinite(device, state.skipped_steps)
-    forecast = _Forecast(state.step, tc.steps) if main else None
+    forecast = _Forecast(state.step, tc.steps, clock) if main else None
     stats = None
     with outputs, _StopRequest() as signals:
         fraction, interrupted = stop_rule.check(signals)
@@ -335,7 +352,7 @@ def _train(config: RunConfig, run_dir: Path, accelerator: Accelerator, device: t
                 break
             if forecast is not None and forecast.due(state.step):
                 outputs.bar.write(forecast.say(state, outputs, final_grid))
-            with window.paused(), forecast.paused() if forecast else contextlib.nullcontext():
+            with clock.paused():
                 outputs.periodic(state, finished)  # images/s and the forecast count training only
         faults.check(state, run_dir, outputs.bar)
         outputs.snapshot(state)
@@ -348,7 +365,8 @@ def _train(config: RunConfig, run_dir: Path, accelerator: Accelerator, device: t
                        stopped_by, state.skipped_steps)
 
 
-def _open_data(config: RunConfig, accelerator: Accelerator, *, progress: bool):
+def _open_data(config: RunConfig, accelerator: Accelerator, *,
+               progress: bool) -> ImageData | StreamingImages:
     """The training split (one download and one cache, which the other processes then read),
     checked against a class-conditional model's number of classes."""
     with accelerator.main_process_first():
@@ -370,7 +388,7 @@ class _NonFinite:
     (--on-nan stop) at the first, or count them and stop after MAX_SKIPS_IN_A_ROW in a row."""
 
     def __init__(self, device: torch.device, initial: int):
-        def zero(dtype=torch.int64):
+        def zero(dtype: torch.dtype = torch.int64) -> torch.Tensor:
             return torch.zeros((), dtype=dtype, device=device)
         self.count, self.run, self.longest_run = zero(), zero(), zero()
         self.first_step, self.first_loss = zero() - 1, zero(torch.float32)
@@ -437,7 +455,7 @@ class _StopRule:
             return None
         return max(0.0, self.minutes - (time.perf_counter() - self.start) / 60)
 
-    def check(self, signals: "_StopRequest") -> tuple[float | None, bool]:
+    def check(self, signals: _StopRequest) -> tuple[float | None, bool]:
         """(the share of minutes spent as the main process sees it, whether a signal asked any
         process to stop)."""
         fraction, stopping = self.time_fraction(), signals.signum is not None
@@ -455,31 +473,44 @@ class _StopRule:
         return fraction is not None and fraction >= 1.0
 
 
+class _TrainingClock:
+    """Seconds of training: wall time less what side outputs (grids, FID, checkpoints) take,
+    which run inside :meth:`paused`. Images/s and the forecast both read it."""
+
+    def __init__(self) -> None:
+        self.start, self.paused_s = time.perf_counter(), 0.0
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - begin
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start - self.paused_s
+
+
 class _Forecast:
     """How long the run will take on this machine, said once, :data:`FORECAST_STEPS` steps
     after the first step of this invocation (which builds kernels, and is not counted): the
     steps left at the rate of those steps, and the sampling that the preview grids, FID
     measurements and final grid still due will do (``RunOutputs.sampling_seconds``)."""
 
-    def __init__(self, first_step: int, last_step: int | None):
-        self.first, self.last = first_step + 1, last_step
-        self.start, self.paused_s = 0.0, 0.0
+    def __init__(self, first_step: int, last_step: int | None, clock: _TrainingClock):
+        self.first, self.last, self.clock, self.start = first_step + 1, last_step, clock, 0.0
 
     def due(self, step: int) -> bool:
         """Called after each step; True at the step whose forecast is to be said."""
         if step == self.first:
-            self.start, self.paused_s = time.perf_counter(), 0.0
+            self.start = self.clock.seconds()
         return (self.last is not None and step == self.first + FORECAST_STEPS
                 and self.last > step)
 
-    @contextlib.contextmanager
-    def paused(self):
-        begin = time.perf_counter()
-        yield
-        self.paused_s += time.perf_counter() - begin
-
     def say(self, state: TrainState, outputs: RunOutputs, final_grid: bool) -> str:
-        step_s = (time.perf_counter() - self.start - self.paused_s) / FORECAST_STEPS
+        assert self.last is not None  # due() is True only for a run with a last step
+        step_s = (self.clock.seconds() - self.start) / FORECAST_STEPS
         training_s = (self.last - state.step) * step_s
         sampling_s = outputs.sampling_seconds(state.step, self.last, final_grid=final_grid)
         left = training_s + sampling_s
@@ -490,23 +521,18 @@ class _Forecast:
 
 
 class _LogWindow:
-    """Images per second since the last metrics line, not counting side outputs."""
+    """Images per second of training since the last metrics line."""
 
-    def __init__(self, images_per_step: int):
-        self.images_per_step, self.images, self.start = images_per_step, 0, time.perf_counter()
+    def __init__(self, images_per_step: int, clock: _TrainingClock):
+        self.images_per_step, self.images, self.clock = images_per_step, 0, clock
+        self.start = clock.seconds()
 
     def add(self) -> None:
         self.images += self.images_per_step
 
-    @contextlib.contextmanager
-    def paused(self):
-        begin = time.perf_counter()
-        yield
-        self.start += time.perf_counter() - begin
-
     def close(self) -> float:
         """Images per second over the window; starts the next one."""
-        now = time.perf_counter()
+        now = self.clock.seconds()
         rate = self.images / max(now - self.start, 1e-9)
         self.images, self.start = 0, now
         return rate
@@ -522,7 +548,7 @@ class _StopRequest:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "_StopRequest":
+    def __enter__(self) -> _StopRequest:
         if threading.current_thread() is threading.main_thread():  # Python's rule for handlers
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._previous[signum] = signal.signal(signum, self._handle)

@@ -14,8 +14,10 @@ import math
 import os
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 import torch
@@ -157,7 +159,7 @@ def read_metrics(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndar
     return {k: (np.asarray(s), np.asarray(v, dtype=float)) for k, (s, v) in series.items()}
 
 
-def _pyplot():
+def _pyplot() -> ModuleType:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display is needed or opened
@@ -238,7 +240,7 @@ def save_image_table(
                              gridspec_kw={"height_ratios": heights})
     cell = blocks[0][1].shape[-1] + padding
     centres = [padding + cell * j + (cell - padding) / 2 for j in range(len(column_labels))]
-    for ax, grid, (name, _) in zip(axes[:, 0], grids, blocks):
+    for ax, grid, (name, _) in zip(axes[:, 0], grids, blocks, strict=True):
         ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255,
                   interpolation="nearest")
         ax.set_xticks(centres, list(column_labels), fontsize=7)
@@ -455,8 +457,8 @@ def caption(frame: np.ndarray, text: str, height: int = 14) -> np.ndarray:
 
     band = Image.new("L", (frame.shape[1], height), 255)
     ImageDraw.Draw(band).text((3, 1), text, fill=0)
-    band = np.asarray(band)[..., None].repeat(frame.shape[2], axis=2)
-    return np.concatenate([frame, band], axis=0)
+    band_pixels = np.asarray(band)[..., None].repeat(frame.shape[2], axis=2)
+    return np.concatenate([frame, band_pixels], axis=0)
 
 
 def progress_animation(

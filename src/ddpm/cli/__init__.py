@@ -14,7 +14,8 @@ import functools
 import os
 import sys
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
+from typing import TextIO
 
 from .. import __version__
 from ..checkpoint import CheckpointError, SaveError
@@ -23,7 +24,6 @@ from ..config import SettingError
 from ..data import DatasetNotFoundError
 from . import sample, serve, tools, train, viz
 from .options import EXIT_USAGE, Parser, UsageError, setting_flags
-
 
 EXIT_BROKEN_PIPE = 141  # a shell's exit code for a program ended by SIGPIPE
 
@@ -50,8 +50,8 @@ def build_parser() -> Parser:
     return parser
 
 
-def _one_line_warning(command: str, message, category, filename, lineno, file=None,
-                      line=None) -> None:
+def _one_line_warning(command: str, message: Warning | str, category: type[Warning], filename: str,
+                      lineno: int, file: TextIO | None = None, line: str | None = None) -> None:
     """Warnings (skipped files, a damaged newest checkpoint) as one line, like the errors."""
     print(f"ddpm {command}: warning: {message}", file=file or sys.stderr)
 
@@ -59,8 +59,9 @@ def _one_line_warning(command: str, message, category, filename, lineno, file=No
 def _setting_message(exc: SettingError, argv: Sequence[str]) -> str:
     """A rule broken by one setting, named by the flag the user typed (or its config key)."""
     flag = setting_flags().get(exc.key)
-    typed = flag is not None and any(a == flag or a.startswith(flag + "=") for a in argv)
-    return exc.for_flag(flag) if typed else str(exc)
+    if flag is not None and any(a == flag or a.startswith(flag + "=") for a in argv):  # typed
+        return exc.for_flag(flag)
+    return str(exc)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

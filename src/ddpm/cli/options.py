@@ -13,15 +13,26 @@ import argparse
 import dataclasses
 import math
 import os
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from ..checkpoint import best_checkpoint_path, list_checkpoints, run_of, unwritable
 from ..config import PRECISIONS, SECTIONS
 from ..posthoc import list_snapshots
 from ..rundir import CONFIG_FILE, METRICS_FILE
-from ..settings import (SEED_MAX, Setting, cut, field_types, item_type, number_text, settings_of,
-                        shown, tuple_length, unwrap_optional)
+from ..settings import (
+    SEED_MAX,
+    Setting,
+    cut,
+    field_types,
+    item_type,
+    number_text,
+    settings_of,
+    shown,
+    tuple_length,
+    unwrap_optional,
+)
 
 EXIT_USAGE = 2
 SECTION_TITLES = {"model": "model (the U-Net)", "diffusion": "diffusion", "data": "data",
@@ -55,7 +66,8 @@ class Defaults(argparse.ArgumentDefaultsHelpFormatter):
 def number(kind: type = int, rule: Setting | None = None, **bounds: float) -> Callable[[str], Any]:
     """An argparse type: a whole number (``kind=int``) or a number, within ``rule``'s range (or
     ``bounds``: at_least, above, below, at_most), with a message naming the bad value."""
-    rule = rule or Setting(flag=None, help="", **bounds)
+    limits: dict[str, Any] = bounds  # (Setting's keywords are of several types)
+    rule = rule or Setting(flag=None, help="", **limits)
 
     def parse(text: str) -> Any:
         try:
@@ -144,7 +156,8 @@ def whole_list(text: str) -> tuple[int, ...]:
     """An argparse type: comma-separated whole numbers >= 0 such as 0,10,50."""
     items = [item.strip() for item in text.split(",") if item.strip()]
     if not items or not all(i.isdigit() for i in items):
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers such as 0,10,50, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated whole numbers such as 0,10,50, got {text!r}")
     return tuple(int(i) for i in items)
 
 
@@ -189,7 +202,9 @@ def add_settings(parser: argparse.ArgumentParser, section: str, *,
 class Switch(argparse.BooleanOptionalAction):
     """``--flag`` / ``--no-flag``; giving both is an error, not "the last one wins"."""
 
-    def __call__(self, parser, namespace, values, option_string=None):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        assert option_string is not None  # argparse names the flag it matched
         value = not option_string.startswith("--no-")
         if getattr(namespace, self.dest) not in (None, value):
             raise argparse.ArgumentError(self, f"give {self.option_strings[0]} or "
@@ -200,7 +215,7 @@ class Switch(argparse.BooleanOptionalAction):
 def _default(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
-    return f.default_factory()  # type: ignore[misc]
+    return f.default_factory()  # type: ignore[operator]  # not MISSING where default is
 
 
 def _parsing(cls: type, name: str, decl: Setting) -> dict[str, Any]:

@@ -15,18 +15,35 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import CHECKPOINT_DIR, check_writable
 from ..config import GUIDANCE_MAX, SampleConfig
 from ..data import DATASETS, IMAGE_SUFFIXES, SPLITS, load_dataset, load_images, to_uint8
 from ..guidance import NoisyClassifierFile, check_compatible, load_noisy_classifier
-from ..rundir import CONFIG_FILE
-from ..metrics import (EXTRACTORS, INCEPTION_FILE, EvalResult, Evaluator, check_image_count,
-                       data_options, resolve_extractor)
+from ..metrics import (
+    EXTRACTORS,
+    INCEPTION_FILE,
+    EvalResult,
+    Evaluator,
+    check_image_count,
+    data_options,
+    resolve_extractor,
+)
 from ..pipeline import Pipeline, load_pipeline
-from ..checkpoint import CHECKPOINT_DIR, check_writable
+from ..rundir import CONFIG_FILE
 from ..runtime import resolve_device
 from ..viz import GRID_SUFFIXES, save_grid, save_images, save_npz
-from .options import (Defaults, UsageError, add_model_options, add_settings, check_out,
-                      given_settings, number, positive_int, seed, setting_flags)
+from .options import (
+    Defaults,
+    UsageError,
+    add_model_options,
+    add_settings,
+    check_out,
+    given_settings,
+    number,
+    positive_int,
+    seed,
+    setting_flags,
+)
 
 
 def add_sample_settings(p: argparse.ArgumentParser) -> None:
@@ -180,7 +197,7 @@ def run_sample(args: argparse.Namespace) -> int:
             f"{seconds:.1f} s)")
     if args.class_ == "all":
         what += f", {args.n} of each of {pipe.num_classes} classes"
-    elif args.class_ is not None:
+    elif isinstance(labels, int):  # one class, given by index or name
         name = f" ({classes[labels]})" if labels < len(classes) else ""
         what += f" of class {labels}{name}"
     if out.suffix.lower() in GRID_SUFFIXES:
@@ -341,7 +358,7 @@ def run_nll(args: argparse.Namespace) -> int:
     if n > len(real):
         raise UsageError(f"--n {n} but the {dataset} {split} split holds {len(real)} images")
     start = time.perf_counter()
-    result = pipe.bits_per_dim(real.images[:n], timesteps=args.nll_timesteps, seed=args.seed,
+    result: dict[str, Any] = pipe.bits_per_dim(real.images[:n], timesteps=args.nll_timesteps, seed=args.seed,
                                batch_size=args.batch_size, progress=not args.no_progress,
                                **settings)
     result = {**result, "dataset": dataset, "split": split, "variance": sc.variance,
@@ -349,7 +366,8 @@ def run_nll(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        terms = "all terms" if args.nll_timesteps is None else f"{result['timesteps']} of {T - 1} middle terms"
+        terms = ("all terms" if args.nll_timesteps is None
+                 else f"{result['timesteps']} of {T - 1} middle terms")
         print(f"NLL bound on {n} {dataset} {split} images ({sc.variance} variances, {terms}): "
               f"{result['bits_per_dim']:.4f} +- {result['bits_per_dim_se']:.4f} bits/dim\n"
               f"  prior {result['prior_bpd']:.5f}, diffusion {result['diffusion_bpd']:.4f}, "

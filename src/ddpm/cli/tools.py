@@ -11,19 +11,34 @@ import time
 from pathlib import Path
 
 from ..bench import bench, format_table
-from ..checkpoint import (CHECKPOINT_DIR, atomic_save, checkpoint_config, checkpoint_path,
-                          load_checkpoint, load_run_or_file)
+from ..checkpoint import (
+    CHECKPOINT_DIR,
+    atomic_save,
+    checkpoint_config,
+    checkpoint_path,
+    load_checkpoint,
+    load_run_or_file,
+)
 from ..classifier import CLASSIFIER_DATASETS, train_classifier
 from ..config import DEFAULT_PRESET, PRESETS, get_preset, with_overrides
-from ..data import DATASETS
-from ..data import to_uint8
+from ..data import DATASETS, to_uint8
 from ..guidance import load_noisy_classifier, train_noisy_classifier
 from ..metrics import Evaluator, check_image_count, data_options, resolve_extractor
 from ..pipeline import load_pipeline
 from ..posthoc import MAX_STD, gamma_from_std, list_snapshots, reconstruct
 from ..runtime import resolve_device
-from .options import (Defaults, UsageError, add_model_options, add_settings, check_out_file,
-                      given_settings, number, number_list, positive_int, seed)
+from .options import (
+    Defaults,
+    UsageError,
+    add_model_options,
+    add_settings,
+    check_out_file,
+    given_settings,
+    number,
+    number_list,
+    positive_int,
+    seed,
+)
 from .sample import add_sample_settings, sample_settings
 
 # The settings of a training run that change its speed, besides the model's shape.
@@ -228,7 +243,7 @@ def run_posthoc(args: argparse.Namespace) -> int:
         settings, sc = sample_settings(args, pipe)
         check_image_count(args.n, resolve_extractor("auto", dc.dataset), "--n")
     step, used, averages = reconstruct(run, args.std, args.step)
-    rebuilt = [(std, weights, error) for std, (weights, error) in zip(args.std, averages)]
+    rebuilt = [(std, weights, error) for std, (weights, error) in zip(args.std, averages, strict=True)]
     scores: list[dict] = []
     if score:
         evaluator = Evaluator(dc.dataset, dc.data_dir, split=args.split, data_options=data_options(dc),
@@ -274,7 +289,8 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", metavar="OUT_DIR", help="folder to write")
     p.add_argument("--format", choices=("diffusers",), required=True,
                    help="what to write (diffusers: a DDPMPipeline folder)")
-    p.add_argument("--force", action="store_true", help="replace an existing OUT_DIR that is empty or a previous export "
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing OUT_DIR that is empty or a previous export "
                         "(never a folder holding other files)")
     p.add_argument("--no-ema", action="store_true",
                    help="export the raw weights instead of the EMA's")

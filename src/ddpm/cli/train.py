@@ -15,19 +15,35 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import (CHECKPOINT_DIR, best_checkpoint_path, checkpoint_config,
-                          list_checkpoints, load_run_or_file)
-from ..config import (DEFAULT_GPU_PRESET, DEFAULT_PRESET, FORMULATIONS, PRESETS, RunConfig,
-                      differences, get_preset, load_config_file, resumable_keys, resume_changes,
-                      resumed, with_overrides)
+from ..checkpoint import (
+    CHECKPOINT_DIR,
+    best_checkpoint_path,
+    checkpoint_config,
+    list_checkpoints,
+    load_run_or_file,
+)
+from ..config import (
+    DEFAULT_GPU_PRESET,
+    DEFAULT_PRESET,
+    FORMULATIONS,
+    PRESETS,
+    DiffusionConfig,
+    RunConfig,
+    differences,
+    get_preset,
+    load_config_file,
+    resumable_keys,
+    resume_changes,
+    resumed,
+    with_overrides,
+)
 from ..data import open_dataset
 from ..models import UNet, count_parameters
 from ..rundir import CONFIG_FILE
 from ..runtime import resolve_device, training_precision
 from ..settings import shown
 from ..train import check_run, train, training_probe
-from .options import (Defaults, UsageError, add_settings, describe, given_settings, positive_int,
-                      setting_flags)
+from .options import Defaults, UsageError, add_settings, describe, given_settings, positive_int, setting_flags
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -63,7 +79,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-processes", type=positive_int, default=1, metavar="N",
                    help="train with N processes on this machine through 'accelerate launch' "
                         "(PyTorch DDP: gloo on CPUs, NCCL on GPUs); --batch-size is split between "
-                        "them. For several machines run 'accelerate launch -m ddpm train' (README)")
+                        "them. For several machines run 'accelerate launch -m ddpm train' "
+                        "(docs/distributed.md)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     preset = get_preset(DEFAULT_PRESET).to_dict()
 
@@ -240,7 +257,7 @@ def summary(config: RunConfig, preset: str) -> str:
     )
 
 
-def _weighting_text(d) -> str:
+def _weighting_text(d: DiffusionConfig) -> str:
     """How the loss weights and draws t, in words, for the run's summary."""
     text = {"uniform": "", "min-snr": f" with min-SNR-{d.min_snr_gamma:g} weights",
             "edm": f" with EDM weights (sigma_data {d.sigma_data:g})"}[d.loss_weighting]

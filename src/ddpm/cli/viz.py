@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -12,13 +12,39 @@ from ..data import DATASETS, SPLITS, load_dataset, to_model_range
 from ..pipeline import load_pipeline
 from ..rundir import METRICS_FILE
 from ..schedules import SCHEDULES, make_schedule
-from ..viz import (ANIMATION_SUFFIXES, FIGURE_SUFFIXES, evenly_spaced, forward_noised, plot_curves,
-                   plot_schedules, reverse_frames, save_animation, save_grid, save_image_table,
-                   video_writer)
-from .options import (Defaults, Parser, UsageError, add_model_options, check_out, name_list,
-                      number, positive_int, seed, whole_list)
-from .sample import (add_class_option, add_classifier_options, add_sample_settings, class_request,
-                     classifier_request, sample_settings)
+from ..viz import (
+    ANIMATION_SUFFIXES,
+    FIGURE_SUFFIXES,
+    evenly_spaced,
+    forward_noised,
+    plot_curves,
+    plot_schedules,
+    reverse_frames,
+    save_animation,
+    save_grid,
+    save_image_table,
+    video_writer,
+)
+from .options import (
+    Defaults,
+    Parser,
+    UsageError,
+    add_model_options,
+    check_out,
+    name_list,
+    number,
+    positive_int,
+    seed,
+    whole_list,
+)
+from .sample import (
+    add_class_option,
+    add_classifier_options,
+    add_sample_settings,
+    class_request,
+    classifier_request,
+    sample_settings,
+)
 
 FORWARD_TIMESTEPS = (0, 10, 50, 100, 150, 200, 250, 300, 400, 600, 800, 999)
 
@@ -164,12 +190,12 @@ def run_reverse(args: argparse.Namespace) -> int:
           f"{len(images)} frames to {out}")
     if sheet is not None:
         columns = evenly_spaced(states.shape[0], args.sheet_columns)
-        labels = [f"t={timesteps[i]:.0f}" if i < len(timesteps) else "output" for i in columns]
+        column_labels = [f"t={timesteps[i]:.0f}" if i < len(timesteps) else "output" for i in columns]
         rows = min(args.n, 8)
         blocks = [("x_t", states[columns, :rows].transpose(0, 1))]
         if args.show_x0:
             blocks.append(("predicted x0", x0_preds[columns, :rows].transpose(0, 1)))
-        save_image_table(blocks, labels, sheet,
+        save_image_table(blocks, column_labels, sheet,
                          title=f"reverse process ({sc.sampler}, {steps} steps)")
         print(f"wrote a contact sheet of {len(columns)} steps to {sheet}")
     return 0

@@ -33,9 +33,23 @@ from .arrays import read_idx
 from .files import decode_image, load_images
 from .load import load_dataset, open_dataset
 from .pixels import random_crop, to_model_range, to_uint8, to_unit_range
-from .registry import (CROPS, DATASETS, FASHION_MNIST_CLASSES, FILE_DATASETS, FILE_IMAGE_SIZE,
-                       FOLDER_DATASETS, IMAGE_SUFFIXES, MNIST_CLASSES, SPLITS, DatasetNotFoundError,
-                       check_options, default_cache_dir, default_data_dir, resolve, stored_size)
+from .registry import (
+    CROPS,
+    DATASETS,
+    FASHION_MNIST_CLASSES,
+    FILE_DATASETS,
+    FILE_IMAGE_SIZE,
+    FOLDER_DATASETS,
+    IMAGE_SUFFIXES,
+    MNIST_CLASSES,
+    SPLITS,
+    DatasetNotFoundError,
+    check_options,
+    default_cache_dir,
+    default_data_dir,
+    resolve,
+    stored_size,
+)
 from .sources import ImageData, StreamingImages
 from .stream import BatchStream
 

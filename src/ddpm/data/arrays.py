@@ -10,15 +10,18 @@ import os
 import pickle
 import struct
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from .registry import _SOURCE, FASHION_MNIST_CLASSES, MNIST_CLASSES, DatasetNotFoundError
 
 # --- IDX: MNIST and Fashion-MNIST -----------------------------------------------------------------
 
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_DTYPES: dict[int, npt.DTypeLike] = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4",
+                                         0x0D: ">f4", 0x0E: ">f8"}
 _IDX_PREFIXES = {"train": ("train",), "test": ("t10k",), "all": ("train", "t10k")}
 # Where torchvision's FashionMNIST / MNIST classes keep the files they download under ``root``.
 _TORCHVISION_FOLDER = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}
@@ -69,10 +72,12 @@ def _read_mnist(dataset: str, root: Path, split: str) -> tuple[torch.Tensor, tor
     images, labels = [], []
     for prefix in _IDX_PREFIXES[split]:
         stems = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
-        paths = [_find_idx(root, dataset, s) for s in stems]
-        for stem, path in zip(stems, paths):
+        paths = []
+        for stem in stems:
+            path = _find_idx(root, dataset, stem)
             if path is None:
                 raise DatasetNotFoundError(_missing_message(dataset, root, stem))
+            paths.append(path)
         images.append(read_idx(paths[0]))
         labels.append(read_idx(paths[1]))
         if images[-1].ndim != 3 or labels[-1].shape != (images[-1].shape[0],):
@@ -100,12 +105,13 @@ def _numpy_globals() -> dict[tuple[str, str], object]:
     try:
         from numpy._core import multiarray, numeric  # numpy >= 2
     except ImportError:
-        from numpy.core import multiarray, numeric
-    allowed = {}
+        from numpy.core import multiarray, numeric  # type: ignore[no-redef]  # numpy 1's names
+    allowed: dict[tuple[str, str], object] = {}
     for package in ("numpy.core", "numpy._core"):
         allowed[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
         allowed[(f"{package}.multiarray", "scalar")] = multiarray.scalar
-        allowed[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer  # protocol 5
+        # protocol 5 (private, so not in numpy's stubs)
+        allowed[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer  # type: ignore[attr-defined]
     allowed[("numpy", "ndarray")] = np.ndarray
     # Python 3 writes bytes at protocol 2 as _codecs.encode(text, "latin1"): a pure conversion.
     allowed[("_codecs", "encode")] = codecs.encode
@@ -117,11 +123,11 @@ class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles dicts of numpy arrays, lists and strings, and nothing else: a pickle can name
     any function to call, so every global outside numpy's array rebuilders is refused."""
 
-    def __init__(self, file, path: Path):
+    def __init__(self, file: BinaryIO, path: Path) -> None:
         super().__init__(file, encoding="bytes")  # the CIFAR batches were written by Python 2
         self.path = path
 
-    def find_class(self, module: str, name: str):
+    def find_class(self, module: str, name: str) -> object:
         allowed = _numpy_globals()
         if (module, name) not in allowed:
             raise pickle.UnpicklingError(
@@ -141,7 +147,7 @@ def _unpickle(path: Path) -> dict[str, object]:
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in d.items()}
 
 
-def _entry(d: dict, key: str, path: Path):
+def _entry(d: dict[str, object], key: str, path: Path) -> Any:  # whatever the pickle holds
     if key not in d:
         raise ValueError(f"{path} has no {key!r} entry (it has {sorted(d)}); is it a CIFAR python batch?")
     return d[key]
@@ -171,11 +177,11 @@ def _read_cifar(dataset: str, root: Path, split: str) -> tuple[torch.Tensor, tor
         labels.append(batch_labels)
     names = _entry(_unpickle(base / meta), names_key, base / meta)
     classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
-    labels = np.concatenate(labels)
-    if labels.size and not 0 <= labels.min() <= labels.max() < len(classes):
-        raise ValueError(f"{dataset} labels run {labels.min()}..{labels.max()} but {base / meta} "
-                         f"names {len(classes)} classes")
-    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(labels), classes
+    label_array = np.concatenate(labels)
+    if label_array.size and not 0 <= label_array.min() <= label_array.max() < len(classes):
+        raise ValueError(f"{dataset} labels run {label_array.min()}..{label_array.max()} but "
+                         f"{base / meta} names {len(classes)} classes")
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(label_array), classes
 
 
 _ARRAY_READERS = {"mnist": _read_mnist, "fashion-mnist": _read_mnist,

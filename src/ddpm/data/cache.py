@@ -52,7 +52,8 @@ def _write_cache(path: Path, **arrays: np.ndarray) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+            # (numpy's stub reads **arrays as possibly naming its allow_pickle: bool)
+            np.savez(f, **arrays)  # type: ignore[arg-type]
         os.replace(tmp, path)
     except OSError as exc:  # a read-only cache slows the next load, nothing more
         tmp.unlink(missing_ok=True)
@@ -113,7 +114,7 @@ def _decode_all(index: _FileIndex, size: int, channels: int, crop: str, strict: 
               desc=f"decoding {index.dataset}") as bar:
         for positions, batch, errors in loader:
             images[positions] = batch
-            for i, error in zip(positions.tolist(), errors):
+            for i, error in zip(positions.tolist(), errors, strict=True):
                 if error:
                     if strict:
                         raise ValueError(f"cannot decode image {index.paths[i]} ({error}); delete "
@@ -143,5 +144,5 @@ def _drop_unreadable(index: _FileIndex, *, strict: bool, progress: bool) -> _Fil
     if not any(keep):
         raise ValueError(f"none of the {len(keep)} image files in {index.root} could be read, "
                          f"e.g. {skipped[0]}")
-    return dataclasses.replace(index, paths=[p for p, k in zip(index.paths, keep) if k],
+    return dataclasses.replace(index, paths=[p for p, k in zip(index.paths, keep, strict=True) if k],
                                labels=index.labels[np.array(keep)])

@@ -3,14 +3,18 @@ that says how to lay them out by hand when there is no internet."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import TypeVar
 
 from .files import _loadmat
 from .registry import _LAYOUT, _SOURCE, TINYIMAGENET_MD5, TINYIMAGENET_URL, DatasetNotFoundError
 
+T = TypeVar("T")
 
-def _with_download(reader: Callable, dataset: str, root: Path, split: str, download: bool):
+
+def _with_download(reader: Callable[[str, Path, str], T], dataset: str, root: Path, split: str,
+                   download: bool) -> T:
     """``reader(dataset, root, split)``, fetching the files first when missing and asked to."""
     try:
         return reader(dataset, root, split)

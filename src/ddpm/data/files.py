@@ -8,8 +8,10 @@ import os
 import struct
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,7 +80,7 @@ def _index_folder(dataset: str, root: Path, *, labelled: bool, download: bool) -
                       dataset=dataset, split="train", labelled=True)
 
 
-def _loadmat():
+def _loadmat() -> Callable[..., dict[str, Any]]:
     try:
         from scipy.io import loadmat
     except ImportError:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -15,8 +15,15 @@ from .cache import _decode_files, _drop_unreadable
 from .download import _with_download
 from .files import _FileIndex, _index_flowers102, _index_folder, _index_tinyimagenet
 from .pixels import _fit_array
-from .registry import (FILE_DATASETS, FOLDER_DATASETS, _data_root, check_options, resolve,
-                       size_and_channels, stored_size)
+from .registry import (
+    FILE_DATASETS,
+    FOLDER_DATASETS,
+    _data_root,
+    check_options,
+    resolve,
+    size_and_channels,
+    stored_size,
+)
 from .sources import ImageData, StreamingImages
 
 if TYPE_CHECKING:  # only for annotations: config.py may import this package, never the reverse
@@ -60,9 +67,11 @@ def open_dataset(config: DataConfig, split: str | None = None, *,
     """``config``'s split (or ``split``): in memory when its decoded images fit
     ``config.max_memory_gb``, else (image files only) streamed from disk by DataLoader workers."""
     c = resolve(config if split is None else dataclasses.replace(config, split=split))
-    options = dict(image_size=c.image_size, channels=c.channels, crop=c.crop, download=c.download,
-                   folder_labels=c.folder_labels, cache_dir=c.cache_dir, strict=c.strict,
-                   progress=progress, workers=c.workers)
+    assert c.data_dir is not None and c.image_size is not None and c.channels is not None  # resolved
+    options: dict[str, Any] = dict(
+        image_size=c.image_size, channels=c.channels, crop=c.crop, download=c.download,
+        folder_labels=c.folder_labels, cache_dir=c.cache_dir, strict=c.strict, progress=progress,
+        workers=c.workers)
     if c.dataset not in FILE_DATASETS:  # arrays in a few files: always in memory
         return load_dataset(c.dataset, c.data_dir, c.split, **options)
     size = stored_size(c.image_size, c.crop)

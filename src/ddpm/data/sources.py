@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -28,7 +29,7 @@ class ImageData:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """``(C, S, S)`` as stored (random crops are taken from these)."""
-        return tuple(self.images.shape[1:])
+        return cast(tuple[int, int, int], tuple(self.images.shape[1:]))  # images are [N, C, S, S]
 
 
 class StreamingImages(torch.utils.data.Dataset):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -19,7 +21,7 @@ class _EpochBatches(torch.utils.data.Sampler):
     def __init__(self, batch_size: int):
         self.batch_size, self.perm, self.start = batch_size, torch.empty(0, dtype=torch.long), 0
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[list[int]]:
         ends = range(self.start + self.batch_size, len(self.perm) + 1, self.batch_size)
         return iter([self.perm[end - self.batch_size : end].tolist() for end in ends])
 
@@ -79,8 +81,8 @@ class BatchStream:
         self.perm = torch.randperm(len(source), generator=generator, device=self.device)
         self.pos = 0
         self.epoch = 0
-        self._loader = None  # built on the first streamed batch
-        self._batches = None  # the loader's iterator over the current epoch from pos
+        self._loader: torch.utils.data.DataLoader | None = None  # built on the first streamed batch
+        self._batches: Iterator[Any] | None = None  # the loader's iterator over the epoch from pos
         self._warned: set[str] = set()
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +95,7 @@ class BatchStream:
             self._batches = None
         idx = self.perm[self.pos : self.pos + self.batch_size]
         if isinstance(self.data, StreamingImages):
-            images, labels = self._fetch(idx)
+            images, labels = self._fetch(self.data, idx)
         else:
             images, labels = self.data.images[idx], self.data.labels[idx]
         self.pos += self.batch_size
@@ -107,23 +109,24 @@ class BatchStream:
             x, labels = x.pin_memory(), labels.pin_memory()
         return x, labels
 
-    def _fetch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The decoded images at ``idx`` from the workers, with undecodable ones replaced."""
+    def _fetch(self, data: StreamingImages, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoded images at ``idx`` from the workers (``data`` is ``self.data``), with
+        undecodable ones replaced."""
         if self._loader is None:
             self._sampler = _EpochBatches(self.batch_size)
             self._loader = torch.utils.data.DataLoader(
-                self.data, batch_sampler=self._sampler, num_workers=self.workers,
+                data, batch_sampler=self._sampler, num_workers=self.workers,
                 persistent_workers=self.workers > 0, worker_init_fn=_own_process_group)
         if self._batches is None:
             self._sampler.perm, self._sampler.start = self.perm, self.pos
             self._batches = iter(self._loader)
         got, images, errors = next(self._batches)
         assert torch.equal(got, idx), "the loader's batches left the stream's order"
-        labels = self.data.labels[idx]
+        labels = data.labels[idx]
         bad = [k for k, error in enumerate(errors) if error]
         if bad:
-            paths = [str(self.data.paths[int(idx[k])]) for k in bad]
-            if self.data.strict or len(bad) == len(errors):
+            paths = [str(data.paths[int(idx[k])]) for k in bad]
+            if data.strict or len(bad) == len(errors):
                 raise ValueError(f"cannot decode image {paths[0]} ({errors[bad[0]]}); delete or "
                                  f"replace it")
             new = [p for p in paths if p not in self._warned]

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..settings import check_fields, setting
-
 
 BLOCKS = ("resnet", "convnext")
 
@@ -107,6 +107,13 @@ class UNetConfig:
         return [self.image_size // self.patch_size // 2**i for i in range(len(self.channel_mults))]
 
 
+def _zero_init(conv: nn.Conv2d) -> None:
+    """Weight and bias to zero: the layer outputs zeros until training moves it."""
+    nn.init.zeros_(conv.weight)
+    if conv.bias is not None:  # (always made with one here)
+        nn.init.zeros_(conv.bias)
+
+
 def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
     # The largest group count <= ``groups`` that divides the channels, so any width works.
     return nn.GroupNorm(math.gcd(groups, channels), channels)
@@ -138,8 +145,7 @@ class ResBlock(nn.Module):
         self.norm2 = _group_norm(out_ch, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
-        nn.init.zeros_(self.conv2.bias)
+        _zero_init(self.conv2)  # each block starts as the identity
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
@@ -164,8 +170,7 @@ class ConvNeXtBlock(nn.Module):
         self.norm2 = nn.GroupNorm(1, out_ch * mult)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch * mult, out_ch, 3, padding=1)
-        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
-        nn.init.zeros_(self.conv2.bias)
+        _zero_init(self.conv2)  # each block starts as the identity
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
@@ -184,8 +189,7 @@ class AttentionBlock(nn.Module):
         self.norm = _group_norm(channels, groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        _zero_init(self.proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -263,7 +267,7 @@ class _DownPath(nn.Module):
         self.down_levels = nn.ModuleList()
         self.downsamples = nn.ModuleList()
         cur = ch
-        for level, (mult, size) in enumerate(zip(config.channel_mults, config.level_sizes())):
+        for level, (mult, size) in enumerate(zip(config.channel_mults, config.level_sizes(), strict=True)):
             out = ch * mult
             blocks, attns = [], []
             for _ in range(config.num_res_blocks):
@@ -285,7 +289,8 @@ class _DownPath(nn.Module):
         """Timesteps ``[B]`` (int64, or float for real-valued steps) -> ``[B, 4ch]``, in the
         weights' dtype (float32 as made; float64 for gradient checks)."""
         emb = timestep_embedding(t, self.config.base_channels)  # [B, ch], float32
-        return self.time_mlp(emb.to(self.time_mlp[0].weight.dtype))
+        first = cast(nn.Linear, self.time_mlp[0])  # Sequential's items are typed as Module
+        return self.time_mlp(emb.to(first.weight.dtype))
 
     def _down(self, x: torch.Tensor, temb: torch.Tensor,
               skips: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -296,8 +301,8 @@ class _DownPath(nn.Module):
         # [B, C, H, W] -> patches [B, C p^2, H/p, W/p] -> [B, ch, H/p, W/p]
         h = self.conv_in(F.pixel_unshuffle(x, p) if p > 1 else x)
         keep(h)
-        for i, level in enumerate(self.down_levels):
-            for block, attn in zip(level.blocks, level.attns):
+        for i, level in enumerate(cast("list[_Level]", self.down_levels)):  # (typed as Modules)
+            for block, attn in zip(level.blocks, level.attns, strict=True):
                 h = attn(block(h, temb))
                 keep(h)
             if i < len(self.downsamples):
@@ -344,8 +349,7 @@ class UNet(_DownPath):
         patch_channels = config.in_channels * config.patch_size**2
         out_channels = patch_channels * (2 if config.learn_variance else 1)
         self.conv_out = nn.Conv2d(cur, out_channels, 3, padding=1)
-        nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
+        _zero_init(self.conv_out)
 
     @property
     def null_class(self) -> int:
@@ -360,8 +364,8 @@ class UNet(_DownPath):
             temb = temb + self.class_emb(y)
         skips: list[torch.Tensor] = []
         h = self._down(x, temb, skips)
-        for i, level in enumerate(self.up_levels):
-            for block, attn in zip(level.blocks, level.attns):
+        for i, level in enumerate(cast("list[_Level]", self.up_levels)):  # (typed as Modules)
+            for block, attn in zip(level.blocks, level.attns, strict=True):
                 h = attn(block(torch.cat([h, skips.pop()], dim=1), temb))
             if i < len(self.upsamples):
                 h = self.upsamples[i](h)
