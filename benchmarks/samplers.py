@@ -22,7 +22,7 @@ from torchvision.utils import save_image
 from ddpm import get_preset
 from ddpm.models import UNet
 from ddpm.pipeline import Pipeline, build_schedule, load_pipeline
-from ddpm.samplers import DEFAULT_SPACING, SAMPLERS, get_sampler, initial_noise, make_timesteps
+from ddpm.samplers import SAMPLERS, get_sampler, initial_noise, make_timesteps, sampler_spec
 from ddpm.schedules import make_schedule
 from ddpm.toy import mixture_denoiser
 from ddpm.viz import grid_image
@@ -35,7 +35,7 @@ WEIGHTS, MEANS, STDS = (0.3, 0.7), (-0.5, 0.5), (0.2, 0.2)
 def toy_errors(name: str, steps: int) -> tuple[float, float]:
     schedule = make_schedule("linear", 1000)
     g = torch.Generator().manual_seed(0)
-    ts = make_timesteps(1000, steps, DEFAULT_SPACING[name], schedule=schedule)
+    ts = make_timesteps(1000, steps, sampler_spec(name).default_spacing, schedule=schedule)
     x = get_sampler(name)(mixture_denoiser(schedule, WEIGHTS, MEANS, STDS), schedule,
                           initial_noise((3000, 1, 4, 4), g), ts, generator=g, x0_transform=None)
     first = x.flatten(1).mean(1) < 0

@@ -333,8 +333,21 @@ def test_a_small_network_learns_the_optimal_variance_with_l_hybrid():
     assert (fixed - exact).abs().max().item() > 0.5  # beta-tilde is far from it: the test can fail
 
 
-def test_hybrid_weight_is_nichol_and_dhariwal_lambda():
-    assert VLB_WEIGHT == 1e-3
+def test_the_hybrid_loss_adds_lambda_t_times_the_bound_term():
+    # Eq. 16 of Nichol & Dhariwal 2021: L_hybrid = L_simple + lambda L_vlb, lambda = 0.001, with
+    # L_vlb = sum_t L_t estimated by T L_t at the drawn t
+    schedule = make_schedule("linear", 100)
+    x0 = torch.rand(8, 1, 4, 4) * 2 - 1
+    output = torch.randn(8, 2, 4, 4)
+    t, eps = torch.randint(0, 100, (8,)), torch.randn(8, 1, 4, 4)
+    hybrid = training_loss(lambda x, tt: output, schedule, x0, t=t, eps=eps, learn_variance=True)
+    simple = training_loss(lambda x, tt: output[:, :1], schedule, x0, t=t, eps=eps)
+    x_t = q_sample(schedule, x0, t, eps)
+    mean, log_var = p_mean_log_variance(schedule, output, x_t, t, learned=True,
+                                        prediction_type="eps", variance="learned")
+    bound = vlb_term(schedule, x0, x_t, t, mean, log_var).mean()
+    torch.testing.assert_close(hybrid - simple, 0.001 * 100 * bound)
+    assert VLB_WEIGHT == 0.001
 
 
 # --- the bound of a whole model: Pipeline.bits_per_dim ---------------------------------------------

@@ -9,7 +9,7 @@ from torch import nn
 
 from ddpm.diffusion import min_snr_weight, training_loss
 from ddpm.models.unet import timestep_embedding
-from ddpm.samplers import DEFAULT_SPACING, get_sampler, initial_noise, make_timesteps
+from ddpm.samplers import get_sampler, initial_noise, make_timesteps, sampler_spec
 from ddpm.schedules import make_schedule
 
 WEIGHTS, MEANS, STD = (0.3, 0.7), (-0.6, 0.5), 0.1
@@ -60,7 +60,7 @@ def test_small_model_learns_the_mixture(prediction_type, weighting, one_thread):
         opt.step()
     model.eval()
     for sampler, steps in (("ddim", 50), ("dpm++", 20)):
-        ts = make_timesteps(200, steps, DEFAULT_SPACING[sampler], schedule=schedule)
+        ts = make_timesteps(200, steps, sampler_spec(sampler).default_spacing, schedule=schedule)
         with torch.no_grad():
             x = get_sampler(sampler)(model, schedule, initial_noise((4000, 1, 1, 1), g), ts,
                                      prediction_type=prediction_type).flatten()

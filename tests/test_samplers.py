@@ -125,7 +125,7 @@ def test_timesteps_are_validated():
 # --- every sampler, against closed forms ---------------------------------------------------------
 
 from ddpm.diffusion import eps_x0_from_prediction, training_target  # noqa: E402
-from ddpm.samplers import DEFAULT_SPACING, SAMPLERS, get_sampler  # noqa: E402
+from ddpm.samplers import SAMPLERS, SPACINGS, get_sampler, sampler_spec  # noqa: E402
 
 # Step counts suited to each sampler and the discretisation tolerance on the output std,
 # from the order-of-convergence measurements below (error ~ C / N^p on the linear schedule):
@@ -135,7 +135,8 @@ STEPS_AND_STD_TOLERANCE = {"ddpm": (1000, 0.01), "ddim": (100, 0.04), "euler": (
 
 
 def _run(name, denoiser, schedule, x_T, n, generator=None, **kw):
-    ts = make_timesteps(schedule.num_train_timesteps, n, DEFAULT_SPACING[name], schedule=schedule)
+    ts = make_timesteps(schedule.num_train_timesteps, n, sampler_spec(name).default_spacing,
+                        schedule=schedule)
     return get_sampler(name)(denoiser, schedule, x_T, ts, generator=generator, x0_transform=None, **kw)
 
 
@@ -415,3 +416,26 @@ def test_zero_terminal_snr_refuses_eps_and_the_ode_samplers():
     with pytest.raises(ValueError, match="infinite at zero terminal SNR"):
         get_sampler("euler")(gaussian_denoiser(schedule, 0, 1, "v"), schedule,
                              torch.zeros(1, 1, 2, 2), make_timesteps(1000, 10), prediction_type="v")
+
+
+def test_each_sampler_record_names_settings_its_function_takes():
+    """A sampler's options are SampleConfig settings passed under their own names: a record whose
+    option the function does not take, or that no setting declares, would fail only when used."""
+    import dataclasses
+    import inspect
+
+    from ddpm.config import SampleConfig
+    from ddpm.samplers import SAMPLER_SPECS
+    fields = {f.name for f in dataclasses.fields(SampleConfig)}
+    for spec in SAMPLER_SPECS.values():
+        parameters = inspect.signature(spec.function).parameters
+        for option in spec.options:
+            assert option in parameters and option in fields, (spec.name, option)
+        assert spec.default_spacing in SPACINGS, spec.name
+
+
+@pytest.mark.parametrize("name,steps,evaluations", [("heun", 18, 35), ("euler", 18, 18),
+                                                     ("dpm++", 20, 20), ("ddpm", 1, 1)])
+def test_evaluations_per_image_follow_the_sampler_order(name, steps, evaluations):
+    from ddpm.samplers import sampler_spec
+    assert sampler_spec(name).evaluations(steps) == evaluations

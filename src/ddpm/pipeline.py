@@ -43,16 +43,15 @@ from .runtime import (
     warn_compile_failed,
 )
 from .samplers import (
-    DEFAULT_SPACING,
     GuidanceGrad,
     StepCallback,
     classifier_free_guidance,
     classifier_guidance,
     clip_x0,
     dynamic_threshold,
-    get_sampler,
     initial_noise,
     make_timesteps,
+    sampler_spec,
 )
 from .schedules import NoiseSchedule
 
@@ -113,9 +112,10 @@ class Pipeline:
     def evaluations_per_image(self, **settings: Any) -> int:
         """Network evaluations that :meth:`generate` spends on one image with ``settings``."""
         sc = self.sample_config(**settings)
+        spec = sampler_spec(sc.sampler)
         steps = len(make_timesteps(self.schedule.num_train_timesteps, sc.num_sample_steps,
-                                   sc.spacing or DEFAULT_SPACING[sc.sampler], schedule=self.schedule))
-        evaluations = 2 * steps - 1 if sc.sampler == "heun" else steps
+                                   sc.spacing or spec.default_spacing, schedule=self.schedule))
+        evaluations = spec.evaluations(steps)
         # classifier-free guidance: conditional and unconditional, as one batch
         return 2 * evaluations if self.num_classes and sc.guidance > 0 else evaluations
 
@@ -174,13 +174,11 @@ class Pipeline:
                 raise ValueError(f"the classifier scale must be a finite number >= 0, got "
                                  f"{classifier_scale}")
         labels = self.class_labels(n, labels, classifier)
-        sampler = get_sampler(sc.sampler)
+        spec = sampler_spec(sc.sampler)
+        sampler = spec.function
         timesteps = make_timesteps(self.schedule.num_train_timesteps, sc.num_sample_steps,
-                                   sc.spacing or DEFAULT_SPACING[sc.sampler], schedule=self.schedule)
-        sampler_options: dict[str, dict[str, Any]] = {
-            "ddpm": {"variance": sc.variance}, "ddim": {"eta": sc.eta},
-            "euler": {"churn": sc.churn}, "heun": {"churn": sc.churn}}
-        options = sampler_options.get(sc.sampler, {})
+                                   sc.spacing or spec.default_spacing, schedule=self.schedule)
+        options = {name: getattr(sc, name) for name in spec.options}
         x0_transform = X0_TRANSFORMS[sc.x0_transform]
         generator = torch.Generator("cpu").manual_seed(seed)
         mc = self.config.model

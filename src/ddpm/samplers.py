@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -32,12 +33,7 @@ from .diffusion import (
 )
 from .schedules import NoiseSchedule, broadcast_per_sample
 
-SAMPLERS = ("ddpm", "ddim", "dpm++", "euler", "heun")
 SPACINGS = ("linspace", "leading", "trailing", "karras", "logsnr")
-# DPM-Solver++ steps evenly in lambda = log-SNR / 2 (Lu et al. 2022, sec. 3.3): with uneven h its
-# multistep extrapolation is far less accurate (BENCHMARKS.md, sampler order table).
-DEFAULT_SPACING = {"ddpm": "linspace", "ddim": "linspace", "dpm++": "logsnr",
-                   "euler": "karras", "heun": "karras"}
 
 # callback(step_index, t, x_t, x0_pred): called once per step, after the network evaluation.
 StepCallback = Callable[[int, float, torch.Tensor, torch.Tensor], None]
@@ -537,19 +533,49 @@ def heun_sample(
                        churn=churn, generator=generator)
 
 
-SAMPLER_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
-    "ddpm": ancestral_sample,
-    "ddim": ddim_sample,
-    "dpm++": dpmpp_2m_sample,
-    "euler": euler_sample,
-    "heun": heun_sample,
-}
+@dataclass(frozen=True)
+class SamplerSpec:
+    """Everything ddpm knows of one sampler, in one record: the pipeline, the command line's
+    checks, the web page and the time forecasts all read it, so adding a sampler is adding one.
+
+    ``options`` are the :class:`~ddpm.config.SampleConfig` settings the function takes, under
+    the same names; ``second_order`` samplers evaluate the network twice a step but the last."""
+
+    name: str
+    function: Callable[..., torch.Tensor]
+    default_spacing: str
+    options: tuple[str, ...] = ()
+    second_order: bool = False
+
+    def evaluations(self, steps: int) -> int:
+        """Network evaluations per image for ``steps`` timesteps (Heun: 2n - 1, the last step
+        being Euler's)."""
+        return 2 * steps - 1 if self.second_order else steps
+
+
+SAMPLER_SPECS: dict[str, SamplerSpec] = {spec.name: spec for spec in (
+    SamplerSpec("ddpm", ancestral_sample, "linspace", options=("variance",)),
+    SamplerSpec("ddim", ddim_sample, "linspace", options=("eta",)),
+    # DPM-Solver++ steps evenly in lambda = log-SNR / 2 (Lu et al. 2022, sec. 3.3): with uneven h
+    # its multistep extrapolation is far less accurate (BENCHMARKS.md, sampler order table).
+    SamplerSpec("dpm++", dpmpp_2m_sample, "logsnr"),
+    SamplerSpec("euler", euler_sample, "karras", options=("churn",)),
+    SamplerSpec("heun", heun_sample, "karras", options=("churn",), second_order=True),
+)}
+SAMPLERS = tuple(SAMPLER_SPECS)
+# the settings some sampler takes; each is refused with a sampler that does not
+SAMPLER_OPTIONS = frozenset(option for spec in SAMPLER_SPECS.values() for option in spec.options)
+
+
+def sampler_spec(name: str) -> SamplerSpec:
+    if name not in SAMPLER_SPECS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    return SAMPLER_SPECS[name]
 
 
 def get_sampler(name: str) -> Callable[..., torch.Tensor]:
-    if name not in SAMPLER_FUNCTIONS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    return SAMPLER_FUNCTIONS[name]
+    """The sampler function of ``name`` (:func:`sampler_spec`)."""
+    return sampler_spec(name).function
 
 
 def initial_noise(

@@ -31,6 +31,7 @@ from ..metrics import (
 from ..pipeline import Pipeline, load_pipeline
 from ..rundir import CONFIG_FILE
 from ..runtime import resolve_device
+from ..samplers import SAMPLER_OPTIONS, SAMPLER_SPECS, sampler_spec
 from ..viz import GRID_SUFFIXES, save_grid, save_images, save_npz
 from .options import (
     Defaults,
@@ -57,12 +58,12 @@ def sample_settings(args: argparse.Namespace, pipe: Pipeline) -> tuple[dict[str,
     for options that would have no effect with the chosen sampler."""
     settings = given_settings(args).get("sample", {})
     sc = pipe.sample_config(**settings)
-    for name, flag, samplers in (("eta", "--eta", ("ddim",)), ("variance", "--variance", ("ddpm",)),
-                                 ("churn", "--churn", ("euler", "heun"))):
-        if name in settings and sc.sampler not in samplers:
-            raise UsageError(f"{flag} is a setting of the {' and '.join(samplers)} sampler"
-                             f"{'s' if len(samplers) > 1 else ''}, not of {sc.sampler}; add "
-                             f"--sampler {samplers[-1]} or drop {flag} {settings[name]}")
+    for name in sorted(set(settings) & SAMPLER_OPTIONS):
+        if name not in sampler_spec(sc.sampler).options:
+            takers = [spec.name for spec in SAMPLER_SPECS.values() if name in spec.options]
+            raise UsageError(f"--{name} is a setting of the {' and '.join(takers)} sampler"
+                             f"{'s' if len(takers) > 1 else ''}, not of {sc.sampler}; add "
+                             f"--sampler {takers[-1]} or drop --{name} {settings[name]}")
     return settings, sc
 
 
