@@ -29,6 +29,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -108,6 +109,15 @@ class PowerEMA(EMA):
     def load_profile(self, profile: dict) -> None:
         self.model.load_state_dict(profile["weights"])
         self.load_state_dict(profile)
+
+
+def rebuilt_checkpoint(state: dict[str, Any], weights: dict[str, torch.Tensor], std: float,
+                       step: int, fid: float) -> dict[str, Any]:
+    """The checkpoint ``state`` with its EMA weights replaced by a post-hoc reconstruction of
+    length ``std`` at ``step``, recorded under ``ema_rebuilt`` (with its FID, NaN unscored).
+    Its power EMAs stay under ``posthoc_ema`` as training wrote them (a list of profiles,
+    ``TrainState``), so every reader finds that key in one shape."""
+    return {**state, "ema": weights, "ema_rebuilt": {"std": std, "step": step, "fid": fid}}
 
 
 def snapshot_path(run_dir: str | os.PathLike, step: int) -> Path:

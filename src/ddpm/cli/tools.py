@@ -25,7 +25,7 @@ from ..data import DATASETS, to_uint8
 from ..guidance import load_noisy_classifier, train_noisy_classifier
 from ..metrics import Evaluator, check_image_count, data_options, resolve_extractor
 from ..pipeline import load_pipeline
-from ..posthoc import MAX_STD, gamma_from_std, list_snapshots, reconstruct
+from ..posthoc import MAX_STD, gamma_from_std, list_snapshots, rebuilt_checkpoint, reconstruct
 from ..runtime import resolve_device
 from .options import (
     Defaults,
@@ -265,8 +265,7 @@ def run_posthoc(args: argparse.Namespace) -> int:
     source = checkpoint_path(run, step)
     path, state = (source, load_checkpoint(source)) if source.is_file() else load_run_or_file(run)
     fid = scores[best]["fid"] if scores else math.nan
-    atomic_save({**state, "ema": weights, "posthoc_ema": {"std": std, "step": step, "fid": fid}},
-                out)
+    atomic_save(rebuilt_checkpoint(state, weights, std, step, fid), out)
     what = f" (FID {fid:.2f}, the best of {len(scores)})" if scores else ""
     print(f"sigma_rel {std:g} at step {step}{what}: EMA weights rebuilt from {used} "
           f"snapshots, written with the rest of {path.name} to {out}")
