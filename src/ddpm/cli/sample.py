@@ -61,9 +61,10 @@ def sample_settings(args: argparse.Namespace, pipe: Pipeline) -> tuple[dict[str,
     for name in sorted(set(settings) & SAMPLER_OPTIONS):
         if name not in sampler_spec(sc.sampler).options:
             takers = [spec.name for spec in SAMPLER_SPECS.values() if name in spec.options]
-            raise UsageError(f"--{name} is a setting of the {' and '.join(takers)} sampler"
+            flag = setting_flags()[f"sample.{name}"]  # the option as declared, not rebuilt
+            raise UsageError(f"{flag} is a setting of the {' and '.join(takers)} sampler"
                              f"{'s' if len(takers) > 1 else ''}, not of {sc.sampler}; add "
-                             f"--sampler {takers[-1]} or drop --{name} {settings[name]}")
+                             f"--sampler {takers[-1]} or drop {flag} {settings[name]}")
     return settings, sc
 
 
