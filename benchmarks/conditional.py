@@ -72,8 +72,8 @@ def main() -> None:
 
     from ddpm.classifier import load_classifier
     from ddpm.data import load_dataset, to_uint8
-    from ddpm.guidance import load_noisy_classifier
     from ddpm.metrics import Evaluator
+    from ddpm.noisy_classifier import load_noisy_classifier
     from ddpm.pipeline import load_pipeline
     from ddpm.viz import save_grid
 

@@ -481,7 +481,7 @@ def peer_unet_shape(name: str) -> tuple[tuple[int, ...], bool]:
     'old' is our preset's shape before it changed to 16 / 32 / 48, 'preset' today's preset's."""
     if name == "old":
         return (24, 48, 48), True
-    from ddpm.config import get_preset
+    from ddpm.presets import get_preset
 
     m = get_preset("fashion-cpu").model
     return tuple(m.base_channels * k for k in m.channel_mults), 7 in m.attention_resolutions

@@ -1,10 +1,12 @@
 """Does a change of code leave training bit for bit the same? Train a short run with the code
 of a reference commit and with the working tree, then compare every tensor of the two final
 checkpoints (weights, EMA, optimiser state, data stream and generator states) with
-``torch.equal``, and the two ``config.json`` files.
+``torch.equal``, the two ``config.json`` files, and the FID and KID each run measured while it
+trained (metrics.jsonl), which are printed.
 
     python benchmarks/same_training.py --ref 72245b4
     python benchmarks/same_training.py --ref 72245b4 --args "--preset tiny --steps 30 --conditional"
+    python benchmarks/same_training.py --ref 72245b4 --args "--precision fp32"   # the README demo
 
 The reference commit is checked out in a temporary git worktree and run from its own ``src/``
 (``PYTHONPATH``), with this environment's torch. Exit status 1 when anything differs.
@@ -34,6 +36,12 @@ def train(src: Path, out: Path, args: str) -> Path:
                *shlex.split(args), "--out", str(out), "--no-progress"]
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
     return sorted((out / "checkpoints").glob("ckpt-*.pt"))[-1]
+
+
+def scores(run: Path) -> list[dict[str, float]]:
+    """The FID measurements a run logged while it trained: step, FID and KID of each."""
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: line[k] for k in ("step", "fid", "kid")} for line in lines if "fid" in line]
 
 
 def differences(a: Any, b: Any, where: str = "") -> list[str]:
@@ -77,8 +85,11 @@ def main() -> None:
                    for p in (ref_ckpt, new_ckpt)]
         if configs[0] != configs[1]:
             found.append("config.json differs")
+        fids = {"ref": scores(ref_ckpt.parent.parent), "new": scores(new_ckpt.parent.parent)}
+        if fids["ref"] != fids["new"]:
+            found.append("the FIDs measured while training differ")
     print(json.dumps({"ref": a.ref, "args": a.args, "identical": not found,
-                      "differences": found[:20]}))
+                      "differences": found[:20], "fids": fids}))
     sys.exit(1 if found else 0)
 
 

@@ -22,8 +22,9 @@ from torchvision.utils import save_image
 from ddpm import get_preset
 from ddpm.models import UNet
 from ddpm.pipeline import Pipeline, build_schedule, load_pipeline
-from ddpm.samplers import SAMPLERS, get_sampler, initial_noise, make_timesteps, sampler_spec
+from ddpm.samplers import SAMPLERS, get_sampler, initial_noise, sampler_spec
 from ddpm.schedules import make_schedule
+from ddpm.timesteps import make_timesteps
 from ddpm.toy import mixture_denoiser
 from ddpm.viz import grid_image
 

@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT / "src"))
 # ruff: noqa: E402 (ddpm is imported from the tree above, after the path is set)
 from ddpm.cli import build_parser
 from ddpm.cli.options import SECTION_TITLES, describe
-from ddpm.config import DEFAULT_PRESET, SECTIONS, get_preset
+from ddpm.config import SECTIONS
+from ddpm.presets import DEFAULT_PRESET, get_preset
 from ddpm.settings import Setting, field_types, item_type, settings_of, tuple_length, unwrap_optional
 
 HEADER = f"""\

@@ -11,6 +11,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -67,8 +68,9 @@ def snapshot(root: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def world(tmp_path_factory, fake_fashion):
-    """A folder of existing outputs that every bad command of the reliability tests must leave
-    exactly as it is: runs, checkpoints damaged in every way, folders of images, odd files."""
+    """A folder of existing outputs that every refused command (test_cli.py's tables and others)
+    must leave exactly as it is: runs, checkpoints damaged in every way, folders of images, odd
+    files."""
     from ddpm import get_preset, train
     from ddpm.checkpoint import load_checkpoint
 
@@ -121,7 +123,123 @@ def _private_cache(tmp_path_factory):
     yield
 
 
-# --- tiny datasets in the other on-disk formats (tests/test_datasets.py) ---------------------------
+# --- the command line, run by the tests -----------------------------------------------------------
+
+
+def cli(*args) -> tuple[int, str, str]:
+    """``ddpm ARGS`` through the CLI's main, in this process: (exit code, stdout, stderr)."""
+    r = ddpm_in_process(*args)
+    return r.returncode, r.stdout, r.stderr
+
+
+def ddpm(*args, cwd=None):
+    """``ddpm ARGS`` in a new Python process, as a user's shell runs it."""
+    return subprocess.run([sys.executable, "-m", "ddpm", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=600)
+
+
+def assert_refused(r, message: str, absent=()) -> None:
+    """One line on stderr saying ``message`` (and none of ``absent``), exit code 2, no traceback."""
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert message in lines[0], r.stderr
+    assert not any(word in lines[0] for word in absent), r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+
+
+# --- runs shared by several files (each trained once per session) ---------------------------------
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, fake_fashion):
+    """The tiny preset trained by the command in a new process, 6 steps with checkpoints at 3 and
+    6: (the run's folder, what train printed). Shared by the files of the command line and
+    test_pipeline.py, trained once; a test that changes it works on a copy."""
+    run = tmp_path_factory.mktemp("cli") / "run"
+    r = ddpm("train", "--preset", "tiny", "--steps", 6, "--out", run, "--data-dir", fake_fashion,
+             "--checkpoint-every", 3, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    return run, r.stdout
+
+
+@pytest.fixture(scope="session")
+def learned_run(tmp_path_factory, fake_fashion):
+    """A tiny run with learned variances (v-prediction), 4 steps; test_pipeline.py resumes it to
+    6, test_cli_eval.py scores it. Trained once for both."""
+    out = tmp_path_factory.mktemp("learned") / "run"
+    r = ddpm_in_process("train", "--preset", "tiny", "--data-dir", fake_fashion,
+                        "--learn-variance", "--prediction-type", "v", "--steps", "4", "--out", out,
+                        "--no-progress")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.fixture
+def run_copy(world, tmp_path) -> Path:
+    """A copy of the world's run, for a test that changes it or checks what a refusal leaves."""
+    run = tmp_path / "run"
+    shutil.copytree(world / "run", run)
+    return run
+
+
+def tiny_config(data_dir, **train_overrides):
+    """The tiny preset on ``data_dir`` with dropout and flips (so that a resume must restore the
+    global RNG), no preview grids, and ``train_overrides``."""
+    from ddpm import get_preset
+
+    c = get_preset("tiny")
+    return dataclasses.replace(
+        c,
+        model=dataclasses.replace(c.model, dropout=0.1),  # exercise the global RNG on resume
+        data=dataclasses.replace(c.data, data_dir=str(data_dir), hflip=True),
+        train=dataclasses.replace(c.train, **{"sample_every": 0, **train_overrides}),
+    )
+
+
+# --- the Gaussian toy of the variational bound (test_diffusion, test_samplers, test_pipeline) -----
+
+MU, S = 0.1, 0.4  # the toy's law, N(MU, S^2) per pixel, discretised to the 256 levels
+
+
+def _toy_images(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = (MU + S * torch.randn(n, 1, 4, 4, generator=g, dtype=torch.float64)).clamp(-1, 1)
+    return ((x + 1) * 127.5).round() / 127.5 - 1  # on the grid of 256 levels
+
+
+def _bound_by_code(schedule, x0, variance):
+    """The same bound through diffusion.py, with the same draws."""
+    from ddpm.diffusion import p_mean_log_variance, prior_bpd, q_sample, vlb_term
+    from ddpm.toy import gaussian_denoiser
+
+    T = schedule.num_train_timesteps
+    g = torch.Generator().manual_seed(7)
+    denoiser = gaussian_denoiser(schedule, MU, S, prediction_type="eps")
+    total = prior_bpd(schedule, x0)
+    for step in range(T):
+        t = torch.full((len(x0),), step, dtype=torch.long)
+        eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+        x_t = q_sample(schedule, x0, t, eps)
+        mean, log_var = p_mean_log_variance(schedule, denoiser(x_t, t), x_t, t, prediction_type="eps",
+                                            variance=variance, learned=False,
+                                            x0_transform=lambda x: x.clamp(-1, 1))
+        total = total + vlb_term(schedule, x0, x_t, t, mean, log_var)
+    return total
+
+
+# --- EDM's preconditioning (Karras et al. 2022, Table 1: test_diffusion, test_pipeline) -----------
+
+
+def _table_1(ab: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, ...]:
+    """c_in, c_skip, c_out at sigma = sqrt((1 - ab) / ab), written as the paper writes them."""
+    sigma = ((1 - ab) / ab).sqrt()
+    c_skip = sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
+    c_out = sigma * sigma_data / (sigma ** 2 + sigma_data ** 2).sqrt()
+    c_in = 1 / (sigma ** 2 + sigma_data ** 2).sqrt()
+    return c_in, c_skip, c_out
+
+
+# --- tiny datasets in the other on-disk formats (tests/test_data.py) -------------------------------
 # Each image carries its label in its pixels, so a test can check that the right image got the
 # right label: a flat colour ``label_colour(label)``, exact in PNG and within a few levels in JPEG.
 

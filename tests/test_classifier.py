@@ -39,6 +39,19 @@ def test_train_classifier_writes_loadable_weights(tmp_path, fake_fashion):
     assert predictions.shape == (64,) and predictions.dtype == torch.int64
 
 
+def test_train_classifier_follows_its_seed_and_leaves_the_global_random_state(tmp_path, fake_fashion):
+    state = torch.get_rng_state()
+    weights = {}
+    for name, seed in (("a", 3), ("again", 3), ("other", 4)):
+        train_classifier("fashion-mnist", fake_fashion, tmp_path / f"{name}.pt", epochs=1,
+                         batch_size=64, seed=seed, progress=False)
+        assert torch.equal(torch.get_rng_state(), state), name  # forked, not reseeded
+        weights[name] = torch.load(tmp_path / f"{name}.pt", weights_only=True)["model"]
+    a, again, other = weights["a"], weights["again"], weights["other"]
+    assert all(torch.equal(a[k], again[k]) for k in a)
+    assert not all(torch.equal(a[k], other[k]) for k in a)  # the seed is what decides
+
+
 def test_bad_classifier_files_are_explained(tmp_path):
     with pytest.raises(WeightsNotFoundError, match="ddpm train-classifier"):
         load_classifier("fashion-mnist", tmp_path / "missing.pt")

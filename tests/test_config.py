@@ -1,5 +1,6 @@
-"""The config: one declaration per setting, from which the options, the overrides, the resume
-check and the help are made; config files, --dry-run, and the checks each section runs."""
+"""config.py, configfile.py, presets.py and settings.py: one declaration per setting, from which
+the options, the overrides, the resume check and the help are made; config files (odd ones, and a
+partial one on --resume), --dry-run, the checks each section runs, and the EDM formulation."""
 
 from __future__ import annotations
 
@@ -8,25 +9,24 @@ import json
 
 import pytest
 
+from ddpm.checkpoint import load_checkpoint
 from ddpm.cli import build_parser
 from ddpm.cli.options import given_settings
 from ddpm.config import (
-    PRESETS,
     SECTIONS,
     DataConfig,
     RunConfig,
-    SettingError,
     TrainConfig,
     fit_model,
-    get_preset,
-    load_config_file,
     resume_changes,
     with_overrides,
 )
+from ddpm.configfile import load_config_file
 from ddpm.models import UNet, UNetConfig, count_parameters
-from ddpm.settings import field_types, item_type, settings_of, unwrap_optional
+from ddpm.presets import PRESETS, get_preset
+from ddpm.settings import SettingError, field_types, item_type, settings_of, unwrap_optional
 
-from conftest import ddpm_in_process
+from conftest import assert_refused, ddpm_in_process, snapshot
 
 # The settings that follow from others when the command line builds a run (config.with_overrides):
 # a new dataset takes its own folder; the U-Net takes the data's size and channels (attention at
@@ -309,3 +309,67 @@ def test_the_default_preset_follows_the_device(monkeypatch):
         "cpu" if name == "cpu" else "cuda"))
     assert train_command._preset_name(parsed()) == "fashion-gpu"
     assert train_command._preset_name(parsed("--device", "cpu")) == "fashion-cpu"
+
+
+# --- config files that are right, and a partial one on --resume -----------------------------------
+
+
+def test_a_config_file_with_a_byte_order_mark_is_read(world, tmp_path):
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"train": {"lr": 0.002}}')  # as some editors save it
+    r = ddpm_in_process("train", "--preset", "tiny", "--config", path, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["config"]["train"]["lr"] == 0.002
+
+
+def test_a_partial_config_on_resume_lies_over_the_runs_own_settings(world, tmp_path):
+    """What the file leaves out is the run's, not the default preset's: a file that sets the
+    stopping rule and the run's own lr resumes; one that changes lr is refused, naming lr."""
+    path = tmp_path / "more.json"
+    path.write_text('{"train": {"lr": 0.001, "steps": 3}}')
+    before = snapshot(world)
+    r = ddpm_in_process("train", "--resume", world / "run", "--config", path, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    config = json.loads(r.stdout)["config"]
+    saved = RunConfig.from_dict(load_checkpoint(world / "run/checkpoints/ckpt-00000002.pt")["config"])
+    assert config["train"]["steps"] == 3 and RunConfig.from_dict(config).model == saved.model
+    path.write_text('{"train": {"lr": 0.002}}')
+    r = ddpm_in_process("train", "--resume", world / "run", "--config", path, "--steps", 3)
+    assert_refused(r, f"--config {path} changes train.lr from 0.001 to 0.002", ("base_channels",))
+    assert snapshot(world) == before
+
+
+# --- the EDM formulation as one option ------------------------------------------------------------
+
+
+def _dry_run(*options):
+    import json
+
+    from conftest import ddpm_in_process as cli
+
+    r = cli("train", "--preset", "tiny", "--dry-run", *options)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)["config"]
+
+
+def test_formulation_edm_lays_its_settings_over_the_preset_and_the_options_win(tmp_path):
+    from ddpm.presets import FORMULATIONS
+
+    plain, edm = _dry_run(), _dry_run("--formulation", "edm")
+    changed = {(s, k): v for s in edm for k, v in edm[s].items() if plain[s][k] != v}
+    # exactly Karras et al.'s pieces, each its own setting, and nothing else of the preset
+    assert changed == {("diffusion", "preconditioning"): "edm",
+                       ("diffusion", "timestep_sampling"): "log-normal",
+                       ("diffusion", "loss_weighting"): "edm",
+                       ("sample", "sampler"): "heun", ("sample", "num_sample_steps"): 18,
+                       ("sample", "spacing"): "karras"}
+    assert changed == {(s, k): v for s, d in FORMULATIONS["edm"].items() for k, v in d.items()}
+    # an option given, and a --config file, override the formulation's value; the rest stays
+    given = _dry_run("--formulation", "edm", "--loss-weighting", "min-snr", "--sigma-data", "0.8")
+    assert given["diffusion"]["loss_weighting"] == "min-snr"
+    assert given["diffusion"]["preconditioning"] == "edm" and given["diffusion"]["sigma_data"] == 0.8
+    file = tmp_path / "c.json"
+    file.write_text('{"diffusion": {"timestep_sampling": "uniform"}}')
+    from_file = _dry_run("--formulation", "edm", "--config", file)
+    assert from_file["diffusion"]["timestep_sampling"] == "uniform"
+    assert from_file["sample"]["sampler"] == "heun"

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from ddpm.config import PRESETS
+from ddpm.presets import PRESETS
 
 from conftest import ddpm_in_process, make_fake_cifar, make_image_folder
 

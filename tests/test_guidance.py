@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
+from ddpm.guidance import classifier_free_guidance
 from ddpm.models import UNet, UNetConfig
-from ddpm.samplers import ancestral_sample, classifier_free_guidance, initial_noise, make_timesteps
+from ddpm.samplers import ancestral_sample, initial_noise
 from ddpm.schedules import make_schedule
+from ddpm.timesteps import make_timesteps
 from ddpm.toy import gaussian_denoiser, mixture_denoiser
 
 from conftest import ddpm_in_process as cli
@@ -271,7 +273,7 @@ def test_bad_class_requests_are_one_line_errors(conditional_run, tmp_path, args,
 
 
 def test_guidance_or_label_dropout_without_conditional_is_refused(fake_fashion, tmp_path):
-    # (a class or guidance asked of an unconditional model: tests/test_reliability.py)
+    # (a class or guidance asked of an unconditional model: tests/test_cli.py)
     for option in ("--guidance", "--class-dropout"):
         r = cli("train", "--preset", "tiny", "--data-dir", fake_fashion, option, "0.2",
                 "--out", tmp_path / "other")
@@ -328,7 +330,8 @@ def test_algorithm_2_with_the_exact_classifier_is_the_exact_conditional_model(pr
     # eps-hat = eps - sqrt(1 - ab) grad log p(y | x_t) = -sqrt(1 - ab) grad log p(x_t | y): the
     # exact classifier turns the mixture's predictor into the component's, for every target.
     from ddpm.diffusion import eps_x0_from_prediction, training_target
-    from ddpm.samplers import classifier_guidance, ddim_sample
+    from ddpm.guidance import classifier_guidance
+    from ddpm.samplers import ddim_sample
     from ddpm.toy import mixture_class_grad
     label = 1
     mixture = mixture_denoiser(SCHEDULE, CG_WEIGHTS, CG_MEANS, CG_STDS)
@@ -389,7 +392,7 @@ def _sample(run, out, *args):
 
 
 def test_classifier_guidance_from_the_command_line(world, noisy_classifier, tmp_path):
-    from ddpm.guidance import load_noisy_classifier
+    from ddpm.noisy_classifier import load_noisy_classifier
     from ddpm.pipeline import load_pipeline
     pipe = load_pipeline(world / "run")
     clf = load_noisy_classifier(noisy_classifier)

@@ -1,8 +1,9 @@
-"""FID, KID and precision/recall against closed forms, the extractors' pipelines on real data,
+"""metrics.py: FID, KID and precision/recall against closed forms, the extractors' pipelines on real data,
 the missing-weights message and the reference-statistics cache."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,8 @@ from ddpm.metrics import (
     precision_recall,
     reference_statistics,
 )
+
+from conftest import ddpm_in_process
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -275,3 +278,26 @@ def test_corrupt_cache_file_is_recomputed(tmp_path, fake_fashion):
     ref.path.write_bytes(b"not a cache file")
     again = reference_statistics(train, "train", ext, cache_dir=tmp_path)
     assert ext.calls == 2 and torch.equal(again.features, ref.features)
+
+
+# --- found only at the end of ddpm eval: a cache that is a file, images unlike the data -----------
+
+
+def test_a_cache_folder_that_is_a_file_is_said_first_and_the_scores_are_kept(world, tmp_path):
+    blocker = tmp_path / "cache-is-a-file"
+    blocker.write_text("not a folder")
+    r = ddpm_in_process("eval", world / "run", "--n", 128, "--steps", 2, "--sampler", "ddim",
+                        "--json", "--no-progress", "--cache-dir", blocker)
+    assert r.returncode == 0, r.stderr
+    assert "warning: cannot cache reference statistics in" in r.stderr and "is a file" in r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["n"] == 128
+    assert blocker.read_text() == "not a folder"
+
+
+def test_images_unlike_the_dataset_are_scored_with_a_warning(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "rgb.npz", arr_0=rng.integers(0, 256, (128, 40, 40, 3), dtype=np.uint8))
+    r = ddpm_in_process("eval", "--images", tmp_path / "rgb.npz", "--dataset", "fashion-mnist",
+                        "--json", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "warning: the images are 3x40x40 but the fashion-mnist train images are 1x28x28" in r.stderr

@@ -1,31 +1,33 @@
-"""The noise-aware classifier of classifier guidance (Dhariwal & Nichol 2021): the network, its
-training and file, the compatibility checks, the gradient guided sampling takes, and the CLI."""
+"""noisy_classifier.py: the noise-aware classifier of classifier guidance (Dhariwal & Nichol
+2021): the network, its training and file, the compatibility checks, the gradient guided sampling
+takes, and the CLI (train-classifier, and damaged classifier files given to sample)."""
 
 import dataclasses
 import hashlib
 import pathlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from ddpm.classifier import shipped_weights
-from ddpm.config import get_preset
 from ddpm.data import FASHION_MNIST_CLASSES
-from ddpm.guidance import (
+from ddpm.guidance import classifier_log_prob_grad
+from ddpm.models import UNet, UNetConfig
+from ddpm.models.unet import NoisyClassifier
+from ddpm.noisy_classifier import (
     FORMAT,
     KIND,
     NoisyClassifierFile,
     check_compatible,
-    classifier_log_prob_grad,
     evaluation_timesteps,
     load_noisy_classifier,
     train_noisy_classifier,
 )
-from ddpm.models import UNet, UNetConfig
-from ddpm.models.unet import NoisyClassifier
+from ddpm.presets import get_preset
 
-from conftest import ddpm_in_process, write_idx
+from conftest import assert_refused, ddpm_in_process, snapshot, write_idx
 
 # A classifier small enough to train in a second.
 SMALL = UNetConfig(base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
@@ -265,12 +267,26 @@ def classifier_file(**changes):
     return NoisyClassifierFile(**{**fields, **changes})
 
 
+def refusal(clf, config, classes=()):
+    """``check_compatible``'s message for this classifier and run, or None when it passes."""
+    try:
+        check_compatible(clf, config, classes, run="runs/tiny")
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def test_a_fitting_classifier_passes():
+    """A classifier of the run's dataset, classes, schedule and image shape passes whether the
+    run's classes are unknown, given as a tuple or a list, or counted by a class-conditional
+    model; a file without class names passes on their number alone."""
     tiny = get_preset("tiny")
-    check_compatible(classifier_file(), tiny)
-    check_compatible(classifier_file(), tiny, FASHION_MNIST_CLASSES)
     conditional = dataclasses.replace(tiny, model=dataclasses.replace(tiny.model, num_classes=10))
-    check_compatible(classifier_file(), conditional)
+    fitting = [(tiny, ()), (tiny, FASHION_MNIST_CLASSES), (tiny, list(FASHION_MNIST_CLASSES)),
+               (conditional, ()), (conditional, FASHION_MNIST_CLASSES)]
+    for config, classes in fitting:
+        assert refusal(classifier_file(), config, classes) is None, (config.model.num_classes, classes)
+    assert refusal(classifier_file(classes=()), conditional, FASHION_MNIST_CLASSES) is None
 
 
 def _section(config, name, **changes):
@@ -447,3 +463,42 @@ def test_cli_like_a_run(tiny_run, tmp_path):
     assert tuple(clf.accuracy_by_t) == (0, 10, 25, 50, 75, 99)
     assert "T = 100" in r.stdout and "t =   99:" in r.stdout
     check_compatible(clf, config, state["classes"])  # it fits the run it was made for
+
+
+# --- its output, and damaged files of it ----------------------------------------------------------
+
+
+def test_train_classifier_never_writes_over_the_run_it_is_like(run_copy):
+    before = snapshot(run_copy)
+    for like in (run_copy, run_copy / "checkpoints/ckpt-00000002.pt"):
+        r = ddpm_in_process("train-classifier", "--noisy", "--like", like, "--epochs", 1,
+                            "--out", run_copy / "checkpoints/ckpt-00000002.pt", "--force",
+                            "--no-progress")
+        assert_refused(r, f"is a file of the run {run_copy.resolve()} that this command reads")
+    assert snapshot(run_copy) == before
+
+
+@pytest.fixture(scope="module")
+def damaged_classifiers(world, tmp_path_factory) -> Path:
+    """Noise-aware classifiers for the world's run with one piece of metadata damaged each."""
+    root = tmp_path_factory.mktemp("classifiers")
+    r = ddpm_in_process("train-classifier", "--noisy", "--like", world / "run", "--epochs", 1,
+                        "--out", root / "clf.pt", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    blob = torch.load(root / "clf.pt", weights_only=True)
+    torch.save({**blob, "accuracy_by_t": [0.5, 0.4]}, root / "accuracy-list.pt")
+    torch.save({**blob, "dataset": "x" * 5000}, root / "long-dataset.pt")
+    return root
+
+
+@pytest.mark.parametrize("name, message, absent", [
+    ("accuracy-list.pt", "accuracy-list.pt is a damaged noisy classifier", ()),
+    ("long-dataset.pt", "is a damaged noisy classifier (unknown dataset 'xxxx", ("x" * 100,)),
+])
+def test_sample_with_a_damaged_classifier_is_one_line(world, damaged_classifiers, name, message,
+                                                      absent):
+    before = snapshot(world)
+    r = ddpm_in_process("sample", world / "run", "--classifier", damaged_classifiers / name,
+                        "--class", 1, "--n", 2, "--steps", 2, "--out", world / "existing.png")
+    assert_refused(r, message, absent)
+    assert snapshot(world) == before

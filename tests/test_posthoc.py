@@ -1,25 +1,16 @@
-"""Power-function EMA with post-hoc reconstruction (Karras et al. 2024), and
-EDM's preconditioning, log-normal noise levels and loss weights (Karras et al. 2022), against
-closed forms."""
+"""posthoc.py and `ddpm posthoc-ema`: power-function EMA with post-hoc reconstruction (Karras et
+al. 2024) against closed forms; training that keeps its snapshots; the command, its refusals and
+outputs that keep the run. (EDM's preconditioning, noise levels and weights: test_diffusion.py.)"""
 
 from __future__ import annotations
 
-import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from ddpm.diffusion import (
-    draw_t_eps,
-    edm_weight,
-    eps_x0_from_prediction,
-    min_snr_weight,
-    precondition,
-    timestep_probs,
-    training_loss,
-    v_from_eps_x0,
-)
 from ddpm.posthoc import (
     PowerEMA,
     gamma_from_std,
@@ -29,7 +20,8 @@ from ddpm.posthoc import (
     solve_posthoc,
     std_from_gamma,
 )
-from ddpm.schedules import make_schedule
+
+from conftest import assert_refused, ddpm_in_process, snapshot
 
 # --- the power EMA's profile -----------------------------------------------------------------------
 
@@ -105,175 +97,7 @@ def test_posthoc_solution_returns_a_snapshot_itself_and_approximates_other_lengt
 # --- EDM's noise levels and weights ----------------------------------------------------------------
 
 
-def test_log_normal_timestep_law_is_the_normal_mass_of_each_steps_log_sigma_bin():
-    schedule = make_schedule("linear", 1000)
-    probs = timestep_probs(schedule, "log-normal", log_sigma_mean=-1.2, log_sigma_std=1.2)
-    assert probs.dtype == torch.float64 and probs.shape == (1000,)
-    assert float(probs.sum()) == pytest.approx(1.0, abs=1e-12) and (probs >= 0).all()
-    ab = schedule.alphas_cumprod.tolist()
-    log_sigma = [0.5 * math.log((1 - a) / a) for a in ab]
-    cdf = lambda x: 0.5 * (1 + math.erf((x + 1.2) / (1.2 * math.sqrt(2))))  # noqa: E731
-    for t in (0, 1, 57, 300, 999):
-        lo = cdf((log_sigma[t - 1] + log_sigma[t]) / 2) if t > 0 else 0.0
-        hi = cdf((log_sigma[t] + log_sigma[t + 1]) / 2) if t < 999 else 1.0
-        assert float(probs[t]) == pytest.approx(hi - lo, rel=1e-9, abs=1e-15)
-    # the draws follow it: the share below the median step within 4 standard errors
-    gen = torch.Generator().manual_seed(0)
-    t, _ = draw_t_eps(schedule, (20_000, 1, 2, 2), gen, probs)
-    median = int(torch.searchsorted(probs.cumsum(0), torch.tensor(0.5, dtype=torch.float64)))
-    share = float((t <= median).double().mean())
-    assert abs(share - float(probs[:median + 1].sum())) < 4 * math.sqrt(0.25 / 20_000)
-    assert timestep_probs(schedule, "uniform") is None
-    # uniform draws are Algorithm 1's, as before (old runs reproduce)
-    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    t1, e1 = draw_t_eps(schedule, (8, 1, 2, 2), g1)
-    t2 = torch.randint(0, 1000, (8,), generator=g2)
-    assert torch.equal(t1, t2) and torch.equal(e1, torch.randn(8, 1, 2, 2, generator=g2))
-    with pytest.raises(ValueError, match="timestep sampling"):
-        timestep_probs(schedule, "beta")
-
-
-def test_edm_weight_is_lambda_sigma_on_x0_and_uniform_on_v_for_unit_data():
-    snr = torch.tensor([0.01, 0.3, 1.0, 7.0, 400.0], dtype=torch.float64)
-    sigma = snr.rsqrt()
-    for sigma_data in (0.5, 1.0):
-        lam = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2  # Karras et al. Table 1
-        torch.testing.assert_close(edm_weight(snr, sigma_data, "x0"), lam)
-        torch.testing.assert_close(edm_weight(snr, sigma_data, "eps"), lam / snr)
-        torch.testing.assert_close(edm_weight(snr, sigma_data, "v"), lam / (snr + 1))
-    torch.testing.assert_close(edm_weight(snr, 1.0, "v"), torch.ones_like(snr))
-    # the conversion between targets is the one min-SNR uses
-    torch.testing.assert_close(min_snr_weight(snr, 5.0, "v") * (snr + 1), snr.clamp(max=5.0))
-
-
-def test_training_loss_with_edm_weights_weights_each_sample_by_lambda():
-    schedule = make_schedule("linear", 100)
-    gen = torch.Generator().manual_seed(0)
-    x0 = torch.rand(6, 1, 4, 4, generator=gen) * 2 - 1
-    t = torch.tensor([0, 5, 20, 50, 80, 99])
-    eps = torch.randn(6, 1, 4, 4, generator=gen)
-    net = lambda x, t: 0.3 * x  # noqa: E731
-    ab = schedule.alphas_cumprod[t].float().view(-1, 1, 1, 1)
-    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
-    per_sample = ((0.3 * x_t - v_from_eps_x0(eps, x0, ab)) ** 2).flatten(1).mean(1)
-    snr = (ab / (1 - ab)).flatten().double()
-    expected = (per_sample.double() * edm_weight(snr, 0.5, "v")).mean()
-    got = training_loss(net, schedule, x0, t=t, eps=eps, prediction_type="v", weighting="edm",
-                        sigma_data=0.5)
-    assert float(got) == pytest.approx(float(expected), rel=1e-5)
-
-
 # --- EDM's preconditioning (Karras et al. 2022, sec. 5 and Table 1) ---------------------------
-
-
-def _table_1(ab: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, ...]:
-    """c_in, c_skip, c_out at sigma = sqrt((1 - ab) / ab), written as the paper writes them."""
-    sigma = ((1 - ab) / ab).sqrt()
-    c_skip = sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
-    c_out = sigma * sigma_data / (sigma ** 2 + sigma_data ** 2).sqrt()
-    c_in = 1 / (sigma ** 2 + sigma_data ** 2).sqrt()
-    return c_in, c_skip, c_out
-
-
-@pytest.mark.parametrize("prediction_type", ["eps", "x0", "v"])
-def test_edm_preconditioning_is_table_1_in_edms_variables(prediction_type):
-    schedule = make_schedule("linear", 1000)
-    gen = torch.Generator().manual_seed(1)
-    x_t = torch.randn(5, 2, 3, 3, generator=gen, dtype=torch.float64)
-    seen = {}
-
-    def network(x, t):
-        seen["input"] = x
-        return torch.sin(3 * x) + 0.1 * t.view(-1, 1, 1, 1)
-
-    for t, ab in ((torch.tensor([0, 10, 300, 700, 999]), None),
-                  (torch.tensor([0.0, 10.5, 299.25, 700.75, 998.5], dtype=torch.float64), None)):
-        ab = (schedule.alpha_bar_at(t) if t.is_floating_point() else schedule.alphas_cumprod[t])
-        ab = ab.view(-1, 1, 1, 1)
-        c_in, c_skip, c_out = _table_1(ab, 0.5)
-        x = x_t / ab.sqrt()  # EDM's x = x0 + sigma eps
-        expected_x0 = c_skip * x + c_out * network(c_in * x, t)
-        prediction = precondition(network, schedule, "edm", sigma_data=0.5,
-                                  prediction_type=prediction_type)(x_t, t)
-        torch.testing.assert_close(seen["input"], c_in * x)
-        _, x0 = eps_x0_from_prediction(prediction, x_t, ab, prediction_type)
-        torch.testing.assert_close(x0, expected_x0)
-
-
-def test_edm_preconditioning_denoises_gaussian_data_optimally_with_a_zero_network():
-    """For x0 ~ N(0, sigma_data^2), c_skip x alone is E[x0 | x_t] (F* = 0), and both the
-    network's input c_in x and its ideal output (x0 - c_skip x) / c_out have unit variance."""
-    schedule = make_schedule("linear", 1000)
-    sigma_data = 0.6
-    gen = torch.Generator().manual_seed(2)
-    t = torch.tensor([1, 50, 250, 500, 999]).repeat_interleave(100_000)
-    ab = schedule.alphas_cumprod[t].view(-1, 1)
-    x0 = sigma_data * torch.randn(len(t), 1, generator=gen, dtype=torch.float64)
-    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * torch.randn(len(t), 1, generator=gen, dtype=torch.float64)
-    denoised = precondition(lambda x, t: torch.zeros_like(x), schedule, "edm", sigma_data=sigma_data,
-                            prediction_type="x0")(x_t, t)
-    posterior_mean = ab.sqrt() * sigma_data ** 2 / (ab * sigma_data ** 2 + 1 - ab) * x_t
-    torch.testing.assert_close(denoised, posterior_mean)
-    c_in, c_skip, c_out = _table_1(ab, sigma_data)
-    x = x_t / ab.sqrt()
-    for j in range(5):
-        rows = slice(j * 100_000, (j + 1) * 100_000)
-        assert float((c_in * x)[rows].var()) == pytest.approx(1.0, abs=0.02)
-        assert float(((x0 - c_skip * x) / c_out)[rows].var()) == pytest.approx(1.0, abs=0.02)
-
-
-def test_edm_preconditioning_at_unit_data_std_is_v_prediction():
-    schedule = make_schedule("cosine", 100)
-    x_t = torch.randn(4, 1, 5, 5, generator=torch.Generator().manual_seed(3))
-    t = torch.tensor([0, 33, 66, 99])
-    network = lambda x, t: x ** 2 - 0.5  # noqa: E731
-    out = precondition(network, schedule, "edm", sigma_data=1.0, prediction_type="v")(x_t, t)
-    torch.testing.assert_close(out, -network(x_t, t))  # c_in = 1, v = -F
-    assert precondition(network, schedule, "none", sigma_data=0.5, prediction_type="v") is network
-
-
-def test_edm_preconditioning_keeps_learned_variances_and_is_finite_at_zero_terminal_snr():
-    schedule = make_schedule("linear", 100, zero_terminal_snr=True)
-    assert float(schedule.alphas_cumprod[-1]) == 0.0
-    x_t = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(4))
-    t = torch.tensor([0, 99])
-    network = lambda x, t: torch.cat([x, torch.full_like(x, 0.25)], dim=1)  # noqa: E731
-    out = precondition(network, schedule, "edm", sigma_data=0.5, prediction_type="v")(x_t, t)
-    assert out.shape == (2, 2, 4, 4) and bool(torch.isfinite(out).all())
-    assert bool((out[:, 1:] == 0.25).all())  # the interpolation passes unchanged
-    # at alpha_bar = 0 the input is x_t itself and x0 = sigma_data F
-    _, x0 = eps_x0_from_prediction(out[1:, :1], x_t[1:], 0.0, "v")
-    torch.testing.assert_close(x0, 0.5 * x_t[1:])
-
-
-def test_edm_weights_through_the_preconditioning_are_a_uniform_loss_on_f():
-    """EDM's lambda(sigma) = 1 / c_out^2 on the x0-error: the loss through the preconditioned
-    network is the plain mean of (F - F_target)^2, F_target = (x0 - c_skip x) / c_out."""
-    schedule = make_schedule("linear", 1000)
-    gen = torch.Generator().manual_seed(5)
-    x0 = torch.rand(8, 1, 4, 4, generator=gen, dtype=torch.float64) * 2 - 1
-    eps = torch.randn(8, 1, 4, 4, generator=gen, dtype=torch.float64)
-    t = torch.tensor([0, 3, 40, 200, 450, 600, 850, 999])
-    network = lambda x, t: 0.2 * x - 0.1  # noqa: E731
-    ab = schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
-    c_in, c_skip, c_out = _table_1(ab, 0.5)
-    x = x0 + ((1 - ab) / ab).sqrt() * eps
-    f_target = (x0 - c_skip * x) / c_out
-    expected = ((network(c_in * x, t) - f_target) ** 2).mean()
-    for prediction_type in ("eps", "x0", "v"):
-        denoiser = precondition(network, schedule, "edm", sigma_data=0.5,
-                                prediction_type=prediction_type)
-        got = training_loss(denoiser, schedule, x0, t=t, eps=eps, prediction_type=prediction_type,
-                            weighting="edm", sigma_data=0.5)
-        assert float(got) == pytest.approx(float(expected), rel=1e-4), prediction_type
-
-
-def test_log_normal_sampling_with_learned_variances_is_refused():
-    from ddpm.config import RunConfig, with_overrides
-    config = with_overrides(RunConfig(), {"model": {"learn_variance": True},
-                                          "diffusion": {"timestep_sampling": "log-normal"}})
-    with pytest.raises(ValueError, match="uniform with --learn-variance"):
-        config.validate()
 
 
 # --- training, resuming and the command ----------------------------------------------------------
@@ -368,129 +192,63 @@ def test_posthoc_command_refuses_bad_requests_in_one_line(posthoc_run, world, tm
 # --- EDM's preconditioning in training, sampling and export -------------------------------------
 
 
-def test_training_step_and_pipeline_call_the_network_through_the_preconditioning(fake_fashion, tmp_path):
-    import dataclasses
-
-    from ddpm import get_preset
-    from ddpm.models import UNet
-    from ddpm.pipeline import load_pipeline
-    from ddpm.runtime import make_accelerator
-    from ddpm.step import train_step
-
-    from conftest import ddpm_in_process as cli
-
-    # the training step's loss is the preconditioned network's (lr 0: the weights stay)
-    config = get_preset("tiny")
-    config = dataclasses.replace(config, diffusion=dataclasses.replace(
-        config.diffusion, prediction_type="v", preconditioning="edm", sigma_data=0.5))
-    model, schedule = UNet(config.model), make_schedule("linear", 100)
-    x0 = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(6)) * 2 - 1
-    losses = {}
-    for name, c in (("edm", config), ("none", dataclasses.replace(config, diffusion=dataclasses.replace(
-            config.diffusion, preconditioning="none")))):
-        losses[name] = float(train_step(
-            model, schedule, torch.optim.AdamW(model.parameters(), lr=0.0),
-            [(x0, torch.zeros(4, dtype=torch.long))], accelerator=make_accelerator(torch.device("cpu")),
-            generator=torch.Generator().manual_seed(7), config=c, device=torch.device("cpu"),
-            lr=0.0).loss)
-    t, eps = draw_t_eps(schedule, x0.shape, torch.Generator().manual_seed(7))
-    expected = training_loss(precondition(lambda x, t: model(x, t, None), schedule, "edm",
-                                          sigma_data=0.5, prediction_type="v"),
-                             schedule, x0, t=t, eps=eps, prediction_type="v",
-                             weighting=config.diffusion.loss_weighting)
-    assert losses["edm"] == pytest.approx(float(expected.detach()), rel=1e-5)
-    assert abs(losses["edm"] - losses["none"]) > 1e-3
-
-    # a run trained with it samples through it: Table 1 around the loaded weights
-    run = tmp_path / "edm"
-    r = cli("train", "--preset", "tiny", "--data-dir", fake_fashion, "--steps", "2",
-            "--preconditioning", "edm", "--sigma-data", "0.5", "--prediction-type", "v",
-            "--out", run, "--no-progress")
-    assert r.returncode == 0, r.stderr
-    assert "predicts v through EDM's preconditioning (sigma_data 0.5)" in r.stdout + r.stderr
-    pipe = load_pipeline(run)
-    assert pipe.config.diffusion.preconditioning == "edm"
-    x_t = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(8))
-    steps = torch.tensor([5, 50, 99])
-    ab = pipe.schedule.alphas_cumprod[steps].float().view(-1, 1, 1, 1)
-    c_in, c_skip, c_out = _table_1(ab, 0.5)
-    with torch.inference_mode():
-        x0_expected = c_skip * x_t / ab.sqrt() + c_out * pipe.model(c_in * x_t / ab.sqrt(), steps, None)
-        _, x0_got = eps_x0_from_prediction(pipe._predict(x_t, steps, None), x_t, ab, "v")
-    torch.testing.assert_close(x0_got, x0_expected, rtol=1e-4, atol=1e-5)
-    r = cli("sample", run, "--n", "2", "--sampler", "dpm++", "--steps", "3", "--out",
-            tmp_path / "s.png", "--no-progress")
-    assert r.returncode == 0 and (tmp_path / "s.png").exists(), r.stderr
-
-    # diffusers has no such step: the export says so and writes nothing
-    pytest.importorskip("diffusers")
-    r = cli("export", run, tmp_path / "hf", "--format", "diffusers")
-    assert r.returncode == 2 and "--preconditioning edm" in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "hf").exists()
-
-
 # --- the EDM formulation as one option ----------------------------------------------------------
 
 
-def _dry_run(*options):
-    import json
+# --- posthoc-ema: a step with a snapshot, and outputs that keep the run ---------------------------
 
-    from conftest import ddpm_in_process as cli
 
-    r = cli("train", "--preset", "tiny", "--dry-run", *options)
+@pytest.fixture(scope="module")
+def snapshot_run(tmp_path_factory, fake_fashion) -> Path:
+    """A tiny run with EMA snapshots at steps 5, 10, 15 and 20 and checkpoints at 10 and 20."""
+    run = tmp_path_factory.mktemp("snapshots") / "run"
+    r = ddpm_in_process("train", "--preset", "tiny", "--data-dir", fake_fashion, "--steps", 20,
+                        "--posthoc-ema", "0.05,0.1", "--ema-snapshot-every", 5,
+                        "--checkpoint-every", 10, "--sample-every", 0, "--no-progress",
+                        "--out", run)
     assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)["config"]
+    return run
 
 
-def test_formulation_edm_lays_its_settings_over_the_preset_and_the_options_win(tmp_path):
-    from ddpm.config import FORMULATIONS
-
-    plain, edm = _dry_run(), _dry_run("--formulation", "edm")
-    changed = {(s, k): v for s in edm for k, v in edm[s].items() if plain[s][k] != v}
-    # exactly Karras et al.'s pieces, each its own setting, and nothing else of the preset
-    assert changed == {("diffusion", "preconditioning"): "edm",
-                       ("diffusion", "timestep_sampling"): "log-normal",
-                       ("diffusion", "loss_weighting"): "edm",
-                       ("sample", "sampler"): "heun", ("sample", "num_sample_steps"): 18,
-                       ("sample", "spacing"): "karras"}
-    assert changed == {(s, k): v for s, d in FORMULATIONS["edm"].items() for k, v in d.items()}
-    # an option given, and a --config file, override the formulation's value; the rest stays
-    given = _dry_run("--formulation", "edm", "--loss-weighting", "min-snr", "--sigma-data", "0.8")
-    assert given["diffusion"]["loss_weighting"] == "min-snr"
-    assert given["diffusion"]["preconditioning"] == "edm" and given["diffusion"]["sigma_data"] == 0.8
-    file = tmp_path / "c.json"
-    file.write_text('{"diffusion": {"timestep_sampling": "uniform"}}')
-    from_file = _dry_run("--formulation", "edm", "--config", file)
-    assert from_file["diffusion"]["timestep_sampling"] == "uniform"
-    assert from_file["sample"]["sampler"] == "heun"
+@pytest.mark.parametrize("args, message, absent", [
+    ("--step 7", "step 7 has no EMA snapshot, and an average is rebuilt at a step that has one; "
+                 "choose one of steps 5, 10, 15, 20", ()),
+    (f"--step {'9' * 400}", "(400 characters) is outside the run's snapshots", ("9" * 100,)),
+    ("--out {run}/checkpoints/ckpt-00000020.pt --force",
+     "--out {run}/checkpoints/ckpt-00000020.pt is a file of the run", ()),
+    ("--out {run}/ema/snapshot-00000010.pt --force", "is a file of the run", ()),
+    ("--out {run}/config.json --force", "is a file of the run", ()),
+    ("--out {run} --force", "--out {run} is a folder; give a file name", ()),
+    ("--out {run}/config.json/x.pt", "which is a file; choose a folder", ()),
+], ids=["step without a snapshot", "huge step", "checkpoint", "snapshot", "config", "the run",
+        "under a file"])
+def test_posthoc_ema_refuses_a_step_without_a_snapshot_and_outputs_over_the_run(
+        snapshot_run, args, message, absent):
+    before = snapshot(snapshot_run)
+    r = ddpm_in_process("posthoc-ema", snapshot_run, "--std", "0.1",
+                        *args.format(run=snapshot_run).split(), "--no-progress")
+    assert_refused(r, message.format(run=snapshot_run), absent)
+    assert snapshot(snapshot_run) == before
 
 
-def test_a_run_of_the_edm_formulation_trains_samples_and_resumes(fake_fashion, tmp_path):
-    from ddpm.pipeline import load_pipeline
-
-    from conftest import ddpm_in_process as cli
-
-    run = tmp_path / "edm"
-    r = cli("train", "--preset", "tiny", "--formulation", "edm", "--sigma-data", "0.8",
-            "--data-dir", fake_fashion, "--steps", "2", "--out", run, "--no-progress")
-    assert r.returncode == 0, r.stderr
-    assert "preset: tiny, formulation edm" in r.stdout
-    assert "through EDM's preconditioning (sigma_data 0.8)" in r.stdout and "EDM weights" in r.stdout
-    config = load_pipeline(run).config
-    assert (config.diffusion.preconditioning, config.diffusion.timestep_sampling,
-            config.diffusion.loss_weighting) == ("edm", "log-normal", "edm")
-    assert (config.sample.sampler, config.sample.num_sample_steps) == ("heun", 18)
-    r = cli("sample", run, "--n", "2", "--steps", "3", "--out", tmp_path / "s.png", "--no-progress")
-    assert r.returncode == 0 and (tmp_path / "s.png").exists(), r.stderr
-    # a job script run again with --resume added goes on; the formulation named on a run that
-    # was not trained with it is refused before anything is written
-    r = cli("train", "--resume", run, "--formulation", "edm", "--steps", "3", "--no-progress")
-    assert r.returncode == 0 and "trained 3 steps" in r.stdout, r.stderr
-    plain = tmp_path / "plain"
-    assert cli("train", "--preset", "tiny", "--data-dir", fake_fashion, "--steps", "1", "--out",
-               plain, "--no-progress").returncode == 0
-    before = sorted(p.name for p in (plain / "checkpoints").iterdir())
-    r = cli("train", "--resume", plain, "--formulation", "edm", "--steps", "2", "--no-progress")
-    assert r.returncode == 2, r.stderr
-    assert "changes diffusion.preconditioning from 'none' to 'edm'" in r.stderr, r.stderr
-    assert sorted(p.name for p in (plain / "checkpoints").iterdir()) == before
+def test_posthoc_ema_refuses_an_empty_out_and_snapshots_not_of_the_run(snapshot_run, tmp_path):
+    before = snapshot(snapshot_run)
+    r = ddpm_in_process("posthoc-ema", snapshot_run, "--std", "0.1", "--out", "")
+    assert_refused(r, "--out is empty")
+    assert snapshot(snapshot_run) == before
+    run = tmp_path / "run"
+    shutil.copytree(snapshot_run, run)
+    torch.save({"step": 25, "note": "not averages"}, run / "ema/snapshot-00000025.pt")
+    before = snapshot(run)
+    r = ddpm_in_process("posthoc-ema", run, "--std", "0.1", "--out", tmp_path / "p.pt")
+    assert_refused(r, "snapshot-00000025.pt is a torch file but not an EMA snapshot")
+    assert snapshot(run) == before and not (tmp_path / "p.pt").exists()
+    last = torch.load(run / "ema/snapshot-00000020.pt", weights_only=True)
+    for profile in last["profiles"]:  # the averages of a wider model, copied in from its run
+        profile["weights"] = {k: torch.zeros(v.numel() + 1) for k, v in profile["weights"].items()}
+    torch.save(last, run / "ema/snapshot-00000025.pt")
+    before = snapshot(run)
+    r = ddpm_in_process("posthoc-ema", run, "--std", "0.1", "--out", tmp_path / "p.pt")
+    assert_refused(r, "snapshot-00000005.pt and snapshot-00000025.pt hold averages of different "
+                      "models; keep only this run's snapshots")
+    assert snapshot(run) == before and not (tmp_path / "p.pt").exists()

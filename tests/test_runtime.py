@@ -2,6 +2,7 @@
 process-wide state kept as a caller had it."""
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -116,12 +117,33 @@ def test_processes_launched_without_a_precision_never_measure(monkeypatch):
 
 def test_runs_of_two_precisions_in_one_process(fake_fashion, tmp_path):
     """Accelerate's process-wide state takes one precision per process; ours is separate, so a
-    notebook can train in bf16 and then in fp32 (no private reset of Accelerate's state)."""
+    notebook can train in bf16 and then in fp32 (no private reset of Accelerate's state). Each
+    run's step computes in the precision it asked for: every convolution of the U-Net's forward
+    pass puts out that dtype (recorded by a forward hook on all modules)."""
     c = get_preset("tiny")
+    expected = {"bf16": torch.bfloat16, "fp32": torch.float32}
     for precision in ("bf16", "fp32"):
         config = dataclasses.replace(c, data=dataclasses.replace(c.data, data_dir=str(fake_fashion)),
                                      train=dataclasses.replace(c.train, steps=1, precision=precision,
                                                                sample_every=0))
-        assert train(config, tmp_path / precision, progress=False, final_grid=False).step == 1
+        result, dtypes = conv_output_dtypes(functools.partial(
+            train, config, tmp_path / precision, progress=False, final_grid=False))
+        assert result.step == 1
+        assert dtypes and set(dtypes) == {expected[precision]}, (precision, set(dtypes))
+
+
+def conv_output_dtypes(work):
+    """``work()``'s result, and the dtype of every convolution's output computed meanwhile."""
+    dtypes = []
+
+    def record(module, inputs, output):
+        if isinstance(module, torch.nn.Conv2d):
+            dtypes.append(output.dtype)
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        return work(), dtypes
+    finally:
+        hook.remove()
 
 

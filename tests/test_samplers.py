@@ -1,4 +1,5 @@
-"""Sampler exactness without any network: closed-form optimal denoisers for known data.
+"""samplers.py, timesteps.py and toy.py: sampler exactness without any network, with closed-form
+optimal denoisers (toy.py) for known data, on the timestep arrays of timesteps.py.
 
 For data x0 ~ N(mu, s^2 I), x_t = sqrt(ab) x0 + sqrt(1 - ab) eps is Gaussian and the optimal
 epsilon-predictor is E[eps | x_t] = sqrt(1 - ab) (x_t - sqrt(ab) mu) / (ab s^2 + 1 - ab). For a
@@ -15,9 +16,12 @@ import math
 import pytest
 import torch
 
-from ddpm.samplers import ancestral_sample, ddim_sample, initial_noise, make_timesteps
+from ddpm.samplers import ancestral_sample, ddim_sample, initial_noise
 from ddpm.schedules import broadcast_per_sample, make_schedule
-from ddpm.toy import gaussian_denoiser, mixture_denoiser
+from ddpm.timesteps import make_timesteps
+from ddpm.toy import gaussian_denoiser, gaussian_reverse_variance, mixture_denoiser
+
+from conftest import MU, S
 
 
 def exact_output_moments(schedule, timesteps, mu, s, variance):
@@ -125,7 +129,8 @@ def test_timesteps_are_validated():
 # --- every sampler, against closed forms ---------------------------------------------------------
 
 from ddpm.diffusion import eps_x0_from_prediction, training_target  # noqa: E402
-from ddpm.samplers import SAMPLERS, SPACINGS, get_sampler, sampler_spec  # noqa: E402
+from ddpm.samplers import SAMPLERS, get_sampler, sampler_spec  # noqa: E402
+from ddpm.timesteps import SPACINGS  # noqa: E402
 
 # Step counts suited to each sampler and the discretisation tolerance on the output std,
 # from the order-of-convergence measurements below (error ~ C / N^p on the linear schedule):
@@ -439,3 +444,61 @@ def test_each_sampler_record_names_settings_its_function_takes():
 def test_evaluations_per_image_follow_the_sampler_order(name, steps, evaluations):
     from ddpm.samplers import sampler_spec
     assert sampler_spec(name).evaluations(steps) == evaluations
+
+
+# --- learned variances (Nichol & Dhariwal 2021, eq. 15) on the toy of conftest's MU, S ------------
+
+
+def _exact_variance_denoiser(schedule, timesteps):
+    """The toy's optimal eps with, as its second C channels, the interpolation that gives the
+    true Var(x_{t_prev} | x_t) over the sampler's respaced pair (eq. 15 solved for v)."""
+    base = gaussian_denoiser(schedule, MU, S)
+    following = dict(zip(timesteps, timesteps[1:] + [-1], strict=True))
+
+    def denoiser(x_t, t):
+        eps = base(x_t, t)
+        step = int(t[0])
+        prev = following[step]
+        if prev < 0:
+            return torch.cat([eps, torch.zeros_like(eps)], 1)
+        ab, ab_prev = schedule.alpha_bar_scalar(step), schedule.alpha_bar_scalar(prev)
+        beta = 1 - ab / ab_prev
+        beta_tilde = beta * (1 - ab_prev) / (1 - ab)
+        var = gaussian_reverse_variance(schedule, S, step, prev)
+        v = (math.log(var) - math.log(beta_tilde)) / (math.log(beta) - math.log(beta_tilde))
+        return torch.cat([eps, torch.full_like(eps, 2 * v - 1)], 1)
+
+    return denoiser
+
+
+@pytest.mark.parametrize("steps", [50, 1000])
+def test_sampling_with_the_exact_variance_reproduces_the_toy_law(steps):
+    schedule = make_schedule("linear", 1000)
+    ts = make_timesteps(1000, steps, "linspace")
+    n = 8000 * 4  # 8,000 images of 4 independent pixels
+    x_T = torch.randn(8000, 1, 2, 2, generator=torch.Generator().manual_seed(3))
+    out = ancestral_sample(_exact_variance_denoiser(schedule, ts), schedule, x_T, ts,
+                           x0_transform=None, variance="learned",
+                           generator=torch.Generator().manual_seed(4))
+    mean_se, std_se = S / math.sqrt(n), S / math.sqrt(2 * n)
+    assert abs(out.mean().item() - MU) < 4 * mean_se
+    assert abs(out.std().item() - S) < 4 * std_se
+    if steps == 50:  # the fixed variances are wrong at 50 steps: the test can tell
+        fixed = ancestral_sample(gaussian_denoiser(schedule, MU, S), schedule, x_T, ts,
+                                 x0_transform=None, variance="posterior",
+                                 generator=torch.Generator().manual_seed(4))
+        assert abs(fixed.std().item() - S) > 10 * std_se
+
+
+def test_ddim_with_a_learned_variance_at_its_lower_end_is_ddim_eta_one():
+    schedule = make_schedule("linear", 1000)
+    ts = make_timesteps(1000, 20, "linspace")
+    base = gaussian_denoiser(schedule, MU, S)
+    low = lambda x, t: torch.cat([base(x, t), -torch.ones_like(x)], 1)  # noqa: E731, v = 0
+    x_T = torch.randn(64, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    got = ddim_sample(low, schedule, x_T, ts, eta=1.0, generator=torch.Generator().manual_seed(1))
+    want = ddim_sample(base, schedule, x_T, ts, eta=1.0, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    high = lambda x, t: torch.cat([base(x, t), torch.ones_like(x)], 1)  # noqa: E731, beta_t
+    assert not torch.allclose(ddim_sample(high, schedule, x_T, ts, eta=1.0,
+                                          generator=torch.Generator().manual_seed(1)), want, atol=1e-3)

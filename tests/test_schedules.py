@@ -1,3 +1,5 @@
+"""schedules.py: the beta schedules and the frozen float64 NoiseSchedule derived from them."""
+
 import math
 
 import pytest

@@ -536,7 +536,7 @@ def test_guidance_at_its_bound_gives_finite_images(world, tmp_path):
     """Classifier-free guidance and classifier guidance both at the largest scale allowed, on
     the raw predictions (no clipping of x0): every pixel finite. Above it, Python is refused too."""
     from ddpm.config import GUIDANCE_MAX, UNetConfig
-    from ddpm.guidance import load_noisy_classifier, train_noisy_classifier
+    from ddpm.noisy_classifier import load_noisy_classifier, train_noisy_classifier
 
     pipe = load_pipeline(world / "crun")
     small = UNetConfig(base_channels=8, channel_mults=(1, 2), num_res_blocks=1,

@@ -1,35 +1,32 @@
+"""train.py, step.py and monitor.py: the training loop, its step and EMA, resume, the Python API,
+the forecast; and the faults training meets (resuming to fewer steps, a run trained twice, NaN, a
+full disk, signals, SIGKILL mid-write), which lose no training."""
+
 import dataclasses
+import fcntl
+import importlib
 import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from ddpm import get_preset, train
-from ddpm.checkpoint import (
-    CheckpointError,
-    atomic_save,
-    list_checkpoints,
-    load_checkpoint,
-    load_run_or_file,
-    save_checkpoint,
-)
-from ddpm.config import resolve
-from ddpm.data import load_dataset
+from ddpm.checkpoint import list_checkpoints, load_checkpoint, load_run_or_file
 from ddpm.diffusion import q_sample
 from ddpm.models import UNet, UNetConfig
 from ddpm.schedules import make_schedule
 from ddpm.step import EMA
 from ddpm.train import resume_config
 
-
-def tiny_config(data_dir, **train_overrides):
-    c = get_preset("tiny")
-    return dataclasses.replace(
-        c,
-        model=dataclasses.replace(c.model, dropout=0.1),  # exercise the global RNG on resume
-        data=dataclasses.replace(c.data, data_dir=str(data_dir), hflip=True),
-        train=dataclasses.replace(c.train, **{"sample_every": 0, **train_overrides}),
-    )
+from conftest import cli, ddpm_in_process, snapshot, tiny_config
 
 
 def test_tiny_model_overfits_one_batch():
@@ -93,45 +90,6 @@ def test_resume_is_bit_identical(tmp_path, fake_fashion):
     assert steps == sorted(set(steps)) and steps[-1] == n
 
 
-def test_checkpoint_holds_the_state_and_keeps_the_newest(tmp_path, fake_fashion):
-    train(tiny_config(fake_fashion, steps=6, checkpoint_every=2, keep_checkpoints=2),
-          tmp_path / "run", progress=False, final_grid=False)
-    names = [p.name for p in list_checkpoints(tmp_path / "run")]
-    assert names == ["ckpt-00000006.pt", "ckpt-00000004.pt"]
-    state = load_checkpoint(tmp_path / "run/checkpoints/ckpt-00000006.pt")
-    assert state["step"] == 6 and state["config"]["train"]["steps"] == 6
-    assert state["ema_state"] == {"num_updates": 6} and state["data_stream"]["pos"] == 6 * 16 % 256
-    assert state["scaler"] is None and state["elapsed_s"] > 0 and state["best_fid"] == float("inf")
-    # the weights a checkpoint names are the ones that sample: its EMA copy differs from the model
-    assert any(not torch.equal(state["model"][k], state["ema"][k]) for k in state["model"])
-
-
-def test_train_state_round_trip(tmp_path, fake_fashion):
-    """TrainState.load_state_dict puts a checkpoint back into fresh objects, whose state_dict is
-    the checkpoint again: the layout is written in one place and read back whole."""
-    from ddpm.runtime import make_accelerator
-    from ddpm.train import build_training
-
-    config = resolve(tiny_config(fake_fashion, steps=3))
-    train(config, tmp_path / "run", progress=False, final_grid=False)
-    path, saved = load_run_or_file(tmp_path / "run")
-    cpu = torch.device("cpu")
-    fresh = build_training(config, make_accelerator(cpu), cpu,
-                           lambda: load_dataset("fashion-mnist", fake_fashion))
-    state = fresh.state()
-    state.load_state_dict(saved, path)
-    again = state.state_dict()
-    assert again.keys() == saved.keys() - {"format_version"}
-    for key in ("model", "ema"):
-        assert all(torch.equal(again[key][k], saved[key][k]) for k in saved[key])
-    for key in ("step", "config", "ema_state", "classes", "skipped_steps", "best_fid", "num_params"):
-        assert again[key] == saved[key], key
-    assert torch.equal(again["data_stream"]["perm"], saved["data_stream"]["perm"])
-    assert all(torch.equal(again["rng"][k], saved["rng"][k]) for k in saved["rng"])
-    assert again["optimizer"]["state"][0]["step"] == saved["optimizer"]["state"][0]["step"] == 3
-    assert again["elapsed_s"] >= saved["elapsed_s"]
-
-
 def test_train_leaves_torch_global_state_as_it_found_it(tmp_path, fake_fashion):
     threads = torch.get_num_threads()
     torch.manual_seed(123)
@@ -155,34 +113,6 @@ def test_train_fits_the_model_to_the_data_from_python(tmp_path, fake_fashion):
     train(config, tmp_path / "run", progress=False, final_grid=False)
     saved = json.loads((tmp_path / "run/config.json").read_text())
     assert saved["model"]["image_size"] == 32 and saved["model"]["attention_resolutions"] == [8]
-
-
-def test_interrupted_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
-    path = tmp_path / "ckpt.pt"
-    atomic_save({"format_version": 1, "config": {}, "value": torch.arange(3)}, path)
-
-    def torch_save_that_dies(obj, f):
-        f.write(b"PK\x03\x04 half a zip file")  # some bytes reach the disk, then the process dies
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr("ddpm.checkpoint.torch.save", torch_save_that_dies)
-    with pytest.raises(KeyboardInterrupt):
-        atomic_save({"value": torch.arange(5)}, path)
-    monkeypatch.undo()
-    assert torch.equal(load_checkpoint(path)["value"], torch.arange(3))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"], "temporary file left behind"
-
-
-def test_newest_unloadable_checkpoint_falls_back(tmp_path):
-    save_checkpoint({"step": 1, "config": {}}, tmp_path)
-    newest = save_checkpoint({"step": 2, "config": {}}, tmp_path)
-    newest.write_bytes(newest.read_bytes()[:50])  # e.g. a disk that lost the file's tail
-    with pytest.warns(UserWarning, match=r"ckpt-00000002\.pt does not load .* using the newest "
-                                         r"checkpoint that does, .*ckpt-00000001\.pt"):
-        path, state = load_run_or_file(tmp_path)
-    assert state["step"] == 1 and path.name == "ckpt-00000001.pt"
-    with pytest.raises(CheckpointError, match="truncated"):
-        load_checkpoint(newest)
 
 
 def test_sampling_steps_beyond_T_are_refused_before_training(tmp_path, fake_fashion):
@@ -303,8 +233,8 @@ def test_a_run_forecasts_its_length_after_its_first_steps(fake_fashion, tmp_path
     """After FORECAST_STEPS timed steps the run says how long it will take: the steps left at
     the rate measured, and the network evaluations its previews, FID and final grid will spend
     at the rate of one evaluation timed then (here fixed at 0.3 s, so the sampling part is exact)."""
+    from ddpm.monitor import FORECAST_STEPS
     from ddpm.pipeline import Pipeline
-    from ddpm.train import FORECAST_STEPS
 
     from conftest import ddpm_in_process
 
@@ -325,3 +255,267 @@ def test_a_run_forecasts_its_length_after_its_first_steps(fake_fashion, tmp_path
                             FORECAST_STEPS, "--sample-every", 0, "--no-progress", "--out",
                             tmp_path / "short")
     assert short.returncode == 0 and "should take about" not in short.stdout, "nothing left to say"
+
+
+# --- resuming to fewer steps, and a run trained twice ---------------------------------------------
+
+
+def test_resume_to_fewer_steps_than_done_is_refused_and_to_as_many_does_nothing(run_copy):
+    before = snapshot(run_copy)
+    r = ddpm_in_process("train", "--resume", run_copy, "--steps", 1)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "has trained 2 steps already, more than --steps 1" in lines[0]
+    r = ddpm_in_process("train", "--resume", run_copy, "--steps", 2)
+    assert r.returncode == 0 and "at step 2 already" in r.stdout and "nothing to train" in r.stdout
+    r = ddpm_in_process("train", "--resume", run_copy)  # the run's own --steps 2
+    assert r.returncode == 0 and "nothing to train" in r.stdout
+    assert snapshot(run_copy) == before, "nothing may be rewritten"
+
+
+def test_resume_from_python_to_fewer_steps_is_refused(run_copy):
+    from ddpm.train import resume_config, train
+
+    before = snapshot(run_copy)
+    with pytest.raises(ValueError, match="has trained 2 steps already, more than train.steps = 1"):
+        train(resume_config(run_copy, steps=1), run_copy, resume=True, progress=False)
+    assert train(resume_config(run_copy, steps=2), run_copy, resume=True, progress=False).step == 2
+    assert snapshot(run_copy) == before
+
+
+def test_a_run_being_trained_cannot_be_trained_twice(world):
+    before = snapshot(world / "run")
+    with open(world / "run/.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a training process holds it
+        code, _, err = cli("train", "--resume", world / "run", "--steps", 4, "--no-progress")
+    assert code == 2 and "is being trained by another process" in err
+    assert snapshot(world / "run") == before
+
+
+# --- NaN, full disk -------------------------------------------------------------------------------
+
+
+def plain_tiny_config(data_dir, **train_overrides):
+    """The tiny preset on ``data_dir``, without conftest.tiny_config's dropout and flips."""
+    c = get_preset("tiny")
+    return dataclasses.replace(
+        c, data=dataclasses.replace(c.data, data_dir=str(data_dir)),
+        train=dataclasses.replace(c.train, **{"sample_every": 0, **train_overrides}))
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k][n], b[k][n]) for k in ("model", "ema") for n in a[k])
+
+
+@pytest.fixture
+def nan_at(monkeypatch):
+    """Make the training loss NaN at the given (1-based) calls, through the real loss's graph."""
+    module = importlib.import_module("ddpm.step")  # where train_step looks the loss up
+    real = module.training_loss
+    calls = []
+
+    def inject(steps):
+        def loss(*args, **kwargs):
+            calls.append(1)
+            value = real(*args, **kwargs)
+            return value * float("nan") if len(calls) in steps else value
+        monkeypatch.setattr(module, "training_loss", loss)
+    return inject
+
+
+def test_a_nan_loss_stops_and_leaves_the_last_checkpoint_intact(tmp_path, fake_fashion, nan_at):
+    reference = train(plain_tiny_config(fake_fashion, steps=4, checkpoint_every=2), tmp_path / "ref",
+                      progress=False, final_grid=False)
+    nan_at({5})
+    with pytest.raises(FloatingPointError) as err:
+        train(plain_tiny_config(fake_fashion, steps=6, checkpoint_every=2), tmp_path / "run",
+              progress=False, final_grid=False)
+    assert "the loss became nan at step 5" in str(err.value)
+    assert "ckpt-00000004.pt is intact" in str(err.value) and "--on-nan skip" in str(err.value)
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["ckpt-00000004.pt",
+                                                                     "ckpt-00000002.pt"]
+    path, state = load_run_or_file(tmp_path / "run")
+    assert state["step"] == 4 and same_weights(state, load_checkpoint(reference.checkpoint))
+
+
+def test_a_nan_loss_is_skipped_and_counted_when_asked(tmp_path, fake_fashion, nan_at):
+    nan_at({3, 5})
+    code, out, err = cli("train", "--preset", "tiny", "--data-dir", fake_fashion,
+                         "--steps", 6, "--checkpoint-every", 1, "--keep-checkpoints", 6,
+                         "--sample-every", 0, "--log-every", 1, "--on-nan", "skip",
+                         "--out", tmp_path / "run", "--no-progress")
+    assert code == 0, err
+    assert "2 updates skipped" in out and "step 3: the loss is nan; update skipped" in err
+    ckpt = {int(p.stem[5:]): load_checkpoint(p) for p in list_checkpoints(tmp_path / "run")}
+    # a skipped step leaves the weights, the EMA and the optimiser exactly as they were
+    for before, after in ((2, 3), (4, 5)):
+        assert same_weights(ckpt[before], ckpt[after])
+        moments = ckpt[before]["optimizer"]["state"], ckpt[after]["optimizer"]["state"]
+        assert all(torch.equal(moments[0][i]["exp_avg"], moments[1][i]["exp_avg"])
+                   for i in moments[0])
+    assert not same_weights(ckpt[5], ckpt[6]), "training goes on after a skipped step"
+    assert all(torch.isfinite(v).all() for v in ckpt[6]["model"].values())
+    assert ckpt[6]["skipped_steps"] == 2
+    logged = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in logged if "loss" in r] == [0, 0, 1, 1, 2, 2]
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """Checkpoint writes at the given (1-based) calls go to /dev/full: the kernel's ENOSPC."""
+    module = importlib.import_module("ddpm.checkpoint")
+    real, calls = os.fdopen, []
+
+    def inject(failing):
+        def fdopen(fd, mode="r", *args, **kwargs):
+            calls.append(1)
+            if len(calls) not in failing:
+                return real(fd, mode, *args, **kwargs)
+            os.close(fd)
+            return open("/dev/full", "wb")
+        monkeypatch.setattr(module.os, "fdopen", fdopen)
+    return inject
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, fake_fashion, full_disk):
+    # writes: config.json, then the checkpoints of steps 1, 2 (fails), 3, 4 (fails) and the last
+    # try at the end (fails)
+    full_disk({3, 5, 6})
+    code, out, err = cli("train", "--preset", "tiny", "--data-dir", fake_fashion,
+                         "--steps", 4, "--checkpoint-every", 1, "--sample-every", 0,
+                         "--out", tmp_path / "run", "--no-progress")
+    checkpoints = tmp_path / "run/checkpoints"
+    assert re.search(r"could not write .*ckpt-00000002\.pt \(the disk is full\); the newest "
+                     r"checkpoint .*ckpt-00000001\.pt is intact; training goes on", err), err
+    assert code == 1 and "Traceback" not in err
+    assert re.fullmatch(r"ddpm train: error: could not write \S+ckpt-00000004\.pt \(the disk is "
+                        r"full\); the newest checkpoint \S+ckpt-00000003\.pt is intact",
+                        err.splitlines()[-1]), err
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "ckpt-00000001.pt", "ckpt-00000003.pt"], "a temporary file was left behind"
+    assert load_checkpoint(checkpoints / "ckpt-00000003.pt")["step"] == 3
+
+
+# --- signals --------------------------------------------------------------------------------------
+
+
+def ddpm_process(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ddpm", *map(str, args)], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_for(predicate, process, timeout=120.0, poll=0.01):
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < end, "timed out"
+        time.sleep(poll)
+
+
+def logged_steps(run: Path) -> list[int]:
+    try:
+        text = (run / "metrics.jsonl").read_text()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line)["step"] for line in text.splitlines() if line.endswith("}")]
+
+
+def test_sigterm_to_the_process_saves_the_step_it_came_at_and_resume_continues(tmp_path,
+                                                                               fake_fashion):
+    signal_and_resume(tmp_path / "run", signal.SIGTERM, group=False, data=(
+        "--data-dir", fake_fashion))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_process_group_with_streaming_workers_saves_and_resumes(tmp_path, signum):
+    """Ctrl-C at a terminal (and some schedulers' SIGTERM) reaches every process of the group,
+    the DataLoader workers that decode the streamed images included."""
+    from conftest import make_image_folder
+
+    make_image_folder(tmp_path / "pets")
+    signal_and_resume(tmp_path / "run", signum, group=True, data=(
+        "--dataset", "folder", "--data-dir", tmp_path / "pets", "--image-size", 16,
+        "--max-memory-gb", 1e-6, "--workers", 1, "--batch-size", 4))  # 4.6 KB: streamed
+
+
+def signal_and_resume(run: Path, signum: int, *, group: bool, data: tuple) -> None:
+    p = subprocess.Popen([sys.executable, "-m", "ddpm", "train", "--preset", "tiny", *map(str, data),
+                          "--steps", "100000", "--checkpoint-every", "0", "--sample-every", "0",
+                          "--log-every", "1", "--out", str(run), "--no-progress"], text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=group)
+    wait_for(lambda: len(logged_steps(run)) >= 3, p)
+    before = logged_steps(run)[-1]
+    if group:
+        os.killpg(p.pid, signum)
+    else:
+        p.send_signal(signum)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + signum, err
+    m = re.search(rf"stopped by {signum.name} at step (\d+); checkpoint: (\S+); continue with "
+                  rf"'ddpm train --resume {run}'", err)
+    assert m and "Traceback" not in err, err
+    step = int(m.group(1))
+    # --checkpoint-every 0: the only checkpoint is the one the signal asked for, of the step the
+    # run had reached (every step is logged)
+    assert before <= step == logged_steps(run)[-1] <= before + 10
+    assert [p.name for p in list_checkpoints(run)] == [f"ckpt-{step:08d}.pt"] == [Path(m.group(2)).name]
+    assert load_checkpoint(m.group(2))["step"] == step
+    r = subprocess.run([sys.executable, "-m", "ddpm", "train", "--resume", str(run),
+                        "--steps", str(step + 2), "--no-progress"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert load_run_or_file(run)[1]["step"] == step + 2
+    assert logged_steps(run)[-3:] == [step, step + 1, step + 2]
+
+
+def test_sigkill_during_checkpoint_and_log_writes_never_loses_the_run(tmp_path, fake_fashion):
+    """Kill training with SIGKILL at random moments, some of them while a checkpoint is being
+    written, with a metrics line written every step: a checkpoint always loads, every round
+    resumes, and resuming reaches the uninterrupted run's weights. A kill lands between the
+    bytes of one 150-byte line write too rarely to schedule, so in every third round the last
+    line is cut where such a kill would cut it (such a cut line once made a run unresumable)."""
+    steps = 40
+    args = ("--preset", "tiny", "--data-dir", fake_fashion, "--steps", steps, "--checkpoint-every",
+            1, "--keep-checkpoints", 2, "--sample-every", 0, "--log-every", 1, "--threads", 1,
+            "--no-progress")
+    reference = subprocess.run([sys.executable, "-m", "ddpm", "train", *map(str, args), "--out",
+                                tmp_path / "ref"], capture_output=True, text=True, timeout=300)
+    assert reference.returncode == 0, reference.stderr
+    run, rng, kills, mid_write, torn = tmp_path / "run", random.Random(0), 0, 0, set()
+    folder = run / "checkpoints"
+    for round_ in range(6):
+        resume = bool(list_checkpoints(run))
+        start_step = load_run_or_file(run)[1]["step"] if resume else 0
+        if start_step >= steps - 3:
+            break
+        p = ddpm_process("train", *(("--resume", run) if resume else ("--out", run)), *args)
+        # let it get going: a checkpoint newer than the one it started from
+        wait_for(lambda start=start_step: any(int(c.stem[5:]) > start for c in list_checkpoints(run)), p)
+        if round_ % 2:  # as soon as a checkpoint's temporary file is seen
+            wait_for(lambda: any(f.name.endswith(".tmp") for f in folder.iterdir()), p, poll=0.001)
+        else:
+            time.sleep(rng.uniform(0.0, 0.15))
+        p.kill()
+        p.wait()
+        kills += 1
+        mid_write += any(f.name.endswith(".tmp") for f in folder.iterdir())
+        for c in list_checkpoints(run):  # every file under a checkpoint's name is whole
+            assert load_checkpoint(c)["step"] == int(c.stem[5:])
+        if round_ % 3 == 2:  # a kill in the middle of a metrics line
+            text = (run / "metrics.jsonl").read_text()
+            torn.add(json.loads(text.rstrip("\n").rsplit("\n", 1)[-1])["step"])
+            cut = rng.randrange(text.rstrip("\n").rfind("\n") + 2, len(text) - 1)
+            (run / "metrics.jsonl").write_text(text[:cut])
+    assert kills >= 4 and mid_write >= 1 and torn
+    r = subprocess.run([sys.executable, "-m", "ddpm", "train", "--resume", str(run), "--steps",
+                        str(steps), "--threads", "1", "--no-progress"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert not [f for f in folder.iterdir() if f.name.endswith(".tmp")], "partial writes remain"
+    final, expected = load_run_or_file(run)[1], load_run_or_file(tmp_path / "ref")[1]
+    assert final["step"] == expected["step"] == steps
+    assert same_weights(final, expected)
+    logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert logged == sorted(set(logged)) and logged[-1] == steps, "each step once, in order"
+    # a step is missing only where its line was cut off after its checkpoint was written
+    assert set(range(1, steps + 1)) - set(logged) <= torn

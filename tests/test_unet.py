@@ -1,8 +1,10 @@
+"""models/: the U-Net and its blocks (residual, attention, the timestep embedding)."""
+
 import pytest
 import torch
 
 from ddpm.models import UNet, UNetConfig, count_parameters
-from ddpm.models.unet import timestep_embedding
+from ddpm.models.unet import AttentionBlock, ResBlock, timestep_embedding
 
 
 def _randomise(model):
@@ -17,23 +19,50 @@ def _randomise(model):
     return model
 
 
+def sides_seen(model, kind, x, t):
+    """The side of the feature map each ``kind`` module of ``model`` read, in the order they ran
+    during one forward pass."""
+    sides = []
+    hooks = [m.register_forward_hook(lambda module, inputs, output: sides.append(inputs[0].shape[-1]))
+             for m in model.modules() if isinstance(m, kind)]
+    with torch.no_grad():
+        model(x, t)
+    for hook in hooks:
+        hook.remove()
+    return sides
+
+
 @pytest.mark.parametrize("block", ["resnet", "convnext"])
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("size", [28, 32, 64])
-def test_output_shape_equals_input_shape(size, channels, block):
+def test_output_has_the_input_shape_starts_at_zero_and_attends_where_asked(size, channels, block):
+    """The output convolution is zero-initialised, so a new model predicts exactly zero for any
+    input; attention runs at the configured side (once down, twice up: one block more there)
+    and in the middle block, at the smallest side."""
     config = UNetConfig(in_channels=channels, image_size=size, base_channels=8,
                         channel_mults=(1, 2, 2), num_res_blocks=1,
                         attention_resolutions=(size // 2,), norm_groups=4, block=block)
     model = UNet(config).eval()
-    x = torch.randn(2, channels, size, size)
-    assert model(x, torch.tensor([0, 999])).shape == x.shape
+    x, t = torch.randn(2, channels, size, size), torch.tensor([0, 999])
+    with torch.no_grad():
+        out = model(x, t)
+    assert out.shape == x.shape and torch.equal(out, torch.zeros_like(x))
+    assert sides_seen(model, AttentionBlock, x, t) == [size // 2, size // 4, size // 2, size // 2]
 
 
 def test_128_pixels_four_levels():
+    """Four levels halve 128 px to 16 px: one residual block per level down, the middle's two
+    at 16 px, two per level up; attention at 16 px only (down, middle, twice up)."""
     config = UNetConfig(in_channels=3, image_size=128, base_channels=8, channel_mults=(1, 1, 2, 2),
                         num_res_blocks=1, attention_resolutions=(16,), norm_groups=4)
-    x = torch.randn(1, 3, 128, 128)
-    assert UNet(config).eval()(x, torch.tensor([5])).shape == x.shape
+    model = UNet(config).eval()
+    x, t = torch.randn(1, 3, 128, 128), torch.tensor([5])
+    with torch.no_grad():
+        out = model(x, t)
+    assert out.shape == x.shape and torch.equal(out, torch.zeros_like(x))
+    assert sides_seen(model, ResBlock, x, t) == [128, 64, 32, 16, 16, 16,
+                                                16, 16, 32, 32, 64, 64, 128, 128]
+    assert sides_seen(model, AttentionBlock, x, t) == [16, 16, 16, 16]
 
 
 @pytest.mark.parametrize("block", ["resnet", "convnext"])

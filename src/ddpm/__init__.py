@@ -13,21 +13,15 @@ from .config import (
     RunConfig,
     SampleConfig,
     TrainConfig,
-    get_preset,
     with_overrides,
 )
 from .diffusion import q_posterior, q_sample, training_loss
 from .models import UNet, UNetConfig
 from .pipeline import Pipeline, load_pipeline
-from .samplers import (
-    ancestral_sample,
-    ddim_sample,
-    dpmpp_2m_sample,
-    euler_sample,
-    heun_sample,
-    make_timesteps,
-)
+from .presets import get_preset
+from .samplers import ancestral_sample, ddim_sample, dpmpp_2m_sample, euler_sample, heun_sample
 from .schedules import NoiseSchedule, make_schedule
+from .timesteps import make_timesteps
 from .train import train
 
 __all__ = [

@@ -11,6 +11,9 @@ nothing to fetch. Its weights (1.1 MB each) ship inside the package, made by::
 
 The penultimate layer (128 values, after a fully connected layer) gives the features; the
 logits serve the conditional-generation benchmark (is the sample of the class asked for?).
+
+:func:`fit_classifier` is the training loop of this CNN and of the noise-aware classifier of
+guidance (:mod:`ddpm.noisy_classifier`) alike.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ import io
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +35,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_save
-from .data import ImageData, load_dataset, to_model_range
+from .data import DATASET_SPECS, ImageData, dataset_spec, load_dataset, random_hflip, to_model_range
 
-#: datasets with a shipped classifier, and whether flips are label-preserving augmentations there
-#: (a mirrored shoe is still a shoe; a mirrored 3 is not a digit).
-CLASSIFIER_DATASETS = {"fashion-mnist": True, "mnist": False}
+#: the datasets a classifier ships for (``DatasetSpec.feature_classifier``), sorted by name
+CLASSIFIER_DATASETS = tuple(sorted(name for name, spec in DATASET_SPECS.items()
+                                   if spec.feature_classifier))
 FEATURE_DIM = 128
 WEIGHTS_FORMAT = 1
 
@@ -139,10 +144,51 @@ def _augment(x: torch.Tensor, generator: torch.Generator, hflip: bool) -> torch.
     padded = F.pad(x, (2, 2, 2, 2), value=-1.0)
     dx, dy = (torch.randint(0, 5, (2, b), generator=generator)).tolist()
     x = torch.stack([padded[i, :, dy[i]:dy[i] + 28, dx[i]:dx[i] + 28] for i in range(b)])
-    if hflip:
-        flip = torch.rand(b, generator=generator) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    return x
+    return random_hflip(x, generator) if hflip else x
+
+
+Net = TypeVar("Net", bound=nn.Module)
+
+
+def fit_classifier(build: Callable[[], Net],
+                   batch_loss: Callable[[Net, torch.Tensor, torch.Generator], torch.Tensor], *,
+                   num_examples: int, epochs: int, batch_size: int, lr: float,
+                   weight_decay: float, seed: int, desc: str, progress: bool = True,
+                   device: str | torch.device = "cpu") -> Net:
+    """The network ``build()`` makes, moved to ``device`` and trained; the loop of both
+    classifiers (this module's CNN and the noise-aware one of guidance).
+
+    AdamW with a one-cycle cosine learning rate peaking at ``lr``. Each of ``epochs`` visits the
+    ``num_examples`` training examples once, in a random order, ``batch_size`` indices ``idx``
+    at a time; ``batch_loss(net, idx, generator)`` is the loss of one batch. A tqdm bar named
+    ``desc`` counts the steps (hidden without ``progress``).
+
+    Every random draw follows ``seed``: the order (and whatever ``batch_loss`` draws) comes from
+    one generator, the initial weights (and any dropout) from torch's global generator, seeded
+    inside a fork of it, so the caller's global random state is left as it was.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    device = torch.device(device)
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        net = build().to(device)
+        total = epochs * math.ceil(num_examples / batch_size)
+        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total)
+        bar = tqdm(total=total, disable=not progress, desc=desc, unit="step")
+        for epoch in range(epochs):
+            net.train()
+            for idx in torch.randperm(num_examples, generator=generator).split(batch_size):
+                loss = batch_loss(net, idx, generator)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                bar.update()
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+        bar.close()
+    return net
 
 
 def train_classifier(
@@ -158,35 +204,25 @@ def train_classifier(
 ) -> tuple[float, float]:
     """Train :class:`SmallCNN` on the train split; save it atomically with its test accuracy.
 
-    AdamW with one-cycle cosine decay and label smoothing, random 2-px shifts (and flips where
-    they keep the label). Returns (test accuracy, seconds).
+    AdamW with one-cycle cosine decay (:func:`fit_classifier`) and label smoothing, random 2-px
+    shifts (and flips where they keep the label). Every random draw follows ``seed``; the global
+    torch random state is left as it was. Returns (test accuracy, seconds).
     """
     if dataset not in CLASSIFIER_DATASETS:
         raise ValueError(f"train-classifier supports {', '.join(CLASSIFIER_DATASETS)}, not {dataset!r}")
     train_data = load_dataset(dataset, data_dir, "train")
     test_data = load_dataset(dataset, data_dir, "test")
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = SmallCNN(num_classes=int(train_data.labels.max()) + 1)
-    steps_per_epoch = math.ceil(len(train_data) / batch_size)
-    total = epochs * steps_per_epoch
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total)
+    hflip = bool(dataset_spec(dataset).flips_keep_labels)
     start = time.perf_counter()
-    bar = tqdm(total=total, disable=not progress, desc=f"classifier ({dataset})", unit="step")
-    for epoch in range(epochs):
-        model.train()
-        order = torch.randperm(len(train_data), generator=generator)
-        for idx in order.split(batch_size):
-            x = _augment(to_model_range(train_data.images[idx]), generator, CLASSIFIER_DATASETS[dataset])
-            loss = F.cross_entropy(model(x), train_data.labels[idx], label_smoothing=0.1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update()
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
-    bar.close()
+
+    def batch_loss(model: SmallCNN, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        x = _augment(to_model_range(train_data.images[idx]), generator, hflip)
+        return F.cross_entropy(model(x), train_data.labels[idx], label_smoothing=0.1)
+
+    model = fit_classifier(lambda: SmallCNN(num_classes=int(train_data.labels.max()) + 1),
+                           batch_loss, num_examples=len(train_data), epochs=epochs,
+                           batch_size=batch_size, lr=lr, weight_decay=5e-4, seed=seed,
+                           desc=f"classifier ({dataset})", progress=progress)
     acc = accuracy(model, test_data)
     atomic_save(
         {"format": WEIGHTS_FORMAT, "dataset": dataset, "num_classes": model.head.out_features,

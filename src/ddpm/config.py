@@ -1,4 +1,5 @@
-"""The run's configuration: frozen dataclasses, one declaration per setting, and the presets.
+"""The run's configuration: frozen dataclasses, one declaration per setting (the presets are in
+:mod:`ddpm.presets`).
 
 Every user-settable field is declared once with :func:`ddpm.settings.setting` (its default, flag,
 allowed values, help and resume rule); the command line's options, the overrides onto a preset
@@ -13,13 +14,10 @@ A run's resolved config is saved as JSON beside its checkpoints and inside each 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from .data.registry import CROPS, DATASETS, SPLITS, check_options
-from .data.registry import resolve as resolve_data
+from .data import registry
 from .diffusion import (
     LOSS_WEIGHTINGS,
     LOSSES,
@@ -29,26 +27,15 @@ from .diffusion import (
     VARIANCES,
 )
 from .models import UNetConfig
-from .samplers import SAMPLERS, SPACINGS
+from .samplers import SAMPLERS
 from .schedules import SCHEDULES, NoiseSchedule, make_schedule
-from .settings import SEED_MAX, check_fields, coerce, cut, names, setting, settings_of, shown
+from .settings import SEED_MAX, SettingError, check_fields, coerce, cut, names, setting, settings_of, shown
+from .timesteps import SPACINGS
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 ON_NAN = ("stop", "skip")
 X0_TRANSFORMS = ("clip", "dynamic", "none")
-
-
-class SettingError(ValueError):
-    """A setting whose value breaks a rule between settings. The message names the setting by
-    its config key; the command line names it by the flag the user typed (:meth:`for_flag`)."""
-
-    def __init__(self, key: str, message: str):
-        self.key, self.message = key, message  # message: '{setting}' where the name goes
-        super().__init__(message.format(setting=key))
-
-    def for_flag(self, flag: str) -> str:
-        return self.message.format(setting=flag)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,14 +90,14 @@ class DiffusionConfig:
 class DataConfig:
     """What to train on; :func:`resolve` fills in the Nones from the dataset's own facts."""
 
-    dataset: str = setting("fashion-mnist", flag="--dataset", choices=DATASETS,
+    dataset: str = setting("fashion-mnist", flag="--dataset", choices=registry.DATASETS,
                            help="training data; docs/datasets.md has a section on each")
     data_dir: str | None = setting(
         None, flag="--data-dir", metavar="DIR",
         help="the dataset's folder (default: /usr/share/datasets/fashion-mnist for "
              "fashion-mnist, ~/.cache/ddpm/data/DATASET for the others; folder and "
              "flowers-folder need it)")
-    split: str = setting("train", flag="--split", choices=SPLITS,
+    split: str = setting("train", flag="--split", choices=registry.SPLITS,
                          help="which images to train on (all: every labelled one)")
     image_size: int | None = setting(
         None, flag="--image-size", at_least=8,
@@ -120,7 +107,7 @@ class DataConfig:
         None, flag="--channels", choices=(1, 3),
         help="1 (grey) or 3 (RGB), converting images as needed (default: the dataset's)")
     crop: str = setting(
-        "center", flag="--crop", choices=CROPS,
+        "center", flag="--crop", choices=registry.CROPS,
         help="how images reach the size: center (resize the shorter side, centre crop), resize "
              "(squash) or random (a random crop from 9/8 of the size)")
     hflip: bool | None = setting(
@@ -145,7 +132,7 @@ class DataConfig:
 
     def validate(self) -> None:
         check_fields(self)
-        check_options(self.dataset, self.split, self.image_size, self.channels, self.crop)
+        registry.check_options(self.dataset, self.split, self.image_size, self.channels, self.crop)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -449,6 +436,20 @@ def _checked(section: str, values: dict[str, Any]) -> dict[str, Any]:
     return {k: coerce(cls, k, v, key=f"{section}.{k}") for k, v in values.items()}
 
 
+def resolve_data(data: DataConfig) -> DataConfig:
+    """``data`` checked, with data_dir, image_size, channels and hflip filled in from the
+    dataset's facts (``data.registry``), so that a saved run config says exactly what was read."""
+    registry.check_options(data.dataset, data.split, data.image_size, data.channels, data.crop)
+    if not data.max_memory_gb > 0:
+        raise ValueError(f"max_memory_gb must be positive, got {data.max_memory_gb!r}")
+    if not (isinstance(data.workers, int) and data.workers >= 0):
+        raise ValueError(f"workers must be 0 (decode in this process) or more, got {data.workers!r}")
+    image_size, channels = registry.size_and_channels(data.dataset, data.image_size, data.channels)
+    hflip = data.hflip if data.hflip is not None else registry.dataset_spec(data.dataset).flips_by_default
+    return dataclasses.replace(data, data_dir=str(registry.data_root(data.dataset, data.data_dir)),
+                               image_size=image_size, channels=channels, hflip=hflip)
+
+
 def fit_model(model: UNetConfig, data: DataConfig) -> UNetConfig:
     """The U-Net reshaped for the (resolved) data: its channels and image size, with attention
     kept at the same levels (a 28 px preset's 7 px is 8 px of 32 px images)."""
@@ -463,7 +464,7 @@ def fit_model(model: UNetConfig, data: DataConfig) -> UNetConfig:
 
 
 def resolve(config: RunConfig) -> RunConfig:
-    """``config`` with the data's defaults filled in (``data.registry.resolve``) and the U-Net
+    """``config`` with the data's defaults filled in (:func:`resolve_data`) and the U-Net
     fitted to the data: what ``train`` runs, and what a run's config.json records."""
     data = resolve_data(config.data)
     return dataclasses.replace(config, data=data, model=fit_model(config.model, data))
@@ -492,257 +493,3 @@ def resume_changes(saved: RunConfig, overrides: dict[str, dict[str, Any]]) -> li
 def resumed(saved: RunConfig, overrides: dict[str, dict[str, Any]]) -> RunConfig:
     """The saved config with the overrides ``--resume`` allows (stopping rule, machine)."""
     return with_overrides(saved, overrides, resolve=False)
-
-
-# A config file is a few KB of JSON; a larger file is some other file given by mistake (a
-# checkpoint, a dataset), read no further than this.
-MAX_CONFIG_BYTES = 1 << 20
-# More digits than any setting's value has (a seed has 19): a typo or a pasted blob, refused
-# while the file is parsed, before Python's own limit on printing such numbers gets in the way.
-MAX_CONFIG_DIGITS = 100
-EXAMPLE_CONFIG = '{"train": {"lr": 0.001}}'
-
-
-def load_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
-    """The overrides a ``--config`` file holds: a saved ``config.json``, a hand-written partial
-    one (``{"train": {"lr": 1e-3}}``), or the output of ``ddpm train --dry-run``. Anything else
-    (a folder, an empty or huge file, not JSON, a key given twice, no object of sections, a
-    setting's wrong name, type or range) is a ValueError naming the file."""
-    path = Path(path)
-    where = f"--config {path}"
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
-    except IsADirectoryError:
-        raise ValueError(f"{where} is a folder; give a JSON file such as a run's config.json "
-                         f"or {EXAMPLE_CONFIG}") from None
-    except OSError as exc:
-        raise ValueError(f"cannot read {where}: {exc.strerror or exc}") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ValueError(f"{where} is more than {MAX_CONFIG_BYTES >> 20} MiB, and a config file is "
-                         f"a few KB of JSON; give a run's config.json or a file such as "
-                         f"{EXAMPLE_CONFIG}")
-    if not raw.strip():
-        raise ValueError(f"{where} is empty; write the settings to change, e.g. {EXAMPLE_CONFIG}")
-    try:
-        text = raw.decode("utf-8-sig")  # the byte-order mark some editors write is no mistake
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{where} is not JSON text (byte {exc.start} is not UTF-8); a config "
-                         f"file is JSON such as a run's config.json, not a checkpoint") from None
-    try:
-        values = json.loads(text, object_pairs_hook=_unique_keys, parse_int=_whole_number)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{where} is not JSON ({exc.msg} at line {exc.lineno}, column "
-                         f"{exc.colno})") from None
-    except RecursionError:
-        raise ValueError(f"{where} nests lists or objects too deep to read; a config holds "
-                         f"sections of settings, e.g. {EXAMPLE_CONFIG}") from None
-    except ValueError as exc:  # from the two hooks
-        raise ValueError(f"{where}: {exc}") from None
-    if isinstance(values, dict) and set(values) == {"config", "parameters"}:
-        values = values["config"]  # a dry run's output, as printed
-    if not isinstance(values, dict):
-        raise ValueError(f"{where} must hold an object of sections ({names(SECTIONS)}), e.g. "
-                         f"{EXAMPLE_CONFIG}")
-    try:  # names, types and ranges, said with the file's name
-        config = with_overrides(RunConfig(), values, resolve=False)
-        for section in SECTIONS:
-            check_fields(getattr(config, section), prefix=f"{section}.")
-    except ValueError as exc:
-        raise ValueError(f"{where}: {exc}") from None
-    return values
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object whose keys are all different: JSON would keep the last of two, and drop the
-    other setting without a word."""
-    seen: set[str] = set()
-    for key, _ in pairs:
-        if key in seen:
-            raise ValueError(f"{shown(key)} is given twice in one object; give each key once")
-        seen.add(key)
-    return dict(pairs)
-
-
-def _whole_number(digits: str) -> int:
-    if len(digits.lstrip("-")) > MAX_CONFIG_DIGITS:
-        raise ValueError(f"a whole number of {len(digits.lstrip('-')):,} digits, more than any "
-                         f"setting takes")
-    return int(digits)
-
-
-# --- presets ------------------------------------------------------------------------------------
-
-
-def _fashion_cpu() -> RunConfig:
-    # Chosen by measurement on a 2-core CPU (BENCHMARKS.md). The recipe: batch 64 trains faster
-    # per image than 128 and, with a cosine decay from 2e-3, reached the lowest held-out loss;
-    # v-prediction with min-SNR-5 weighting (and no flips, data.resolve) lowered FID at equal
-    # steps from 22.1 to 13.3, where eps with uniform weights had won on held-out loss alone.
-    # The shape (BENCHMARKS.md, "EDM's preconditioning and the model's shape at 15
-    # minutes" and "Cheaper still: 16 / 32 / 48"): at this budget steps beat width. A first
-    # level cheaper than the others and attention only in the middle block (16 / 48 / 48)
-    # trained 1.4x the steps of the earlier 24 / 48 / 48 with attention at 7 px in 15 bf16
-    # minutes and lowered FID from 3.54 to 3.06 and 3.34 (two training runs, means of three
-    # sampling seeds; the old shape's three runs 3.54-3.74); 32 channels at 14 px instead of 48
-    # (16 / 32 / 48) trained 1.37x the steps again and gave 2.95 and 3.13 on the same two seeds.
-    # Wider (32 / 64 / 64), deeper (two blocks per level on 16 / 48 / 48: 3.42) and a linear
-    # instead of a cosine decay (3.23) did not help.
-    # Its precision is train.precision's default, auto: bf16 on a CPU with bf16 hardware, which
-    # trained 1.4x the steps of fp32 in 15 minutes there and reached FID 4.63 against 5.09
-    # (BENCHMARKS.md, "bf16 on a CPU that has it"); fp32 elsewhere.
-    return RunConfig(
-        model=UNetConfig(
-            in_channels=1,
-            image_size=28,
-            base_channels=16,
-            channel_mults=(1, 2, 3),
-            num_res_blocks=1,
-            attention_resolutions=(),
-            dropout=0.0,
-            # 8 groups divide every width (16, 32, 48, 64, 96): one count for all, which
-            # diffusers' UNet2DModel needs to hold the model ('ddpm export')
-            norm_groups=8,
-        ),
-        diffusion=DiffusionConfig(schedule="linear", num_train_timesteps=1000, prediction_type="v",
-                                  loss_weighting="min-snr", min_snr_gamma=5.0),
-        train=TrainConfig(
-            batch_size=64,
-            lr=2e-3,
-            lr_schedule="cosine",
-            warmup_steps=100,
-            ema_decay=0.995,
-            steps=1400,
-            minutes=None,
-            sample_every=175,  # 8 preview grids (~8 s each) make the run's progress.gif
-            sample_steps=50,
-            checkpoint_every=350,
-            # FID/KID of 1,000 DPM-Solver++ samples (20 steps) on the offline features: ~40 s
-            # each, so the demo's curves.png shows the model improving next to the floor.
-            fid_every=350,
-            fid_n=1000,
-        ),
-        # Trailing steps (Lin et al. 2024: T-1, T-1-T/n, ..., the last jump from t = T/n - 1 to
-        # the data): with DPM-Solver++ at 20 steps they lowered FID on every model of this
-        # preset measured (the 15-minute run 4.26 -> 3.67, mean of 3 seeds; the demo 8.57 ->
-        # 7.61) against the sampler's own logsnr spacing, which spends its steps at low noise,
-        # where min-SNR-5 trains the model least; ancestral sampling is unchanged by them (6.84
-        # and 7.01 at 100 steps). BENCHMARKS.md, "Sampling steps".
-        sample=SampleConfig(sampler="ddpm", num_sample_steps=100, spacing="trailing"),
-    )
-
-
-def _tiny() -> RunConfig:
-    # Seconds per run: for smoke tests and trying the CLI, not for pretty pictures.
-    return RunConfig(
-        model=UNetConfig(
-            in_channels=1,
-            image_size=28,
-            base_channels=8,
-            channel_mults=(1, 2),
-            num_res_blocks=1,
-            attention_resolutions=(),
-            dropout=0.0,
-            norm_groups=4,
-        ),
-        diffusion=DiffusionConfig(schedule="linear", num_train_timesteps=100),
-        train=TrainConfig(
-            batch_size=16,
-            lr=1e-3,
-            warmup_steps=0,
-            ema_decay=0.9,
-            steps=20,
-            log_every=5,
-            sample_every=10,
-            sample_n=4,
-            sample_steps=10,
-            checkpoint_every=10,
-        ),
-        sample=SampleConfig(num_sample_steps=20),
-    )
-
-
-def _fashion_gpu() -> RunConfig:
-    # The GPU counterpart of fashion-cpu, for about 5 minutes of one GPU: fashion-cpu's recipe (v
-    # prediction, min-SNR-5, cosine decay, no flips), which won on FID there, with a wider and
-    # deeper U-Net and a batch large enough to keep a GPU busy (fashion-cpu's batch of 64 used an
-    # eighth of an H200). Not yet chosen by measurement on a GPU: BENCHMARKS.md says so.
-    return RunConfig(
-        model=UNetConfig(in_channels=1, image_size=28, base_channels=64, channel_mults=(1, 2, 2),
-                         num_res_blocks=2, attention_resolutions=(7,), dropout=0.0),
-        diffusion=DiffusionConfig(schedule="linear", num_train_timesteps=1000, prediction_type="v",
-                                  loss_weighting="min-snr", min_snr_gamma=5.0),
-        train=TrainConfig(batch_size=256, lr=1e-3, lr_schedule="cosine", warmup_steps=200,
-                          ema_decay=0.999, steps=None, minutes=5.0, log_every=100,
-                          sample_every=1000, sample_steps=50, checkpoint_every=2000,
-                          fid_every=0),
-        sample=SampleConfig(sampler="dpm++", num_sample_steps=20),
-    )
-
-
-def _cifar10_ddpm() -> RunConfig:
-    # Ho et al. 2020, section 4 and appendix B: the 35.7M-parameter CIFAR-10 U-Net (128 channels,
-    # multipliers 1,2,2,2, two residual blocks per level, attention at 16 px, dropout 0.1), T =
-    # 1000 with the linear schedule, eps prediction with L_simple, batch 128, lr 2e-4 after 5,000
-    # warm-up steps, EMA 0.9999, random flips, 800k steps. (They used Adam; AdamW with no weight
-    # decay is the same update.) FID needs Inception-v3 weights and 2,048+ images: --fid-every.
-    return RunConfig(
-        model=UNetConfig(in_channels=3, image_size=32, base_channels=128, channel_mults=(1, 2, 2, 2),
-                         num_res_blocks=2, attention_resolutions=(16,), dropout=0.1),
-        diffusion=DiffusionConfig(schedule="linear", num_train_timesteps=1000),
-        data=DataConfig(dataset="cifar10", hflip=True),
-        train=TrainConfig(batch_size=128, lr=2e-4, warmup_steps=5000, ema_decay=0.9999,
-                          ema_warmup=False, steps=800_000, log_every=100, sample_every=10_000,
-                          checkpoint_every=10_000, fid_every=0),
-        sample=SampleConfig(sampler="ddpm", num_sample_steps=1000),
-    )
-
-
-def _flowers64() -> RunConfig:
-    # 64 px colour images: Flowers-102 (all 8,189 photos), or any folder with --dataset folder
-    # --data-dir DIR. A U-Net of Ho et al.'s shape for 64 px (multipliers 1,2,2,4, attention at
-    # 16 px), 17M parameters, with fashion-cpu's v prediction and min-SNR weights. A GPU's work.
-    return RunConfig(
-        model=UNetConfig(in_channels=3, image_size=64, base_channels=64, channel_mults=(1, 2, 2, 4),
-                         num_res_blocks=2, attention_resolutions=(16,), dropout=0.1),
-        diffusion=DiffusionConfig(schedule="linear", num_train_timesteps=1000, prediction_type="v",
-                                  loss_weighting="min-snr", min_snr_gamma=5.0),
-        data=DataConfig(dataset="flowers102", split="all", image_size=64),
-        train=TrainConfig(batch_size=64, lr=2e-4, warmup_steps=1000, ema_decay=0.9995,
-                          steps=100_000, log_every=100, sample_every=2500, checkpoint_every=2500,
-                          fid_every=0),
-        sample=SampleConfig(sampler="dpm++", num_sample_steps=20),
-    )
-
-
-PRESETS = {
-    "fashion-cpu": _fashion_cpu,
-    "fashion-gpu": _fashion_gpu,
-    "cifar10-ddpm": _cifar10_ddpm,
-    "flowers64": _flowers64,
-    "tiny": _tiny,
-}
-DEFAULT_PRESET = "fashion-cpu"  # on a CPU; on CUDA, DEFAULT_GPU_PRESET
-DEFAULT_GPU_PRESET = "fashion-gpu"
-
-# Formulations: named sets of settings laid over any preset ('ddpm train --formulation NAME',
-# under --config and the options given). Each piece stays its own setting, recorded in the
-# run's config.json as such. EDM (Karras et al. 2022): Table 1's preconditioning (sec. 5),
-# log-normal noise levels and lambda(sigma) weights (sec. 5, "Loss weighting and sampling"),
-# and the 2nd-order Heun sampler over their rho = 7 spacing at 18 steps, 35 evaluations (sec.
-# 3, Algorithm 1). sigma_data stays the run's (--sigma-data: 0.5 is theirs for images in
-# [-1, 1]).
-FORMULATIONS: dict[str, dict[str, dict[str, Any]]] = {
-    "edm": {
-        "diffusion": {"preconditioning": "edm", "timestep_sampling": "log-normal",
-                      "loss_weighting": "edm"},
-        "sample": {"sampler": "heun", "num_sample_steps": 18, "spacing": "karras"},
-    },
-}
-
-
-def get_preset(name: str) -> RunConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
-    return PRESETS[name]()
-

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from .checkpoint import atomic_save, unwritable
 from .classifier import CLASSIFIER_DATASETS, WeightsNotFoundError, load_classifier
 from .config import DataConfig
-from .data import FOLDER_DATASETS, SPLITS, ImageData, default_cache_dir, load_dataset, to_model_range
+from .data import SPLITS, ImageData, dataset_spec, default_cache_dir, load_dataset, to_model_range
 
 INCEPTION = "inception-v3"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -375,7 +375,7 @@ class Evaluator:
                                               progress=progress)
         # The floor's real images come from the other split, so they are not the reference's own;
         # a dataset without one (an image folder, or split "all") draws them from the reference.
-        held_split = split if split == "all" or dataset in FOLDER_DATASETS else (
+        held_split = split if split == "all" or dataset_spec(dataset).folder else (
             "test" if split == "train" else "train")
         held = data if held_split == split else load_dataset(dataset, data_dir, held_split, **options)
         self.held_out = reference_statistics(held, held_split, extractor, cache_dir=cache_dir,

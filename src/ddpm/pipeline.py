@@ -32,8 +32,9 @@ from .data import to_model_range, to_uint8
 from .data.registry import default_cache_dir
 from .diffusers_io import is_diffusers_folder, load_diffusers
 from .diffusion import p_mean_log_variance, precondition, prior_bpd, q_sample, vlb_term
-from .guidance import NoisyClassifierFile, check_compatible, classifier_log_prob_grad
+from .guidance import classifier_free_guidance, classifier_guidance, classifier_log_prob_grad
 from .models import UNet
+from .noisy_classifier import NoisyClassifierFile, check_compatible
 from .runtime import (
     PrecisionProbe,
     autocast,
@@ -45,15 +46,13 @@ from .runtime import (
 from .samplers import (
     GuidanceGrad,
     StepCallback,
-    classifier_free_guidance,
-    classifier_guidance,
     clip_x0,
     dynamic_threshold,
     initial_noise,
-    make_timesteps,
     sampler_spec,
 )
 from .schedules import NoiseSchedule
+from .timesteps import make_timesteps
 
 
 @dataclass
@@ -162,7 +161,7 @@ class Pipeline:
         ``seed`` and ``batch_size`` give the same images: all noise comes from one generator
         seeded with ``seed``, drawn batch after batch. A class-conditional model draws class
         ``labels`` (see :meth:`class_labels`) with classifier-free guidance of scale
-        ``guidance``. A noise-aware ``classifier`` (``guidance.load_noisy_classifier``) guides any
+        ``guidance``. A noise-aware ``classifier`` (``noisy_classifier.load_noisy_classifier``) guides any
         model towards ``labels`` with scale ``classifier_scale`` (Dhariwal & Nichol 2021:
         Algorithm 1 for the ddpm sampler, Algorithm 2 for the others); scale 0 is unguided
         sampling.

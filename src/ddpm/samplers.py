@@ -29,11 +29,9 @@ from .diffusion import (
     eps_x0_from_prediction,
     interpolated_log_variance,
     split_variance,
-    training_target,
 )
 from .schedules import NoiseSchedule, broadcast_per_sample
-
-SPACINGS = ("linspace", "leading", "trailing", "karras", "logsnr")
+from .timesteps import check_timesteps
 
 # callback(step_index, t, x_t, x0_pred): called once per step, after the network evaluation.
 StepCallback = Callable[[int, float, torch.Tensor, torch.Tensor], None]
@@ -41,142 +39,6 @@ X0Transform = Callable[[torch.Tensor], torch.Tensor]
 # grad(x_t [B, C, H, W], t [B]) -> s grad_x log p(y | x_t, t) [B, C, H, W]: a classifier's guidance
 # (Dhariwal & Nichol 2021), scale s included.
 GuidanceGrad = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-# --- timesteps ------------------------------------------------------------------------------------
-
-
-def karras_noise_levels(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> list[float]:
-    """Karras et al. 2022, eq. 5: sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) -
-    sigma_max^(1/rho)))^rho, i = 0..n-1, descending."""
-    if n == 1:
-        return [sigma_max]
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return [(hi + i / (n - 1) * (lo - hi)) ** rho for i in range(n)]
-
-
-def make_timesteps(
-    num_train_timesteps: int,
-    num_sample_steps: int,
-    spacing: str = "linspace",
-    *,
-    schedule: NoiseSchedule | None = None,
-    rho: float = 7.0,
-) -> list[float]:
-    """The descending steps a sampler evaluates the network at, ``num_sample_steps`` of them.
-
-    - ``linspace``: evenly over 0..T-1, always including T-1 and 0;
-    - ``leading``: 0, k, 2k, ... with k = T // n (DDIM's original choice), highest first;
-    - ``trailing``: T-1, T-1-T/n, ... (Lin et al. 2024, table 2), never reaching 0 unless n = T;
-    - ``karras``: rho-spaced noise levels between the schedule's extremes (needs ``schedule``);
-    - ``logsnr``: evenly spaced log-SNR between the schedule's extremes (needs ``schedule``).
-    The last two give real-valued steps.
-    """
-    T, n = num_train_timesteps, num_sample_steps
-    if not 1 <= n <= T:
-        raise ValueError(
-            f"the number of sampling steps must be between 1 and the {T} training timesteps, got {n}"
-        )
-    if spacing == "linspace":
-        if n == 1:
-            return [T - 1]
-        return [round(i * (T - 1) / (n - 1)) for i in range(n - 1, -1, -1)]
-    if spacing == "leading":
-        return [i * (T // n) for i in range(n - 1, -1, -1)]
-    if spacing == "trailing":
-        return [round(T - i * T / n) - 1 for i in range(n)]
-    if spacing in ("karras", "logsnr"):
-        if schedule is None:
-            raise ValueError(f"{spacing} spacing needs the noise schedule to find its noise levels")
-        finite = schedule.log_snr[torch.isfinite(schedule.log_snr)]
-        lo, hi = finite[-1].item(), finite[0].item()  # zero terminal SNR: the last finite level
-        if spacing == "karras":
-            if not math.isfinite(schedule.log_snr[-1].item()):
-                raise ValueError(
-                    "karras spacing (euler, heun) needs a finite largest noise level, but this "
-                    "schedule has zero terminal SNR; use --spacing trailing, or the ddim, dpm++ "
-                    "or ddpm sampler"
-                )
-            # Karras' noise level sigma = sqrt((1 - ab) / ab) = exp(-log_snr / 2)
-            karras = karras_noise_levels(math.exp(-hi / 2), math.exp(-lo / 2), n, rho)
-            noise_levels = torch.tensor(karras, dtype=torch.float64)
-            log_snrs = -2 * noise_levels.log()
-        else:
-            log_snrs = torch.linspace(lo, hi, n, dtype=torch.float64)
-        ts = schedule.t_at_log_snr(log_snrs).tolist()
-        ts[0] = float(T - 1)  # pin the ends exactly: the inverse interpolation may round
-        if n > 1:
-            ts[-1] = 0.0
-        return ts
-    raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
-
-
-def _check_timesteps(timesteps: Sequence[float], num_train_timesteps: int) -> list[float]:
-    ts = [float(t) for t in timesteps]
-    if not ts:
-        raise ValueError("timesteps is empty; pass at least one step, e.g. [T - 1, ..., 0]")
-    if any(a <= b for a, b in zip(ts[:-1], ts[1:], strict=True)):
-        raise ValueError(f"timesteps must be strictly descending, got {ts[:8]}...")
-    if ts[0] > num_train_timesteps - 1 or ts[-1] < 0:
-        raise ValueError(
-            f"timesteps must lie in 0..{num_train_timesteps - 1}, got {ts[0]}..{ts[-1]}"
-        )
-    return ts
-
-
-# --- classifier-free guidance -------------------------------------------------------------------
-
-# A class-conditional network: (x_t [B, C, H, W], t [B], y [B]) -> prediction [B, C, H, W].
-ConditionalDenoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def classifier_free_guidance(
-    model: ConditionalDenoiser, labels: torch.Tensor, null_label: int, scale: float
-) -> Denoiser:
-    """The guided denoiser every sampler can walk (Ho & Salimans 2022, eq. 6):
-    eps~(z, c) = (1 + w) eps(z, c) - w eps(z), with w = ``scale`` and eps(z) the network given
-    ``null_label``. The same mix is right for x0 and v predictions, since each is affine in eps
-    with weights that sum to one at fixed x_t and t. w = 0 is the conditional model alone (one
-    evaluation per step); otherwise both evaluations run as one batch of 2B."""
-    if scale < 0:
-        raise ValueError(f"the guidance scale must be 0 or more, got {scale}")
-
-    def denoiser(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        y = labels.to(x_t.device)
-        if scale == 0:
-            return model(x_t, t, y)
-        null = torch.full_like(y, null_label)
-        cond, uncond = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
-        c = x_t.shape[1]  # a learned variance (channels C..2C) is the conditional model's, unmixed
-        guided = cond[:, :c] + scale * (cond[:, :c] - uncond[:, :c])  # = (1 + w) cond - w uncond
-        return torch.cat([guided, cond[:, c:]], dim=1) if cond.shape[1] > c else guided
-
-    return denoiser
-
-
-def classifier_guidance(
-    denoiser: Denoiser, schedule: NoiseSchedule, grad: GuidanceGrad, prediction_type: str
-) -> Denoiser:
-    """Dhariwal & Nichol 2021, Algorithm 2, for the deterministic samplers (and DDIM at any eta):
-    eps-hat = eps - sqrt(1 - alpha_bar_t) s grad log p(y | x_t), returned as the prediction type
-    the network makes (x0 and v follow from eps-hat through eq. 4). A learned variance passes
-    through unchanged. At alpha_bar_t = 0 (pure noise) x0 is undefined, and the step is left
-    unguided. (Ancestral sampling shifts its mean instead: ``ancestral_sample(guidance_grad=)``.)"""
-
-    def guided(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        output = denoiser(x_t, t)
-        prediction, interpolation = _split_output(output, x_t)
-        alpha_bar = schedule.alpha_bar_at(t.double().cpu())  # [B], on the host
-        if bool((alpha_bar == 0).any()):
-            return output
-        alpha_bar = broadcast_per_sample(alpha_bar, x_t)  # [B, 1, 1, 1]
-        eps, _ = eps_x0_from_prediction(prediction, x_t, alpha_bar, prediction_type)
-        eps_hat = eps - (1 - alpha_bar).sqrt() * grad(x_t, t).to(eps.dtype)
-        _, x0_hat = eps_x0_from_prediction(eps_hat, x_t, alpha_bar, "eps")  # eq. 4
-        prediction = training_target(prediction_type, x0_hat, eps_hat, alpha_bar)
-        return prediction if interpolation is None else torch.cat([prediction, interpolation], 1)
-
-    return guided
 
 
 # --- shared pieces ------------------------------------------------------------------------------
@@ -276,7 +138,7 @@ def ancestral_sample(
     """
     if variance not in VARIANCES:
         raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCES)}")
-    ts = _check_timesteps(timesteps, schedule.num_train_timesteps)
+    ts = check_timesteps(timesteps, schedule.num_train_timesteps)
     x_t = x_T
     for i, (t, t_prev) in enumerate(zip(ts, ts[1:] + [-1.0], strict=True)):
         _, x0_pred, alpha_bar_t, interpolation = _predict(
@@ -338,7 +200,7 @@ def ddim_sample(
     & Dhariwal 2021, eq. 15, over the respaced pair) in place of eq. 16's eta^2 beta-tilde_t."""
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"DDIM eta must be in [0, 1], got {eta}")
-    ts = _check_timesteps(timesteps, schedule.num_train_timesteps)
+    ts = check_timesteps(timesteps, schedule.num_train_timesteps)
     x_t = x_T
     for i, (t, t_prev) in enumerate(zip(ts, ts[1:] + [-1.0], strict=True)):
         eps, x0_pred, alpha_bar_t, interpolation = _predict(
@@ -384,7 +246,7 @@ def dpmpp_2m_sample(
     lower-order final step).
     """
     del generator  # deterministic; accepted for the shared signature
-    ts = _check_timesteps(timesteps, schedule.num_train_timesteps)
+    ts = check_timesteps(timesteps, schedule.num_train_timesteps)
     x_t = x_T
     last: tuple[torch.Tensor, float] | None = None  # the previous iteration's x0_pred and h
     for i, (t, t_prev) in enumerate(zip(ts, ts[1:] + [-1.0], strict=True)):
@@ -438,7 +300,7 @@ def _edm_sample(
     sigma_hat^2 - sigma^2, and the step starts from sigma_hat (a network evaluation at the real-
     valued t of that noise level). The added noise is what the ODE then removes, so each step
     corrects part of the errors that earlier steps made."""
-    ts = _check_timesteps(timesteps, schedule.num_train_timesteps)
+    ts = check_timesteps(timesteps, schedule.num_train_timesteps)
     if not churn >= 0 or not math.isfinite(churn):
         raise ValueError(f"churn must be a finite number >= 0, got {churn}")
 

@@ -28,6 +28,18 @@ from dataclasses import dataclass
 from typing import Any
 
 
+class SettingError(ValueError):
+    """A setting whose value breaks a rule between settings. The message names the setting by
+    its config key; the command line names it by the flag the user typed (:meth:`for_flag`)."""
+
+    def __init__(self, key: str, message: str):
+        self.key, self.message = key, message  # message: '{setting}' where the name goes
+        super().__init__(message.format(setting=key))
+
+    def for_flag(self, flag: str) -> str:
+        return self.message.format(setting=flag)
+
+
 @dataclass(frozen=True)
 class Setting:
     """What :func:`setting` records in a field's metadata."""

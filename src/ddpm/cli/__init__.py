@@ -20,8 +20,8 @@ from typing import TextIO
 from .. import __version__
 from ..checkpoint import CheckpointError, SaveError
 from ..classifier import WeightsNotFoundError
-from ..config import SettingError
 from ..data import DatasetNotFoundError
+from ..settings import SettingError
 from . import sample, serve, tools, train, viz
 from .options import EXIT_USAGE, Parser, UsageError, setting_flags
 

@@ -18,7 +18,6 @@ import torch
 from ..checkpoint import CHECKPOINT_DIR, check_writable
 from ..config import GUIDANCE_MAX, SampleConfig
 from ..data import DATASETS, IMAGE_SUFFIXES, SPLITS, load_dataset, load_images, to_uint8
-from ..guidance import NoisyClassifierFile, check_compatible, load_noisy_classifier
 from ..metrics import (
     EXTRACTORS,
     INCEPTION_FILE,
@@ -28,6 +27,7 @@ from ..metrics import (
     data_options,
     resolve_extractor,
 )
+from ..noisy_classifier import NoisyClassifierFile, check_compatible, load_noisy_classifier
 from ..pipeline import Pipeline, load_pipeline
 from ..rundir import CONFIG_FILE
 from ..runtime import resolve_device

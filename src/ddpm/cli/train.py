@@ -23,22 +23,18 @@ from ..checkpoint import (
     load_run_or_file,
 )
 from ..config import (
-    DEFAULT_GPU_PRESET,
-    DEFAULT_PRESET,
-    FORMULATIONS,
-    PRESETS,
     DiffusionConfig,
     RunConfig,
     differences,
-    get_preset,
-    load_config_file,
     resumable_keys,
     resume_changes,
     resumed,
     with_overrides,
 )
+from ..configfile import load_config_file
 from ..data import open_dataset
 from ..models import UNet, count_parameters
+from ..presets import DEFAULT_GPU_PRESET, DEFAULT_PRESET, FORMULATIONS, PRESETS, get_preset
 from ..rundir import CONFIG_FILE
 from ..runtime import resolve_device, training_precision
 from ..settings import shown

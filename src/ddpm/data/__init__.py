@@ -18,8 +18,9 @@ workers (:class:`StreamingImages`). :class:`BatchStream` draws the same batches 
 
 The modules, each importing only those above it:
 
-* ``registry``: the dataset names and facts, the option checks and defaults (no torch);
-* ``pixels``: value ranges, fitting to the stored size and channels, random crops;
+* ``registry``: one :class:`DatasetSpec` per dataset (its facts), the option checks and
+  defaults (no torch);
+* ``pixels``: value ranges, fitting to the stored size and channels, random crops and flips;
 * ``arrays``: the IDX and CIFAR readers;
 * ``files``: image-file indexes, decoding one file, :func:`load_images`;
 * ``download``: torchvision's downloaders and the offline message;
@@ -32,9 +33,10 @@ The modules, each importing only those above it:
 from .arrays import read_idx
 from .files import decode_image, load_images
 from .load import load_dataset, open_dataset
-from .pixels import random_crop, to_model_range, to_uint8, to_unit_range
+from .pixels import random_crop, random_hflip, to_model_range, to_uint8, to_unit_range
 from .registry import (
     CROPS,
+    DATASET_SPECS,
     DATASETS,
     FASHION_MNIST_CLASSES,
     FILE_DATASETS,
@@ -44,20 +46,21 @@ from .registry import (
     MNIST_CLASSES,
     SPLITS,
     DatasetNotFoundError,
+    DatasetSpec,
     check_options,
+    dataset_spec,
     default_cache_dir,
     default_data_dir,
-    resolve,
     stored_size,
 )
 from .sources import ImageData, StreamingImages
 from .stream import BatchStream
 
 __all__ = [
-    "CROPS", "DATASETS", "FASHION_MNIST_CLASSES", "FILE_DATASETS", "FILE_IMAGE_SIZE",
-    "FOLDER_DATASETS", "IMAGE_SUFFIXES", "MNIST_CLASSES", "SPLITS", "BatchStream",
-    "DatasetNotFoundError", "ImageData", "StreamingImages", "check_options", "decode_image",
-    "default_cache_dir", "default_data_dir", "load_dataset", "load_images", "open_dataset",
-    "random_crop", "read_idx", "resolve", "stored_size", "to_model_range", "to_uint8",
-    "to_unit_range",
+    "CROPS", "DATASET_SPECS", "DATASETS", "FASHION_MNIST_CLASSES", "FILE_DATASETS",
+    "FILE_IMAGE_SIZE", "FOLDER_DATASETS", "IMAGE_SUFFIXES", "MNIST_CLASSES", "SPLITS",
+    "BatchStream", "DatasetNotFoundError", "DatasetSpec", "ImageData", "StreamingImages",
+    "check_options", "dataset_spec", "decode_image", "default_cache_dir", "default_data_dir",
+    "load_dataset", "load_images", "open_dataset", "random_crop", "random_hflip", "read_idx",
+    "stored_size", "to_model_range", "to_uint8", "to_unit_range",
 ]

@@ -16,15 +16,13 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from .registry import _SOURCE, FASHION_MNIST_CLASSES, MNIST_CLASSES, DatasetNotFoundError
+from .registry import DatasetNotFoundError, dataset_spec
 
 # --- IDX: MNIST and Fashion-MNIST -----------------------------------------------------------------
 
 _IDX_DTYPES: dict[int, npt.DTypeLike] = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4",
                                          0x0D: ">f4", 0x0E: ">f8"}
 _IDX_PREFIXES = {"train": ("train",), "test": ("t10k",), "all": ("train", "t10k")}
-# Where torchvision's FashionMNIST / MNIST classes keep the files they download under ``root``.
-_TORCHVISION_FOLDER = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -48,7 +46,9 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 
 def _find_idx(data_dir: Path, dataset: str, stem: str) -> Path | None:
-    for folder in (data_dir, data_dir / _TORCHVISION_FOLDER[dataset] / "raw"):
+    """``stem`` (gzipped or not) in ``data_dir`` or where torchvision downloads it there."""
+    subfolder = dataset_spec(dataset).subfolder
+    for folder in (data_dir, *([data_dir / subfolder] if subfolder else [])):
         for name in (stem + ".gz", stem):
             if (folder / name).is_file():
                 return folder / name
@@ -56,10 +56,11 @@ def _find_idx(data_dir: Path, dataset: str, stem: str) -> Path | None:
 
 
 def _missing_message(dataset: str, data_dir: Path, stem: str) -> str:
+    spec = dataset_spec(dataset)
     how = (
-        "install Debian's package (apt-get install dataset-fashion-mnist) and use its folder "
-        "/usr/share/datasets/fashion-mnist, or "
-        if dataset == "fashion-mnist"
+        f"install Debian's package (apt-get install {spec.debian_package}) and use its folder "
+        f"{spec.debian_dir}, or "
+        if spec.debian_package
         else ""
     )
     return (
@@ -68,7 +69,11 @@ def _missing_message(dataset: str, data_dir: Path, stem: str) -> str:
     )
 
 
-def _read_mnist(dataset: str, root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+def _read_idx_dataset(dataset: str, root: Path,
+                      split: str) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """An IDX dataset's split; its class names are its record's (IDX files name none)."""
+    classes = dataset_spec(dataset).classes
+    assert classes is not None, f"the record of {dataset} names no classes"
     images, labels = [], []
     for prefix in _IDX_PREFIXES[split]:
         stems = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
@@ -83,19 +88,11 @@ def _read_mnist(dataset: str, root: Path, split: str) -> tuple[torch.Tensor, tor
         if images[-1].ndim != 3 or labels[-1].shape != (images[-1].shape[0],):
             raise ValueError(f"{paths[0]} and {paths[1]} do not match: images "
                              f"{images[-1].shape}, labels {labels[-1].shape}")
-    classes = MNIST_CLASSES if dataset == "mnist" else FASHION_MNIST_CLASSES
     return (torch.from_numpy(np.concatenate(images)).unsqueeze(1),  # [N, H, W] -> [N, 1, H, W]
             torch.from_numpy(np.concatenate(labels).astype(np.int64)), classes)
 
 
 # --- CIFAR: pickled python batches ----------------------------------------------------------------
-
-_CIFAR = {  # folder, train files, test files, meta file, class-name key, label key
-    "cifar10": ("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)),
-                ("test_batch",), "batches.meta", "label_names", "labels"),
-    "cifar100": ("cifar-100-python", ("train",), ("test",), "meta", "fine_label_names", "fine_labels"),
-}
-
 
 @functools.lru_cache(maxsize=1)
 def _numpy_globals() -> dict[tuple[str, str], object]:
@@ -154,28 +151,31 @@ def _entry(d: dict[str, object], key: str, path: Path) -> Any:  # whatever the p
 
 
 def _read_cifar(dataset: str, root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor, tuple]:
-    folder, train, test, meta, names_key, labels_key = _CIFAR[dataset]
+    spec = dataset_spec(dataset)
+    assert spec.batches is not None and spec.subfolder is not None, f"{dataset} is not a CIFAR"
+    folder, batches, meta = spec.subfolder, spec.batches, spec.batches.meta
     base = root / folder if (root / folder).is_dir() else root
-    files = {"train": train, "test": test, "all": train + test}[split]
+    files = {"train": batches.train, "test": batches.test,
+             "all": batches.train + batches.test}[split]
     for name in (*files, meta):
         if not (base / name).is_file():
             raise DatasetNotFoundError(
                 f"{dataset} not found: no {folder}/{name} in {root}. To get it, pass --download "
                 f"(needs internet) to fetch it into --data-dir with torchvision, or unpack "
-                f"{_SOURCE[dataset]} there"
+                f"{spec.source} there"
             )
     images, labels = [], []
     for name in files:
         batch = _unpickle(base / name)
         data = np.asarray(_entry(batch, "data", base / name))
-        batch_labels = np.asarray(_entry(batch, labels_key, base / name), dtype=np.int64)
+        batch_labels = np.asarray(_entry(batch, batches.labels_key, base / name), dtype=np.int64)
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or \
                 batch_labels.shape != (data.shape[0],):
             raise ValueError(f"{base / name}: expected uint8 data [N, 3072] and N labels, got data "
                              f"{data.dtype} {data.shape} and labels {batch_labels.shape}")
         images.append(data.reshape(-1, 3, 32, 32))  # rows are R, G, B planes of 32x32
         labels.append(batch_labels)
-    names = _entry(_unpickle(base / meta), names_key, base / meta)
+    names = _entry(_unpickle(base / meta), batches.names_key, base / meta)
     classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
     label_array = np.concatenate(labels)
     if label_array.size and not 0 <= label_array.min() <= label_array.max() < len(classes):
@@ -184,5 +184,5 @@ def _read_cifar(dataset: str, root: Path, split: str) -> tuple[torch.Tensor, tor
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(label_array), classes
 
 
-_ARRAY_READERS = {"mnist": _read_mnist, "fashion-mnist": _read_mnist,
-                  "cifar10": _read_cifar, "cifar100": _read_cifar}
+#: the readers of the "arrays" datasets by the name their records give (``DatasetSpec.reader``)
+_ARRAY_READERS = {"idx": _read_idx_dataset, "cifar": _read_cifar}

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from .files import _loadmat
-from .registry import _LAYOUT, _SOURCE, TINYIMAGENET_MD5, TINYIMAGENET_URL, DatasetNotFoundError
+from .registry import DatasetNotFoundError, dataset_spec
 
 T = TypeVar("T")
 
@@ -26,35 +26,34 @@ def _with_download(reader: Callable[[str, Path, str], T], dataset: str, root: Pa
 
 
 def _download(dataset: str, root: Path) -> None:
-    """Fetch ``dataset`` into ``root`` as torchvision lays it out; offline: DatasetNotFoundError."""
-    if dataset not in _SOURCE:
+    """Fetch ``dataset`` into ``root`` as torchvision lays it out (by its record's torchvision
+    class, else the archive at its source); offline: DatasetNotFoundError."""
+    spec = dataset_spec(dataset)
+    if spec.source is None:
         raise DatasetNotFoundError(
             f"{dataset} cannot be downloaded: it is a folder of images you provide (Kaggle's Flowers "
             f"Recognition needs an account); check that {root} holds the images"
         )
-    if dataset == "flowers102":
+    if spec.reader == "flowers102":
         _loadmat()  # torchvision reads the .mat files with scipy too; say so before downloading
     from torchvision import datasets
     from torchvision.datasets import utils
 
     try:
         root.mkdir(parents=True, exist_ok=True)
-        if dataset in ("mnist", "fashion-mnist"):
-            cls = datasets.MNIST if dataset == "mnist" else datasets.FashionMNIST
+        if spec.torchvision is None:
+            utils.download_and_extract_archive(spec.source, str(root), md5=spec.md5)
+        elif spec.reader == "idx":  # the IDX classes fetch one split each
             for train in (True, False):
-                cls(str(root), train=train, download=True)
-        elif dataset in ("cifar10", "cifar100"):
-            (datasets.CIFAR10 if dataset == "cifar10" else datasets.CIFAR100)(str(root), download=True)
-        elif dataset == "flowers102":
-            datasets.Flowers102(str(root), download=True)
+                getattr(datasets, spec.torchvision)(str(root), train=train, download=True)
         else:
-            utils.download_and_extract_archive(TINYIMAGENET_URL, str(root), md5=TINYIMAGENET_MD5)
+            getattr(datasets, spec.torchvision)(str(root), download=True)
     except PermissionError as exc:
         raise DatasetNotFoundError(f"cannot download {dataset} into {root} ({exc}); pass a "
                                    f"--data-dir you can write to") from exc
     except (OSError, RuntimeError) as exc:  # URLError is an OSError; torchvision raises both
         reason = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise DatasetNotFoundError(
-            f"could not download {dataset} from {_SOURCE[dataset]} ({reason}); download it on a "
-            f"machine with internet into {root} ({_LAYOUT[dataset]}) and pass --data-dir {root}"
+            f"could not download {dataset} from {spec.source} ({reason}); download it on a "
+            f"machine with internet into {root} ({spec.layout}) and pass --data-dir {root}"
         ) from exc

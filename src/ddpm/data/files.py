@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from .pixels import _fit
-from .registry import _LAYOUT, IMAGE_SUFFIXES, DatasetNotFoundError
+from .registry import IMAGE_SUFFIXES, DatasetNotFoundError, dataset_spec
 
 # --- indexes --------------------------------------------------------------------------------------
 
@@ -69,7 +69,7 @@ def _index_folder(dataset: str, root: Path, *, labelled: bool, download: bool) -
         raise ValueError(
             f"{loose[0]} lies directly in {root}, but class labels come from first-level "
             f"subfolders (<root>/<class>/...): move it into its class folder"
-            + ("" if dataset == "flowers-folder" else ", or turn folder labels off")
+            + ("" if dataset_spec(dataset).class_folders else ", or turn folder labels off")
         )
     # Classes sorted by name, as torchvision's ImageFolder numbers them; folders without images
     # are not classes.
@@ -89,14 +89,21 @@ def _loadmat() -> Callable[..., dict[str, Any]]:
     return loadmat
 
 
+def _unpacked(dataset: str, root: Path) -> Path:
+    """The subfolder of ``root`` that ``dataset``'s archive unpacks to, when there; else ``root``."""
+    subfolder = dataset_spec(dataset).subfolder
+    return root / subfolder if subfolder and (root / subfolder).is_dir() else root
+
+
 def _index_flowers102(dataset: str, root: Path, split: str) -> _FileIndex:
-    base = root / "flowers-102" if (root / "flowers-102").is_dir() else root
+    base = _unpacked(dataset, root)
     labels_mat, setid_mat, jpg = base / "imagelabels.mat", base / "setid.mat", base / "jpg"
     for need in (labels_mat, setid_mat, jpg):
         if not need.exists():
             raise DatasetNotFoundError(
                 f"flowers102 not found: no {need}. To get it, pass --download (needs internet) "
-                f"to fetch it into --data-dir with torchvision, or put there {_LAYOUT['flowers102']}"
+                f"to fetch it into --data-dir with torchvision, or put there "
+                f"{dataset_spec(dataset).layout}"
             )
     loadmat = _loadmat()
     all_labels = np.asarray(loadmat(labels_mat)["labels"], np.int64).ravel() - 1  # 1-based
@@ -121,7 +128,7 @@ def _index_flowers102(dataset: str, root: Path, split: str) -> _FileIndex:
 
 
 def _index_tinyimagenet(dataset: str, root: Path, split: str) -> _FileIndex:
-    base = root / "tiny-imagenet-200" if (root / "tiny-imagenet-200").is_dir() else root
+    base = _unpacked(dataset, root)
     wnids_file, words_file = base / "wnids.txt", base / "words.txt"
     annotations = base / "val" / "val_annotations.txt"
     needed = [wnids_file] + ([base / "train"] if split != "test" else []) + \
@@ -130,7 +137,7 @@ def _index_tinyimagenet(dataset: str, root: Path, split: str) -> _FileIndex:
         if not need.exists():
             raise DatasetNotFoundError(
                 f"tinyimagenet not found: no {need}. To get it, pass --download (needs internet) "
-                f"to fetch it into --data-dir, or put there {_LAYOUT['tinyimagenet']}"
+                f"to fetch it into --data-dir, or put there {dataset_spec(dataset).layout}"
             )
     wnids = [line.strip() for line in wnids_file.read_text().splitlines() if line.strip()]
     lookup = {w: i for i, w in enumerate(wnids)}
@@ -169,6 +176,11 @@ def _index_tinyimagenet(dataset: str, root: Path, split: str) -> _FileIndex:
     meta = tuple(p for p in (wnids_file, words_file, annotations) if p.is_file())
     return _FileIndex(root, paths, np.array(labels, np.int64),
                       tuple(words.get(w, w) for w in wnids), meta=meta, dataset=dataset, split=split)
+
+
+#: the indexers of the "files" datasets by the name their records give (``DatasetSpec.reader``);
+#: reader "folder" is :func:`_index_folder`, which takes the labelling options
+_FILE_INDEXERS = {"flowers102": _index_flowers102, "tinyimagenet": _index_tinyimagenet}
 
 
 # --- decoding -------------------------------------------------------------------------------------

@@ -13,17 +13,9 @@ import torch
 from .arrays import _ARRAY_READERS
 from .cache import _decode_files, _drop_unreadable
 from .download import _with_download
-from .files import _FileIndex, _index_flowers102, _index_folder, _index_tinyimagenet
+from .files import _FILE_INDEXERS, _FileIndex, _index_folder
 from .pixels import _fit_array
-from .registry import (
-    FILE_DATASETS,
-    FOLDER_DATASETS,
-    _data_root,
-    check_options,
-    resolve,
-    size_and_channels,
-    stored_size,
-)
+from .registry import check_options, data_root, dataset_spec, size_and_channels, stored_size
 from .sources import ImageData, StreamingImages
 
 if TYPE_CHECKING:  # only for annotations: config.py may import this package, never the reverse
@@ -51,11 +43,13 @@ def load_dataset(
     Image files are decoded (in ``workers`` processes) once, then read from ``cache_dir``.
     """
     check_options(dataset, split, image_size, channels, crop)
-    root = _data_root(dataset, data_dir)
+    root = data_root(dataset, data_dir)
     image_size, channels = size_and_channels(dataset, image_size, channels)
     size = stored_size(image_size, crop)
-    if dataset not in FILE_DATASETS:
-        images, labels, classes = _with_download(_ARRAY_READERS[dataset], dataset, root, split, download)
+    spec = dataset_spec(dataset)
+    if spec.kind == "arrays":
+        read = _ARRAY_READERS[spec.reader]
+        images, labels, classes = _with_download(read, dataset, root, split, download)
         return ImageData(_fit_array(images, size, channels, crop), labels, dataset, classes)
     index = _index_files(dataset, root, split, download=download, folder_labels=folder_labels)
     return _decode_files(index, size=size, channels=channels, crop=crop, cache_dir=cache_dir,
@@ -66,32 +60,34 @@ def open_dataset(config: DataConfig, split: str | None = None, *,
                  progress: bool = False) -> ImageData | StreamingImages:
     """``config``'s split (or ``split``): in memory when its decoded images fit
     ``config.max_memory_gb``, else (image files only) streamed from disk by DataLoader workers."""
-    c = resolve(config if split is None else dataclasses.replace(config, split=split))
-    assert c.data_dir is not None and c.image_size is not None and c.channels is not None  # resolved
+    c = config if split is None else dataclasses.replace(config, split=split)
+    check_options(c.dataset, c.split, c.image_size, c.channels, c.crop)
+    root = data_root(c.dataset, c.data_dir)
+    image_size, channels = size_and_channels(c.dataset, c.image_size, c.channels)
     options: dict[str, Any] = dict(
-        image_size=c.image_size, channels=c.channels, crop=c.crop, download=c.download,
+        image_size=image_size, channels=channels, crop=c.crop, download=c.download,
         folder_labels=c.folder_labels, cache_dir=c.cache_dir, strict=c.strict, progress=progress,
         workers=c.workers)
-    if c.dataset not in FILE_DATASETS:  # arrays in a few files: always in memory
-        return load_dataset(c.dataset, c.data_dir, c.split, **options)
-    size = stored_size(c.image_size, c.crop)
-    index = _index_files(c.dataset, Path(c.data_dir), c.split, download=c.download,
+    if dataset_spec(c.dataset).kind == "arrays":  # arrays in a few files: always in memory
+        return load_dataset(c.dataset, root, c.split, **options)
+    size = stored_size(image_size, c.crop)
+    index = _index_files(c.dataset, root, c.split, download=c.download,
                          folder_labels=c.folder_labels)
-    if len(index.paths) * c.channels * size * size <= c.max_memory_gb * 1e9:
-        return _decode_files(index, size=size, channels=c.channels, crop=c.crop,
+    if len(index.paths) * channels * size * size <= c.max_memory_gb * 1e9:
+        return _decode_files(index, size=size, channels=channels, crop=c.crop,
                              cache_dir=c.cache_dir, strict=c.strict, progress=progress,
                              workers=c.workers)
     index = _drop_unreadable(index, strict=c.strict, progress=progress)
     return StreamingImages(index.paths, torch.from_numpy(index.labels), name=c.dataset,
-                           classes=index.classes, size=size, channels=c.channels, crop=c.crop,
+                           classes=index.classes, size=size, channels=channels, crop=c.crop,
                            strict=c.strict)
 
 
 def _index_files(dataset: str, root: Path, split: str, *, download: bool,
                  folder_labels: bool) -> _FileIndex:
     root = root.expanduser().resolve()
-    if dataset in FOLDER_DATASETS:
-        return _index_folder(dataset, root, labelled=folder_labels or dataset == "flowers-folder",
+    spec = dataset_spec(dataset)
+    if spec.folder:
+        return _index_folder(dataset, root, labelled=folder_labels or spec.class_folders,
                              download=download)
-    reader = {"flowers102": _index_flowers102, "tinyimagenet": _index_tinyimagenet}[dataset]
-    return _with_download(reader, dataset, root, split, download)
+    return _with_download(_FILE_INDEXERS[spec.reader], dataset, root, split, download)

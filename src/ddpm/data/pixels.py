@@ -1,5 +1,5 @@
 """Pixel arithmetic shared by every source: the [0, 255] <-> [-1, 1] value ranges, fitting images
-to the stored size and channels, and random crops."""
+to the stored size and channels, random crops and random flips."""
 
 from __future__ import annotations
 
@@ -68,3 +68,10 @@ def random_crop(images: torch.Tensor, size: int, generator: torch.Generator) -> 
     cols = dx[:, None] + torch.arange(size, device=device)
     images = images.gather(2, rows[:, None, :, None].expand(b, c, size, w))  # [B, C, size, W]
     return images.gather(3, cols[:, None, None, :].expand(b, c, size, size))  # [B, C, size, size]
+
+
+def random_hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each image of ``x`` ``[B, C, H, W]`` mirrored left to right with probability 1/2: one
+    uniform draw per image from ``generator``, on its device (where the images are)."""
+    flip = torch.rand(x.shape[0], generator=generator, device=generator.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)  # [B] -> [B, 1, 1, 1]

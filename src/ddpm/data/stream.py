@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .pixels import random_crop, to_model_range
+from .pixels import random_crop, random_hflip, to_model_range
 from .sources import ImageData, StreamingImages
 
 
@@ -103,8 +103,7 @@ class BatchStream:
             images = random_crop(images, self.crop_size, self.generator)
         x = to_model_range(images)
         if self.hflip:
-            flip = torch.rand(x.shape[0], generator=self.generator, device=self.device) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)  # [B] -> [B, 1, 1, 1]
+            x = random_hflip(x, self.generator)
         if self.pin_memory:
             x, labels = x.pin_memory(), labels.pin_memory()
         return x, labels

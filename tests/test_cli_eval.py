@@ -1,4 +1,5 @@
-"""``ddpm eval`` and FID tracked while training, end to end through the command line."""
+"""`ddpm eval` end to end through the command line: FID tracked while training, FID and KID of a
+run or of images from elsewhere, bits per dimension (--nll), and its bad input."""
 
 from __future__ import annotations
 
@@ -142,3 +143,35 @@ def test_eval_bad_input_is_one_line_exit_2(fid_run, tmp_path, args, message):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert message in lines[0]
+
+
+# --- ddpm eval --nll: bits per dimension (conftest's learned_run) ---------------------------------
+
+
+def test_eval_nll_reports_bits_per_dim_for_fixed_and_learned_variances(learned_run, world):
+    from conftest import ddpm_in_process as cli
+    results = {}
+    for name, run, extra in (("learned", learned_run, []), ("posterior", world / "run", []),
+                             ("beta", world / "run", ["--variance", "beta"])):
+        r = cli("eval", run, "--nll", "--n", "8", "--nll-timesteps", "4", "--json", "--no-progress", *extra)
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert out["n"] == 8 and out["split"] == "test" and out["variance"] == name
+        assert out["bits_per_dim"] > 0 and out["bits_per_dim_se"] > 0 and out["timesteps"] == 4
+        results[name] = out["bits_per_dim"]
+    assert results["posterior"] != results["beta"]
+    r = cli("eval", world / "run", "--nll", "--n", "4", "--nll-timesteps", "all", "--no-progress")
+    assert r.returncode == 0 and "bits/dim" in r.stdout and "all terms" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nll-timesteps", "0"], "--nll-timesteps"),
+    (["--nll-timesteps", "5000"], "middle terms"),
+    (["--sampler", "ddim"], "only apply to FID"),
+    (["--n", "100000"], "holds"),
+])
+def test_bad_nll_requests_are_one_line_errors(world, args, message):
+    from conftest import ddpm_in_process as cli
+    r = cli("eval", world / "run", "--nll", *args)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

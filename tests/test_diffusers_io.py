@@ -1,4 +1,4 @@
-"""ddpm <-> diffusers: 'ddpm export --format diffusers' and diffusers folders as input.
+"""diffusers_io/: 'ddpm export --format diffusers' and diffusers folders as input.
 
 The exported UNet2DModel must compute our network's function and the exported scheduler our
 schedule (checked through diffusers' own classes), a diffusers model must sample under ddpm as
@@ -13,13 +13,14 @@ import os
 import pickle
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import assert_refused, ddpm_in_process, snapshot
 from conftest import ddpm_in_process as cli
-from conftest import snapshot
 
 diffusers = pytest.importorskip("diffusers")  # in the [test] extra: installed wherever CI runs
 
@@ -28,7 +29,8 @@ from ddpm.checkpoint import load_checkpoint  # noqa: E402
 from ddpm.config import RunConfig, build_schedule  # noqa: E402
 from ddpm.models import UNet  # noqa: E402
 from ddpm.pipeline import load_pipeline  # noqa: E402
-from ddpm.samplers import clip_x0, ddim_sample, initial_noise, make_timesteps  # noqa: E402
+from ddpm.samplers import clip_x0, ddim_sample, initial_noise  # noqa: E402
+from ddpm.timesteps import make_timesteps  # noqa: E402
 
 
 def tiny_checkpoint(root, fake_fashion, name, *, model=None, diffusion=None, sample=None):
@@ -656,3 +658,95 @@ def test_export_refuses_a_diffusers_folder_and_diverged_weights(pipeline_folder,
         assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
         assert snapshot(tmp_path) == before and not (tmp_path / "out").exists()
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+# --- export never over the model it exports, nor over a folder of other files ---------------------
+
+
+@pytest.mark.parametrize("source, out, message", [
+    ("{run}", "{run}", "OUT_DIR {run} is the run being exported"),
+    ("{run}", "{run}/checkpoints", "OUT_DIR {run}/checkpoints lies inside the run being exported"),
+    ("{run}", "{tmp}", "OUT_DIR {tmp} holds the run being exported"),
+    ("{run}/checkpoints/ckpt-00000002.pt", "{run}", "is the run being exported"),
+    ("{run}/checkpoints/ckpt-00000002.pt", "{run}/checkpoints", "lies inside the run"),
+    ("{link}", "{run}", "is the run being exported"),
+    ("{run}", "{link}", "OUT_DIR {link} is the run being exported"),
+    ("{tmp}/lone.pt", "{tmp}", "holds the checkpoint being exported"),
+    ("{run}", "{tmp}/afile/sub", "cannot write {tmp}/afile/sub: {tmp}/afile is a file"),
+    ("{run}", "", "OUT_DIR is empty"),
+], ids=["run", "its checkpoints", "its parent", "checkpoint to its run", "checkpoint to its folder",
+        "link to run", "run to link", "lone checkpoint to its folder", "under a file", "empty"])
+def test_export_never_writes_over_the_model_it_exports(run_copy, tmp_path, source, out, message):
+    pytest.importorskip("diffusers")
+    (tmp_path / "link").symlink_to(run_copy, target_is_directory=True)
+    shutil.copy(run_copy / "checkpoints/ckpt-00000002.pt", tmp_path / "lone.pt")
+    (tmp_path / "afile").write_text("a file, not a folder")
+    fill = {"run": run_copy, "tmp": tmp_path, "link": tmp_path / "link"}
+    before = snapshot(tmp_path)
+    r = ddpm_in_process("export", source.format(**fill), out.format(**fill), "--format",
+                        "diffusers", "--force")
+    assert_refused(r, message.format(**fill))
+    assert snapshot(tmp_path) == before and (tmp_path / "link").is_symlink()
+
+
+def test_export_inside_the_run_is_refused_without_force_too(run_copy):
+    pytest.importorskip("diffusers")
+    r = ddpm_in_process("export", run_copy, run_copy / "hf", "--format", "diffusers")
+    assert_refused(r, f"OUT_DIR {run_copy / 'hf'} lies inside the run being exported")
+    assert not (run_copy / "hf").exists()
+
+
+def paths(root: Path) -> list[str]:
+    """Every file and folder under ``root``, hidden ones too: what a refusal must leave as it was."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("force", [True, False], ids=["force", "no force"])
+@pytest.mark.parametrize("files, message", [
+    (["notes.txt", "photos/cat.png", "todo"],
+     "holds 3 files that are not part of a diffusers export ('notes.txt', 'photos/', 'todo'); "
+     "--force replaces only an empty folder or a previous export: remove them yourself, or "
+     "choose a new folder"),
+    ([f"f{i}" for i in range(5)], "holds 5 files that are not part of a diffusers export "
+                                  "('f0', 'f1', 'f2', ...)"),
+    (["model_index.json", "unet/config.json", "notes.txt"],
+     "holds 1 file that is not part of a diffusers export ('notes.txt'); --force replaces only "
+     "an empty folder or a previous export: remove it yourself"),
+    (["model_index.json", "scheduler/notes.txt"],
+     "holds 1 file that is not part of a diffusers export ('scheduler/notes.txt')"),
+    (["unet/config.json", "ddpm.json"],  # without model_index.json it is no export
+     "holds 2 files that are not part of a diffusers export ('ddpm.json', 'unet/config.json')"),
+    (["model_index.json/notes.txt"],
+     "holds 1 file that is not part of a diffusers export ('model_index.json/')"),
+], ids=["home", "many", "export and a note", "a note in scheduler/", "no model_index.json",
+        "model_index.json a folder"])
+def test_export_never_replaces_a_folder_holding_other_files(world, tmp_path, files, message,
+                                                            force):
+    pytest.importorskip("diffusers")
+    out = tmp_path / "home"
+    for name in files:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(f"the user's {name}")
+    before = snapshot(tmp_path), paths(tmp_path)
+    r = ddpm_in_process("export", world / "run", out, "--format", "diffusers",
+                        *["--force"] * force)
+    assert_refused(r, f"OUT_DIR {out} exists and {message}")
+    assert (snapshot(tmp_path), paths(tmp_path)) == before
+
+
+def test_export_force_replaces_an_empty_folder_or_an_export_whole_or_not_at_all(
+        world, tmp_path, monkeypatch):
+    pytest.importorskip("diffusers")
+    out = tmp_path / "hf"
+    out.mkdir()
+    export = ["export", world / "run", out, "--format", "diffusers", "--force"]
+    assert ddpm_in_process(*export).returncode == 0
+    before = snapshot(tmp_path), paths(tmp_path)
+    with monkeypatch.context() as patch:  # an export that fails its check replaces nothing
+        patch.setattr("ddpm.diffusers_io.export._max_output_difference", lambda *args: 1.0)
+        assert_refused(ddpm_in_process(*export), "differs from the model by up to 1.00e+00")
+    assert (snapshot(tmp_path), paths(tmp_path)) == before
+    export[1] = world / "crun"
+    assert ddpm_in_process(*export).returncode == 0
+    assert json.loads((out / "ddpm.json").read_text())["config"]["model"]["num_classes"] == 10
+    assert paths(tmp_path) == before[1]  # the same files, nothing left beside them
