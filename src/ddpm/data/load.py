@@ -42,9 +42,7 @@ def load_dataset(
 
     Image files are decoded (in ``workers`` processes) once, then read from ``cache_dir``.
     """
-    check_options(dataset, split, image_size, channels, crop)
-    root = data_root(dataset, data_dir)
-    image_size, channels = size_and_channels(dataset, image_size, channels)
+    root, image_size, channels = _located(dataset, split, data_dir, image_size, channels, crop)
     size = stored_size(image_size, crop)
     spec = dataset_spec(dataset)
     if spec.kind == "arrays":
@@ -61,9 +59,8 @@ def open_dataset(config: DataConfig, split: str | None = None, *,
     """``config``'s split (or ``split``): in memory when its decoded images fit
     ``config.max_memory_gb``, else (image files only) streamed from disk by DataLoader workers."""
     c = config if split is None else dataclasses.replace(config, split=split)
-    check_options(c.dataset, c.split, c.image_size, c.channels, c.crop)
-    root = data_root(c.dataset, c.data_dir)
-    image_size, channels = size_and_channels(c.dataset, c.image_size, c.channels)
+    root, image_size, channels = _located(c.dataset, c.split, c.data_dir, c.image_size,
+                                          c.channels, c.crop)
     options: dict[str, Any] = dict(
         image_size=image_size, channels=channels, crop=c.crop, download=c.download,
         folder_labels=c.folder_labels, cache_dir=c.cache_dir, strict=c.strict, progress=progress,
@@ -81,6 +78,14 @@ def open_dataset(config: DataConfig, split: str | None = None, *,
     return StreamingImages(index.paths, torch.from_numpy(index.labels), name=c.dataset,
                            classes=index.classes, size=size, channels=channels, crop=c.crop,
                            strict=c.strict)
+
+
+def _located(dataset: str, split: str, data_dir: str | os.PathLike | None, image_size: int | None,
+             channels: int | None, crop: str) -> tuple[Path, int, int]:
+    """(folder, image size, channels) of a split's options, checked, each None filled in with
+    the dataset's own (``registry``); ValueError naming a bad option."""
+    check_options(dataset, split, image_size, channels, crop)
+    return (data_root(dataset, data_dir), *size_and_channels(dataset, image_size, channels))
 
 
 def _index_files(dataset: str, root: Path, split: str, *, download: bool,
