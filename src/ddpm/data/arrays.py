@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from .files import _unpacked
 from .registry import DatasetNotFoundError, dataset_spec
 
 # --- IDX: MNIST and Fashion-MNIST -----------------------------------------------------------------
@@ -153,14 +154,14 @@ def _entry(d: dict[str, object], key: str, path: Path) -> Any:  # whatever the p
 def _read_cifar(dataset: str, root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor, tuple]:
     spec = dataset_spec(dataset)
     assert spec.batches is not None and spec.subfolder is not None, f"{dataset} is not a CIFAR"
-    folder, batches, meta = spec.subfolder, spec.batches, spec.batches.meta
-    base = root / folder if (root / folder).is_dir() else root
+    batches, meta = spec.batches, spec.batches.meta
+    base = _unpacked(dataset, root)
     files = {"train": batches.train, "test": batches.test,
              "all": batches.train + batches.test}[split]
     for name in (*files, meta):
         if not (base / name).is_file():
             raise DatasetNotFoundError(
-                f"{dataset} not found: no {folder}/{name} in {root}. To get it, pass --download "
+                f"{dataset} not found: no {spec.subfolder}/{name} in {root}. To get it, pass --download "
                 f"(needs internet) to fetch it into --data-dir with torchvision, or unpack "
                 f"{spec.source} there"
             )
