@@ -13,6 +13,7 @@ output depends on nothing but the code, so it is the same on every machine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,11 @@ OUT = ROOT / "docs" / "reference" / "options.md"
 sys.path.insert(0, str(ROOT / "src"))
 
 # ruff: noqa: E402 (ddpm is imported from the tree above, after the path is set)
+from ddpm.autoencoder import SECTIONS as AUTOENCODER_SECTIONS
+from ddpm.autoencoder import TRAIN_SETTINGS, AutoencoderRunConfig
 from ddpm.cli import build_parser
 from ddpm.cli.options import SECTION_TITLES, describe
-from ddpm.config import SECTIONS
+from ddpm.config import SECTIONS, TrainConfig
 from ddpm.presets import DEFAULT_PRESET, get_preset
 from ddpm.settings import Setting, field_types, item_type, settings_of, tuple_length, unwrap_optional
 
@@ -53,6 +56,16 @@ for the samplers.
 """
 
 
+AUTOENCODER_COMMAND = "train-autoencoder"
+AUTOENCODER_OWN = ("model", "loss")  # the autoencoder's sections that are not a diffusion run's
+AUTOENCODER_HEADER = """\
+# The autoencoder of latent diffusion
+
+`ddpm train-autoencoder` trains the autoencoder whose latents a diffusion model learns (see
+[Latent diffusion](../latent.md)). Its network and loss have settings of their own:
+"""
+
+
 def commands_by_setting() -> dict[str, list[str]]:
     """``{"section.field": ["train", "bench", ...]}``: the commands whose parser has the option."""
     found: dict[str, list[str]] = {}
@@ -62,8 +75,13 @@ def commands_by_setting() -> dict[str, list[str]]:
             if isinstance(action, argparse._SubParsersAction):
                 for sub_name, sub in action.choices.items():
                     walk(sub, f"{name} {sub_name}".strip())
-            elif "." in action.dest and action.dest.split(".", 1)[0] in SECTIONS:
-                found.setdefault(action.dest, []).append(name)
+            elif "." in action.dest:
+                section = action.dest.split(".", 1)[0]
+                # the autoencoder's own sections share their names, not their settings, with
+                # the U-Net's (its data and training settings are the same settings)
+                own = name == AUTOENCODER_COMMAND and section in AUTOENCODER_OWN
+                if own or section in SECTIONS:
+                    found.setdefault(("autoencoder." if own else "") + action.dest, []).append(name)
 
     walk(build_parser(), "")
     return found
@@ -112,14 +130,16 @@ def cell(text: str) -> str:
     return " ".join(text.split())
 
 
-def section_table(section: str, preset: dict[str, dict[str, Any]], commands: dict[str, list[str]]) -> str:
-    cls = SECTIONS[section]
-    title = SECTION_TITLES[section]
+def section_table(section: str, preset: dict[str, dict[str, Any]], commands: dict[str, list[str]],
+                  *, cls: type | None = None, title: str | None = None,
+                  column: str = DEFAULT_PRESET, prefix: str = "") -> str:
+    cls = cls or SECTIONS[section]
+    title = title or SECTION_TITLES[section]
     rows = [f"## {title[0].upper() + title[1:]}: `{section}`", "",
-            f"| setting | option | type | {DEFAULT_PRESET} | help | commands |",
+            f"| setting | option | type | {column} | help | commands |",
             "|---|---|---|---|---|---|"]
     for f, decl in settings_of(cls):
-        key = f"{section}.{f.name}"
+        key = f"{prefix}{section}.{f.name}"
         help_text = cell(decl.help)
         if decl.resume:
             help_text += " (`--resume` may change it)"
@@ -134,6 +154,17 @@ def render() -> str:
     preset = get_preset(DEFAULT_PRESET).to_dict()
     commands = commands_by_setting()
     parts = [HEADER] + [section_table(section, preset, commands) for section in SECTIONS]
+    defaults = AutoencoderRunConfig().to_dict()
+    parts += [AUTOENCODER_HEADER] + [
+        section_table(section, defaults, commands, cls=AUTOENCODER_SECTIONS[section],
+                      title=f"the autoencoder's {section}", column="default", prefix="autoencoder.")
+        for section in AUTOENCODER_OWN]
+    diffusion_train = dataclasses.asdict(TrainConfig())
+    trained = ", ".join(f"`{name}` {value_text(defaults['train'][name])}" for name in TRAIN_SETTINGS
+                        if defaults["train"][name] != diffusion_train[name])
+    parts.append(f"Its data settings are the data section above, and its training settings the "
+                 f"training settings above that it names in `--help` ({len(TRAIN_SETTINGS)} of "
+                 f"them), with these defaults of its own: {trained}.\n")
     return "\n".join(parts)
 
 

@@ -29,11 +29,13 @@ def toy_model(weights=WEIGHTS, means=MEANS, stds=STDS):
     unconditional = mixture_denoiser(SCHEDULE, weights, means, stds)
 
     def model(x_t, t, y):
-        out = unconditional(x_t, t)
-        for k, denoiser in enumerate(classes):
+        out = torch.empty_like(x_t)
+        for k, denoiser in enumerate([*classes, unconditional]):
             rows = y == k
             if rows.any():
                 out[rows] = denoiser(x_t[rows], t[rows])
+        if not bool((y <= len(classes)).all()):
+            raise ValueError(f"labels run 0..{len(classes)}, got {y.max().item()}")
         return out
 
     return model

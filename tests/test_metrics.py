@@ -183,13 +183,14 @@ def test_inception_plumbing_with_random_weights_ranks_real_over_blur_and_noise(t
     # A plumbing test: the real Inception weights are a 91 MB download, so this runs the same
     # code path (weights file -> torch-fidelity's network -> grey-to-RGB -> 299 px -> 2048
     # features) with random weights. It checks the wiring, not FID values. Random features
-    # weigh intensity statistics rather than structure: uniform noise (FID ~23 here) lands
-    # between light (~22) and heavy blur (~55), so noise is only required to be worse than real.
+    # weigh intensity statistics rather than structure: uniform noise (FID ~4.9 here) lands
+    # between light (~2.5) and heavy blur (~6.8), so noise is only required to be worse than real
+    # (~0.24). 32 reference and 16 candidate images keep those gaps tenfold or more.
     weights = _random_inception_weights(tmp_path / "random-inception.pth", monkeypatch)
     extractor = inception_extractor(weights)
     assert extractor.dim == 2048
     test, train = _real_fashion()
-    fids, kids = _scores(extractor, test[:64], train[:32])
+    fids, kids = _scores(extractor, test[:32], train[:16])
     for scores in (fids, kids):
         assert _in_order(scores, ["real", "light blur", "heavy blur"]), scores
         assert _in_order(scores, ["real", "noise"]), scores
@@ -294,10 +295,10 @@ def test_a_cache_folder_that_is_a_file_is_said_first_and_the_scores_are_kept(wor
     assert blocker.read_text() == "not a folder"
 
 
-def test_images_unlike_the_dataset_are_scored_with_a_warning(tmp_path):
+def test_images_unlike_the_dataset_are_scored_with_a_warning(tmp_path, fake_fashion):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "rgb.npz", arr_0=rng.integers(0, 256, (128, 40, 40, 3), dtype=np.uint8))
     r = ddpm_in_process("eval", "--images", tmp_path / "rgb.npz", "--dataset", "fashion-mnist",
-                        "--json", "--no-progress")
+                        "--data-dir", fake_fashion, "--json", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert "warning: the images are 3x40x40 but the fashion-mnist train images are 1x28x28" in r.stderr

@@ -27,6 +27,7 @@ from PIL import Image
 
 from ddpm.pipeline import load_pipeline
 from ddpm.serve import Limits, WebServer
+from ddpm.serve.engine import GIF_FRAMES
 from ddpm.viz import read_animation
 
 from conftest import ddpm_in_process as cli
@@ -673,16 +674,17 @@ def rss_bytes(pid: int) -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
 def test_load_on_the_real_command_and_its_memory(run):
-    """'ddpm serve' itself: 8 concurrent requests of the most it allows (64 images, T steps)
-    after one to warm it up; its resident memory may grow by what it keeps for download
-    (Limits.keep_bytes, 64 MiB) and 64 MiB more (allocator pools and the threads' arenas)."""
+    """'ddpm serve' itself: 8 concurrent requests of the most it holds (64 images, with every one
+    of the GIF's frames a state: GIF_FRAMES - 1 steps keep as many as T steps) after one to warm
+    it up; its resident memory may grow by what it keeps for download (Limits.keep_bytes,
+    64 MiB) and 64 MiB more (allocator pools and the threads' arenas)."""
     proc = subprocess.Popen([sys.executable, "-m", "ddpm", "serve", str(run), "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
         url = re.search(r"at (http://\S+)", line).group(1)
         c = Client(url, timeout=300)
-        big = {"n": 64, "steps": 100, "x0": True}
+        big = {"n": 64, "steps": GIF_FRAMES - 1, "x0": True}
         assert c.generate(big)[1][-1][0] == "done"
         before = rss_bytes(proc.pid)
         with ThreadPoolExecutor(max_workers=8) as pool:

@@ -42,14 +42,14 @@ def test_tiny_model_overfits_one_batch():
     x_t = q_sample(schedule, x0, t, eps)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(300):
+    for _ in range(80):
         loss = ((model(x_t, t) - eps) ** 2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     assert losses[0] > 0.9  # the zero-initialised output predicts 0: loss = E[eps^2] ~ 1
-    assert losses[-1] < losses[0] / 20
+    assert losses[-1] < losses[0] / 100  # about 1/500 after 80 steps when the model works
 
 
 def test_ema_follows_the_closed_form():

@@ -269,7 +269,12 @@ def load_run_or_file(
 
 
 def checkpoint_config(state: dict[str, Any], path: str | os.PathLike) -> RunConfig:
-    """The RunConfig saved in a checkpoint, or a CheckpointError saying it is from elsewhere."""
+    """The RunConfig saved in a checkpoint, or a CheckpointError saying it is from elsewhere
+    (an autoencoder run's, which no diffusion command takes)."""
+    if state.get("kind") == "autoencoder":
+        raise CheckpointError(
+            f"{run_of(path)} is an autoencoder run ('ddpm train-autoencoder'), not a diffusion "
+            f"model; resume it with 'ddpm train-autoencoder --resume'")
     try:
         return RunConfig.from_dict(state["config"])
     except (TypeError, ValueError) as exc:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .data import registry
 from .diffusion import (
@@ -29,7 +29,17 @@ from .diffusion import (
 from .models import UNetConfig
 from .samplers import SAMPLERS
 from .schedules import SCHEDULES, NoiseSchedule, make_schedule
-from .settings import SEED_MAX, SettingError, check_fields, coerce, cut, names, setting, settings_of, shown
+from .settings import (
+    SEED_MAX,
+    SettingError,
+    check_fields,
+    checked_values,
+    cut,
+    names,
+    setting,
+    settings_of,
+    shown,
+)
 from .timesteps import SPACINGS
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -368,6 +378,14 @@ class RunConfig:
                 f"of {num_processes}")
 
 
+class TrainedConfig(Protocol):
+    """A diffusion or an autoencoder run's config, as the learning rate and the loggers read it."""
+
+    @property
+    def train(self) -> TrainConfig: ...
+    def to_dict(self) -> dict[str, Any]: ...
+
+
 def build_schedule(config: RunConfig) -> NoiseSchedule:
     """The frozen noise schedule the run's diffusion settings describe."""
     d = config.diffusion
@@ -391,7 +409,8 @@ def with_overrides(base: RunConfig, overrides: dict[str, dict[str, Any]], *,
     if unknown:
         raise ValueError(f"unknown config section(s) {cut(', '.join(map(shown, unknown)), 80)}; "
                          f"the sections are {names(SECTIONS)}")
-    checked = {name: _checked(name, overrides.get(name, {})) for name in SECTIONS}
+    checked = {name: checked_values(name, cls, overrides.get(name, {}))
+               for name, cls in SECTIONS.items()}
     replace = dataclasses.replace
     data = replace(base.data, **checked["data"])
     model = base.model
@@ -419,21 +438,6 @@ def with_overrides(base: RunConfig, overrides: dict[str, dict[str, Any]], *,
     train = replace(train, **train_values)
     sample = replace(sample, **checked["sample"])
     return RunConfig(model=model, diffusion=diffusion, data=data, train=train, sample=sample)
-
-
-def _checked(section: str, values: dict[str, Any]) -> dict[str, Any]:
-    """``values`` for the section's fields, with unknown names and wrong types refused."""
-    if not isinstance(values, dict):  # null or [] too: a section that sets nothing is {}
-        got = "null" if values is None else shown(values)
-        raise ValueError(f"config section {section!r} must be an object of settings such as "
-                         f"{{\"{dataclasses.fields(SECTIONS[section])[0].name}\": ...}}, got {got}")
-    cls = SECTIONS[section]
-    known = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in values if k not in known]
-    if unknown:
-        raise ValueError(f"unknown setting {section}.{cut(str(unknown[0]))}; the {section} "
-                         f"settings are {names(known)}")
-    return {k: coerce(cls, k, v, key=f"{section}.{k}") for k, v in values.items()}
 
 
 def resolve_data(data: DataConfig) -> DataConfig:

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import SaveError, TrainState, atomic_write_bytes, save_best_checkpoint, save_checkpoint
-from .config import RunConfig, differences
+from .config import RunConfig, TrainedConfig, differences
 from .data import to_uint8
 from .metrics import Evaluator, data_options
 from .pipeline import Pipeline
@@ -117,7 +117,7 @@ class SideOutputs:
 class Loggers:
     """The metrics JSONL file, TensorBoard, and Weights & Biases when asked for."""
 
-    def __init__(self, run_dir: Path, config: RunConfig, resume_step: int | None,
+    def __init__(self, run_dir: Path, config: TrainedConfig, resume_step: int | None,
                  outputs: SideOutputs):
         self.path, self.outputs = run_dir / METRICS_FILE, outputs
         if resume_step is not None and self.path.exists():

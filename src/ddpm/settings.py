@@ -186,6 +186,22 @@ def check_fields(config: Any, prefix: str = "") -> None:
                 raise ValueError(f"{name} must be {what}, got {shown(v)}")
 
 
+def checked_values(section: str, cls: type, values: Any) -> dict[str, Any]:
+    """``values`` (``{field: value}`` of a config file or the command line) for the fields of
+    the config section ``cls``, named ``section`` in messages: unknown names and wrong types are
+    a ValueError naming them."""
+    if not isinstance(values, dict):  # null or [] too: a section that sets nothing is {}
+        got = "null" if values is None else shown(values)
+        raise ValueError(f"config section {section!r} must be an object of settings such as "
+                         f"{{\"{dataclasses.fields(cls)[0].name}\": ...}}, got {got}")
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in values if k not in known]
+    if unknown:
+        raise ValueError(f"unknown setting {section}.{cut(str(unknown[0]))}; the {section} "
+                         f"settings are {names(known)}")
+    return {k: coerce(cls, k, v, key=f"{section}.{k}") for k, v in values.items()}
+
+
 def settings_of(cls: type) -> list[tuple[dataclasses.Field, Setting]]:
     """The declared settings of the dataclass ``cls``, in field order."""
     return [(f, d) for f in dataclasses.fields(cls) if (d := declaration(f)) is not None]

@@ -20,7 +20,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from .config import RunConfig
+from .config import RunConfig, TrainedConfig
 from .diffusion import draw_t_eps, precondition, timestep_probs, training_loss
 from .runtime import autocast
 from .schedules import NoiseSchedule
@@ -77,7 +77,7 @@ class EMA:
         self._updates.fill_(int(state["num_updates"]))
 
 
-def learning_rate(config: RunConfig, step: int, time_fraction: float | None = None) -> float:
+def learning_rate(config: TrainedConfig, step: int, time_fraction: float | None = None) -> float:
     """Linear warm-up over ``warmup_steps``, then constant (Ho et al. 2020), or a decay to zero
     that helps short runs end sharper: cosine (Loshchilov & Hutter 2017) or linear (Defazio et
     al. 2023 found it at least as good at a fixed budget). The decay runs over ``steps``, or,

@@ -1,6 +1,7 @@
 """The ``ddpm`` command line: the only place that parses strings.
 
-``main`` builds the parser from one module per command family (``train``; ``sample`` and
+``main`` builds the parser from one module per command family (``train``;
+``train-autoencoder``; ``sample`` and
 ``eval``; ``viz``; the ``tools`` bench, presets, train-classifier, posthoc-ema and export;
 ``serve``), runs the command, and turns user mistakes into one line and exit code 2 instead of
 a traceback. The options of every setting
@@ -22,7 +23,7 @@ from ..checkpoint import CheckpointError, SaveError
 from ..classifier import WeightsNotFoundError
 from ..data import DatasetNotFoundError
 from ..settings import SettingError
-from . import sample, serve, tools, train, viz
+from . import autoencoder, sample, serve, tools, train, viz
 from .options import EXIT_USAGE, Parser, UsageError, setting_flags
 
 EXIT_BROKEN_PIPE = 141  # a shell's exit code for a program ended by SIGPIPE
@@ -38,6 +39,7 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
     train.add_parser(sub)
+    autoencoder.add_parser(sub)
     sample.add_sample_parser(sub)
     sample.add_eval_parser(sub)
     tools.add_train_classifier_parser(sub)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..autoencoder import SECTIONS as AUTOENCODER_SECTIONS
 from ..checkpoint import best_checkpoint_path, list_checkpoints, run_of, unwritable
 from ..config import PRECISIONS, SECTIONS
 from ..posthoc import list_snapshots
@@ -165,26 +166,31 @@ def whole_list(text: str) -> tuple[int, ...]:
 
 
 def setting_flags() -> dict[str, str]:
-    """``{"section.field": flag}`` for every declared setting with a flag."""
-    return {f"{section}.{f.name}": d.flag for section, cls in SECTIONS.items()
+    """``{"section.field": flag}`` for every declared setting with a flag, of a diffusion run and
+    of an autoencoder run (a key both have, such as model.base_channels, has one flag)."""
+    return {f"{section}.{f.name}": d.flag
+            for sections in (AUTOENCODER_SECTIONS, SECTIONS) for section, cls in sections.items()
             for f, d in settings_of(cls) if d.flag}
 
 
 def add_settings(parser: argparse.ArgumentParser, section: str, *,
                  only: Iterable[str] | None = None,
                  default_note: Callable[[str, Any], str | None] = lambda key, value: None,
-                 groups: dict[str, argparse._ArgumentGroup] | None = None) -> None:
+                 groups: dict[str, argparse._ArgumentGroup] | None = None,
+                 sections: dict[str, type] = SECTIONS,
+                 titles: dict[str, str] = SECTION_TITLES) -> None:
     """An option for each declared setting of ``section`` (or of its fields named in ``only``)
-    that has a flag. ``default_note(key, default)`` says what applies when it is not given
-    (e.g. the preset's value); ``groups`` collects the help sections across calls."""
-    cls = SECTIONS[section]
+    that has a flag; ``sections`` and their help ``titles`` are a diffusion run's by default.
+    ``default_note(key, default)`` says what applies when it is not given (e.g. the preset's
+    value); ``groups`` collects the help sections across calls."""
+    cls = sections[section]
     wanted = set(only) if only is not None else None
     groups = groups if groups is not None else {}
     exclusive: dict[str, argparse._MutuallyExclusiveGroup] = {}
     for f, decl in settings_of(cls):
         if decl.flag is None or (wanted is not None and f.name not in wanted):
             continue
-        title = decl.group or SECTION_TITLES[section]
+        title = decl.group or titles[section]
         if title not in groups:
             groups[title] = parser.add_argument_group(title)
         target = groups[title]

@@ -133,25 +133,28 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-Conv twice, the time embedding added in between, and a skip connection."""
+    """GroupNorm-SiLU-Conv twice, the time embedding added in between, and a skip connection.
+    With ``time_dim`` None it takes no time embedding (the autoencoder's blocks)."""
 
-    def __init__(self, in_ch: int, out_ch: int, time_dim: int, dropout: float, groups: int,
+    def __init__(self, in_ch: int, out_ch: int, time_dim: int | None, dropout: float, groups: int,
                  time_silu: bool = True):
         super().__init__()
         self.time_silu = time_silu
         self.norm1 = _group_norm(in_ch, groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.time_proj = nn.Linear(time_dim, out_ch)
+        self.time_proj = nn.Linear(time_dim, out_ch) if time_dim is not None else None
         self.norm2 = _group_norm(out_ch, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         _zero_init(self.conv2)  # each block starts as the identity
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        temb = F.silu(temb) if self.time_silu else temb
-        h = h + self.time_proj(temb)[:, :, None, None]  # [B, C] -> [B, C, 1, 1]
+        if self.time_proj is not None:
+            assert temb is not None, "a block with a time projection takes a time embedding"
+            temb = F.silu(temb) if self.time_silu else temb
+            h = h + self.time_proj(temb)[:, :, None, None]  # [B, C] -> [B, C, 1, 1]
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return self.skip(x) + h
 

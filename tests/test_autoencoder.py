@@ -1,0 +1,247 @@
+"""The autoencoder of latent diffusion (models/autoencoder.py, autoencoder.py,
+train_autoencoder.py and 'ddpm train-autoencoder'): the KL and PSNR against closed forms, the
+scale factor, what training learns, exact resume, and the command's refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from ddpm.autoencoder import (
+    AutoencoderLossConfig,
+    AutoencoderRunConfig,
+    autoencoder_loss,
+    encode_images,
+    latent_scale,
+    load_autoencoder,
+    psnr,
+    weights_hash,
+)
+from ddpm.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from ddpm.data import ImageData
+from ddpm.models.autoencoder import Autoencoder, AutoencoderConfig, DiagonalGaussian
+from ddpm.settings import SettingError
+
+from conftest import assert_refused, cli, ddpm_in_process, snapshot
+
+TINY = ("--base-channels", 8, "--downsample", 2, "--latent-channels", 2, "--batch-size", 8,
+        "--norm-groups", 4, "--no-progress")
+
+
+def tiny_args(data, out, *extra):
+    return ("train-autoencoder", "--dataset", "fashion-mnist", "--data-dir", data, *TINY,
+            "--out", out, *extra)
+
+
+# --- the maths --------------------------------------------------------------------------------
+
+
+def test_kl_of_a_diagonal_gaussian_is_its_closed_form():
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
+    logvar = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
+    q = DiagonalGaussian(torch.cat([mean, logvar], dim=1))
+    # torch.distributions' own closed form, summed over each image's latent elements
+    expected = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mean, (0.5 * logvar).exp()),
+        torch.distributions.Normal(torch.zeros_like(mean), torch.ones_like(mean)),
+    ).sum(dim=(1, 2, 3))
+    torch.testing.assert_close(q.kl(), expected, rtol=1e-12, atol=1e-12)
+    # and zero exactly at the prior itself
+    prior = DiagonalGaussian(torch.zeros(2, 4, 3, 3, dtype=torch.float64))
+    assert torch.equal(prior.kl(), torch.zeros(2, dtype=torch.float64))
+
+
+def test_posterior_samples_have_the_posterior_moments():
+    mean, logvar = torch.full((1, 1, 100, 100), 0.5), torch.full((1, 1, 100, 100), math.log(4.0))
+    z = DiagonalGaussian(torch.cat([mean, logvar], 1)).sample(torch.Generator().manual_seed(1))
+    assert abs(z.mean().item() - 0.5) < 4 * 2 / 100  # 4 standard errors of 10,000 draws
+    assert abs(z.std().item() / 2 - 1) < 0.03
+
+
+def test_psnr_is_its_closed_form():
+    a = torch.zeros(2, 1, 4, 4, dtype=torch.uint8)
+    b = a.clone()
+    b[0] += 10  # MSE 100: 10 log10(255^2 / 100)
+    b[1, 0, 0, :] = 255  # one row of 4 of 16 pixels off by 255: MSE 255^2 / 4
+    torch.testing.assert_close(psnr(a, b), torch.tensor(
+        [10 * math.log10(255**2 / 100), 10 * math.log10(4.0)], dtype=torch.float64))
+
+
+def test_the_loss_is_the_summed_reconstruction_error_plus_the_weighted_kl():
+    torch.manual_seed(0)
+    ae = Autoencoder(AutoencoderConfig(image_size=8, downsample=2, latent_channels=2,
+                                       base_channels=8, norm_groups=4))
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    for reconstruction in ("l1", "l2"):
+        config = AutoencoderLossConfig(reconstruction=reconstruction, kl_weight=0.01)
+        loss, parts = autoencoder_loss(ae, x, config, torch.Generator().manual_seed(3))
+        # the same draw of z by hand
+        q = ae.encode(x)
+        x_hat = ae.decode(q.sample(torch.Generator().manual_seed(3)))
+        err = (x - x_hat).abs() if reconstruction == "l1" else (x - x_hat) ** 2
+        expected = err.sum(dim=(1, 2, 3)).mean() + 0.01 * q.kl().mean()
+        torch.testing.assert_close(loss, expected)
+        torch.testing.assert_close(parts["rec"], err.mean())
+
+
+def test_the_network_has_the_shapes_of_each_downsampling_factor():
+    for f, size in ((1, 8), (2, 8), (4, 16), (8, 32)):
+        ae = Autoencoder(AutoencoderConfig(in_channels=3, image_size=size, downsample=f,
+                                           latent_channels=5, base_channels=8, norm_groups=4))
+        x = torch.randn(2, 3, size, size)
+        x_hat, q = ae(x)
+        assert q.mean.shape == (2, 5, size // f, size // f) == q.logvar.shape
+        assert x_hat.shape == x.shape
+        assert len(ae.encoder.levels) == int(math.log2(f)) + 1
+
+
+def test_a_factor_that_does_not_divide_the_image_size_is_refused():
+    with pytest.raises(SettingError, match="factor model.downsample 8 does not divide the image "
+                                           "size 28: give 1 or 2 or 4"):
+        AutoencoderConfig(image_size=28, downsample=8).validate()
+    with pytest.raises(ValueError, match="unknown downsample 3; choose one of 1, 2, 4, 8"):
+        AutoencoderConfig(image_size=27, downsample=3).validate()
+
+
+# --- what training learns ---------------------------------------------------------------------
+
+
+def blobs(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
+    """A fixed synthetic set: one Gaussian blob per image at a random place and width, in
+    [-1, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    centre = torch.rand(n, 2, generator=g) * (size - 6) + 3
+    width = torch.rand(n, generator=g) * 2 + 1.5
+    yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    d2 = (yy - centre[:, 0, None, None]) ** 2 + (xx - centre[:, 1, None, None]) ** 2
+    return (2 * torch.exp(-d2 / (2 * width[:, None, None] ** 2)) - 1)[:, None]
+
+
+def fit(x: torch.Tensor, kl_weight: float, steps: int = 100) -> tuple[Autoencoder, float, float]:
+    """A tiny autoencoder fitted to ``x``; its mean absolute error and mean KL after."""
+    torch.manual_seed(0)
+    ae = Autoencoder(AutoencoderConfig(image_size=12, downsample=2, latent_channels=2,
+                                       base_channels=8, norm_groups=4))
+    opt = torch.optim.AdamW(ae.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+    config = AutoencoderLossConfig(kl_weight=kl_weight)
+    for _ in range(steps):
+        loss, _ = autoencoder_loss(ae, x, config, g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        q = ae.encode(x)
+        error = (ae.decode(q.mean) - x).abs().mean().item()
+        return ae, error, q.kl().mean().item()
+
+
+def test_a_tiny_autoencoder_learns_to_reconstruct_and_a_heavier_kl_shrinks_the_kl():
+    """The yardstick is the error of the best constant guess, the mean image: a network that
+    learned nothing of each image cannot do better. After 100 steps it is under a fifth of it
+    (about a fourteenth when measured), and the KL 100x heavier leaves about a sixth of the KL."""
+    x = blobs(32, size=12)
+    baseline = (x - x.mean(0, keepdim=True)).abs().mean().item()
+    _, error, kl = fit(x, kl_weight=1e-3)
+    assert error < baseline / 5, (error, baseline)
+    _, _, kl_heavy = fit(x, kl_weight=1e-1)
+    assert kl_heavy < 0.5 * kl, (kl_heavy, kl)
+
+
+def test_the_scale_factor_gives_the_training_latents_unit_std():
+    torch.manual_seed(0)
+    ae = Autoencoder(AutoencoderConfig(image_size=16, downsample=2, latent_channels=2,
+                                       base_channels=8, norm_groups=4)).eval()
+    with torch.no_grad():  # latents far from unit scale, as a trained encoder's often are
+        ae.encoder.conv_out.weight.mul_(20)
+    images = ((blobs(3000) + 1) * 127.5).round().to(torch.uint8)
+    data = ImageData(images, torch.zeros(3000, dtype=torch.long), "blobs", ())
+    scale = latent_scale(ae, data, seed=0)
+    z = encode_images(ae, images, sample=True, generator=torch.Generator().manual_seed(9))
+    assert abs(1 / z.std().item() - 1) > 0.2  # there was something to correct
+    assert abs((scale * z).std().item() - 1) < 0.01
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+def test_train_autoencoder_writes_a_run_with_a_scale_and_scores(tmp_path, fake_fashion):
+    run = tmp_path / "ae"
+    code, out, err = cli(*tiny_args(fake_fashion, run, "--steps", 4, "--sample-every", 2,
+                                    "--checkpoint-every", 2))
+    assert code == 0, err
+    assert "latents 2x14x14 (F = 2)" in out and "PSNR" in out and "rFID" in out
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["downsample"] == 2 and "ema_decay" not in config["train"]
+    assert [p.name for p in list_checkpoints(run)] == ["ckpt-00000004.pt", "ckpt-00000002.pt"]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [
+        "recon-00000002.png", "recon-00000004.png"]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "rec", "kl"} <= set(records[0]) and "test_psnr" in records[-1]
+    loaded = load_autoencoder(run)
+    assert loaded.scale_factor > 0 and loaded.config.model.latent_channels == 2
+    assert loaded.sha256 == weights_hash(load_checkpoint(list_checkpoints(run)[0]))
+
+
+def test_resume_equals_the_uninterrupted_run(tmp_path, fake_fashion):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert cli(*tiny_args(fake_fashion, whole, "--steps", 6, "--checkpoint-every", 3))[0] == 0
+    assert cli(*tiny_args(fake_fashion, parts, "--steps", 3))[0] == 0
+    code, out, err = cli("train-autoencoder", "--resume", parts, "--steps", 6, "--no-progress")
+    assert code == 0, err
+    a, b = (load_checkpoint(list_checkpoints(r)[0]) for r in (whole, parts))
+    assert a["step"] == b["step"] == 6
+    for key in ("model", "optimizer"):
+        flat_a, flat_b = _tensors(a[key]), _tensors(b[key])
+        assert flat_a.keys() == flat_b.keys()
+        assert all(torch.equal(flat_a[k], flat_b[k]) for k in flat_a), key
+    assert a["scale_factor"] == b["scale_factor"]
+
+
+def _tensors(tree, prefix=""):
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _tensors(sub, f"{prefix}/{key}").items()}
+    if isinstance(tree, (list, tuple)):
+        return {k: v for i, sub in enumerate(tree) for k, v in _tensors(sub, f"{prefix}[{i}]").items()}
+    return {prefix: tree if isinstance(tree, torch.Tensor) else torch.tensor(float(tree))} \
+        if isinstance(tree, (torch.Tensor, int, float)) else {}
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--image-size", 28, "--downsample", 8),
+     "--downsample 8 does not divide the image size 28: give 1 or 2 or 4"),
+    (("--kl-weight", -1), "--kl-weight"),
+    (("--reconstruction", "l3"), "invalid choice: 'l3'"),
+])
+def test_bad_settings_are_one_line_and_write_nothing(tmp_path, fake_fashion, extra, message):
+    before = snapshot(tmp_path)
+    r = ddpm_in_process("train-autoencoder", "--dataset", "fashion-mnist", "--data-dir",
+                        fake_fashion, "--out", tmp_path / "ae", *extra)
+    assert_refused(r, message)
+    assert snapshot(tmp_path) == before and not (tmp_path / "ae").exists()
+
+
+def test_a_diffusion_run_is_not_an_autoencoder(tmp_path, fake_fashion):
+    run = tmp_path / "diffusion"
+    assert cli("train", "--preset", "tiny", "--data-dir", fake_fashion, "--steps", 1,
+               "--sample-every", 0, "--out", run, "--no-progress")[0] == 0
+    with pytest.raises(CheckpointError, match="is a diffusion run, not an autoencoder"):
+        load_autoencoder(run)
+    r = ddpm_in_process("train-autoencoder", "--resume", run)
+    assert_refused(r, "is a diffusion run; resume it with 'ddpm train --resume")
+    with pytest.raises(CheckpointError, match="does not exist|neither"):
+        load_autoencoder(tmp_path / "missing")
+
+
+def test_a_config_from_python_refuses_what_the_command_line_does():
+    with pytest.raises(ValueError, match="train.ema_decay is a diffusion setting"):
+        AutoencoderRunConfig().with_overrides({"train": {"ema_decay": 0.9}}, resolve=False)
+    with pytest.raises(ValueError, match="unknown config section"):
+        AutoencoderRunConfig().with_overrides({"diffusion": {}}, resolve=False)
+    with pytest.raises(ValueError, match="unknown setting loss.kl"):
+        AutoencoderRunConfig().with_overrides({"loss": {"kl": 1.0}}, resolve=False)
+
