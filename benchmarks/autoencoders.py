@@ -18,6 +18,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+from ddpm.runtime import processor_name
+
 
 def train(out: Path, factor: int, channels: int, minutes: float, extra: list[str]) -> dict:
     run = out / f"f{factor}c{channels}"
@@ -44,9 +48,9 @@ def main() -> None:
     p.add_argument("extra", nargs="*", help="more options for train-autoencoder (after --)")
     args = p.parse_args()
     rows = [train(args.out, f, c, args.minutes, args.extra) for f in args.factors for c in args.channels]
-    cpu = platform.processor() or platform.machine()
+    cpu = processor_name(torch.device("cpu"))
     print(f"machine: {cpu}, {platform.node()}; {datetime.date.today()}; {args.minutes} min each")
-    print("| F | C | latent | steps | minutes | PSNR (dB) | rFID |")
+    print("| F | C | latent | steps | training minutes logged | PSNR (dB) | rFID |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['F']} | {r['C']} | {r['latent']} | {r['steps']} | {r['minutes']} | "

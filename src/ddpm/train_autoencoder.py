@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -241,12 +242,13 @@ def _step(state: AutoencoderState, precision: str, device: torch.device, lr: flo
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), state.config.train.grad_clip)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"the autoencoder's loss is {float(loss)} at step "
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise FloatingPointError(f"the autoencoder's loss is {value} at step "
                                  f"{state.step + 1}; nothing was saved over the checkpoints; "
                                  f"try a lower --lr")
     state.optimizer.step()
-    return {"loss": float(loss), "rec": float(parts["rec"]), "kl": float(parts["kl"]),
+    return {"loss": value, "rec": float(parts["rec"]), "kl": float(parts["kl"]),
             "grad_norm": float(grad_norm)}
 
 
