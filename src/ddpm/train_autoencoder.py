@@ -196,6 +196,7 @@ def _train(config: AutoencoderRunConfig, run_dir: Path, hold: contextlib.ExitSta
     else:
         atomic_write_bytes(json.dumps(config.to_dict(), indent=2).encode(), run_dir / CONFIG_FILE)
     log = Loggers(run_dir, config, state.step if resume else None, SideOutputs())
+    hold.callback(log.close)  # closed however the run ends
     grid_images = _grid_images(data)
     if progress:
         tqdm.write(f"precision: {precision} ({why})")
@@ -225,7 +226,6 @@ def _train(config: AutoencoderRunConfig, run_dir: Path, hold: contextlib.ExitSta
         if scores:
             log.log(state.step, {f"test_{k}": v for k, v in scores.items()})
             _save_grid(state.model, grid_images, run_dir, state.step)
-    log.close()
     return AutoencoderResult(run_dir, state.step, path, state.elapsed_s, loss, scale, scores,
                              signals.signum)
 
