@@ -200,6 +200,11 @@ def test_resume_equals_the_uninterrupted_run(tmp_path, fake_fashion):
         assert flat_a.keys() == flat_b.keys()
         assert all(torch.equal(flat_a[k], flat_b[k]) for k in flat_a), key
     assert a["scale_factor"] == b["scale_factor"]
+    # a resume may change what the declarations allow (steps, minutes, threads, device), no more
+    before = snapshot(parts)
+    r = ddpm_in_process("train-autoencoder", "--resume", parts, "--kl-weight", 1)
+    assert_refused(r, "loss.kl_weight is 1e-06 in")
+    assert snapshot(parts) == before
 
 
 def _tensors(tree, prefix=""):

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .checkpoint import CheckpointError, load_run_or_file, run_of
-from .config import DataConfig, TrainConfig, resolve_data
+from .config import DataConfig, TrainConfig, one_stopping_rule, resolve_data
 from .data import ImageData, StreamingImages
 from .data.pixels import to_model_range, to_uint8
 from .models.autoencoder import Autoencoder, AutoencoderConfig
@@ -95,10 +95,7 @@ class AutoencoderRunConfig:
         if stray:
             raise ValueError(f"train.{stray[0]} is a diffusion setting; an autoencoder run reads "
                              f"train.{', train.'.join(TRAIN_SETTINGS)}")
-        train = given["train"]
-        for name, other in (("steps", "minutes"), ("minutes", "steps")):  # one stopping rule
-            if train.get(name) is not None:
-                train = {other: None, **train}
+        train = one_stopping_rule(given["train"])
         config = AutoencoderRunConfig(
             model=dataclasses.replace(self.model, **given["model"]),
             loss=dataclasses.replace(self.loss, **given["loss"]),
@@ -175,16 +172,18 @@ def latent_scale(ae: Autoencoder, data: ImageData | StreamingImages, seed: int) 
     """1 / std of the latents z ~ q(z | x) of a fixed random ``SCALE_IMAGES`` of the training
     images, over all their elements (Rombach et al. sec. 4.3.2): the factor that gives the
     diffusion model latents of unit variance."""
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(data), generator=g)[:SCALE_IMAGES]
-    images = data.images[idx] if isinstance(data, ImageData) else _decoded(data, idx)
+    images = images_at(data, torch.randperm(len(data), generator=torch.Generator().manual_seed(
+        seed))[:SCALE_IMAGES])
     z = encode_images(ae, images, sample=True, generator=torch.Generator(
         next(ae.parameters()).device).manual_seed(seed))
     return 1.0 / float(z.double().std())
 
 
-def _decoded(data: StreamingImages, idx: torch.Tensor) -> torch.Tensor:
-    """The images of a streamed dataset at ``idx`` that decode (a corrupt file is left out)."""
+def images_at(data: ImageData | StreamingImages, idx: torch.Tensor) -> torch.Tensor:
+    """The uint8 images of a split at ``idx``; of a streamed one, those that decode (a corrupt
+    file is left out)."""
+    if isinstance(data, ImageData):
+        return data.images[idx]
     items = [data[int(i)] for i in idx]
     return torch.stack([image for _, image, error in items if not error])
 
@@ -201,8 +200,8 @@ def reconstruction_scores(ae: Autoencoder, data: DataConfig, *, limit: int) -> d
     spec = dataset_spec(data.dataset)
     split = data.split if spec.folder else "test"
     source = open_dataset(dataclasses.replace(data, split=split))
-    idx = torch.randperm(len(source), generator=torch.Generator().manual_seed(0))[:limit]
-    images = source.images[idx] if isinstance(source, ImageData) else _decoded(source, idx)
+    images = images_at(source, torch.randperm(len(source), generator=torch.Generator().manual_seed(
+        0))[:limit])
     recon = reconstruct(ae, images)
     scores = {"psnr": float(psnr(images, recon).clamp(max=100).mean())}
     if spec.feature_classifier and tuple(images.shape[1:]) == (1, 28, 28) and len(images) > 1:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from .data import registry
 from .diffusion import (
@@ -378,14 +378,6 @@ class RunConfig:
                 f"of {num_processes}")
 
 
-class TrainedConfig(Protocol):
-    """A diffusion or an autoencoder run's config, as the learning rate and the loggers read it."""
-
-    @property
-    def train(self) -> TrainConfig: ...
-    def to_dict(self) -> dict[str, Any]: ...
-
-
 def build_schedule(config: RunConfig) -> NoiseSchedule:
     """The frozen noise schedule the run's diffusion settings describe."""
     d = config.diffusion
@@ -430,14 +422,17 @@ def with_overrides(base: RunConfig, overrides: dict[str, dict[str, Any]], *,
             sample = replace(sample, variance="learned")  # what the model learned, unless given
         train = replace(train, sample_steps=min(train.sample_steps, T),
                         fid_steps=min(train.fid_steps, T))
-    train_values = checked["train"]
-    for name in ("steps", "minutes"):  # one stopping rule: giving one clears the other
-        if train_values.get(name) is not None:
-            other = "minutes" if name == "steps" else "steps"
-            train_values = {other: None, **train_values}
-    train = replace(train, **train_values)
+    train = replace(train, **one_stopping_rule(checked["train"]))
     sample = replace(sample, **checked["sample"])
     return RunConfig(model=model, diffusion=diffusion, data=data, train=train, sample=sample)
+
+
+def one_stopping_rule(train: dict[str, Any]) -> dict[str, Any]:
+    """Train settings given over a config: giving steps (or minutes) clears the other."""
+    for name, other in (("steps", "minutes"), ("minutes", "steps")):
+        if train.get(name) is not None:
+            train = {other: None, **train}
+    return train
 
 
 def resolve_data(data: DataConfig) -> DataConfig:

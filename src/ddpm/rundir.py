@@ -29,11 +29,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import SaveError, TrainState, atomic_write_bytes, save_best_checkpoint, save_checkpoint
-from .config import RunConfig, TrainedConfig, differences
+from .config import RunConfig, differences
 from .data import to_uint8
 from .metrics import Evaluator, data_options
 from .pipeline import Pipeline
 from .posthoc import save_snapshot
+from .step import TrainedConfig
 from .viz import metric_records, plot_curves, progress_animation, save_grid
 
 CONFIG_FILE = "config.json"

@@ -14,13 +14,13 @@ import copy
 import functools
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from accelerate import Accelerator
 from torch import nn
 
-from .config import RunConfig, TrainedConfig
+from .config import RunConfig, TrainConfig
 from .diffusion import draw_t_eps, precondition, timestep_probs, training_loss
 from .runtime import autocast
 from .schedules import NoiseSchedule
@@ -75,6 +75,14 @@ class EMA:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._updates.fill_(int(state["num_updates"]))
+
+
+class TrainedConfig(Protocol):
+    """A diffusion or an autoencoder run's config, as the learning rate and the loggers read it."""
+
+    @property
+    def train(self) -> TrainConfig: ...
+    def to_dict(self) -> dict[str, Any]: ...
 
 
 def learning_rate(config: TrainedConfig, step: int, time_fraction: float | None = None) -> float:

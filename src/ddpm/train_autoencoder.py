@@ -11,6 +11,7 @@ Fashion-MNIST, rFID on the packaged classifier's features) on the test split.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -25,8 +26,10 @@ from tqdm import tqdm
 
 from .autoencoder import (
     KIND,
+    SECTIONS,
     AutoencoderRunConfig,
     autoencoder_loss,
+    images_at,
     latent_scale,
     reconstruct,
     reconstruction_scores,
@@ -54,6 +57,7 @@ from .runtime import (
     torch_state_kept,
     training_precision,
 )
+from .settings import declaration
 from .step import learning_rate
 from .viz import save_grid
 
@@ -128,24 +132,27 @@ def check_autoencoder_run(config: AutoencoderRunConfig, run_dir: Path, *, resume
     check_writable(run_dir, "the run directory")
 
 
-def resumed_config(run_dir: str | os.PathLike, overrides: dict[str, Any]) -> AutoencoderRunConfig:
-    """The config an autoencoder run was trained with, with the stopping rule or machine of
-    ``overrides`` (the only settings a resume may change)."""
+def resumed_config(run_dir: str | os.PathLike, overrides: dict[str, Any],
+                   ) -> tuple[AutoencoderRunConfig, int]:
+    """The config an autoencoder run was trained with, with the settings of ``overrides`` that
+    their declarations let ``--resume`` change (the stopping rule, the machine), and the step
+    of its newest checkpoint."""
     path, state = load_run_or_file(run_dir)
     if state.get("kind") != KIND:
         raise ValueError(f"{run_dir} is a diffusion run; resume it with 'ddpm train --resume "
                          f"{run_dir}'")
     saved = AutoencoderRunConfig.from_dict(state["config"])
-    allowed = {"steps", "minutes", "threads", "device"}
     for section, values in overrides.items():
         for name, value in values.items():
-            if section != "train" or name not in allowed:
+            decl = declaration(next(f for f in dataclasses.fields(SECTIONS[section])
+                                    if f.name == name))
+            if decl is None or not decl.resume:
                 old = saved.to_dict().get(section, {}).get(name)
                 if old != value:
                     raise ValueError(f"--resume keeps the run's settings; {section}.{name} is "
                                      f"{old!r} in {run_dir}, not {value!r} (only the stopping "
                                      f"rule, threads and device may change)")
-    return saved.with_overrides({"train": overrides.get("train", {})}, resolve=False)
+    return saved.with_overrides(overrides, resolve=False), int(state["step"])
 
 
 def train_autoencoder(config: AutoencoderRunConfig, run_dir: str | os.PathLike, *,
@@ -197,7 +204,7 @@ def _train(config: AutoencoderRunConfig, run_dir: Path, hold: contextlib.ExitSta
         atomic_write_bytes(json.dumps(config.to_dict(), indent=2).encode(), run_dir / CONFIG_FILE)
     log = Loggers(run_dir, config, state.step if resume else None, SideOutputs())
     hold.callback(log.close)  # closed however the run ends
-    grid_images = _grid_images(data)
+    grid_images = images_at(data, torch.arange(min(GRID_IMAGES, len(data))))
     if progress:
         tqdm.write(f"precision: {precision} ({why})")
     bar = tqdm(total=tc.steps, initial=state.step, disable=not progress, unit="step",
@@ -260,13 +267,6 @@ def _checkpoint(state: AutoencoderState, data: ImageData | StreamingImages,
     state.model.train()
     path = save_checkpoint(state.state_dict(scale), run_dir, keep=state.config.train.keep_checkpoints)
     return path, scale
-
-
-def _grid_images(data: ImageData | StreamingImages) -> torch.Tensor:
-    n = min(GRID_IMAGES, len(data))
-    if isinstance(data, ImageData):
-        return data.images[:n]
-    return torch.stack([data[i][1] for i in range(n)])
 
 
 def _save_grid(model: Autoencoder, images: torch.Tensor, run_dir: Path, step: int) -> None:

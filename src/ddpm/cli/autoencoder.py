@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from ..autoencoder import SECTIONS, TRAIN_SETTINGS, AutoencoderRunConfig
-from ..checkpoint import list_checkpoints
 from ..models import count_parameters
 from ..models.autoencoder import Autoencoder
 from ..rundir import CONFIG_FILE
@@ -58,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     given = given_settings(args)
     if args.resume:
         run_dir = Path(args.resume)
-        config = resumed_config(run_dir, given)
+        config, step = resumed_config(run_dir, given)
     else:
         config = AutoencoderRunConfig().with_overrides(given)
         run_dir = Path(args.out or f"runs/autoencoder-{config.data.dataset}")
@@ -73,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
           f"{c}x{s}x{s} (F = {m.downsample}), {params:,} parameters, "
           f"{config.loss.reconstruction} + {config.loss.kl_weight:g} KL")
     if args.resume:
-        print(f"resuming {run_dir} at step {_step_of(run_dir)} (with the config saved in it)")
+        print(f"resuming {run_dir} at step {step} (with the config saved in it)")
     print(f"run directory: {run_dir}  (config in {run_dir / CONFIG_FILE})")
     result = train_autoencoder(config, run_dir, resume=bool(args.resume),
                                progress=not args.no_progress)
@@ -91,7 +90,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"checkpoint: {result.checkpoint}")
     return 0
 
-
-def _step_of(run_dir: Path) -> str:
-    found = list_checkpoints(run_dir)
-    return found[0].stem.split("-")[-1].lstrip("0") or "0" if found else "?"
