@@ -110,6 +110,19 @@ def world(tmp_path_factory, fake_fashion):
     return root
 
 
+# Under pytest-xdist (``-n 2``, as scripts/check runs the suite) each worker is one process of the
+# machine's cores: one torch thread each, inherited by the ``ddpm`` processes a test starts, so
+# that two workers never fight over the same cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+def another_thread_count() -> int:
+    """A torch thread count other than the current one, for tests that check it is restored."""
+    return 2 if torch.get_num_threads() == 1 else 1
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

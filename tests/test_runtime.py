@@ -18,6 +18,8 @@ from ddpm.runtime import (
 )
 from ddpm.train import train
 
+from conftest import another_thread_count
+
 
 def test_devices_and_their_mistakes():
     assert resolve_device("cpu") == torch.device("cpu")
@@ -43,13 +45,13 @@ def test_autocast_follows_the_precision():
 
 
 def test_torch_state_is_kept_even_when_the_work_fails():
-    threads = torch.get_num_threads()
+    threads, other = torch.get_num_threads(), another_thread_count()
     torch.manual_seed(5)
     expected = torch.rand(2)
     torch.manual_seed(5)
     with pytest.raises(RuntimeError):
         with torch_state_kept():
-            torch.set_num_threads(1)
+            torch.set_num_threads(other)
             torch.manual_seed(99)
             torch.rand(10)
             raise RuntimeError("the work failed")

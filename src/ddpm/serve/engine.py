@@ -145,24 +145,26 @@ class Engine:
                 job = self._running = self._waiting.popleft()
                 job.state = "running"
                 self._announce()
-            state = "failed"
+            state, event, fields = "failed", "error", {}
             try:
-                self._generate(job)
-                state = "done"
+                fields = self._generate(job)
+                state = event = "done"
             except Cancelled:
-                state = "cancelled"
-                job.emit("cancelled", job=job.id)
+                state = event = "cancelled"
             except Exception as exc:  # e.g. out of memory: said on the page; the server goes on
                 print(f"ddpm serve: generation {job.id} failed: {type(exc).__name__}: {exc}",
                       file=sys.stderr, flush=True)
-                job.emit("error", job=job.id, error=f"the generation failed: "
-                                                    f"{type(exc).__name__}: {exc}")
+                fields = {"error": f"the generation failed: {type(exc).__name__}: {exc}"}
             finally:
                 with self._cv:
                     self._running = None
                     self._end(job, state)
+            # The job's last event goes out once the engine has let it go: a page that reads it
+            # and then asks for the status finds the generation ended there too.
+            job.emit(event, job=job.id, **fields)
 
-    def _generate(self, job: Job) -> None:
+    def _generate(self, job: Job) -> dict[str, Any]:
+        """Generate ``job``'s images, sending its frames; the fields of its "done" event."""
         r, pipe = job.request, self.pipe
         job.emit("started", job=job.id, steps=r.steps, n=r.n)
         # The GIF's frames: GIF_FRAMES of the S + 1 states x_T .. output, evenly spread.
@@ -197,9 +199,8 @@ class Engine:
                                    len(order), scale=GIF_SCALE)
         grid = grid_png(images)
         self._keep(job.id, {"grid.png": grid, "denoising.gif": gif_bytes(frames)})
-        job.emit("done", job=job.id, seconds=round(seconds, 3), n=r.n, steps=r.steps,
-                 grid=data_url(grid),
-                 png=f"/api/jobs/{job.id}/grid.png", gif=f"/api/jobs/{job.id}/denoising.gif")
+        return {"seconds": round(seconds, 3), "n": r.n, "steps": r.steps, "grid": data_url(grid),
+                "png": f"/api/jobs/{job.id}/grid.png", "gif": f"/api/jobs/{job.id}/denoising.gif"}
 
     def _keep(self, job_id: int, files: dict[str, bytes]) -> None:
         with self._cv:
