@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import gzip
 import hashlib
+import http.client
 import io
+import json
 import os
 import shutil
 import struct
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 
 def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> None:
@@ -374,3 +379,73 @@ def make_image_folder(root: Path) -> dict[str, int]:
     (root / "dogs" / "x.png").write_bytes(np.random.default_rng(0).bytes(300))
     (root / "dogs" / "notes.txt").write_text("not an image")
     return images
+
+
+# --- the web server, as a page talks to it (test_serve, test_latent) ---------------------------------
+
+
+class Client:
+    """Requests to one server over loopback, with a timeout on every read."""
+
+    def __init__(self, url: str, timeout: float = 60.0):
+        u = urlparse(url)
+        self.host, self.port, self.timeout = u.hostname, u.port, timeout
+
+    def connect(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+
+    def get(self, path: str) -> tuple[int, bytes, str]:
+        status, body, headers = self.request("GET", path)
+        return status, body, headers.get("content-type", "")
+
+    def request(self, method: str, path: str, body: bytes = b"",
+                headers: dict | None = None) -> tuple[int, bytes, dict]:
+        """Any request (a Host among ``headers`` replaces the client's); the status, the whole
+        body and the headers (lower-case names)."""
+        conn = self.connect()
+        try:
+            conn.request(method, path, body=body or None, headers=headers or {})
+            r = conn.getresponse()
+            return r.status, r.read(), {k.lower(): v for k, v in r.getheaders()}
+        finally:
+            conn.close()
+
+    def json(self, path: str) -> dict:
+        status, body, _ = self.get(path)
+        assert status == 200, body
+        return json.loads(body)
+
+    def open_stream(self, body, raw: bytes | None = None):
+        """POST /api/generate; the connection and the response (its body not read yet)."""
+        conn = self.connect()
+        data = raw if raw is not None else json.dumps(body).encode()
+        conn.request("POST", "/api/generate", body=data,
+                     headers={"content-type": "application/json"})
+        return conn, conn.getresponse()
+
+    @staticmethod
+    def events(response):
+        """The server-sent events of a response, as (kind, data), until its end."""
+        kind = None
+        while line := response.readline():
+            line = line.decode().rstrip("\n")
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: "):
+                yield kind, json.loads(line[6:])
+
+    def generate(self, body=None, raw: bytes | None = None) -> tuple[int, list | dict]:
+        """(200, [events]) for a generation that ran, or (status, {"error": ...})."""
+        conn, r = self.open_stream(body, raw)
+        try:
+            if r.status != 200:
+                return r.status, json.loads(r.read())
+            return 200, list(self.events(r))
+        finally:
+            conn.close()
+
+
+def png_pixels(data: bytes | str) -> np.ndarray:
+    if isinstance(data, str):  # a data URL
+        data = base64.b64decode(data.split(",", 1)[1])
+    return np.asarray(Image.open(io.BytesIO(data)))

@@ -102,9 +102,10 @@ def test_every_setting_with_a_flag_is_an_option_of_its_commands():
             for p in takers:
                 assert options(p).get(decl.flag) == key, f"{p.prog} lacks {decl.flag} for {key}"
     derived = [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f, d in settings_of(cls) if not d.flag]
-    # the data's shape and classes; and time_silu, which only old checkpoints set (to False)
+    # the data's shape and classes; time_silu, which only old checkpoints set (to False); and
+    # what a latent run reads from its autoencoder
     assert derived == ["model.in_channels", "model.image_size", "model.num_classes",
-                       "model.time_silu"]
+                       "model.time_silu", "latent.sha256", "latent.channels", "latent.downsample"]
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -177,8 +178,7 @@ def test_the_preset_steps_shrink_with_T_but_given_ones_do_not():
 
 def test_the_model_follows_the_data_with_patches():
     model = UNetConfig(image_size=28, channel_mults=(1, 2, 2), attention_resolutions=(7,), patch_size=2)
-    data = DataConfig(dataset="cifar10", data_dir="/x", image_size=64, channels=3)
-    fitted = fit_model(model, data)  # levels 14, 7, 3 at 28 px become 32, 16, 8 at 64 px
+    fitted = fit_model(model, 3, 64)  # levels 14, 7, 3 at 28 px become 32, 16, 8 at 64 px
     assert (fitted.in_channels, fitted.image_size, fitted.attention_resolutions) == (3, 64, (16,))
 
 

@@ -565,7 +565,7 @@ def test_each_dataset_is_one_record_that_its_readers_know():
 def test_the_public_names_stay_importable():
     import ddpm.data
 
-    names = ("load_dataset open_dataset check_options BatchStream ImageData StreamingImages "
+    names = ("load_dataset open_dataset check_options BatchStream ImageData StreamingImages LatentData "
              "to_model_range to_unit_range to_uint8 DatasetNotFoundError DATASETS SPLITS CROPS "
              "FOLDER_DATASETS FILE_DATASETS IMAGE_SUFFIXES default_cache_dir default_data_dir "
              "load_images decode_image read_idx random_crop stored_size FASHION_MNIST_CLASSES "

@@ -17,7 +17,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .data import registry
+from .data.config import DataConfig, resolve_data
 from .diffusion import (
     LOSS_WEIGHTINGS,
     LOSSES,
@@ -94,55 +94,6 @@ class DiffusionConfig:
                 "zero terminal SNR makes the last step pure noise, where predicting eps says "
                 "nothing about the image; use prediction_type v (or x0) with it"
             )
-
-
-@dataclass(frozen=True, kw_only=True)
-class DataConfig:
-    """What to train on; :func:`resolve` fills in the Nones from the dataset's own facts."""
-
-    dataset: str = setting("fashion-mnist", flag="--dataset", choices=registry.DATASETS,
-                           help="training data; docs/datasets.md has a section on each")
-    data_dir: str | None = setting(
-        None, flag="--data-dir", metavar="DIR",
-        help="the dataset's folder (default: /usr/share/datasets/fashion-mnist for "
-             "fashion-mnist, ~/.cache/ddpm/data/DATASET for the others; folder and "
-             "flowers-folder need it)")
-    split: str = setting("train", flag="--split", choices=registry.SPLITS,
-                         help="which images to train on (all: every labelled one)")
-    image_size: int | None = setting(
-        None, flag="--image-size", at_least=8,
-        help="side of the square images the model sees (default: the dataset's own; 64 for "
-             "flowers and folders)")
-    channels: int | None = setting(
-        None, flag="--channels", choices=(1, 3),
-        help="1 (grey) or 3 (RGB), converting images as needed (default: the dataset's)")
-    crop: str = setting(
-        "center", flag="--crop", choices=registry.CROPS,
-        help="how images reach the size: center (resize the shorter side, centre crop), resize "
-             "(squash) or random (a random crop from 9/8 of the size)")
-    hflip: bool | None = setting(
-        None, flag="--hflip",
-        help="random horizontal flips (default: on, except for MNIST and Fashion-MNIST, whose "
-             "digits and shoes have one orientation)")
-    folder_labels: bool = setting(False, flag="--folder-labels",
-                                  help="folder: one class per first-level subfolder (for "
-                                       "--conditional)")
-    download: bool = setting(False, flag="--download",
-                             help="fetch the dataset if it is missing (needs internet)")
-    cache_dir: str | None = setting(
-        None, flag="--cache-dir", metavar="DIR",
-        help="where decoded image files are cached (default: $DDPM_CACHE_DIR or ~/.cache/ddpm)")
-    max_memory_gb: float = setting(
-        4.0, flag="--max-memory-gb", above=0,
-        help="image files whose decoded images would take more stream from disk")
-    workers: int = setting(2, flag="--workers", at_least=0,
-                           help="processes decoding image files (DataLoader workers)")
-    strict: bool = setting(False, flag="--strict",
-                           help="stop at a corrupt image file instead of skipping it")
-
-    def validate(self) -> None:
-        check_fields(self)
-        registry.check_options(self.dataset, self.split, self.image_size, self.channels, self.crop)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -298,11 +249,15 @@ class SampleConfig:
              "typical images of the class")
 
     def validate(self, *, num_train_timesteps: int, num_classes: int,
-                 learn_variance: bool = False) -> None:
+                 learn_variance: bool = False, latent: bool = False) -> None:
         """The section's own rules and those against the model it samples: at most T steps,
         guidance only for a class-conditional model, a learned variance only from a model that
-        learned one."""
+        learned one, predicted latents never clipped as if they were images."""
         check_fields(self)
+        if latent and self.x0_transform != "none":
+            raise SettingError("sample.x0_transform", f"{{setting}} {self.x0_transform} would "
+                               f"bound the predicted x0 as images are bounded, and this model's "
+                               f"x0 are an autoencoder's latents; use none")
         if self.variance == "learned" and not learn_variance:
             raise SettingError("sample.variance", "{setting} learned needs a model trained with "
                                "--learn-variance, and this one has fixed variances; use "
@@ -317,8 +272,33 @@ class SampleConfig:
                                f"--conditional to train one)")
 
 
+LATENT_POSTERIORS = ("sample", "mean")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LatentConfig:
+    """Latent diffusion (Rombach et al. 2021): the U-Net models the scaled latents of an
+    autoencoder run instead of pixels. The fields without a flag are read from the autoencoder
+    when the run starts (``latent.resolve_latent``), so that the run names exactly what it used."""
+
+    autoencoder: str | None = setting(
+        None, flag="--autoencoder", metavar="AE_RUN",
+        help="diffuse in the latent space of this autoencoder (a run or checkpoint of 'ddpm "
+             "train-autoencoder'); docs/latent.md")
+    posterior: str = setting(
+        "sample", flag="--latent-posterior", choices=LATENT_POSTERIORS,
+        help="each training latent: a fresh draw from the encoder's Gaussian, or its mean")
+    sha256: str | None = setting(None, flag=None, help="the autoencoder's weights and scale, hashed")
+    channels: int | None = setting(None, flag=None, at_least=1, help="the latents' channels")
+    downsample: int | None = setting(None, flag=None, at_least=1,
+                                     help="F: the latents are image_size / F a side")
+
+    def validate(self) -> None:
+        check_fields(self)
+
+
 SECTIONS = {"model": UNetConfig, "diffusion": DiffusionConfig, "data": DataConfig,
-            "train": TrainConfig, "sample": SampleConfig}
+            "train": TrainConfig, "sample": SampleConfig, "latent": LatentConfig}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -328,6 +308,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -352,13 +333,19 @@ class RunConfig:
         self.diffusion.validate()
         self.data.validate()
         self.train.validate()
+        self.latent.validate()
         model, data, tc = self.model, self.data, self.train
-        if data.image_size is not None and data.channels is not None and \
-                (model.in_channels, model.image_size) != (data.channels, data.image_size):
+        c, s, _ = self.network_input()
+        if c is not None and s is not None and (model.in_channels, model.image_size) != (c, s):
+            what = "latents" if self.latent.autoencoder else "images"
             raise ValueError(
-                f"the data are {data.channels}x{data.image_size}x{data.image_size} images but the "
-                f"model takes {model.in_channels}x{model.image_size}x{model.image_size}; give the "
-                f"same --channels and --image-size to both")
+                f"the data are {c}x{s}x{s} {what} but the model takes "
+                f"{model.in_channels}x{model.image_size}x{model.image_size}; give the same "
+                f"--channels and --image-size to both")
+        if self.latent.autoencoder and data.crop == "random":
+            raise SettingError("data.crop", "{setting} random cannot be used with --autoencoder: "
+                               "the latents are encoded once, from fixed images; use center or "
+                               "resize")
         if model.learn_variance and self.diffusion.timestep_sampling != "uniform":
             raise SettingError(
                 "diffusion.timestep_sampling",
@@ -367,7 +354,7 @@ class RunConfig:
                 f"uniform with --learn-variance")
         T = self.diffusion.num_train_timesteps
         self.sample.validate(num_train_timesteps=T, num_classes=model.num_classes,
-                             learn_variance=model.learn_variance)
+                             learn_variance=model.learn_variance, latent=bool(self.latent.autoencoder))
         for key, steps in (("train.sample_steps", tc.sample_steps), ("train.fid_steps", tc.fid_steps)):
             if steps > T:  # checked now, not at the first preview grid mid-run
                 raise SettingError(key, f"{{setting}} is {steps} but must be between 1 and T = {T}")
@@ -376,6 +363,18 @@ class RunConfig:
                 "train.batch_size", f"batch size {tc.batch_size} is the whole batch of all "
                 f"{num_processes} processes and must split evenly between them; use a multiple "
                 f"of {num_processes}")
+
+
+    def network_input(self) -> tuple[int | None, int | None, int | None]:
+        """(channels, side, side) of what the U-Net models: the data's images, or with an
+        autoencoder its latents (None until resolved)."""
+        data, latent = self.data, self.latent
+        if not latent.autoencoder:
+            return data.channels, data.image_size, data.image_size
+        if latent.channels is None or latent.downsample is None or data.image_size is None:
+            return None, None, None
+        side = data.image_size // latent.downsample
+        return latent.channels, side, side
 
 
 def build_schedule(config: RunConfig) -> NoiseSchedule:
@@ -410,7 +409,8 @@ def with_overrides(base: RunConfig, overrides: dict[str, dict[str, Any]], *,
         if "dataset" in checked["data"] and "data_dir" not in checked["data"]:
             data = replace(data, data_dir=None)
         data = resolve_data(data)
-        model = fit_model(model, data)
+        assert data.image_size is not None and data.channels is not None  # resolve_data's
+        model = fit_model(model, data.channels, data.image_size)
     model = replace(model, **checked["model"])
     diffusion = replace(base.diffusion, **checked["diffusion"])
     train, sample = base.train, base.sample
@@ -424,7 +424,9 @@ def with_overrides(base: RunConfig, overrides: dict[str, dict[str, Any]], *,
                         fid_steps=min(train.fid_steps, T))
     train = replace(train, **one_stopping_rule(checked["train"]))
     sample = replace(sample, **checked["sample"])
-    return RunConfig(model=model, diffusion=diffusion, data=data, train=train, sample=sample)
+    latent = replace(base.latent, **checked["latent"])
+    return RunConfig(model=model, diffusion=diffusion, data=data, train=train, sample=sample,
+                     latent=latent)
 
 
 def one_stopping_rule(train: dict[str, Any]) -> dict[str, Any]:
@@ -435,38 +437,29 @@ def one_stopping_rule(train: dict[str, Any]) -> dict[str, Any]:
     return train
 
 
-def resolve_data(data: DataConfig) -> DataConfig:
-    """``data`` checked, with data_dir, image_size, channels and hflip filled in from the
-    dataset's facts (``data.registry``), so that a saved run config says exactly what was read."""
-    registry.check_options(data.dataset, data.split, data.image_size, data.channels, data.crop)
-    if not data.max_memory_gb > 0:
-        raise ValueError(f"max_memory_gb must be positive, got {data.max_memory_gb!r}")
-    if not (isinstance(data.workers, int) and data.workers >= 0):
-        raise ValueError(f"workers must be 0 (decode in this process) or more, got {data.workers!r}")
-    image_size, channels = registry.size_and_channels(data.dataset, data.image_size, data.channels)
-    hflip = data.hflip if data.hflip is not None else registry.dataset_spec(data.dataset).flips_by_default
-    return dataclasses.replace(data, data_dir=str(registry.data_root(data.dataset, data.data_dir)),
-                               image_size=image_size, channels=channels, hflip=hflip)
-
-
-def fit_model(model: UNetConfig, data: DataConfig) -> UNetConfig:
-    """The U-Net reshaped for the (resolved) data: its channels and image size, with attention
-    kept at the same levels (a 28 px preset's 7 px is 8 px of 32 px images)."""
-    assert data.image_size is not None and data.channels is not None  # resolve_data() filled them
-    if model.image_size == data.image_size:
-        return dataclasses.replace(model, in_channels=data.channels)
-    new_sizes = dataclasses.replace(model, image_size=data.image_size).level_sizes()
+def fit_model(model: UNetConfig, channels: int, size: int) -> UNetConfig:
+    """The U-Net reshaped for inputs of ``channels`` x ``size`` x ``size`` (the resolved data's
+    images, or their latents), with attention kept at the same levels (a 28 px preset's 7 px is
+    8 px of 32 px images)."""
+    if model.image_size == size:
+        return dataclasses.replace(model, in_channels=channels)
+    new_sizes = dataclasses.replace(model, image_size=size).level_sizes()
     levels = zip(model.level_sizes(), new_sizes, strict=True)
     attention = tuple(new for old, new in levels if old in model.attention_resolutions)
-    return dataclasses.replace(model, in_channels=data.channels, image_size=data.image_size,
+    return dataclasses.replace(model, in_channels=channels, image_size=size,
                                attention_resolutions=attention)
 
 
 def resolve(config: RunConfig) -> RunConfig:
     """``config`` with the data's defaults filled in (:func:`resolve_data`) and the U-Net
-    fitted to the data: what ``train`` runs, and what a run's config.json records."""
-    data = resolve_data(config.data)
-    return dataclasses.replace(config, data=data, model=fit_model(config.model, data))
+    fitted to what it models (:meth:`RunConfig.network_input`: the images, or latents already
+    read from the autoencoder; ``latent.resolve_latent`` reads them): what ``train`` runs, and
+    what a run's config.json records."""
+    config = dataclasses.replace(config, data=resolve_data(config.data))
+    channels, size, _ = config.network_input()
+    if channels is None or size is None:
+        return config
+    return dataclasses.replace(config, model=fit_model(config.model, channels, size))
 
 
 def resumable_keys() -> set[str]:

@@ -348,6 +348,9 @@ def check_compatible(clf: NoisyClassifierFile, config: RunConfig,
     channels. ``run`` names the run in the advice."""
     fix = f"train one with '{_MAKE_ONE.replace('RUN', str(run))}'"
     d, m = config.diffusion, config.model
+    if config.latent.autoencoder:
+        raise ValueError(f"the classifier {clf.path} reads noisy images, and this run diffuses an "
+                         f"autoencoder's latents; guide it with --guidance (classifier-free) instead")
     if clf.dataset != config.data.dataset:
         raise ValueError(f"the classifier {clf.path} was trained on {clf.dataset}, the run on "
                          f"{config.data.dataset}; {fix}")

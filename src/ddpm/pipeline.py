@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .autoencoder import LoadedAutoencoder
 from .autoprecision import choose
 from .checkpoint import checkpoint_config, load_run_or_file, load_weights
 from .config import RunConfig, SampleConfig, build_schedule
@@ -33,6 +34,7 @@ from .data.registry import default_cache_dir
 from .diffusers_io import is_diffusers_folder, load_diffusers
 from .diffusion import p_mean_log_variance, precondition, prior_bpd, q_sample, vlb_term
 from .guidance import classifier_free_guidance, classifier_guidance, classifier_log_prob_grad
+from .latent import decode, load_decoder
 from .models import UNet
 from .noisy_classifier import NoisyClassifierFile, check_compatible
 from .runtime import (
@@ -69,11 +71,29 @@ class Pipeline:
     compiled: Any = None  # torch.compile(model), when asked for and compiling works
     compile_proven: bool = False  # a call through ``compiled`` has succeeded
     precision_why: str = "as asked"  # how the precision was chosen, for summary lines
+    decoder: LoadedAutoencoder | None = None  # a latent run's autoencoder (latent.load_decoder)
 
     @property
     def num_classes(self) -> int:
         """Classes of a class-conditional model; 0 for an unconditional one."""
         return self.config.model.num_classes
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the images it makes: the network's input, or a latent run's decoded
+        latents (the data's size)."""
+        mc, data = self.config.model, self.config.data
+        if self.decoder is None or data.channels is None or data.image_size is None:
+            return mc.in_channels, mc.image_size, mc.image_size
+        return data.channels, data.image_size, data.image_size
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images from what the network models: a latent run's latents through its decoder
+        (:func:`latent.decode`), the images themselves otherwise."""
+        if self.decoder is None:
+            return x
+        with autocast(self.device, self.precision):
+            return decode(self.decoder, x)
 
     def class_labels(self, n: int, labels: torch.Tensor | Sequence[int] | int | None,
                      classifier: NoisyClassifierFile | None = None) -> torch.Tensor | None:
@@ -105,7 +125,8 @@ class Pipeline:
         (steps within its T, guidance only when it has classes): ValueError otherwise."""
         sc = replace(self.config.sample, **settings)
         sc.validate(num_train_timesteps=self.schedule.num_train_timesteps,
-                    num_classes=self.num_classes, learn_variance=self.config.model.learn_variance)
+                    num_classes=self.num_classes, learn_variance=self.config.model.learn_variance,
+                    latent=self.decoder is not None)
         return sc
 
     def evaluations_per_image(self, **settings: Any) -> int:
@@ -154,7 +175,8 @@ class Pipeline:
         classifier_scale: float = 1.0,
         **settings: Any,
     ) -> torch.Tensor:
-        """Generate ``n`` images ``[n, C, H, W]`` in [-1, 1].
+        """Generate ``n`` images ``[n, C, H, W]`` in [-1, 1] (a latent run's decoded; its
+        ``callback`` sees the decoded x_t and x0 predictions too).
 
         ``settings`` override the run's :class:`SampleConfig` (``sampler``, ``num_sample_steps``,
         ``spacing``, ``eta``, ``churn``, ``variance``, ``x0_transform``, ``guidance``). The same
@@ -192,6 +214,8 @@ class Pipeline:
             bar.update(x_t.shape[0])
             return prediction.float()
 
+        if callback is not None and self.decoder is not None:
+            callback = self._decoding(callback)
         self.model.eval()
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
@@ -210,16 +234,18 @@ class Pipeline:
                 else:  # Algorithm 2: eps moves by -sqrt(1 - alpha_bar) s grad
                     denoiser = classifier_guidance(denoiser, self.schedule, grad,
                                                    self.config.diffusion.prediction_type)
-            out.append(
-                sampler(
-                    denoiser, self.schedule, x_T, timesteps,
-                    prediction_type=self.config.diffusion.prediction_type,
-                    x0_transform=x0_transform, generator=generator, callback=callback,
-                    **batch_options,
-                ).cpu()
-            )
+            x_0 = sampler(denoiser, self.schedule, x_T, timesteps,
+                          prediction_type=self.config.diffusion.prediction_type,
+                          x0_transform=x0_transform, generator=generator, callback=callback,
+                          **batch_options)
+            out.append(self.decode(x_0).cpu())
         bar.close()
         return torch.cat(out)
+
+    def _decoding(self, callback: StepCallback) -> StepCallback:
+        def decoded(i: int, t: float, x_t: torch.Tensor, x0_pred: torch.Tensor) -> None:
+            callback(i, t, self.decode(x_t), self.decode(x0_pred))
+        return decoded
 
     @torch.inference_mode()
     def bits_per_dim(
@@ -244,6 +270,9 @@ class Pipeline:
         or those given in ``settings``. A class-conditional model is scored unconditionally (the
         null class).
         """
+        if self.decoder is not None:
+            raise ValueError("this run diffuses in an autoencoder's latents, so its bound would be "
+                             "on the latents, not on the images' bits; score it by FID/KID instead")
         sc = self.sample_config(**settings)
         T = self.schedule.num_train_timesteps
         k = T - 1 if timesteps is None else timesteps
@@ -380,11 +409,12 @@ def load_pipeline(
     else:
         path, state = load_run_or_file(run_or_checkpoint)
         config = checkpoint_config(state, path)
+        decoder = load_decoder(config, dev)
         model = UNet(config.model)
         load_weights(model, state, path, ema=use_ema)
         model.to(dev).eval().requires_grad_(False)
         pipe = Pipeline(model, build_schedule(config), config, int(state["step"]), dev,
-                        classes=tuple(state.get("classes", ())))
+                        classes=tuple(state.get("classes", ())), decoder=decoder)
     pipe.precision, pipe.precision_why = precision_and_reason(precision, dev, sampling_probe(pipe))
     return pipe.compile() if compile else pipe
 

@@ -184,7 +184,7 @@ class RunOutputs:
             dc = run.config.data
             # Previews and FID sample in the training's precision (bf16 where it trains in bf16).
             self.pipe = Pipeline(run.ema.model, run.schedule, run.config, state.step, run.device,
-                                 run.precision, classes=state.classes)
+                                 run.precision, classes=state.classes, decoder=run.decoder)
             if tc.fid_every:  # reference statistics once, before training (cached across runs)
                 self.evaluator = Evaluator(dc.dataset, dc.data_dir, split=dc.split,
                                            device=run.device, data_options=data_options(dc))

@@ -14,6 +14,7 @@ written (a full disk) keeps the previous one and says so.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 from collections.abc import Callable
@@ -24,6 +25,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from .autoencoder import LoadedAutoencoder
 from .autoprecision import choose
 from .checkpoint import (
     TrainState,
@@ -34,8 +36,9 @@ from .checkpoint import (
     remove_partial_writes,
 )
 from .config import RunConfig, resolve, resumed
-from .data import BatchStream, ImageData, StreamingImages, open_dataset
+from .data import BatchStream, ImageData, LatentData, StreamingImages, open_dataset
 from .data.registry import default_cache_dir
+from .latent import encode_split, resolve_latent
 from .metrics import check_image_count, resolve_extractor
 from .models import UNet
 from .monitor import Forecast, LogWindow, NonFinite, StopRequest, StopRule, TrainingClock
@@ -76,10 +79,11 @@ class Training:
     scaler: torch.amp.GradScaler | None
     ema: EMA | None  # None on the processes that do not keep one
     posthoc: list[PowerEMA]  # the --posthoc-ema averages (the main process's)
-    data: ImageData | StreamingImages
+    data: ImageData | StreamingImages | LatentData
     stream: BatchStream
     noise_generator: torch.Generator  # t and eps of every step
     eager: nn.Module | None = None  # with --compile: the model uncompiled, until compiling works
+    decoder: LoadedAutoencoder | None = None  # a latent run's autoencoder, for previews and FID
 
     def next_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The micro-batches of one optimiser step."""
@@ -122,8 +126,8 @@ class Training:
 
 
 def build_training(config: RunConfig, accelerator: Accelerator, device: torch.device,
-                   open_data: Callable[[], ImageData | StreamingImages], *,
-                   keep_ema: bool = True) -> Training:
+                   open_data: Callable[[], ImageData | StreamingImages | LatentData], *,
+                   keep_ema: bool = True, decoder: LoadedAutoencoder | None = None) -> Training:
     """Seed, network, AdamW (fused), DDP wrapper and compile, EMA, data stream and noise
     generator, in the order that makes a run's random draws the same every time.
 
@@ -152,7 +156,7 @@ def build_training(config: RunConfig, accelerator: Accelerator, device: torch.de
     data = open_data()
     # A split that fits is held on the GPU, batches made there; otherwise made on the host in
     # pinned memory, for an asynchronous copy. (On a CPU both are the same thing.)
-    on_device = device.type == "cuda" and isinstance(data, ImageData) and _fits(data, device)
+    on_device = device.type == "cuda" and not isinstance(data, StreamingImages) and _fits(data, device)
     stream = BatchStream(data, tc.batch_size, hflip=bool(config.data.hflip),
                          generator=torch.Generator(device if on_device else "cpu").manual_seed(tc.seed),
                          crop_size=config.data.image_size if config.data.crop == "random" else None,
@@ -161,7 +165,7 @@ def build_training(config: RunConfig, accelerator: Accelerator, device: torch.de
     noise_generator = torch.Generator(device).manual_seed(tc.seed + 1)
     return Training(config, accelerator, device, precision, why, schedule, schedule.to(device), net,
                     model, optimizer, gradient_scaler(precision, device), ema, posthoc, data, stream,
-                    noise_generator, eager if tc.compile else None)
+                    noise_generator, eager if tc.compile else None, decoder)
 
 
 class _LoneProcess:
@@ -205,10 +209,12 @@ def training_probe(config: RunConfig, device: torch.device, *, processes: int = 
     return probe
 
 
-def _fits(data: ImageData, device: torch.device) -> bool:
-    """Whether a split's uint8 images take at most a quarter of the GPU's free memory."""
+def _fits(data: ImageData | LatentData, device: torch.device) -> bool:
+    """Whether a split's uint8 images (or latents) take at most a quarter of the GPU's free
+    memory."""
     free, _ = torch.cuda.mem_get_info(device)
-    return data.images.numel() <= free // 4
+    size = data.nbytes() if isinstance(data, LatentData) else data.images.numel()
+    return size <= free // 4
 
 
 def check_run(config: RunConfig, run_dir: str | os.PathLike, *, resume: bool,
@@ -270,7 +276,8 @@ def train(
     draws grids, measures FID, logs and writes checkpoints.
     """
     run_dir = Path(run_dir)
-    config = resolve(config)  # so config.json says exactly what was read and built
+    # so config.json says exactly what was read and built (and which autoencoder, by its hash)
+    config, autoencoder = resolve_latent(resolve(config))
     with torch_state_kept(), contextlib.ExitStack() as hold:
         device = resolve_device(config.train.device)
         accelerator = make_accelerator(device)
@@ -278,16 +285,19 @@ def train(
         if accelerator.num_processes > 1:
             device = accelerator.device  # launched: the launcher's choice of device
         return _train(config, run_dir, accelerator, device, hold, resume=resume,
-                      progress=progress, final_grid=final_grid)
+                      progress=progress, final_grid=final_grid, autoencoder=autoencoder)
 
 
 def _train(config: RunConfig, run_dir: Path, accelerator: Accelerator, device: torch.device,
-           hold: contextlib.ExitStack, *, resume: bool, progress: bool,
-           final_grid: bool) -> TrainResult:
+           hold: contextlib.ExitStack, *, resume: bool, progress: bool, final_grid: bool,
+           autoencoder: LoadedAutoencoder | None) -> TrainResult:
     """The body of :func:`train`; it takes the run directory's lock into ``hold``."""
     tc, main = config.train, accelerator.is_main_process
+    if autoencoder is not None:
+        autoencoder = dataclasses.replace(autoencoder, model=autoencoder.model.to(device))
     run = build_training(config, accelerator, device, functools.partial(
-        _open_data, config, accelerator, progress=progress and main), keep_ema=main)
+        _open_data, config, accelerator, autoencoder, progress=progress and main), keep_ema=main,
+        decoder=autoencoder)
     state = run.state()
     if main:  # the first write to the run directory; held until train() returns
         hold.enter_context(run_lock(run_dir))
@@ -354,12 +364,18 @@ def _train(config: RunConfig, run_dir: Path, accelerator: Accelerator, device: t
                        stopped_by, state.skipped_steps)
 
 
-def _open_data(config: RunConfig, accelerator: Accelerator, *,
-               progress: bool) -> ImageData | StreamingImages:
+def _open_data(config: RunConfig, accelerator: Accelerator, autoencoder: LoadedAutoencoder | None,
+               *, progress: bool) -> ImageData | StreamingImages | LatentData:
     """The training split (one download and one cache, which the other processes then read),
-    checked against a class-conditional model's number of classes."""
+    with an autoencoder its latents (encoded once, cached likewise), checked against a
+    class-conditional model's number of classes."""
     with accelerator.main_process_first():
-        data = open_dataset(config.data, progress=progress)
+        data: ImageData | StreamingImages | LatentData = open_dataset(config.data, progress=progress)
+        if autoencoder is not None:
+            assert not isinstance(data, LatentData)
+            data = encode_split(data, autoencoder, hflip=bool(config.data.hflip),
+                                sample=config.latent.posterior == "sample",
+                                cache_dir=config.data.cache_dir, progress=progress)
     k = config.model.num_classes
     if k and k != len(data.classes):
         raise ValueError(

@@ -37,7 +37,8 @@ from ..settings import (
 
 EXIT_USAGE = 2
 SECTION_TITLES = {"model": "model (the U-Net)", "diffusion": "diffusion", "data": "data",
-                  "train": "training", "sample": "sampling"}
+                  "train": "training", "sample": "sampling",
+                  "latent": "latent diffusion (Rombach et al. 2021)"}
 
 
 class UsageError(Exception):

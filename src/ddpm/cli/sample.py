@@ -342,6 +342,9 @@ def run_nll(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.checkpoint, device=args.device, use_ema=not args.no_ema,
                          precision=args.precision, compile=args.compile)
     settings, sc = sample_settings(args, pipe)
+    if pipe.decoder is not None:
+        raise UsageError("--nll: this run diffuses in an autoencoder's latents, so its bound would "
+                         "be on the latents, not on the images' bits; score it by FID/KID instead")
     T = pipe.schedule.num_train_timesteps
     if args.nll_timesteps is not None and args.nll_timesteps > T - 1:
         raise UsageError(f"--nll-timesteps {args.nll_timesteps} is more than the bound's "
@@ -351,11 +354,9 @@ def run_nll(args: argparse.Namespace) -> int:
     split = args.split or "test"
     options = data_options(data) if dataset == data.dataset else {}
     real = load_dataset(dataset, args.data_dir or data.data_dir, split, **options)
-    if tuple(real.image_shape) != (pipe.config.model.in_channels, pipe.config.model.image_size,
-                                   pipe.config.model.image_size):
+    if tuple(real.image_shape) != pipe.image_shape:
         raise UsageError(f"{dataset} {split} images are {'x'.join(map(str, real.image_shape))} "
-                         f"but the model takes {pipe.config.model.in_channels}x"
-                         f"{pipe.config.model.image_size}x{pipe.config.model.image_size}")
+                         f"but the model takes {'x'.join(map(str, pipe.image_shape))}")
     n = args.n or min(1000, len(real))
     if n > len(real):
         raise UsageError(f"--n {n} but the {dataset} {split} split holds {len(real)} images")

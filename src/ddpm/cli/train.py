@@ -33,6 +33,7 @@ from ..config import (
 )
 from ..configfile import load_config_file
 from ..data import open_dataset
+from ..latent import resolve_latent
 from ..models import UNet, count_parameters
 from ..presets import DEFAULT_GPU_PRESET, DEFAULT_PRESET, FORMULATIONS, PRESETS, get_preset
 from ..rundir import CONFIG_FILE
@@ -85,7 +86,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         return f"{DEFAULT_PRESET}: {describe(preset[section][name])}"
 
     groups: dict[str, argparse._ArgumentGroup] = {}
-    for section in ("model", "diffusion", "data", "train"):
+    for section in ("model", "diffusion", "data", "train", "latent"):
         add_settings(p, section, default_note=note, groups=groups)
     add_settings(p, "sample", only=("guidance",), default_note=note, groups=groups)
     p.set_defaults(func=run)
@@ -143,19 +144,20 @@ def run(args: argparse.Namespace) -> int:
 
 def _new_config(args: argparse.Namespace) -> RunConfig:
     """The preset, the --config file over it, the options given over both (``with_overrides``
-    works out what follows from what), and the classes of --conditional."""
+    works out what follows from what), the classes of --conditional, and the latents of
+    --autoencoder (``latent.resolve_latent``)."""
     typed = given_settings(args)
     overrides = _merged(load_config_file(args.config), typed) if args.config else typed
     if args.formulation:
         overrides = _merged(FORMULATIONS[args.formulation], overrides)
     config = with_overrides(get_preset(_preset_name(args)), overrides)
     if args.conditional:
-        return _conditional(config)
-    if "class_dropout" in typed.get("train", {}) and not config.model.num_classes:
+        config = _conditional(config)
+    elif "class_dropout" in typed.get("train", {}) and not config.model.num_classes:
         # (--guidance is checked with the other settings, by RunConfig.validate)
         raise UsageError("--class-dropout is a setting of a class-conditional model; add "
                          "--conditional")
-    return config
+    return resolve_latent(config)[0]
 
 
 def _preset_name(args: argparse.Namespace) -> str:
@@ -232,7 +234,7 @@ def _resumed_config(args: argparse.Namespace, run_dir: Path) -> tuple[RunConfig,
 
 
 def summary(config: RunConfig, preset: str) -> str:
-    """The run in four lines, printed before training starts."""
+    """The run in four lines (five for latent diffusion), printed before training starts."""
     m, d, t = config.model, config.diffusion, config.train
     stop = f"{t.steps} steps" if t.steps is not None else f"{t.minutes:g} minutes"
     device = resolve_device(t.device)
@@ -250,6 +252,9 @@ def summary(config: RunConfig, preset: str) -> str:
         f"{precision} ({why}), on {config.data.dataset}"
         + (f", conditional on {m.num_classes} classes (label dropout {t.class_dropout:g})"
            if m.num_classes else "")
+        + (f"\nlatents: of the autoencoder {config.latent.autoencoder} (F = "
+           f"{config.latent.downsample}, the posterior's {config.latent.posterior})"
+           if config.latent.autoencoder else "")
     )
 
 

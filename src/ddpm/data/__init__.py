@@ -20,11 +20,13 @@ The modules, each importing only those above it:
 
 * ``registry``: one :class:`DatasetSpec` per dataset (its facts), the option checks and
   defaults (no torch);
+* ``config``: the run config's data section, :class:`DataConfig`, and :func:`resolve_data`;
 * ``pixels``: value ranges, fitting to the stored size and channels, random crops and flips;
 * ``arrays``: the IDX and CIFAR readers;
 * ``files``: image-file indexes, decoding one file, :func:`load_images`;
 * ``download``: torchvision's downloaders and the offline message;
-* ``sources``: :class:`ImageData` (in memory) and :class:`StreamingImages` (decoded on demand);
+* ``sources``: :class:`ImageData` (in memory), :class:`StreamingImages` (decoded on demand) and
+  :class:`LatentData` (encoded by an autoencoder);
 * ``cache``: decoding image files into memory once, and the cache of the result;
 * ``stream``: :class:`BatchStream`;
 * ``load``: :func:`load_dataset` and :func:`open_dataset`, which put the others together.
@@ -53,13 +55,14 @@ from .registry import (
     default_data_dir,
     stored_size,
 )
-from .sources import ImageData, StreamingImages
+from .sources import ImageData, LatentData, StreamingImages
 from .stream import BatchStream
 
 __all__ = [
     "CROPS", "DATASET_SPECS", "DATASETS", "FASHION_MNIST_CLASSES", "FILE_DATASETS",
     "FILE_IMAGE_SIZE", "FOLDER_DATASETS", "IMAGE_SUFFIXES", "MNIST_CLASSES", "SPLITS",
-    "BatchStream", "DatasetNotFoundError", "DatasetSpec", "ImageData", "StreamingImages",
+    "BatchStream", "DatasetNotFoundError", "DatasetSpec", "ImageData", "LatentData",
+    "StreamingImages",
     "check_options", "dataset_spec", "decode_image", "default_cache_dir", "default_data_dir",
     "load_dataset", "load_images", "open_dataset", "random_crop", "random_hflip", "read_idx",
     "stored_size", "to_model_range", "to_uint8", "to_unit_range",

@@ -46,8 +46,10 @@ def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
     return cached if ok else None
 
 
-def _write_cache(path: Path, **arrays: np.ndarray) -> None:
-    """Write atomically: a temporary file renamed over ``path``, so a reader never sees half."""
+def write_arrays(path: Path, what: str, **arrays: np.ndarray) -> None:
+    """Write ``arrays`` to the cache file ``path`` atomically: a temporary file renamed over it,
+    so a reader never sees half. A cache that cannot be written (``what`` it would have held)
+    is a warning: the next load computes them again."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,8 +59,8 @@ def _write_cache(path: Path, **arrays: np.ndarray) -> None:
         os.replace(tmp, path)
     except OSError as exc:  # a read-only cache slows the next load, nothing more
         tmp.unlink(missing_ok=True)
-        warnings.warn(f"could not cache decoded images in {path} ({exc}); the next load decodes "
-                      f"them again", stacklevel=3)
+        warnings.warn(f"could not cache {what} in {path} ({exc}); the next load computes them "
+                      f"again", stacklevel=3)
 
 
 def _report_skipped(skipped: list[str], strict: bool) -> None:
@@ -85,7 +87,7 @@ def _decode_files(index: _FileIndex, *, size: int, channels: int, crop: str,
         labels = index.labels[keep]
         cached = dict(images=images.numpy(), labels=labels, classes=np.array(index.classes, str),
                       skipped=np.array(skipped, str))
-        _write_cache(cache, **cached)
+        write_arrays(cache, "decoded images", **cached)
         hit = False
     else:
         hit = True

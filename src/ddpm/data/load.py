@@ -19,7 +19,7 @@ from .registry import check_options, data_root, dataset_spec, size_and_channels,
 from .sources import ImageData, StreamingImages
 
 if TYPE_CHECKING:  # only for annotations: config.py may import this package, never the reverse
-    from ..config import DataConfig
+    from .config import DataConfig
 
 
 def load_dataset(

@@ -73,5 +73,10 @@ def random_crop(images: torch.Tensor, size: int, generator: torch.Generator) -> 
 def random_hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Each image of ``x`` ``[B, C, H, W]`` mirrored left to right with probability 1/2: one
     uniform draw per image from ``generator``, on its device (where the images are)."""
-    flip = torch.rand(x.shape[0], generator=generator, device=generator.device) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)  # [B] -> [B, 1, 1, 1]
+    return torch.where(flip_draws(x.shape[0], generator), x.flip(-1), x)
+
+
+def flip_draws(n: int, generator: torch.Generator) -> torch.Tensor:
+    """Which of ``n`` images to mirror: one uniform draw each, below 1/2; ``[n, 1, 1, 1]``."""
+    flip = torch.rand(n, generator=generator, device=generator.device) < 0.5
+    return flip[:, None, None, None]

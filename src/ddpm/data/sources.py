@@ -1,8 +1,10 @@
-"""The two kinds of split a :class:`~ddpm.data.stream.BatchStream` draws from: :class:`ImageData`,
-a whole split in memory, and :class:`StreamingImages`, image files decoded on demand."""
+"""The kinds of split a :class:`~ddpm.data.stream.BatchStream` draws from: :class:`ImageData`,
+a whole split in memory, :class:`StreamingImages`, image files decoded on demand, and
+:class:`LatentData`, a split encoded by an autoencoder (``ddpm.latent``)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -30,6 +32,41 @@ class ImageData:
     def image_shape(self) -> tuple[int, int, int]:
         """``(C, S, S)`` as stored (random crops are taken from these)."""
         return cast(tuple[int, int, int], tuple(self.images.shape[1:]))  # images are [N, C, S, S]
+
+
+@dataclass(frozen=True)
+class LatentData:
+    """A split encoded once by an autoencoder, for latent diffusion: per image the Gaussian
+    q(z | x), already multiplied by the autoencoder's scale factor, as ``mean`` and ``std``
+    float32 ``[N, c, h, w]``; ``flipped`` holds the same of the mirrored images when batches
+    are flipped. Each batch takes a fresh draw z = mean + std * eps (``sample``) or the mean."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    labels: torch.Tensor
+    name: str
+    classes: tuple[str, ...] = ()
+    flipped: tuple[torch.Tensor, torch.Tensor] | None = None  # (mean, std) of mirrored images
+    sample: bool = True
+
+    def __len__(self) -> int:
+        return int(self.mean.shape[0])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(c, h, w)`` of the latents."""
+        return cast(tuple[int, int, int], tuple(self.mean.shape[1:]))
+
+    def to(self, device: torch.device) -> LatentData:
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device)
+        flipped = None if self.flipped is None else (move(self.flipped[0]), move(self.flipped[1]))
+        return dataclasses.replace(self, mean=move(self.mean), std=move(self.std),
+                                   labels=move(self.labels), flipped=flipped)
+
+    def nbytes(self) -> int:
+        tensors = [self.mean, self.std, *(self.flipped or ())]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class StreamingImages(torch.utils.data.Dataset):

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from .pixels import random_crop, random_hflip, to_model_range
-from .sources import ImageData, StreamingImages
+from .pixels import flip_draws, random_crop, random_hflip, to_model_range
+from .sources import ImageData, LatentData, StreamingImages
 
 
 class _EpochBatches(torch.utils.data.Sampler):
@@ -52,7 +52,7 @@ class BatchStream:
     a GPU can be asynchronous (``non_blocking``).
     """
 
-    def __init__(self, source: ImageData | StreamingImages, batch_size: int, *, hflip: bool,
+    def __init__(self, source: ImageData | StreamingImages | LatentData, batch_size: int, *, hflip: bool,
                  generator: torch.Generator, crop_size: int | None = None, workers: int = 0,
                  pin_memory: bool = False):
         if batch_size > len(source):
@@ -66,11 +66,14 @@ class BatchStream:
                              f"images; load them with crop 'random' at that image size")
         self.device = generator.device
         if self.device.type != "cpu":
-            if not isinstance(source, ImageData):
+            if isinstance(source, StreamingImages):
                 raise ValueError("a streamed dataset is decoded on the host: give its BatchStream "
                                  "a CPU generator")
-            source = ImageData(source.images.to(self.device), source.labels.to(self.device),
-                               source.name, source.classes, source.cached)
+            if isinstance(source, LatentData):
+                source = source.to(self.device)
+            else:
+                source = ImageData(source.images.to(self.device), source.labels.to(self.device),
+                                   source.name, source.classes, source.cached)
         self.data = source
         self.batch_size = batch_size
         self.hflip = hflip
@@ -94,6 +97,9 @@ class BatchStream:
             self.epoch += 1
             self._batches = None
         idx = self.perm[self.pos : self.pos + self.batch_size]
+        if isinstance(self.data, LatentData):
+            self.pos += self.batch_size
+            return self._latents(self.data, idx)
         if isinstance(self.data, StreamingImages):
             images, labels = self._fetch(self.data, idx)
         else:
@@ -107,6 +113,23 @@ class BatchStream:
         if self.pin_memory:
             x, labels = x.pin_memory(), labels.pin_memory()
         return x, labels
+
+    def _latents(self, data: LatentData, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents at ``idx`` drawn as images are: the flips drawn as :func:`random_hflip` draws
+        them, then (``data.sample``) the posterior's noise, all from the stream's generator."""
+        mean, std = data.mean[idx], data.std[idx]
+        if self.hflip:
+            assert data.flipped is not None, "the latents of the mirrored images were not encoded"
+            flip = flip_draws(len(idx), self.generator)
+            mean = torch.where(flip, data.flipped[0][idx], mean)
+            std = torch.where(flip, data.flipped[1][idx], std)
+        z = mean
+        if data.sample:  # z = mean + std * eps, the reparameterisation of q(z | x)
+            z = mean + std * torch.randn(mean.shape, generator=self.generator, device=self.device)
+        labels = data.labels[idx]
+        if self.pin_memory:
+            z, labels = z.pin_memory(), labels.pin_memory()
+        return z, labels
 
     def _fetch(self, data: StreamingImages, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoded images at ``idx`` from the workers (``data`` is ``self.data``), with

@@ -156,6 +156,10 @@ def scheduler_config(config: RunConfig, schedule: NoiseSchedule) -> dict[str, An
     name gives ours (within float32), else as ``trained_betas``; prediction type, the sampler's
     variance, its x0 transform and its spacing of the steps."""
     dc, sc = config.diffusion, config.sample
+    if config.latent.autoencoder:
+        raise ExportError("cannot export to diffusers: the model diffuses in the latents of a ddpm "
+                          "autoencoder, and its export as diffusers' AutoencoderKL is not written "
+                          "yet; sample it with 'ddpm sample', so nothing was written")
     if dc.preconditioning != "none":
         raise ExportError(f"cannot export to diffusers: the model was trained with "
                           f"--preconditioning {dc.preconditioning}, which scales the network's "

@@ -194,12 +194,12 @@ def run_name(source: str) -> str:
 
 def model_info(pipe: Pipeline, source: str, limits: Limits) -> dict[str, Any]:
     """What ``GET /api/model`` says: the page builds its form from it."""
-    mc, run = pipe.config.model, pipe.config.sample
+    run = pipe.config.sample
     k = pipe.num_classes
     assert limits.max_steps is not None  # WebServer sets None to T
     return {
-        "source": run_name(source), "step": pipe.step, "image_size": mc.image_size,
-        "channels": mc.in_channels, "num_train_timesteps": pipe.schedule.num_train_timesteps,
+        "source": run_name(source), "step": pipe.step, "image_size": pipe.image_shape[-1],
+        "channels": pipe.image_shape[0], "num_train_timesteps": pipe.schedule.num_train_timesteps,
         "conditional": bool(k),
         "classes": [pipe.classes[i] if i < len(pipe.classes) else str(i) for i in range(k)],
         "samplers": list(SAMPLERS), "device": str(pipe.device),
