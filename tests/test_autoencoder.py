@@ -13,7 +13,9 @@ import torch
 from ddpm.autoencoder import (
     AutoencoderLossConfig,
     AutoencoderRunConfig,
+    adversarial_weight,
     autoencoder_loss,
+    discriminator_loss,
     encode_images,
     latent_scale,
     load_autoencoder,
@@ -22,7 +24,7 @@ from ddpm.autoencoder import (
 )
 from ddpm.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from ddpm.data import ImageData
-from ddpm.models.autoencoder import Autoencoder, AutoencoderConfig, DiagonalGaussian
+from ddpm.models.autoencoder import Autoencoder, AutoencoderConfig, DiagonalGaussian, PatchDiscriminator
 from ddpm.settings import SettingError
 
 from conftest import assert_refused, cli, ddpm_in_process, snapshot
@@ -37,6 +39,40 @@ def tiny_args(data, out, *extra):
 
 
 # --- the maths --------------------------------------------------------------------------------
+
+
+def test_the_discriminator_hinge_loss_and_the_adaptive_weight_are_their_closed_forms():
+    real, fake = torch.tensor([[2.0, 0.5], [-1.0, 0.0]]), torch.tensor([[-3.0, 0.2], [1.0, -0.5]])
+    # identity "discriminator": the logits are the inputs
+    got = discriminator_loss(torch.nn.Identity(), real, fake)
+    expected = 0.5 * ((0 + 0.5 + 2 + 1) / 4 + (0 + 1.2 + 2 + 0.5) / 4)
+    assert float(got) == pytest.approx(expected)
+    # lambda = |grad L_rec| / (|grad L_adv| + 1e-4) at the last layer w
+    w = torch.ones(2, 2, requires_grad=True)
+    rec, adv = (3 * w).sum(), (w * w).sum()  # gradients 3 and 2w = 2 everywhere
+    weight = adversarial_weight(rec, adv, w)
+    assert float(weight) == pytest.approx(6 / (4 + 1e-4)) and not weight.requires_grad
+
+
+def test_the_loss_adds_the_weighted_feature_distance_and_adversarial_term():
+    torch.manual_seed(0)
+    ae = Autoencoder(AutoencoderConfig(image_size=8, downsample=2, latent_channels=2,
+                                       base_channels=8, norm_groups=4))
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    base = AutoencoderLossConfig(kl_weight=0.01)
+    plain, parts = autoencoder_loss(ae, x, base, torch.Generator().manual_seed(3))
+    flat = torch.nn.Flatten()
+    with_features, more = autoencoder_loss(
+        ae, x, AutoencoderLossConfig(kl_weight=0.01, perceptual_weight=0.5),
+        torch.Generator().manual_seed(3), features=flat)
+    distance = (flat(parts["x_hat"]) - flat(x)).pow(2).sum(dim=1).mean()
+    torch.testing.assert_close(with_features, plain + 0.5 * distance)
+    torch.testing.assert_close(more["perceptual"], distance)
+    judge = PatchDiscriminator(1, 8, 4)
+    judged, parts = autoencoder_loss(ae, x, AutoencoderLossConfig(kl_weight=0.01, disc_weight=0.5),
+                                     torch.Generator().manual_seed(3), discriminator=judge)
+    torch.testing.assert_close(judged, plain + 0.5 * parts["adv_weight"] * parts["adv"])
+    torch.testing.assert_close(parts["adv"], -judge(parts["x_hat"]).mean())
 
 
 def test_kl_of_a_diagonal_gaussian_is_its_closed_form():
@@ -187,15 +223,27 @@ def test_train_autoencoder_writes_a_run_with_a_scale_and_scores(tmp_path, fake_f
     assert loaded.sha256 == weights_hash(load_checkpoint(list_checkpoints(run)[0]))
 
 
-def test_resume_equals_the_uninterrupted_run(tmp_path, fake_fashion):
+JUDGED = ("--disc-weight", 0.5, "--disc-start", 2, "--perceptual-weight", 0.01, "--log-every", 1)
+
+
+@pytest.mark.parametrize("extra", [(), JUDGED], ids=["plain", "discriminator-and-perceptual"])
+def test_resume_equals_the_uninterrupted_run(tmp_path, fake_fashion, extra):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    assert cli(*tiny_args(fake_fashion, whole, "--steps", 6, "--checkpoint-every", 3))[0] == 0
-    assert cli(*tiny_args(fake_fashion, parts, "--steps", 3))[0] == 0
+    assert cli(*tiny_args(fake_fashion, whole, "--steps", 6, "--checkpoint-every", 3, *extra))[0] == 0
+    assert cli(*tiny_args(fake_fashion, parts, "--steps", 3, *extra))[0] == 0
     code, out, err = cli("train-autoencoder", "--resume", parts, "--steps", 6, "--no-progress")
     assert code == 0, err
     a, b = (load_checkpoint(list_checkpoints(r)[0]) for r in (whole, parts))
     assert a["step"] == b["step"] == 6
-    for key in ("model", "optimizer"):
+    keys = ("model", "optimizer") + (("discriminator", "discriminator_optimizer") if extra else ())
+    assert all(key in a for key in keys)
+    if extra:  # the discriminator trains, and judges, from its start step
+        logged = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+        judged = [r["step"] for r in logged if "d_loss" in r]
+        steps = [r for r in logged if "loss" in r]
+        assert judged == [3, 4, 5, 6] and all(("adv_weight" in r) == (r["step"] > 2) for r in steps)
+        assert all("perceptual" in r for r in steps)
+    for key in keys:
         flat_a, flat_b = _tensors(a[key]), _tensors(b[key])
         assert flat_a.keys() == flat_b.keys()
         assert all(torch.equal(flat_a[k], flat_b[k]) for k in flat_a), key
@@ -221,6 +269,9 @@ def _tensors(tree, prefix=""):
      "--downsample 8 does not divide the image size 28: give 1 or 2 or 4"),
     (("--kl-weight", -1), "--kl-weight"),
     (("--reconstruction", "l3"), "invalid choice: 'l3'"),
+    (("--dataset", "cifar10", "--perceptual-weight", 1), "--perceptual-weight needs a packaged "
+                                                         "feature classifier"),
+    (("--image-size", 32, "--perceptual-weight", 1), "and fashion-mnist has none at this size"),
 ])
 def test_bad_settings_are_one_line_and_write_nothing(tmp_path, fake_fashion, extra, message):
     before = snapshot(tmp_path)

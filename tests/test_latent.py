@@ -254,6 +254,8 @@ def test_a_changed_or_missing_autoencoder_is_refused_naming_both_hashes(latent_r
     (("train", "--autoencoder", "{ae}", "--channels", 3), "was trained on 1x28x28 images"),
     (("train", "--autoencoder", "{ae}", "--crop", "random"), "--crop random cannot be used with "
                                                             "--autoencoder"),
+    (("train", "--latent-posterior", "mean"), "--latent-posterior mean is a setting of latent "
+                                               "diffusion; add --autoencoder"),
     (("sample", "{latent}", "--x0", "clip"), "--x0 clip would bound the predicted x0"),
     (("sample", "{latent}", "--x0", "dynamic"), "this model's x0 are an autoencoder's latents"),
     (("eval", "{latent}", "--nll"), "score it by FID/KID instead"),
@@ -273,3 +275,36 @@ def test_latent_mistakes_are_one_line_and_write_nothing(latent_runs, trained_run
     r = cli(*given)
     assert_refused(r, message.format(**names))
     assert (snapshot(ae.parent), snapshot(tmp_path)) == before
+
+
+def test_the_unet_keeps_the_levels_the_latents_can_be_halved_into():
+    from ddpm.models import UNetConfig
+
+    preset = UNetConfig(image_size=28, channel_mults=(1, 2, 3), attention_resolutions=(7,))
+    fitted = latent.levels_that_fit(preset, 14)  # 14 px: halved once, not twice
+    assert fitted.channel_mults == (1, 2) and fitted.attention_resolutions == (14,)
+    assert latent.levels_that_fit(preset, 28) == preset  # nothing to leave out
+    assert latent.levels_that_fit(preset, 7).channel_mults == (1,)
+    wide = UNetConfig(image_size=64, channel_mults=(1, 2, 2, 4), attention_resolutions=(16, 8))
+    assert latent.levels_that_fit(wide, 16) == wide  # 16 = 2 x 8: three halvings fit
+    two = latent.levels_that_fit(wide, 12)  # halved twice: 64/32/16 kept, 8's attention to 16
+    assert two.channel_mults == (1, 2, 2) and two.attention_resolutions == (16,)
+
+
+def test_eval_reconstruction_scores_an_autoencoder_as_its_run_did(latent_runs, tmp_path):
+    ae, _, _ = latent_runs
+    logged = [json.loads(line) for line in (ae / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in logged if "test_psnr" in r][-1]
+    r = cli("eval", ae, "--reconstruction", "--json")
+    assert r.returncode == 0, r.stderr
+    scores = json.loads(r.stdout.strip().splitlines()[-1])
+    assert scores["n"] == final["test_n"] == 64  # every test image of the fake dataset
+    assert scores["psnr"] == pytest.approx(final["test_psnr"], rel=1e-3)
+    assert scores["rfid"] == pytest.approx(final["test_rfid"], rel=1e-2, abs=1e-3)
+    r = cli("eval", ae, "--reconstruction", "--n", 10)
+    assert r.returncode == 0 and "reconstructions of 10 fashion-mnist images" in r.stdout
+    assert "PSNR" in r.stdout and "rFID" in r.stdout
+    # the diffusion commands point at it
+    r = cli("sample", ae, "--n", 1, "--out", tmp_path / "x")
+    assert_refused(r, "score it with 'ddpm eval RUN --reconstruction'")
+    assert not (tmp_path / "x").exists()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,12 +29,14 @@ from .checkpoint import CheckpointError, load_run_or_file, run_of
 from .config import DataConfig, TrainConfig, one_stopping_rule, resolve_data
 from .data import ImageData, StreamingImages
 from .data.pixels import to_model_range, to_uint8
-from .models.autoencoder import Autoencoder, AutoencoderConfig
-from .settings import check_fields, checked_values, names, setting
+from .data.registry import dataset_spec
+from .models.autoencoder import Autoencoder, AutoencoderConfig, PatchDiscriminator
+from .settings import SettingError, check_fields, checked_values, names, setting
 
 KIND = "autoencoder"  # the "kind" key of an autoencoder run's checkpoints
 RECONSTRUCTIONS = ("l1", "l2")
 SCALE_IMAGES = 2048  # training images whose latents set the scale factor (std within ~0.5%)
+EVAL_IMAGES = 2000  # test images that PSNR and rFID are measured on
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,6 +48,16 @@ class AutoencoderLossConfig:
         1e-6, flag="--kl-weight", at_least=0, below=1e3,
         help="weight of KL(q(z|x) || N(0, I)) against the reconstruction error summed over "
              "pixels (Rombach et al.'s 1e-6)")
+    perceptual_weight: float = setting(
+        0.0, flag="--perceptual-weight", at_least=0, below=1e6,
+        help="weight of the squared distance between the packaged classifier's 128 features of "
+             "each image and of its reconstruction (MNIST and Fashion-MNIST at 28 px; 0: none)")
+    disc_weight: float = setting(
+        0.0, flag="--disc-weight", at_least=0, below=1e3,
+        help="weight of a patch discriminator's hinge loss (Esser et al. 2021), scaled to the "
+             "reconstruction's gradient at the decoder's last layer (Rombach et al.: 0.5; 0: none)")
+    disc_start: int = setting(500, flag="--disc-start", at_least=0,
+                              help="the step from which the discriminator trains and is used")
 
     def validate(self) -> None:
         check_fields(self)
@@ -117,23 +130,64 @@ class AutoencoderRunConfig:
         self.loss.validate()
         self.data.validate()
         self.train.validate()
+        data = self.data
+        if self.loss.perceptual_weight and not (
+                dataset_spec(data.dataset).feature_classifier
+                and (data.channels, data.image_size) in ((1, 28), (None, None))):
+            raise SettingError("loss.perceptual_weight", f"{{setting}} needs a packaged feature "
+                               f"classifier for the images (MNIST and Fashion-MNIST at 1x28x28), "
+                               f"and {data.dataset} has none at this size; drop it")
 
 
 # --- the loss and its measures --------------------------------------------------------------------
 
 
 def autoencoder_loss(ae: Autoencoder, x: torch.Tensor, loss: AutoencoderLossConfig,
-                     generator: torch.Generator | None = None,
+                     generator: torch.Generator | None = None, *,
+                     features: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     discriminator: PatchDiscriminator | None = None,
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The module docstring's L, averaged over the batch ``x`` ``[B, C, H, W]`` in [-1, 1], and
-    its parts: the mean per-pixel reconstruction error and the mean KL per image (nats)."""
+    its parts (detached): the mean per-pixel reconstruction error ``rec``, the mean KL per image
+    ``kl`` (nats) and the reconstruction ``x_hat``. With ``features`` (a feature network) it adds
+    ``perceptual_weight`` times the squared feature distance; with a ``discriminator``,
+    ``disc_weight`` times its adversarial loss -mean D(x_hat) (``adv``), scaled by
+    :func:`adversarial_weight` (``adv_weight``)."""
     x_hat, posterior = ae(x, generator)
     error = x_hat.float() - x
     per_pixel = error.abs() if loss.reconstruction == "l1" else error.pow(2)
     reconstruction = per_pixel.sum(dim=(1, 2, 3)).mean()  # summed per image, as Rombach et al.
     kl = posterior.kl().float().mean()
+    parts = {"rec": per_pixel.mean().detach(), "kl": kl.detach(), "x_hat": x_hat.detach()}
+    if features is not None:
+        distance = (features(x_hat).float() - features(x).float()).pow(2).sum(dim=1).mean()
+        reconstruction = reconstruction + loss.perceptual_weight * distance
+        parts["perceptual"] = distance.detach()
     total = reconstruction + loss.kl_weight * kl
-    return total, {"rec": per_pixel.mean().detach(), "kl": kl.detach()}
+    if discriminator is not None:
+        adversarial = -discriminator(x_hat).float().mean()  # the generator's hinge loss
+        weight = adversarial_weight(reconstruction, adversarial, ae.decoder.conv_out.weight)
+        total = total + loss.disc_weight * weight * adversarial
+        parts.update(adv=adversarial.detach(), adv_weight=weight)
+    return total, parts
+
+
+def adversarial_weight(reconstruction: torch.Tensor, adversarial: torch.Tensor,
+                       last_layer: torch.Tensor) -> torch.Tensor:
+    """Esser et al. 2021, eq. 7: lambda = ||grad L_rec|| / (||grad L_GAN|| + 1e-4), the gradients
+    at the decoder's last layer, so that the adversarial loss moves the decoder about as much as
+    the reconstruction does, whatever their scales (clamped to [0, 1e4], and not differentiated)."""
+    (g_rec,) = torch.autograd.grad(reconstruction, last_layer, retain_graph=True)
+    (g_adv,) = torch.autograd.grad(adversarial, last_layer, retain_graph=True)
+    return (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0, 1e4).detach()
+
+
+def discriminator_loss(discriminator: PatchDiscriminator, x: torch.Tensor,
+                       x_hat: torch.Tensor) -> torch.Tensor:
+    """The hinge loss (Lim & Ye 2017) Esser et al. train their discriminator with:
+    (mean relu(1 - D(x)) + mean relu(1 + D(x_hat))) / 2, real images x, reconstructions x_hat."""
+    real, fake = discriminator(x).float(), discriminator(x_hat).float()
+    return 0.5 * (torch.relu(1 - real).mean() + torch.relu(1 + fake).mean())
 
 
 def psnr(original: torch.Tensor, reconstructed: torch.Tensor) -> torch.Tensor:
@@ -188,13 +242,13 @@ def images_at(data: ImageData | StreamingImages, idx: torch.Tensor) -> torch.Ten
     return torch.stack([image for _, image, error in items if not error])
 
 
-def reconstruction_scores(ae: Autoencoder, data: DataConfig, *, limit: int) -> dict[str, float]:
+def reconstruction_scores(ae: Autoencoder, data: DataConfig, *,
+                          limit: int = EVAL_IMAGES) -> dict[str, float]:
     """How well ``ae`` reconstructs ``limit`` fixed random test images (the run's own split for
     a folder of images, which has no test split): their mean PSNR, and for a dataset with a
     packaged classifier the rFID, the FID between the images and their reconstructions on its
     features (offline; no weights are downloaded)."""
     from .data import open_dataset
-    from .data.registry import dataset_spec
     from .metrics import classifier_extractor, feature_statistics, frechet_distance
 
     spec = dataset_spec(data.dataset)
@@ -203,12 +257,18 @@ def reconstruction_scores(ae: Autoencoder, data: DataConfig, *, limit: int) -> d
     images = images_at(source, torch.randperm(len(source), generator=torch.Generator().manual_seed(
         0))[:limit])
     recon = reconstruct(ae, images)
-    scores = {"psnr": float(psnr(images, recon).clamp(max=100).mean())}
+    scores = {"psnr": float(psnr(images, recon).clamp(max=100).mean()), "n": len(images)}
     if spec.feature_classifier and tuple(images.shape[1:]) == (1, 28, 28) and len(images) > 1:
         extractor = classifier_extractor(data.dataset)
         scores["rfid"] = frechet_distance(*feature_statistics(extractor(images)),
                                           *feature_statistics(extractor(recon)))
     return scores
+
+
+def scores_text(scores: dict[str, float]) -> str:
+    """``reconstruction_scores`` in words: "PSNR 28.06 dB, rFID 0.766"."""
+    rfid = f", rFID {scores['rfid']:.3f}" if "rfid" in scores else ""
+    return f"PSNR {scores['psnr']:.2f} dB{rfid}"
 
 
 # --- the file -------------------------------------------------------------------------------------

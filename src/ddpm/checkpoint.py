@@ -274,7 +274,8 @@ def checkpoint_config(state: dict[str, Any], path: str | os.PathLike) -> RunConf
     if state.get("kind") == "autoencoder":
         raise CheckpointError(
             f"{run_of(path)} is an autoencoder run ('ddpm train-autoencoder'), not a diffusion "
-            f"model; resume it with 'ddpm train-autoencoder --resume'")
+            f"model: score it with 'ddpm eval RUN --reconstruction', diffuse in its latents with "
+            f"'ddpm train --autoencoder RUN', resume it with 'ddpm train-autoencoder --resume'")
     try:
         return RunConfig.from_dict(state["config"])
     except (TypeError, ValueError) as exc:

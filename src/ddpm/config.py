@@ -295,6 +295,9 @@ class LatentConfig:
 
     def validate(self) -> None:
         check_fields(self)
+        if not self.autoencoder and self.posterior != "sample":
+            raise SettingError("latent.posterior", f"{{setting}} {self.posterior} is a setting of "
+                               f"latent diffusion; add --autoencoder AE_RUN, or drop it")
 
 
 SECTIONS = {"model": UNetConfig, "diffusion": DiffusionConfig, "data": DataConfig,

@@ -30,6 +30,7 @@ from .data import ImageData, LatentData, StreamingImages
 from .data.cache import write_arrays
 from .data.pixels import to_model_range
 from .data.registry import default_cache_dir
+from .models import UNetConfig
 from .settings import SettingError
 
 _CACHE_FORMAT = 1  # bump when the latents stored for the same autoencoder and images would change
@@ -78,7 +79,25 @@ def resolve_latent(config: RunConfig) -> tuple[RunConfig, LoadedAutoencoder | No
     sample = config.sample
     if sample.x0_transform == "clip":
         sample = dataclasses.replace(sample, x0_transform="none")
-    return resolve(dataclasses.replace(config, latent=latent, sample=sample)), ae
+    assert data.image_size is not None  # resolved
+    model = levels_that_fit(config.model, data.image_size // m.downsample)
+    return resolve(dataclasses.replace(config, model=model, latent=latent, sample=sample)), ae
+
+
+def levels_that_fit(model: UNetConfig, size: int) -> UNetConfig:
+    """``model`` with its deepest levels left out while a side of ``size`` cannot be halved into
+    them (a 28 px preset's three levels, 28/14/7 px, become two, 14/7 px, for 14 px latents); the
+    attention of a level left out moves to the deepest level kept."""
+    mults = model.channel_mults
+    while len(mults) > 1 and size % (model.patch_size * 2 ** (len(mults) - 1)):
+        mults = mults[:-1]
+    if mults == model.channel_mults:
+        return model
+    sizes = model.level_sizes()
+    kept, deepest = sizes[: len(mults)], sizes[len(mults) - 1]
+    attention = sorted({r if r in kept else deepest for r in model.attention_resolutions},
+                       reverse=True)
+    return dataclasses.replace(model, channel_mults=mults, attention_resolutions=tuple(attention))
 
 
 def load_decoder(config: RunConfig, device: str | torch.device = "cpu") -> LoadedAutoencoder | None:

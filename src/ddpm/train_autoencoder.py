@@ -29,6 +29,7 @@ from .autoencoder import (
     SECTIONS,
     AutoencoderRunConfig,
     autoencoder_loss,
+    discriminator_loss,
     images_at,
     latent_scale,
     reconstruct,
@@ -44,10 +45,11 @@ from .checkpoint import (
     remove_partial_writes,
     save_checkpoint,
 )
+from .classifier import load_classifier
 from .data import BatchStream, ImageData, StreamingImages, open_dataset
 from .data.pixels import to_model_range
 from .data.registry import default_cache_dir
-from .models.autoencoder import Autoencoder
+from .models.autoencoder import Autoencoder, PatchDiscriminator
 from .monitor import StopRequest
 from .rundir import CONFIG_FILE, SAMPLES_DIR, Loggers, SideOutputs, run_lock
 from .runtime import (
@@ -62,7 +64,6 @@ from .step import learning_rate
 from .viz import save_grid
 
 GRID_IMAGES = 8  # originals in the grid's top row, their reconstructions below
-EVAL_IMAGES = 2000  # test images that PSNR and rFID are measured on
 
 
 class AutoencoderState:
@@ -71,9 +72,9 @@ class AutoencoderState:
 
     def __init__(self, config: AutoencoderRunConfig, model: Autoencoder,
                  optimizer: torch.optim.Optimizer, stream: BatchStream,
-                 noise_generator: torch.Generator):
+                 noise_generator: torch.Generator, critic: Critic | None = None):
         self.config, self.model, self.optimizer = config, model, optimizer
-        self.stream, self.noise_generator = stream, noise_generator
+        self.stream, self.noise_generator, self.critic = stream, noise_generator, critic
         self.step, self.elapsed_before = 0, 0.0
         self.clock = time.perf_counter()
 
@@ -97,17 +98,32 @@ class AutoencoderState:
                     "data": self.stream.generator.get_state()},
             "scale_factor": scale_factor,
             "num_params": sum(p.numel() for p in self.model.parameters()),
+            **({} if self.critic is None else {
+                "discriminator": self.critic.model.state_dict(),
+                "discriminator_optimizer": self.critic.optimizer.state_dict()}),
         }
 
     def load_state_dict(self, state: dict[str, Any], path: Path) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.critic is not None:
+            self.critic.model.load_state_dict(state["discriminator"])
+            self.critic.optimizer.load_state_dict(state["discriminator_optimizer"])
         self.stream.load_state_dict(state["data_stream"])
         torch.set_rng_state(state["rng"]["torch"])
         _set_generator(self.noise_generator, state["rng"]["noise"], 2 * int(state["step"]) + 1, path)
         _set_generator(self.stream.generator, state["rng"]["data"], 2 * int(state["step"]), path)
         self.step = int(state["step"])
         self.elapsed_before = float(state["elapsed_s"])
+
+
+@dataclass
+class Critic:
+    """What the reconstructions are judged by: the patch discriminator and its AdamW (betas
+    0.5, 0.9 as Esser et al.'s), trained from ``loss.disc_start``."""
+
+    model: PatchDiscriminator
+    optimizer: torch.optim.Optimizer
 
 
 @dataclass
@@ -181,7 +197,12 @@ def _build(config: AutoencoderRunConfig, device: torch.device, progress: bool,
                          crop_size=config.data.image_size if config.data.crop == "random" else None,
                          workers=config.data.workers)
     noise = torch.Generator(device).manual_seed(tc.seed + 1)
-    return AutoencoderState(config, model, optimizer, stream, noise), data
+    critic = None
+    if config.loss.disc_weight:  # made after the rest, so a run without one draws as before
+        m = config.model
+        disc = PatchDiscriminator(m.in_channels, m.base_channels, m.norm_groups).to(device)
+        critic = Critic(disc, torch.optim.AdamW(disc.parameters(), lr=tc.lr, betas=(0.5, 0.9)))
+    return AutoencoderState(config, model, optimizer, stream, noise, critic), data
 
 
 def _train(config: AutoencoderRunConfig, run_dir: Path, hold: contextlib.ExitStack, *,
@@ -205,6 +226,10 @@ def _train(config: AutoencoderRunConfig, run_dir: Path, hold: contextlib.ExitSta
     log = Loggers(run_dir, config, state.step if resume else None, SideOutputs())
     hold.callback(log.close)  # closed however the run ends
     grid_images = images_at(data, torch.arange(min(GRID_IMAGES, len(data))))
+    features = None
+    if config.loss.perceptual_weight:  # the packaged classifier's features (validate checked it)
+        classifier = load_classifier(config.data.dataset).model.to(device).eval().requires_grad_(False)
+        features = classifier.features
     if progress:
         tqdm.write(f"precision: {precision} ({why})")
     bar = tqdm(total=tc.steps, initial=state.step, disable=not progress, unit="step",
@@ -218,7 +243,7 @@ def _train(config: AutoencoderRunConfig, run_dir: Path, hold: contextlib.ExitSta
                     or signals.signum is not None:
                 break
             lr = learning_rate(config, state.step, fraction)
-            stats = _step(state, precision, device, lr)
+            stats = _step(state, precision, device, lr, features)
             state.step += 1
             bar.update(1)
             loss = stats["loss"]
@@ -238,14 +263,19 @@ def _train(config: AutoencoderRunConfig, run_dir: Path, hold: contextlib.ExitSta
 
 
 def _step(state: AutoencoderState, precision: str, device: torch.device, lr: float,
-          ) -> dict[str, float]:
-    """One AdamW update on one batch, the gradient clipped; the loss's parts as floats."""
+          features: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+    """One AdamW update on one batch, the gradient clipped, then (from ``disc_start``) one of
+    the discriminator; the loss's parts as floats."""
     x, _ = state.stream.next()
     x = x.to(device, non_blocking=True)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
+    lc, critic = state.config.loss, state.critic
+    judged = critic is not None and state.step >= lc.disc_start
     with autocast(device, precision):
-        loss, parts = autoencoder_loss(state.model, x, state.config.loss, state.noise_generator)
+        loss, parts = autoencoder_loss(state.model, x, lc, state.noise_generator,
+                                       features=features,
+                                       discriminator=critic.model if judged and critic else None)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), state.config.train.grad_clip)
@@ -255,8 +285,19 @@ def _step(state: AutoencoderState, precision: str, device: torch.device, lr: flo
                                  f"{state.step + 1}; nothing was saved over the checkpoints; "
                                  f"try a lower --lr")
     state.optimizer.step()
-    return {"loss": value, "rec": float(parts["rec"]), "kl": float(parts["kl"]),
-            "grad_norm": float(grad_norm)}
+    stats = {"loss": value, "grad_norm": float(grad_norm),
+             **{k: float(v) for k, v in parts.items() if k != "x_hat"}}
+    if judged and critic is not None:  # then the discriminator, on the same batch
+        for group in critic.optimizer.param_groups:
+            group["lr"] = lr
+        with autocast(device, precision):
+            d_loss = discriminator_loss(critic.model, x, parts["x_hat"])
+        critic.optimizer.zero_grad(set_to_none=True)
+        d_loss.backward()
+        torch.nn.utils.clip_grad_norm_(critic.model.parameters(), state.config.train.grad_clip)
+        critic.optimizer.step()
+        stats["d_loss"] = float(d_loss.detach())
+    return stats
 
 
 def _checkpoint(state: AutoencoderState, data: ImageData | StreamingImages,
@@ -281,7 +322,7 @@ def _scores(model: Autoencoder, config: AutoencoderRunConfig) -> dict[str, float
     """PSNR and rFID of the reconstructions of test images (``reconstruction_scores``)."""
     model.eval()
     try:
-        return reconstruction_scores(model, config.data, limit=EVAL_IMAGES)
+        return reconstruction_scores(model, config.data)
     finally:
         model.train()
 

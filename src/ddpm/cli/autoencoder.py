@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..autoencoder import SECTIONS, TRAIN_SETTINGS, AutoencoderRunConfig
+from ..autoencoder import SECTIONS, TRAIN_SETTINGS, AutoencoderRunConfig, scores_text
 from ..models import count_parameters
 from ..models.autoencoder import Autoencoder
 from ..rundir import CONFIG_FILE
@@ -85,8 +85,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"trained {result.step} steps in {result.elapsed_s / 60:.1f} min, last loss "
           f"{result.last_loss:.4g}; latent scale factor {result.scale_factor:.4g}")
     if result.scores:
-        print("test reconstructions: " + ", ".join(
-            f"PSNR {v:.2f} dB" if k == "psnr" else f"rFID {v:.3f}" for k, v in result.scores.items()))
+        print(f"test reconstructions: {scores_text(result.scores)}")
     print(f"checkpoint: {result.checkpoint}")
     return 0
 

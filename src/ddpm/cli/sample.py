@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..autoencoder import load_autoencoder, reconstruction_scores, scores_text
 from ..checkpoint import CHECKPOINT_DIR, check_writable
 from ..config import GUIDANCE_MAX, SampleConfig
 from ..data import DATASETS, IMAGE_SUFFIXES, SPLITS, load_dataset, load_images, to_uint8
@@ -250,6 +252,10 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
                    help="--nll: estimate the bound's T - 1 middle terms from K of them, one per "
                         "stratum of steps (unbiased), or use all of them (T network evaluations "
                         "per image)")
+    p.add_argument("--reconstruction", action="store_true",
+                   help="instead of FID: how well an autoencoder run (ddpm train-autoencoder) "
+                        "reconstructs --n test images (default 2000): PSNR, and rFID where a "
+                        "packaged classifier reads the data")
     p.add_argument("--extractor", choices=EXTRACTORS, default="auto",
                    help="features: auto is the packaged classifier for mnist and fashion-mnist "
                         "(offline), inception-v3 (standard FID) otherwise")
@@ -283,8 +289,13 @@ def run_eval(args: argparse.Namespace) -> int:
     if (args.checkpoint is None) == (args.images is None):
         raise UsageError("give either a run directory or checkpoint to generate from, or "
                          "--images DIR|SAMPLES.npz, not both")
+    if args.nll and args.reconstruction:
+        raise UsageError("give --nll (a diffusion run) or --reconstruction (an autoencoder run), "
+                         "not both")
     if args.nll:
         return run_nll(args)
+    if args.reconstruction:
+        return run_reconstruction(args)
     args.split = args.split or "train"
     if args.images is not None:
         images, dataset, data_dir, options = _given_images(args)
@@ -322,6 +333,28 @@ def run_eval(args: argparse.Namespace) -> int:
         images = to_uint8(generated)
     result = evaluator.evaluate(images, seed=args.seed, prc=args.prc, **provenance)
     print(json.dumps(result.to_dict()) if args.json else _eval_table(result))
+    return 0
+
+
+def run_reconstruction(args: argparse.Namespace) -> int:
+    """``ddpm eval AE_RUN --reconstruction``: PSNR and rFID of an autoencoder's reconstructions
+    of test images (those its run measured at the end, unless --n or --data-dir differ)."""
+    if args.images is not None:
+        raise UsageError("--reconstruction scores an autoencoder run's reconstructions; give the "
+                         "run, not --images")
+    ae = load_autoencoder(args.checkpoint, resolve_device(args.device))
+    data = ae.config.data
+    if args.data_dir:
+        data = replace(data, data_dir=args.data_dir)
+    start = time.perf_counter()
+    scores = reconstruction_scores(ae.model, data, **({"limit": args.n} if args.n else {}))
+    seconds = time.perf_counter() - start
+    result = {**scores, "dataset": data.dataset, "autoencoder": str(ae.path), "seconds": seconds}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"reconstructions of {int(scores['n'])} {data.dataset} images by {ae.path}: "
+          f"{scores_text(scores)}; {seconds:.1f} s")
     return 0
 
 

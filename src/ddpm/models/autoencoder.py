@@ -202,3 +202,25 @@ class Autoencoder(nn.Module):
         """The reconstruction of a posterior sample, and the posterior."""
         posterior = self.encode(x)
         return self.decode(posterior.sample(generator)), posterior
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (Isola et al. 2017), as Esser et al. 2021 and Rombach et al. train their
+    autoencoders against: strided 4x4 convolutions down to one logit per overlapping patch of
+    the image (7x7 patches' logits for 28 px images), real images high, reconstructions low."""
+
+    def __init__(self, in_channels: int, width: int, groups: int, layers: int = 2):
+        super().__init__()
+        convs: list[nn.Module] = [nn.Conv2d(in_channels, width, 4, stride=2, padding=1),
+                                  nn.LeakyReLU(0.2)]
+        ch = width
+        for _ in range(1, layers):
+            convs += [nn.Conv2d(ch, 2 * ch, 4, stride=2, padding=1), _group_norm(2 * ch, groups),
+                      nn.LeakyReLU(0.2)]
+            ch *= 2
+        convs.append(nn.Conv2d(ch, 1, 3, padding=1))
+        self.net = nn.Sequential(*convs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, C, H, W]`` -> logits ``[B, 1, H/2^layers, W/2^layers]``."""
+        return self.net(x)
