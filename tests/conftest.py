@@ -115,9 +115,9 @@ def world(tmp_path_factory, fake_fashion):
     return root
 
 
-# Under pytest-xdist (``-n 2``, as scripts/check runs the suite) each worker is one process of the
-# machine's cores: one torch thread each, inherited by the ``ddpm`` processes a test starts, so
-# that two workers never fight over the same cores.
+# Under pytest-xdist (``-n 3``, as scripts/check runs the suite) each worker runs torch on one
+# thread, and so do the ``ddpm`` processes a test starts: the workers share the machine's cores
+# instead of each one's threads fighting over all of them.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
