@@ -126,6 +126,7 @@ def test_every_preset_round_trips_through_json(name):
     ({"model": {"channel_mults": 2}}, "model.channel_mults must be a list of whole numbers"),
     ({"optimiser": {}}, "unknown config section(s) 'optimiser'; the sections are model, diffusion"),
     ({"data": {"dataset": None}}, "data.dataset cannot be null"),
+    (["model"], "a config is an object of sections (model, diffusion, data, train, sample, latent)"),
 ])
 def test_wrong_names_and_types_are_named(values, message):
     with pytest.raises(ValueError) as info:
@@ -373,3 +374,11 @@ def test_formulation_edm_lays_its_settings_over_the_preset_and_the_options_win(t
     from_file = _dry_run("--formulation", "edm", "--config", file)
     assert from_file["diffusion"]["timestep_sampling"] == "uniform"
     assert from_file["sample"]["sampler"] == "heun"
+
+
+def test_an_autoencoder_config_names_its_own_sections():
+    from ddpm.autoencoder import AutoencoderRunConfig
+
+    with pytest.raises(ValueError, match=r"unknown config section\(s\) 'sample'; the sections of "
+                                         r"an autoencoder run are model, loss, data, train"):
+        AutoencoderRunConfig.from_dict({"sample": {}})

@@ -31,7 +31,7 @@ from .data import ImageData, StreamingImages
 from .data.pixels import to_model_range, to_uint8
 from .data.registry import dataset_spec
 from .models.autoencoder import Autoencoder, AutoencoderConfig, PatchDiscriminator
-from .settings import SettingError, check_fields, checked_values, names, setting
+from .settings import SettingError, check_fields, checked_sections, setting
 
 KIND = "autoencoder"  # the "kind" key of an autoencoder run's checkpoints
 RECONSTRUCTIONS = ("l1", "l2")
@@ -96,14 +96,7 @@ class AutoencoderRunConfig:
     def with_overrides(self, overrides: dict[str, Any], *, resolve: bool = True) -> AutoencoderRunConfig:
         """This config with ``{section: {field: value}}`` applied, each checked for its name and
         type; with ``resolve``, the data's facts filled in and the model fitted to the data."""
-        if not isinstance(overrides, dict):
-            raise ValueError(f"an autoencoder config is an object of sections ({names(SECTIONS)})")
-        unknown = sorted(set(overrides) - set(SECTIONS), key=str)
-        if unknown:
-            raise ValueError(f"unknown config section(s) {', '.join(map(repr, unknown))}; the "
-                             f"sections of an autoencoder run are {names(SECTIONS)}")
-        given = {name: checked_values(name, cls, overrides.get(name, {}))
-                 for name, cls in SECTIONS.items()}
+        given = checked_sections(SECTIONS, overrides, run="an autoencoder run")
         stray = [k for k in given["train"] if k not in TRAIN_SETTINGS]
         if stray:
             raise ValueError(f"train.{stray[0]} is a diffusion setting; an autoencoder run reads "

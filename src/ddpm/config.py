@@ -33,12 +33,9 @@ from .settings import (
     SEED_MAX,
     SettingError,
     check_fields,
-    checked_values,
-    cut,
-    names,
+    checked_sections,
     setting,
     settings_of,
-    shown,
 )
 from .timesteps import SPACINGS
 
@@ -399,12 +396,7 @@ def with_overrides(base: RunConfig, overrides: dict[str, dict[str, Any]], *,
     the data section first, then the preset's U-Net is fitted to the data (:func:`fit_model`),
     then the model's own overrides; a new dataset without a data_dir takes that dataset's
     folder; the preset's sampling steps shrink to a smaller T."""
-    unknown = sorted(set(overrides) - set(SECTIONS), key=str)
-    if unknown:
-        raise ValueError(f"unknown config section(s) {cut(', '.join(map(shown, unknown)), 80)}; "
-                         f"the sections are {names(SECTIONS)}")
-    checked = {name: checked_values(name, cls, overrides.get(name, {}))
-               for name, cls in SECTIONS.items()}
+    checked = checked_sections(SECTIONS, overrides)
     replace = dataclasses.replace
     data = replace(base.data, **checked["data"])
     model = base.model

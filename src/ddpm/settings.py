@@ -202,6 +202,23 @@ def checked_values(section: str, cls: type, values: Any) -> dict[str, Any]:
     return {k: coerce(cls, k, v, key=f"{section}.{k}") for k, v in values.items()}
 
 
+def checked_sections(sections: dict[str, type], overrides: Any, *,
+                     run: str = "") -> dict[str, dict[str, Any]]:
+    """``{section: {field: value}}`` overrides (a config file's, the command line's) checked
+    against the config ``sections``: each section's values by :func:`checked_values`, every
+    section present (empty when not given). An unknown section is a ValueError naming the
+    sections of the ``run`` ("an autoencoder run"; by default a diffusion run's, unnamed)."""
+    of = f" of {run}" if run else ""
+    if not isinstance(overrides, dict):
+        raise ValueError(f"a config is an object of sections ({names(sections)}), got "
+                         f"{cut(shown(overrides))}")
+    unknown = sorted(set(overrides) - set(sections), key=str)
+    if unknown:
+        raise ValueError(f"unknown config section(s) {cut(', '.join(map(shown, unknown)), 80)}; "
+                         f"the sections{of} are {names(sections)}")
+    return {name: checked_values(name, cls, overrides.get(name, {})) for name, cls in sections.items()}
+
+
 def settings_of(cls: type) -> list[tuple[dataclasses.Field, Setting]]:
     """The declared settings of the dataclass ``cls``, in field order."""
     return [(f, d) for f in dataclasses.fields(cls) if (d := declaration(f)) is not None]
