@@ -14,7 +14,6 @@ written (a full disk) keeps the previous one and says so.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import os
 from collections.abc import Callable
@@ -294,7 +293,7 @@ def _train(config: RunConfig, run_dir: Path, accelerator: Accelerator, device: t
     """The body of :func:`train`; it takes the run directory's lock into ``hold``."""
     tc, main = config.train, accelerator.is_main_process
     if autoencoder is not None:
-        autoencoder = dataclasses.replace(autoencoder, model=autoencoder.model.to(device))
+        autoencoder.model.to(device)  # (in place) it encodes the split and decodes the previews there
     run = build_training(config, accelerator, device, functools.partial(
         _open_data, config, accelerator, autoencoder, progress=progress and main), keep_ema=main,
         decoder=autoencoder)
