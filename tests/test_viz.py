@@ -1,5 +1,6 @@
 """``ddpm viz``: every figure decodes, the pictures show what the math says, bad requests are refused."""
 
+import re
 import subprocess
 import sys
 
@@ -30,6 +31,7 @@ def run(tmp_path_factory, fake_fashion):
     r = ddpm("train", "--preset", "tiny", "--steps", 12, "--out", run, "--data-dir", fake_fashion,
              "--sample-every", 4, "--checkpoint-every", 4, "--no-progress")
     assert r.returncode == 0, r.stderr
+    (run.parent / "train-stdout.txt").write_text(r.stdout)  # its summary names the precision
     return run
 
 
@@ -187,12 +189,17 @@ def test_schedule_and_curves_figures(run, tmp_path):
 def test_preview_grids_use_fixed_noise_and_make_the_progress_gif(run):
     grids = sorted((run / "samples").glob("step-*.png"))
     assert [g.name for g in grids] == ["step-00000004.png", "step-00000008.png", "step-00000012.png"]
+    trained_in = re.findall(r", (fp32|bf16) \((?:as asked|auto: [^)]*)\), on ",
+                            (run.parent / "train-stdout.txt").read_text())
+    assert len(trained_in) == 1, "the summary's training line names one precision"
+    precision = trained_in[0]
     for grid in grids:
         step = int(grid.stem.split("-")[1])
         # the preview is the EMA weights of that step sampled from PREVIEW_SEED's noise, in the
-        # training's precision (the run's auto: bf16 on a CPU with bf16 hardware, else fp32)
+        # precision the run trains in (auto's training measurement, which sampling's own
+        # measurement need not agree with: the summary line says which it chose)
         pipe = load_pipeline(run / "checkpoints" / f"ckpt-{step:08d}.pt", device="cpu",
-                             precision="auto")
+                             precision=precision)
         images = pipe.generate(pipe.config.train.sample_n, seed=PREVIEW_SEED,
                                num_sample_steps=pipe.config.train.sample_steps)
         expected = frame_grid(images, nrow=2)
