@@ -13,6 +13,8 @@ from PIL import Image
 
 from ddpm.metrics import INCEPTION_FILE
 
+from conftest import ddpm_in_process as cli
+
 KEYS = {"fid", "kid", "n", "split", "extractor", "sampler", "steps", "seed", "floor_fid"}
 
 
@@ -61,7 +63,7 @@ def test_the_checkpoint_of_the_lowest_fid_is_kept(fid_run):
 
 def test_eval_checkpoint_json_line(fid_run, tmp_path):
     run, cache, _ = fid_run
-    r = ddpm("eval", run, "--n", 128, "--sampler", "dpm++", "--steps", 3, "--json", "--no-progress",
+    r = cli("eval", run, "--n", 128, "--sampler", "dpm++", "--steps", 3, "--json", "--no-progress",
              "--cache-dir", cache, "--save-samples", tmp_path / "s.npz")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
@@ -77,14 +79,14 @@ def test_eval_checkpoint_json_line(fid_run, tmp_path):
 
 def test_eval_table_and_images_from_elsewhere(fid_run, tmp_path):
     run, cache, data = fid_run
-    r = ddpm("sample", run, "--n", 128, "--steps", 3, "--out", tmp_path / "pngs", "--no-progress")
+    r = cli("sample", run, "--n", 128, "--steps", 3, "--out", tmp_path / "pngs", "--no-progress")
     assert r.returncode == 0, r.stderr
     # The same images as a folder of PNGs and as an npz, as other tools write them.
     arr = np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / "pngs").glob("*.png"))])
     np.savez(tmp_path / "x.npz", arr_0=arr.reshape(128, 28, 28, -1)[..., :1])
     scores = []
     for source in (tmp_path / "pngs", tmp_path / "x.npz"):
-        r = ddpm("eval", "--images", source, "--dataset", "fashion-mnist", "--data-dir", data,
+        r = cli("eval", "--images", source, "--dataset", "fashion-mnist", "--data-dir", data,
                  "--split", "test", "--json", "--no-progress", "--cache-dir", cache)
         assert r.returncode == 0, r.stderr
         scores.append(json.loads(r.stdout))
@@ -96,11 +98,11 @@ def test_eval_table_and_images_from_elsewhere(fid_run, tmp_path):
     np.savez(tmp_path / "two.npz", labels=np.zeros(20, np.int64),
              samples=np.load(tmp_path / "x.npz")["arr_0"])
     for source, key in ((tmp_path / "named.npz", ()), (tmp_path / "two.npz", ("--npz-key", "samples"))):
-        r = ddpm("eval", "--images", source, *key, "--dataset", "fashion-mnist", "--data-dir", data,
+        r = cli("eval", "--images", source, *key, "--dataset", "fashion-mnist", "--data-dir", data,
                  "--split", "test", "--json", "--no-progress", "--cache-dir", cache)
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["fid"] == pytest.approx(scores[0]["fid"], rel=1e-6)
-    r = ddpm("eval", "--images", tmp_path / "x.npz", "--dataset", "fashion-mnist", "--data-dir", data,
+    r = cli("eval", "--images", tmp_path / "x.npz", "--dataset", "fashion-mnist", "--data-dir", data,
              "--prc", "--no-progress", "--cache-dir", cache)
     assert r.returncode == 0, r.stderr
     assert "floor (real)" in r.stdout and "precision" in r.stdout and "FID" in r.stdout
@@ -126,19 +128,16 @@ def test_eval_table_and_images_from_elsewhere(fid_run, tmp_path):
     (["--images", "{tmp}/two.npz", "--dataset", "fashion-mnist", "--npz-key", "c"], "only a, b"),
     (["{run}", "--npz-key", "a"], "--npz-key names an array of --images"),
 ])
-def test_eval_bad_input_is_one_line_exit_2(fid_run, tmp_path, args, message):
+def test_eval_bad_input_is_one_line_exit_2(fid_run, tmp_path, monkeypatch, args, message):
     run, cache, data = fid_run
     np.savez(tmp_path / "x.npz", arr_0=np.zeros((4, 28, 28, 1), np.uint8))
     np.savez(tmp_path / "bad.npz", arr_0=np.zeros((4, 28, 28, 1), np.float32))
     np.savez(tmp_path / "two.npz", a=np.zeros((4, 28, 28, 1), np.uint8), b=np.zeros(3, np.uint8))
     np.savez(tmp_path / "big.npz", arr_0=np.zeros((2048, 28, 28, 1), np.uint8))
-    import os
-
-    env = dict(os.environ, TORCH_HOME=str(tmp_path / "torch"))  # no Inception weights there
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no Inception weights there
     cmd = [a.replace("{run}", str(run)).replace("{tmp}", str(tmp_path)).replace("{data}", str(data))
            for a in args]
-    r = subprocess.run([sys.executable, "-m", "ddpm", "eval", *cmd, "--cache-dir", str(cache)],
-                       capture_output=True, text=True, timeout=600, env=env)
+    r = cli("eval", *cmd, "--cache-dir", cache)
     assert r.returncode == 2, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
@@ -149,7 +148,6 @@ def test_eval_bad_input_is_one_line_exit_2(fid_run, tmp_path, args, message):
 
 
 def test_eval_nll_reports_bits_per_dim_for_fixed_and_learned_variances(learned_run, world):
-    from conftest import ddpm_in_process as cli
     results = {}
     for name, run, extra in (("learned", learned_run, []), ("posterior", world / "run", []),
                              ("beta", world / "run", ["--variance", "beta"])):
@@ -171,7 +169,6 @@ def test_eval_nll_reports_bits_per_dim_for_fixed_and_learned_variances(learned_r
     (["--n", "100000"], "holds"),
 ])
 def test_bad_nll_requests_are_one_line_errors(world, args, message):
-    from conftest import ddpm_in_process as cli
     r = cli("eval", world / "run", "--nll", *args)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

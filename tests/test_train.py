@@ -478,12 +478,11 @@ def test_sigkill_during_checkpoint_and_log_writes_never_loses_the_run(tmp_path, 
     args = ("--preset", "tiny", "--data-dir", fake_fashion, "--steps", steps, "--checkpoint-every",
             1, "--keep-checkpoints", 2, "--sample-every", 0, "--log-every", 1, "--threads", 1,
             "--no-progress")
-    reference = subprocess.run([sys.executable, "-m", "ddpm", "train", *map(str, args), "--out",
-                                tmp_path / "ref"], capture_output=True, text=True, timeout=300)
-    assert reference.returncode == 0, reference.stderr
+    reference = ddpm_in_process("train", *args, "--out", tmp_path / "ref")  # the same weights
+    assert reference.returncode == 0, reference.stderr                     # as in a process
     run, rng, kills, mid_write, torn = tmp_path / "run", random.Random(0), 0, 0, set()
     folder = run / "checkpoints"
-    for round_ in range(6):
+    for round_ in range(4):
         resume = bool(list_checkpoints(run))
         start_step = load_run_or_file(run)[1]["step"] if resume else 0
         if start_step >= steps - 3:
@@ -507,9 +506,7 @@ def test_sigkill_during_checkpoint_and_log_writes_never_loses_the_run(tmp_path, 
             cut = rng.randrange(text.rstrip("\n").rfind("\n") + 2, len(text) - 1)
             (run / "metrics.jsonl").write_text(text[:cut])
     assert kills >= 4 and mid_write >= 1 and torn
-    r = subprocess.run([sys.executable, "-m", "ddpm", "train", "--resume", str(run), "--steps",
-                        str(steps), "--threads", "1", "--no-progress"], capture_output=True,
-                       text=True, timeout=300)
+    r = ddpm_in_process("train", "--resume", run, "--steps", steps, "--threads", 1, "--no-progress")
     assert r.returncode == 0, r.stderr
     assert not [f for f in folder.iterdir() if f.name.endswith(".tmp")], "partial writes remain"
     final, expected = load_run_or_file(run)[1], load_run_or_file(tmp_path / "ref")[1]
