@@ -4,6 +4,7 @@ scale factor, what training learns, exact resume, and the command's refusals."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -221,6 +222,37 @@ def test_train_autoencoder_writes_a_run_with_a_scale_and_scores(tmp_path, fake_f
     loaded = load_autoencoder(run)
     assert loaded.scale_factor > 0 and loaded.config.model.latent_channels == 2
     assert loaded.sha256 == weights_hash(load_checkpoint(list_checkpoints(run)[0]))
+
+
+def test_rfid_of_a_larger_run_is_measured_at_the_classifiers_28_px(tmp_path, fake_fashion):
+    """Fashion-MNIST trained at 32 px: the rFID is the FID of the test images and their
+    reconstructions, both resized to the packaged classifier's 28 px (as eval resizes samples)."""
+    import torch.nn.functional as F
+
+    from ddpm.autoencoder import images_at, reconstruct
+    from ddpm.data import open_dataset
+    from ddpm.metrics import classifier_extractor, feature_statistics, frechet_distance
+
+    run = tmp_path / "ae"
+    code, out, err = cli(*tiny_args(fake_fashion, run, "--steps", 2, "--image-size", 32))
+    assert code == 0, err
+    assert "rFID" in out
+    final = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final["step"] == 2 and final["elapsed_s"] > 0  # the training's time beside its scores
+    ae = load_autoencoder(run)
+    test = open_dataset(dataclasses.replace(ae.config.data, split="test"))
+    images = images_at(test, torch.arange(len(test)))  # all 64: FID does not depend on the order
+    assert images.shape[1:] == (1, 32, 32)
+    extractor = classifier_extractor("fashion-mnist")
+
+    def at_28(x):
+        return F.interpolate(x.float(), size=(28, 28), mode="bilinear", antialias=True,
+                             align_corners=False)
+
+    features = [extractor(at_28(x).round().clamp(0, 255).to(torch.uint8))
+                for x in (images, reconstruct(ae.model, images))]
+    expected = frechet_distance(*feature_statistics(features[0]), *feature_statistics(features[1]))
+    assert final["test_rfid"] == pytest.approx(expected, rel=1e-4)
 
 
 JUDGED = ("--disc-weight", 0.5, "--disc-start", 2, "--perceptual-weight", 0.01, "--log-every", 1)

@@ -39,6 +39,14 @@ SCALE_IMAGES = 2048  # training images whose latents set the scale factor (std w
 EVAL_IMAGES = 2000  # test images that PSNR and rFID are measured on
 
 
+def coding_batch(device: torch.device) -> int:
+    """Images per call of the encoder or the decoder outside training: 16 on a CPU, where
+    larger batches ran slower (the 64 px Fashion-MNIST autoencoder of BENCHMARKS.md encoded 150
+    images/s at 16 against 83 at 256 and decoded 55 against 33, its large activations allocated
+    afresh from the system on every call), 256 on a GPU."""
+    return 16 if device.type == "cpu" else 256
+
+
 @dataclass(frozen=True, kw_only=True)
 class AutoencoderLossConfig:
     reconstruction: str = setting(
@@ -191,11 +199,12 @@ def psnr(original: torch.Tensor, reconstructed: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_images(ae: Autoencoder, images: torch.Tensor, *, batch_size: int = 256,
-                  sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+def encode_images(ae: Autoencoder, images: torch.Tensor, *, sample: bool = False,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Unscaled latents of uint8 images ``[N, C, H, W]``: the posterior means, or draws from
     q(z | x) with ``sample``; float32 ``[N, c, H/F, W/F]`` on the CPU."""
     device = next(ae.parameters()).device
+    batch_size = coding_batch(device)
     out = []
     for i in range(0, len(images), batch_size):
         posterior = ae.encode(to_model_range(images[i : i + batch_size]).to(device))
@@ -205,9 +214,10 @@ def encode_images(ae: Autoencoder, images: torch.Tensor, *, batch_size: int = 25
 
 
 @torch.no_grad()
-def reconstruct(ae: Autoencoder, images: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
+def reconstruct(ae: Autoencoder, images: torch.Tensor) -> torch.Tensor:
     """uint8 images ``[N, C, H, W]`` through the posterior mean and the decoder, as uint8."""
     device = next(ae.parameters()).device
+    batch_size = coding_batch(device)
     out = []
     for i in range(0, len(images), batch_size):
         z = ae.encode(to_model_range(images[i : i + batch_size]).to(device)).mean
@@ -240,7 +250,7 @@ def reconstruction_scores(ae: Autoencoder, data: DataConfig, *,
     """How well ``ae`` reconstructs ``limit`` fixed random test images (the run's own split for
     a folder of images, which has no test split): their mean PSNR, and for a dataset with a
     packaged classifier the rFID, the FID between the images and their reconstructions on its
-    features (offline; no weights are downloaded)."""
+    features (offline; no weights are downloaded), at 28 px whatever size the run trains at."""
     from .data import open_dataset
     from .metrics import classifier_extractor, feature_statistics, frechet_distance
 
@@ -251,7 +261,8 @@ def reconstruction_scores(ae: Autoencoder, data: DataConfig, *,
         0))[:limit])
     recon = reconstruct(ae, images)
     scores = {"psnr": float(psnr(images, recon).clamp(max=100).mean()), "n": len(images)}
-    if spec.feature_classifier and tuple(images.shape[1:]) == (1, 28, 28) and len(images) > 1:
+    # at another size than 28 px the extractor resizes both sides to it, as eval does samples
+    if spec.feature_classifier and images.shape[1] == 1 and len(images) > 1:
         extractor = classifier_extractor(data.dataset)
         scores["rfid"] = frechet_distance(*feature_statistics(extractor(images)),
                                           *feature_statistics(extractor(recon)))

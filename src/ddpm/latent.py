@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .autoencoder import LoadedAutoencoder, load_autoencoder
+from .autoencoder import LoadedAutoencoder, coding_batch, load_autoencoder
 from .checkpoint import CheckpointError
 from .config import RunConfig, resolve
 from .data import ImageData, LatentData, StreamingImages
@@ -34,7 +34,6 @@ from .models import UNetConfig
 from .settings import SettingError
 
 _CACHE_FORMAT = 1  # bump when the latents stored for the same autoencoder and images would change
-ENCODE_BATCH = 256
 
 
 def read_autoencoder(config: RunConfig, device: str | torch.device = "cpu") -> LoadedAutoencoder:
@@ -115,7 +114,8 @@ def load_decoder(config: RunConfig, device: str | torch.device = "cpu") -> Loade
 @torch.no_grad()
 def decode(ae: LoadedAutoencoder, z: torch.Tensor) -> torch.Tensor:
     """Images ``[B, C, H, W]`` (about [-1, 1]) from scaled latents: x = D(z / s)."""
-    return ae.model.decode(z / ae.scale_factor).float()
+    batch = coding_batch(z.device)
+    return torch.cat([ae.model.decode(part / ae.scale_factor).float() for part in z.split(batch)])
 
 
 # --- the training split's latents -----------------------------------------------------------------
@@ -145,8 +145,9 @@ def _encode(data: ImageData | StreamingImages, ae: LoadedAutoencoder, *, hflip: 
     parts: dict[str, list[torch.Tensor]] = {"mean": [], "std": [], "flipped_mean": [],
                                             "flipped_std": [], "labels": []}
     with tqdm(total=len(data), unit="img", disable=not progress, desc="encoding latents") as bar:
-        for start in range(0, len(data), ENCODE_BATCH):
-            idx = torch.arange(start, min(start + ENCODE_BATCH, len(data)))
+        batch = coding_batch(device)
+        for start in range(0, len(data), batch):
+            idx = torch.arange(start, min(start + batch, len(data)))
             images, labels = _images(data, idx)
             x = to_model_range(images).to(device)
             for prefix, view in (("", x), ("flipped_", x.flip(-1)))[: 2 if hflip else 1]:

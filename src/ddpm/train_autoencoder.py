@@ -256,7 +256,8 @@ def _train(config: AutoencoderRunConfig, run_dir: Path, hold: contextlib.ExitSta
         path, scale = _checkpoint(state, data, run_dir)
         scores = {} if signals.signum is not None else _scores(state.model, config)
         if scores:
-            log.log(state.step, {f"test_{k}": v for k, v in scores.items()})
+            log.log(state.step, {**{f"test_{k}": v for k, v in scores.items()},
+                                 "elapsed_s": state.elapsed_s})  # the training's whole time
             _save_grid(state.model, grid_images, run_dir, state.step)
     return AutoencoderResult(run_dir, state.step, path, state.elapsed_s, loss, scale, scores,
                              signals.signum)
