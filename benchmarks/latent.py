@@ -45,7 +45,8 @@ def train_autoencoder(args: argparse.Namespace) -> dict:
     if not (run / "checkpoints").is_dir():
         ddpm("train-autoencoder", "--dataset", args.dataset, "--image-size", args.image_size,
              "--downsample", args.downsample, "--latent-channels", args.latent_channels,
-             "--minutes", args.ae_minutes, "--out", run, "--no-progress")
+             "--base-channels", args.ae_base_channels, "--minutes", args.ae_minutes, "--out", run,
+             "--no-progress")
     records = metrics(run)
     final = [r for r in records if "test_psnr" in r][-1]
     return {"run": "autoencoder", "steps": final["step"],  # its final record has its whole time
@@ -99,6 +100,7 @@ def main() -> None:
     p.add_argument("--ae-minutes", type=float, default=5.0, help="the autoencoder's minutes")
     p.add_argument("--downsample", type=int, default=2)
     p.add_argument("--latent-channels", type=int, default=4)
+    p.add_argument("--ae-base-channels", type=int, default=32, help="the autoencoder's width")
     p.add_argument("--n", type=int, default=1000, help="images of each FID")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
@@ -111,7 +113,8 @@ def main() -> None:
     print(f"machine: {cpu}, {platform.node()}; {datetime.date.today()}; {args.dataset} at "
           f"{args.image_size} px, preset {args.preset}, {args.minutes:g} min each; FID of "
           f"{args.n} images, dpm++ 20 steps")
-    print(f"autoencoder: F = {args.downsample}, C = {args.latent_channels}, {ae['steps']} steps in "
+    print(f"autoencoder: F = {args.downsample}, C = {args.latent_channels}, width "
+          f"{args.ae_base_channels}, {ae['steps']} steps in "
           f"{ae['minutes']} min, PSNR {ae['psnr']} dB, rFID {ae['rfid']}; the training split "
           f"encoded in {encode_s:.0f} s")
     print("| run | network input | steps | training images/s | FID | KID | sampling s |")
