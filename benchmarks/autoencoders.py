@@ -30,11 +30,17 @@ def train(out: Path, factor: int, channels: int, minutes: float, extra: list[str
                "--minutes", str(minutes), "--out", str(run), "--no-progress", *extra]
     if not (run / "checkpoints").is_dir():  # one trained before is read back
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return {"F": factor, "C": channels, "latent": f"{channels}x{28 // factor}x{28 // factor}",
+            **run_scores(run)}
+
+
+def run_scores(run: Path) -> dict:
+    """An autoencoder run's steps, training minutes, PSNR and rFID, as its metrics.jsonl logged
+    them at the end (the final record holds its whole time)."""
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in records if "test_psnr" in r][-1]
     elapsed = max(r.get("elapsed_s", 0.0) for r in records)
-    return {"F": factor, "C": channels, "latent": f"{channels}x{28 // factor}x{28 // factor}",
-            "steps": final["step"], "minutes": round(elapsed / 60, 2),
+    return {"steps": final["step"], "minutes": round(elapsed / 60, 2),
             "psnr": round(final["test_psnr"], 2), "rfid": round(final.get("test_rfid", float("nan")), 3)}
 
 

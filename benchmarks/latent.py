@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 import torch
+from autoencoders import run_scores  # benchmarks/autoencoders.py: the run's logged scores
 
 from ddpm.runtime import processor_name
 
@@ -47,11 +48,7 @@ def train_autoencoder(args: argparse.Namespace) -> dict:
              "--downsample", args.downsample, "--latent-channels", args.latent_channels,
              "--base-channels", args.ae_base_channels, "--minutes", args.ae_minutes, "--out", run,
              "--no-progress")
-    records = metrics(run)
-    final = [r for r in records if "test_psnr" in r][-1]
-    return {"run": "autoencoder", "steps": final["step"],  # its final record has its whole time
-            "minutes": round(max(r.get("elapsed_s", 0.0) for r in records) / 60, 2),
-            "psnr": round(final["test_psnr"], 2), "rfid": round(final.get("test_rfid", float("nan")), 3)}
+    return {"run": "autoencoder", **run_scores(run)}
 
 
 def encode_training_split(args: argparse.Namespace) -> float:
