@@ -313,6 +313,39 @@ def test_bad_settings_are_one_line_and_write_nothing(tmp_path, fake_fashion, ext
     assert snapshot(tmp_path) == before and not (tmp_path / "ae").exists()
 
 
+def test_a_preset_is_the_recipe_the_options_override_and_resume_keeps(tmp_path, fake_fashion):
+    from ddpm.presets import get_autoencoder_preset
+
+    code, out, err = cli("train-autoencoder", "--preset", "fashion64-ae", "--data-dir",
+                         fake_fashion, "--dry-run")
+    assert code == 0, err
+    config = json.loads(out)["config"]
+    recipe = get_autoencoder_preset("fashion64-ae").resolved().to_dict()
+    assert {k: v for k, v in config["model"].items()} == recipe["model"]
+    assert (config["model"]["base_channels"], config["data"]["image_size"],
+            config["train"]["minutes"]) == (16, 64, 10.0)
+    # the options given win over the preset's, and a stopping rule replaces the other
+    small = ("--preset", "fashion64-ae", "--data-dir", fake_fashion, "--image-size", 32,
+             "--base-channels", 4, "--norm-groups", 4, "--batch-size", 4, "--no-progress")
+    run = tmp_path / "ae"
+    code, out, err = cli("train-autoencoder", *small, "--steps", 2, "--out", run)
+    assert code == 0, err
+    saved = json.loads((run / "config.json").read_text())
+    assert (saved["model"]["base_channels"], saved["model"]["downsample"],
+            saved["data"]["image_size"], saved["train"]["steps"], saved["train"]["minutes"]) == \
+        (4, 4, 32, 2, None)
+    # the job script run again with --resume added: the preset builds the run's settings
+    code, out, err = cli("train-autoencoder", "--resume", run, *small, "--steps", 3)
+    assert code == 0, err
+    assert load_checkpoint(list_checkpoints(run)[0])["step"] == 3
+    # the preset alone would build another autoencoder than the run's: refused, nothing written
+    before = snapshot(tmp_path)
+    r = ddpm_in_process("train-autoencoder", "--resume", run, "--preset", "fashion64-ae",
+                        "--data-dir", fake_fashion, "--steps", 4)
+    assert_refused(r, f"model.image_size is 32 in {run}, not 64")
+    assert snapshot(tmp_path) == before
+
+
 def test_a_diffusion_run_is_not_an_autoencoder(tmp_path, fake_fashion):
     run = tmp_path / "diffusion"
     assert cli("train", "--preset", "tiny", "--data-dir", fake_fashion, "--steps", 1,

@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from ddpm.autoencoder import AutoencoderRunConfig
 from ddpm.checkpoint import load_checkpoint
 from ddpm.cli import build_parser
 from ddpm.cli.options import given_settings
@@ -23,7 +24,7 @@ from ddpm.config import (
 )
 from ddpm.configfile import load_config_file
 from ddpm.models import UNet, UNetConfig, count_parameters
-from ddpm.presets import PRESETS, get_preset
+from ddpm.presets import AUTOENCODER_PRESETS, LATENT_PRESETS, PRESETS, get_autoencoder_preset, get_preset
 from ddpm.settings import SettingError, field_types, item_type, settings_of, unwrap_optional
 
 from conftest import assert_refused, ddpm_in_process, snapshot
@@ -115,6 +116,27 @@ def test_every_preset_round_trips_through_json(name):
     resolved = with_overrides(config, {})
     assert RunConfig.from_dict(json.loads(json.dumps(resolved.to_dict()))) == resolved
     resolved.validate()
+
+
+@pytest.mark.parametrize("name", sorted(AUTOENCODER_PRESETS))
+def test_every_autoencoder_preset_round_trips_and_is_listed(name):
+    config = get_autoencoder_preset(name)
+    as_json = json.loads(json.dumps(config.to_dict()))
+    assert AutoencoderRunConfig.from_dict(as_json) == config
+    config.resolved().validate()
+    r = ddpm_in_process("presets", name)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {name: as_json}
+
+
+@pytest.mark.parametrize("name", sorted(LATENT_PRESETS))
+def test_a_latent_preset_models_the_latents_of_its_autoencoder_preset(name):
+    ae = get_autoencoder_preset(LATENT_PRESETS[name])
+    diffusion = get_preset(name)
+    assert ae.data == diffusion.data  # the images both are trained on
+    model = diffusion.model
+    assert ae.model.latent_shape == (model.in_channels, model.image_size, model.image_size)
+    assert ae.model.image_size == diffusion.data.image_size
 
 
 @pytest.mark.parametrize("values, message", [

@@ -277,6 +277,27 @@ def test_latent_mistakes_are_one_line_and_write_nothing(latent_runs, trained_run
     assert (snapshot(ae.parent), snapshot(tmp_path)) == before
 
 
+def test_a_latent_preset_needs_an_autoencoder_and_fits_its_unet_to_the_latents(
+        latent_runs, fake_fashion, tmp_path):
+    ae, _, _ = latent_runs
+    before = snapshot(tmp_path)
+    r = cli("train", "--preset", "fashion64-latent", "--data-dir", fake_fashion, "--out",
+            tmp_path / "run")
+    assert_refused(r, "preset fashion64-latent diffuses an autoencoder's latents: train one "
+                      "first ('ddpm train-autoencoder --preset fashion64-ae")
+    assert snapshot(tmp_path) == before
+    # its recipe, at the latents of the autoencoder given (here 2 x 14 x 14, of 28 px images)
+    r = cli("train", "--preset", "fashion64-latent", "--data-dir", fake_fashion, "--image-size",
+            28, "--autoencoder", ae, "--out", tmp_path / "run", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    config = json.loads(r.stdout)["config"]
+    recipe = get_preset("fashion64-latent")
+    assert (config["model"]["in_channels"], config["model"]["image_size"]) == (2, 14)
+    assert config["model"]["base_channels"] == recipe.model.base_channels
+    assert config["train"]["steps"] == recipe.train.steps and config["latent"]["channels"] == 2
+    assert snapshot(tmp_path) == before
+
+
 def test_the_unet_keeps_the_levels_the_latents_can_be_halved_into():
     from ddpm.models import UNetConfig
 

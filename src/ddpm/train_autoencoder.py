@@ -148,27 +148,37 @@ def check_autoencoder_run(config: AutoencoderRunConfig, run_dir: Path, *, resume
     check_writable(run_dir, "the run directory")
 
 
-def resumed_config(run_dir: str | os.PathLike, overrides: dict[str, Any],
-                   ) -> tuple[AutoencoderRunConfig, int]:
+def resumed_config(run_dir: str | os.PathLike, overrides: dict[str, Any], *,
+                   preset: AutoencoderRunConfig | None = None) -> tuple[AutoencoderRunConfig, int]:
     """The config an autoencoder run was trained with, with the settings of ``overrides`` that
     their declarations let ``--resume`` change (the stopping rule, the machine), and the step
-    of its newest checkpoint."""
+    of its newest checkpoint. With a ``preset`` (a job script run again with ``--resume``
+    added), every other setting it builds, under ``overrides``, must be the run's."""
     path, state = load_run_or_file(run_dir)
     if state.get("kind") != KIND:
         raise ValueError(f"{run_dir} is a diffusion run; resume it with 'ddpm train --resume "
                          f"{run_dir}'")
     saved = AutoencoderRunConfig.from_dict(state["config"])
-    for section, values in overrides.items():
+    wanted = overrides
+    if preset is not None:
+        built = preset.with_overrides(overrides).to_dict()
+        wanted = {s: {**{k: v for k, v in built[s].items() if not _resumable(s, k)},
+                      **overrides.get(s, {})} for s in built}
+    for section, values in wanted.items():
         for name, value in values.items():
-            decl = declaration(next(f for f in dataclasses.fields(SECTIONS[section])
-                                    if f.name == name))
-            if decl is None or not decl.resume:
+            if not _resumable(section, name):
                 old = saved.to_dict().get(section, {}).get(name)
                 if old != value:
                     raise ValueError(f"--resume keeps the run's settings; {section}.{name} is "
                                      f"{old!r} in {run_dir}, not {value!r} (only the stopping "
                                      f"rule, threads and device may change)")
     return saved.with_overrides(overrides, resolve=False), int(state["step"])
+
+
+def _resumable(section: str, name: str) -> bool:
+    """Whether ``--resume`` may change the setting, as its declaration says."""
+    decl = declaration(next(f for f in dataclasses.fields(SECTIONS[section]) if f.name == name))
+    return decl is not None and decl.resume
 
 
 def train_autoencoder(config: AutoencoderRunConfig, run_dir: str | os.PathLike, *,

@@ -13,6 +13,7 @@ from typing import Any
 from ..autoencoder import SECTIONS, TRAIN_SETTINGS, AutoencoderRunConfig, scores_text
 from ..models import count_parameters
 from ..models.autoencoder import Autoencoder
+from ..presets import AUTOENCODER_PRESETS, get_autoencoder_preset
 from ..rundir import CONFIG_FILE
 from ..train_autoencoder import check_autoencoder_run, resumed_config, train_autoencoder
 from .options import Defaults, add_settings, describe, given_settings
@@ -36,6 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue the run in RUN_DIR from its newest checkpoint, with its saved "
                         "config (--steps, --minutes, --threads and --device may change)")
+    p.add_argument("--preset", choices=sorted(AUTOENCODER_PRESETS), default=None,
+                   help="start from this named recipe (its settings: 'ddpm presets NAME'); the "
+                        "options given override it (default: the defaults shown below)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config as JSON with the parameter count, and exit "
                         "without writing anything")
@@ -55,11 +59,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     given = given_settings(args)
+    base = get_autoencoder_preset(args.preset) if args.preset else AutoencoderRunConfig()
     if args.resume:
         run_dir = Path(args.resume)
-        config, step = resumed_config(run_dir, given)
+        config, step = resumed_config(run_dir, given, preset=base if args.preset else None)
     else:
-        config = AutoencoderRunConfig().with_overrides(given)
+        config = base.with_overrides(given)
         run_dir = Path(args.out or f"runs/autoencoder-{config.data.dataset}")
     check_autoencoder_run(config, run_dir, resume=bool(args.resume))
     params = count_parameters(Autoencoder(config.model))

@@ -26,7 +26,14 @@ from ..metrics import Evaluator, check_image_count, data_options, resolve_extrac
 from ..noisy_classifier import load_noisy_classifier, train_noisy_classifier
 from ..pipeline import load_pipeline
 from ..posthoc import MAX_STD, gamma_from_std, list_snapshots, rebuilt_checkpoint, reconstruct
-from ..presets import DEFAULT_PRESET, PRESETS, get_preset
+from ..presets import (
+    AUTOENCODER_PRESETS,
+    DEFAULT_PRESET,
+    LATENT_PRESETS,
+    PRESETS,
+    get_autoencoder_preset,
+    get_preset,
+)
 from ..runtime import resolve_device
 from .options import (
     Defaults,
@@ -60,8 +67,10 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
             "which one --precision auto takes for each; count their FLOPs with torch's FLOP "
             "counter, and measure this machine's peak float32 and bfloat16 matmul rate; "
             "utilisation is the training step's FLOP/s over the faster peak."))
-    p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
-                   help="configuration to measure")
+    # (a latent preset's network input is its autoencoder's latents, which a run names)
+    p.add_argument("--preset", default=DEFAULT_PRESET,
+                   choices=sorted(set(PRESETS) - set(LATENT_PRESETS)),
+                   help="configuration to measure (the presets of pixel diffusion)")
     p.add_argument("--seconds", type=number(float, above=0), default=5.0,
                    help="time each of training and sampling this long, in fp32 and in bf16")
     p.add_argument("--sample-batch-size", type=positive_int, default=128)
@@ -83,14 +92,18 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def add_presets_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("presets", help="list the named presets and their settings",
-                       description="Print every preset's full configuration as JSON.")
-    p.add_argument("name", nargs="?", choices=sorted(PRESETS), help="show only this preset")
+                       description="Print every preset's full configuration as JSON: those of "
+                                   "'ddpm train --preset', then the autoencoders' of 'ddpm "
+                                   "train-autoencoder --preset'.")
+    p.add_argument("name", nargs="?", choices=sorted(PRESETS) + sorted(AUTOENCODER_PRESETS),
+                   help="show only this preset")
     p.set_defaults(func=run_presets)
 
 
 def run_presets(args: argparse.Namespace) -> int:
-    names = [args.name] if args.name else sorted(PRESETS)
-    print(json.dumps({n: get_preset(n).to_dict() for n in names}, indent=2))
+    configs = {**{n: get_preset(n).to_dict() for n in sorted(PRESETS)},
+               **{n: get_autoencoder_preset(n).to_dict() for n in sorted(AUTOENCODER_PRESETS)}}
+    print(json.dumps({args.name: configs[args.name]} if args.name else configs, indent=2))
     return 0
 
 

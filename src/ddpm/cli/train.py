@@ -35,7 +35,7 @@ from ..configfile import load_config_file
 from ..data import open_dataset
 from ..latent import resolve_latent
 from ..models import UNet, count_parameters
-from ..presets import DEFAULT_GPU_PRESET, DEFAULT_PRESET, FORMULATIONS, PRESETS, get_preset
+from ..presets import DEFAULT_GPU_PRESET, DEFAULT_PRESET, FORMULATIONS, LATENT_PRESETS, PRESETS, get_preset
 from ..rundir import CONFIG_FILE
 from ..runtime import resolve_device, training_precision
 from ..settings import shown
@@ -157,6 +157,11 @@ def _new_config(args: argparse.Namespace) -> RunConfig:
         # (--guidance is checked with the other settings, by RunConfig.validate)
         raise UsageError("--class-dropout is a setting of a class-conditional model; add "
                          "--conditional")
+    name = _preset_name(args)
+    if name in LATENT_PRESETS and not config.latent.autoencoder:
+        raise UsageError(f"preset {name} diffuses an autoencoder's latents: train one first "
+                         f"('ddpm train-autoencoder --preset {LATENT_PRESETS[name]} --out AE_RUN'), "
+                         f"then add --autoencoder AE_RUN")
     return resolve_latent(config)[0]
 
 
