@@ -103,10 +103,12 @@ def test_every_setting_with_a_flag_is_an_option_of_its_commands():
             for p in takers:
                 assert options(p).get(decl.flag) == key, f"{p.prog} lacks {decl.flag} for {key}"
     derived = [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f, d in settings_of(cls) if not d.flag]
-    # the data's shape and classes; time_silu, which only old checkpoints set (to False); and
-    # what a latent run reads from its autoencoder
+    # the data's shape and classes; time_silu, which only old checkpoints set (to False); a
+    # super-resolution model's conditioning, which follows --super-res; and what a latent run
+    # reads from its autoencoder
     assert derived == ["model.in_channels", "model.image_size", "model.num_classes",
-                       "model.time_silu", "latent.sha256", "latent.channels", "latent.downsample"]
+                       "model.time_silu", "model.cond_channels", "model.level_embedding",
+                       "latent.sha256", "latent.channels", "latent.downsample"]
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -148,7 +150,8 @@ def test_a_latent_preset_models_the_latents_of_its_autoencoder_preset(name):
     ({"model": {"channel_mults": 2}}, "model.channel_mults must be a list of whole numbers"),
     ({"optimiser": {}}, "unknown config section(s) 'optimiser'; the sections are model, diffusion"),
     ({"data": {"dataset": None}}, "data.dataset cannot be null"),
-    (["model"], "a config is an object of sections (model, diffusion, data, train, sample, latent)"),
+    (["model"], "a config is an object of sections (model, diffusion, data, train, sample, latent, "
+                "superres)"),
 ])
 def test_wrong_names_and_types_are_named(values, message):
     with pytest.raises(ValueError) as info:

@@ -569,7 +569,8 @@ def test_the_public_names_stay_importable():
              "to_model_range to_unit_range to_uint8 DatasetNotFoundError DATASETS SPLITS CROPS "
              "FOLDER_DATASETS FILE_DATASETS IMAGE_SUFFIXES default_cache_dir default_data_dir "
              "load_images decode_image read_idx random_crop stored_size FASHION_MNIST_CLASSES "
-             "MNIST_CLASSES FILE_IMAGE_SIZE DATASET_SPECS DatasetSpec dataset_spec random_hflip").split()
+             "MNIST_CLASSES FILE_IMAGE_SIZE DATASET_SPECS DatasetSpec dataset_spec random_hflip "
+             "held_out_images images_at").split()
     assert [n for n in names if not hasattr(ddpm.data, n)] == []
     assert sorted(ddpm.data.__all__) == sorted(names)
 

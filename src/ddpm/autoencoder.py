@@ -27,7 +27,7 @@ import torch
 
 from .checkpoint import CheckpointError, load_run_or_file, run_of
 from .config import DataConfig, TrainConfig, one_stopping_rule, resolve_data
-from .data import ImageData, StreamingImages
+from .data import ImageData, StreamingImages, held_out_images, images_at
 from .data.pixels import to_model_range, to_uint8
 from .data.registry import dataset_spec
 from .models.autoencoder import Autoencoder, AutoencoderConfig, PatchDiscriminator
@@ -236,29 +236,16 @@ def latent_scale(ae: Autoencoder, data: ImageData | StreamingImages, seed: int) 
     return 1.0 / float(z.double().std())
 
 
-def images_at(data: ImageData | StreamingImages, idx: torch.Tensor) -> torch.Tensor:
-    """The uint8 images of a split at ``idx``; of a streamed one, those that decode (a corrupt
-    file is left out)."""
-    if isinstance(data, ImageData):
-        return data.images[idx]
-    items = [data[int(i)] for i in idx]
-    return torch.stack([image for _, image, error in items if not error])
-
-
 def reconstruction_scores(ae: Autoencoder, data: DataConfig, *,
                           limit: int = EVAL_IMAGES) -> dict[str, float]:
     """How well ``ae`` reconstructs ``limit`` fixed random test images (the run's own split for
     a folder of images, which has no test split): their mean PSNR, and for a dataset with a
     packaged classifier the rFID, the FID between the images and their reconstructions on its
     features (offline; no weights are downloaded), at 28 px whatever size the run trains at."""
-    from .data import open_dataset
     from .metrics import classifier_extractor, feature_statistics, frechet_distance
 
     spec = dataset_spec(data.dataset)
-    split = data.split if spec.folder else "test"
-    source = open_dataset(dataclasses.replace(data, split=split))
-    images = images_at(source, torch.randperm(len(source), generator=torch.Generator().manual_seed(
-        0))[:limit])
+    images, _ = held_out_images(data, limit)
     recon = reconstruct(ae, images)
     scores = {"psnr": float(psnr(images, recon).clamp(max=100).mean()), "n": len(images)}
     # at another size than 28 px the extractor resizes both sides to it, as eval does samples

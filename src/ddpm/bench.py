@@ -138,7 +138,7 @@ def bench(
         ema = run.ema
         assert ema is not None  # build_training keeps one by default
         sampling = Pipeline(ema.model, run.schedule, config, 0, device)
-        x, t = sampling.probe_input(sample_batch_size)
+        x, t, cond = sampling.probe_input(sample_batch_size)
         sample_precision, sample_why = precision_and_reason(tc.precision, device,
                                                             sampling_probe(sampling))
         rates: dict[str, dict[str, float]] = {}
@@ -162,7 +162,7 @@ def bench(
 
             def one_evaluation(precision: str = precision) -> None:
                 with torch.inference_mode(), autocast(device, precision):
-                    ema.model(x, t)
+                    ema.model(x, t, **cond)
 
             calls, elapsed = _timed(one_evaluation, seconds, 2, sync)
             rates[precision] = {"train": train_rate, "sample": calls * sample_batch_size / elapsed}
@@ -170,7 +170,7 @@ def bench(
         plain = dataclasses.replace(run, model=run.net)
         train_gflops = count_gflops(lambda: plain.update(plain.next_batches(), tc.lr)) / (
             tc.batch_size * tc.grad_accum)
-        forward_gflops = count_gflops(lambda: ema.model(x, t)) / sample_batch_size
+        forward_gflops = count_gflops(lambda: ema.model(x, t, **cond)) / sample_batch_size
 
         progress(f"peak matmul: float32 and bfloat16, {peak_seconds:g} s each")
         peak32 = peak_matmul_gflops(torch.float32, device, seconds=peak_seconds)

@@ -37,6 +37,7 @@ from .settings import (
     setting,
     settings_of,
 )
+from .superres import SuperResConfig
 from .timesteps import SPACINGS
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -298,7 +299,8 @@ class LatentConfig:
 
 
 SECTIONS = {"model": UNetConfig, "diffusion": DiffusionConfig, "data": DataConfig,
-            "train": TrainConfig, "sample": SampleConfig, "latent": LatentConfig}
+            "train": TrainConfig, "sample": SampleConfig, "latent": LatentConfig,
+            "superres": SuperResConfig}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -309,6 +311,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)
+    superres: SuperResConfig = field(default_factory=SuperResConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -334,6 +337,7 @@ class RunConfig:
         self.data.validate()
         self.train.validate()
         self.latent.validate()
+        self.superres.validate(image_size=self.data.image_size)
         model, data, tc = self.model, self.data, self.train
         c, s, _ = self.network_input()
         if c is not None and s is not None and (model.in_channels, model.image_size) != (c, s):
@@ -342,6 +346,10 @@ class RunConfig:
                 f"the data are {c}x{s}x{s} {what} but the model takes "
                 f"{model.in_channels}x{model.image_size}x{model.image_size}; give the same "
                 f"--channels and --image-size to both")
+        if self.superres.low and self.latent.autoencoder:
+            raise SettingError("superres.low", "{setting} trains a super-resolution model on "
+                               "images; a cascade's latent stage is its base model: drop "
+                               "--autoencoder here, or --super-res")
         if self.latent.autoencoder and data.crop == "random":
             raise SettingError("data.crop", "{setting} random cannot be used with --autoencoder: "
                                "the latents are encoded once, from fixed images; use center or "
@@ -420,8 +428,10 @@ def with_overrides(base: RunConfig, overrides: dict[str, dict[str, Any]], *,
     train = replace(train, **one_stopping_rule(checked["train"]))
     sample = replace(sample, **checked["sample"])
     latent = replace(base.latent, **checked["latent"])
-    return RunConfig(model=model, diffusion=diffusion, data=data, train=train, sample=sample,
-                     latent=latent)
+    superres = replace(base.superres, **checked["superres"])
+    config = RunConfig(model=model, diffusion=diffusion, data=data, train=train, sample=sample,
+                       latent=latent, superres=superres)
+    return with_conditioning(config) if resolve else config
 
 
 def one_stopping_rule(train: dict[str, Any]) -> dict[str, Any]:
@@ -454,7 +464,16 @@ def resolve(config: RunConfig) -> RunConfig:
     channels, size, _ = config.network_input()
     if channels is None or size is None:
         return config
-    return dataclasses.replace(config, model=fit_model(config.model, channels, size))
+    return with_conditioning(dataclasses.replace(config, model=fit_model(config.model, channels, size)))
+
+
+def with_conditioning(config: RunConfig) -> RunConfig:
+    """A super-resolution run's U-Net takes the upsampled low-res image as extra channels, and
+    its noise level as a second embedding; any other U-Net neither."""
+    sr = config.superres.low is not None
+    cond_channels = (config.data.channels or config.model.in_channels) if sr else 0
+    return dataclasses.replace(config, model=dataclasses.replace(
+        config.model, cond_channels=cond_channels, level_embedding=sr))
 
 
 def resumable_keys() -> set[str]:

@@ -54,6 +54,7 @@ from .samplers import (
     sampler_spec,
 )
 from .schedules import NoiseSchedule
+from .superres import Conditioning, sampling_conditioning
 from .timesteps import make_timesteps
 
 
@@ -139,25 +140,51 @@ class Pipeline:
         # classifier-free guidance: conditional and unconditional, as one batch
         return 2 * evaluations if self.num_classes and sc.guidance > 0 else evaluations
 
+    @property
+    def low_res(self) -> int | None:
+        """The side of the images a super-resolution model takes (None for any other)."""
+        return self.config.superres.low
+
     @torch.inference_mode()
-    def probe_input(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch of noise at the middle timestep, as a timing of the network takes it: the
-        same values every call, drawn without touching torch's global generator."""
+    def probe_input(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """A batch of noise at the middle timestep, as a timing of the network takes it (with a
+        super-resolution model's conditioning, a noise image too): the same values every call,
+        drawn without touching torch's global generator."""
         mc = self.config.model
-        x = torch.randn(batch_size, mc.in_channels, mc.image_size, mc.image_size,
-                        generator=torch.Generator().manual_seed(0))
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(batch_size, mc.in_channels, mc.image_size, mc.image_size, generator=generator)
         t = torch.full((batch_size,), self.schedule.num_train_timesteps // 2)
-        return x.to(self.device), t.to(self.device)
+        cond: dict[str, torch.Tensor] = {}
+        if self.low_res is not None:
+            low = torch.randn(batch_size, mc.in_channels, self.low_res, self.low_res, generator=generator)
+            cond = self._conditioning(low.to(self.device), generator)._asdict()
+        return x.to(self.device), t.to(self.device), cond
+
+    def conditioned(self, *, aug_level: float | None = None,
+                    blur_sigma: float | None = None) -> Pipeline:
+        """This super-resolution pipeline with other sampling settings of its conditioning
+        augmentation (None keeps the run's), checked."""
+        sr = self.config.superres
+        if aug_level is None and blur_sigma is None:
+            return self
+        superres = replace(sr, aug_level=sr.aug_level if aug_level is None else aug_level,
+                           blur_sigma=sr.blur_sigma if blur_sigma is None else blur_sigma)
+        superres.validate()
+        return replace(self, config=replace(self.config, superres=superres))
+
+    def _conditioning(self, low: torch.Tensor, generator: torch.Generator) -> Conditioning:
+        return sampling_conditioning(self.config.superres, self.schedule.to(self.device), low,
+                                     self.config.model.image_size, generator)
 
     def seconds_per_evaluation(self, *, batch_size: int = 128, repeats: int = 2) -> float:
         """Seconds one network evaluation takes per image at ``batch_size``, the fastest of
         ``repeats`` after one untimed (a forecast's figure: it costs a few evaluations)."""
-        x, t = self.probe_input(batch_size)
+        x, t, cond = self.probe_input(batch_size)
         best = math.inf
         for i in range(repeats + 1):
             begin = time.perf_counter()
             with autocast(self.device, self.precision):
-                self._predict(x, t, None).float().cpu()  # .cpu() waits for a GPU
+                self._predict(x, t, None, **cond).float().cpu()  # .cpu() waits for a GPU
             best = best if i == 0 else min(best, time.perf_counter() - begin)
         return best / batch_size
 
@@ -173,6 +200,7 @@ class Pipeline:
         progress: bool = False,
         classifier: NoisyClassifierFile | None = None,
         classifier_scale: float = 1.0,
+        low_res: torch.Tensor | None = None,
         **settings: Any,
     ) -> torch.Tensor:
         """Generate ``n`` images ``[n, C, H, W]`` in [-1, 1] (a latent run's decoded; its
@@ -186,9 +214,11 @@ class Pipeline:
         ``guidance``. A noise-aware ``classifier`` (``noisy_classifier.load_noisy_classifier``) guides any
         model towards ``labels`` with scale ``classifier_scale`` (Dhariwal & Nichol 2021:
         Algorithm 1 for the ddpm sampler, Algorithm 2 for the others); scale 0 is unguided
-        sampling.
+        sampling. A super-resolution model super-resolves ``low_res`` ``[n, C, LOW, LOW]`` (in
+        [-1, 1]), with the run's conditioning augmentation at its sampling level.
         """
         sc = self.sample_config(**settings)
+        low_res = self._check_low_res(n, low_res)
         if classifier is not None:
             check_compatible(classifier, self.config, self.classes)
             if not classifier_scale >= 0 or not math.isfinite(classifier_scale):
@@ -208,9 +238,13 @@ class Pipeline:
                    unit_scale=True, disable=not progress,
                    desc=f"sampling ({sc.sampler}, {sc.num_sample_steps} steps)")
 
+        cond: dict[str, torch.Tensor] = {}  # a super-resolution batch's conditioning
+
         def network(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+            # (classifier-free guidance evaluates [x_t, x_t] as one batch: the conditioning too)
+            given = {k: torch.cat([v] * (len(x_t) // len(v))) for k, v in cond.items()}
             with autocast(self.device, self.precision):
-                prediction = self._predict(x_t, t, y)
+                prediction = self._predict(x_t, t, y, **given)
             bar.update(x_t.shape[0])
             return prediction.float()
 
@@ -219,6 +253,9 @@ class Pipeline:
         self.model.eval()
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
+            if low_res is not None:  # its noise drawn before x_T's, from the same generator
+                part = low_res[start : start + b].to(self.device, torch.float32)
+                cond = self._conditioning(part, generator)._asdict()
             x_T = initial_noise((b, mc.in_channels, mc.image_size, mc.image_size), generator, self.device)
             y = None if labels is None else labels[start : start + b]  # [b]
             denoiser: Callable[..., torch.Tensor] = network
@@ -241,6 +278,24 @@ class Pipeline:
             out.append(self.decode(x_0).cpu())
         bar.close()
         return torch.cat(out)
+
+    def _check_low_res(self, n: int, low_res: torch.Tensor | None) -> torch.Tensor | None:
+        """``low_res`` checked against what this model takes: ValueError otherwise."""
+        low, (c, _, _) = self.low_res, self.image_shape
+        if low is None:
+            if low_res is not None:
+                raise ValueError("this model generates images from noise alone; low-res inputs "
+                                 "are for a super-resolution run (ddpm train --super-res LOW)")
+            return None
+        if low_res is None:
+            raise ValueError(f"this is a super-resolution model: it takes {n} low-res images of "
+                             f"{c}x{low}x{low} to super-resolve (ddpm upscale, or ddpm sample BASE "
+                             f"--then this run)")
+        if tuple(low_res.shape) != (n, c, low, low):
+            raise ValueError(f"this model super-resolves {c}x{low}x{low} images, and got "
+                             f"{'x'.join(map(str, low_res.shape[1:]))} ({low_res.shape[0]} of "
+                             f"them for {n} images)")
+        return low_res
 
     def _decoding(self, callback: StepCallback) -> StepCallback:
         def decoded(i: int, t: float, x_t: torch.Tensor, x0_pred: torch.Tensor) -> None:
@@ -327,24 +382,26 @@ class Pipeline:
         self.compiled, self.compile_proven = torch.compile(self.model), False
         return self
 
-    def _predict(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def _predict(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
+                 **cond: torch.Tensor) -> torch.Tensor:
         """The run's prediction (``diffusion.prediction_type``) at x_t: the network's output,
-        through the run's preconditioning."""
+        through the run's preconditioning (``cond``: a super-resolution model's conditioning)."""
         dc = self.config.diffusion
         return precondition(self._forward, self.schedule, dc.preconditioning,
-                            sigma_data=dc.sigma_data, prediction_type=dc.prediction_type)(x_t, t, y)
+                            sigma_data=dc.sigma_data, prediction_type=dc.prediction_type)(x_t, t, y, **cond)
 
-    def _forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def _forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
+                 **cond: torch.Tensor) -> torch.Tensor:
         if self.compiled is None:
-            return self.model(x_t, t, y)
+            return self.model(x_t, t, y, **cond)
         if self.compile_proven:  # a later failure is not compiling's: it is raised
-            return self.compiled(x_t, t, y)
+            return self.compiled(x_t, t, y, **cond)
         try:
-            prediction = self.compiled(x_t, t, y)
+            prediction = self.compiled(x_t, t, y, **cond)
         except Exception as exc:  # a failure to compile: the first call compiles
             warn_compile_failed(exc, "sampling")
             self.compiled = None
-            return self.model(x_t, t, y)
+            return self.model(x_t, t, y, **cond)
         self.compile_proven = True
         return prediction
 
@@ -432,12 +489,12 @@ def sampling_probe(pipe: Pipeline) -> PrecisionProbe:
              "batch": PROBE_BATCH}
 
     def make_step(precision: str) -> Callable[[], torch.Tensor]:
-        x, t = pipe.probe_input(PROBE_BATCH)
+        x, t, cond = pipe.probe_input(PROBE_BATCH)
 
         @torch.inference_mode()
         def step() -> torch.Tensor:
             with autocast(pipe.device, precision):
-                return pipe.model(x, t, None)
+                return pipe.model(x, t, None, **cond)
         return step
 
     def probe() -> tuple[str, str]:

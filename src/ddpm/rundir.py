@@ -30,11 +30,12 @@ from tqdm.auto import tqdm
 
 from .checkpoint import SaveError, TrainState, atomic_write_bytes, save_best_checkpoint, save_checkpoint
 from .config import RunConfig, differences
-from .data import to_uint8
+from .data import held_out_images, to_model_range, to_uint8
 from .metrics import Evaluator, data_options
 from .pipeline import Pipeline
 from .posthoc import save_snapshot
 from .step import TrainedConfig
+from .superres import downsample
 from .viz import metric_records, plot_curves, progress_animation, save_grid
 
 CONFIG_FILE = "config.json"
@@ -180,8 +181,12 @@ class RunOutputs:
         self.pipe: Pipeline | None = None
         self.evaluator: Evaluator | None = None
         self.loggers: Loggers | None = None
+        # a super-resolution run's preview and FID inputs, with their labels
+        self.low_res: tuple[torch.Tensor, torch.Tensor] | None = None
         if main:
             dc = run.config.data
+            if run.config.superres.low is not None:
+                self.low_res = low_res_inputs(run.config, max(tc.sample_n, tc.fid_n if tc.fid_every else 0))
             # Previews and FID sample in the training's precision (bf16 where it trains in bf16).
             self.pipe = Pipeline(run.ema.model, run.schedule, run.config, state.step, run.device,
                                  run.precision, classes=state.classes, decoder=run.decoder)
@@ -233,7 +238,7 @@ class RunOutputs:
         if self.main and tc.sample_every and step % tc.sample_every == 0:
             self.side.best_effort("preview grid", sample_grid, self.pipe, tc.sample_n,
                                   self.run_dir / SAMPLES_DIR / f"step-{step:08d}.png",
-                                  num_sample_steps=tc.sample_steps)
+                                  low_res=self.low_res, num_sample_steps=tc.sample_steps)
         if self.evaluator is not None and (step % tc.fid_every == 0 or finished):
             self.measure_fid(state)
             self.side.best_effort("FID curves", plot_curves, self.run_dir / METRICS_FILE,
@@ -275,8 +280,12 @@ class RunOutputs:
     def measure_fid(self, state: TrainState) -> None:
         assert self.pipe is not None and self.evaluator is not None and self.loggers is not None
         begin = time.perf_counter()
-        images = self.pipe.generate(self.tc.fid_n, seed=FID_SEED, sampler=self.tc.fid_sampler,
-                                    num_sample_steps=self.tc.fid_steps, batch_size=128)
+        n, low_res, labels = self.tc.fid_n, None, None
+        if self.low_res is not None:  # (labels: those of the images, for a conditional model)
+            low_res, labels = (part[:n] for part in self.low_res)
+        images = self.pipe.generate(n, seed=FID_SEED, sampler=self.tc.fid_sampler,
+                                    num_sample_steps=self.tc.fid_steps, batch_size=128,
+                                    low_res=low_res, labels=labels if self.pipe.num_classes else None)
         r = self.evaluator.evaluate(to_uint8(images))
         self.loggers.log(state.step, {"fid": r.fid, "kid": r.kid, "floor_fid": r.floor_fid,
                                       "floor_kid": r.floor_kid, "fid_n": r.n,
@@ -320,7 +329,8 @@ class RunOutputs:
         if not stopped:
             if final_grid:
                 grid = self.side.best_effort("final grid", sample_grid, self.pipe, self.tc.sample_n,
-                                             run_dir / GRID_FILE, progress=self.progress)
+                                             run_dir / GRID_FILE, progress=self.progress,
+                                             low_res=self.low_res)
             animation = self.side.best_effort("progress animation", progress_animation,
                                               run_dir / SAMPLES_DIR, run_dir / PROGRESS_FILE)
         return grid, animation
@@ -341,9 +351,26 @@ def grid_labels(n: int, num_classes: int) -> tuple[torch.Tensor | None, int | No
     return torch.arange(num_classes).repeat_interleave(per_class), per_class
 
 
-def sample_grid(pipe: Pipeline, n: int, path: Path, *, progress: bool = False, **settings: Any) -> Path:
-    """A grid of EMA samples from the fixed preview noise (one row per class when conditional)."""
-    labels, nrow = grid_labels(n, pipe.num_classes)
-    count = n if labels is None else len(labels)
-    images = pipe.generate(count, seed=PREVIEW_SEED, labels=labels, progress=progress, **settings)
+def sample_grid(pipe: Pipeline, n: int, path: Path, *, progress: bool = False,
+                low_res: tuple[torch.Tensor, torch.Tensor] | None = None, **settings: Any) -> Path:
+    """A grid of EMA samples from the fixed preview noise (one row per class when conditional;
+    of a super-resolution model, the first ``n`` of ``low_res``'s (images, labels) super-resolved)."""
+    if low_res is not None:
+        images, labels = (part[:n] for part in low_res)
+        return save_grid(pipe.generate(len(images), seed=PREVIEW_SEED, progress=progress,
+                                       labels=labels if pipe.num_classes else None,
+                                       low_res=images, **settings), path)
+    grid, nrow = grid_labels(n, pipe.num_classes)
+    count = n if grid is None else len(grid)
+    images = pipe.generate(count, seed=PREVIEW_SEED, labels=grid, progress=progress, **settings)
     return save_grid(images, path, nrow=nrow)
+
+
+def low_res_inputs(config: RunConfig, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A super-resolution run's fixed inputs, for its previews and FID while training and
+    ``ddpm eval`` of the run alone: ``n`` held-out images (repeated if there are fewer) averaged
+    down to ``superres.low``, in [-1, 1], and their labels."""
+    assert config.superres.low is not None
+    images, labels = held_out_images(config.data, n)
+    cycle = torch.arange(n) % len(images)
+    return downsample(to_model_range(images[cycle]), config.superres.low), labels[cycle]

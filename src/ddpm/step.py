@@ -24,6 +24,7 @@ from .config import RunConfig, TrainConfig
 from .diffusion import draw_t_eps, precondition, timestep_probs, training_loss
 from .runtime import autocast
 from .schedules import NoiseSchedule
+from .superres import training_conditioning
 
 
 class EMA:
@@ -160,6 +161,10 @@ def train_step(
             drop = torch.rand(x0.shape[0], generator=generator, device=generator.device)
             y = torch.where(drop < config.train.class_dropout, num_classes, y.to(drop.device))
             denoiser = functools.partial(model, y=y[rows].to(device))
+        if config.superres.low is not None:  # the low-res input, augmented (superres.py)
+            c = training_conditioning(config.superres, schedule, x0, generator)
+            denoiser = functools.partial(denoiser, cond=c.cond[rows].to(device, memory_format=memory_format),
+                                         cond_level=c.cond_level[rows].to(device))
         denoiser = precondition(denoiser, schedule, dc.preconditioning, sigma_data=dc.sigma_data,
                                 prediction_type=dc.prediction_type)
         # Gradients are averaged across processes once per update, after the last micro-batch.

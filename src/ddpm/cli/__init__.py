@@ -41,6 +41,7 @@ def build_parser() -> Parser:
     train.add_parser(sub)
     autoencoder.add_parser(sub)
     sample.add_sample_parser(sub)
+    sample.add_upscale_parser(sub)
     sample.add_eval_parser(sub)
     tools.add_train_classifier_parser(sub)
     tools.add_bench_parser(sub)

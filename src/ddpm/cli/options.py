@@ -38,7 +38,8 @@ from ..settings import (
 EXIT_USAGE = 2
 SECTION_TITLES = {"model": "model (the U-Net)", "diffusion": "diffusion", "data": "data",
                   "train": "training", "sample": "sampling",
-                  "latent": "latent diffusion (Rombach et al. 2021)"}
+                  "latent": "latent diffusion (Rombach et al. 2021)",
+                  "superres": "super-resolution, a cascade's later stage (Ho et al. 2021)"}
 
 
 class UsageError(Exception):

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..autoencoder import load_autoencoder, reconstruction_scores, scores_text
+from ..cascade import Cascade, upscale
 from ..checkpoint import CHECKPOINT_DIR, check_writable
 from ..config import GUIDANCE_MAX, SampleConfig
 from ..data import DATASETS, IMAGE_SUFFIXES, SPLITS, load_dataset, load_images, to_uint8
@@ -31,9 +32,11 @@ from ..metrics import (
 )
 from ..noisy_classifier import NoisyClassifierFile, check_compatible, load_noisy_classifier
 from ..pipeline import Pipeline, load_pipeline
-from ..rundir import CONFIG_FILE
+from ..rundir import CONFIG_FILE, low_res_inputs
 from ..runtime import resolve_device
 from ..samplers import SAMPLER_OPTIONS, SAMPLER_SPECS, sampler_spec
+from ..settings import settings_of
+from ..superres import SuperResConfig
 from ..viz import GRID_SUFFIXES, save_grid, save_images, save_npz
 from .options import (
     Defaults,
@@ -155,11 +158,92 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=seed, default=0, help="seed of the initial noise and every step")
     p.add_argument("--batch-size", type=positive_int, default=128,
                    help="images per batch (128 was fastest on a 2-core CPU)")
+    add_cascade_options(p)
     add_class_option(p)
     add_sample_settings(p)
     add_classifier_options(p)
     add_model_options(p)
     p.set_defaults(func=run_sample)
+
+
+def add_cascade_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cascades (Ho et al. 2021; docs/cascade.md)")
+    g.add_argument("--then", metavar="SR_RUN", action="append", default=[],
+                   help="super-resolve the images with this super-resolution run (repeat for a "
+                        "longer chain); each stage samples with its own run's settings")
+    g.add_argument("--stage-steps", type=positive_int, default=None, metavar="N",
+                   help="sampling steps of every --then stage (default: each run's own)")
+    g.add_argument("--stage-sampler", choices=sorted(SAMPLER_SPECS), default=None,
+                   help="the sampler of every --then stage (default: each run's own)")
+    add_conditioning_options(g)
+
+
+def add_conditioning_options(g: argparse._ActionsContainer) -> None:
+    """A super-resolution stage's conditioning augmentation when sampling."""
+    rules = {f.name: rule for f, rule in settings_of(SuperResConfig)}  # as declared
+    g.add_argument("--cond-aug-level", type=number(float, rules["aug_level"]), default=None,
+                   metavar="LEVEL", help="noise the low-res input of every super-resolution stage "
+                                         "to this level (default: each run's own)")
+    g.add_argument("--cond-blur", type=number(float, rules["blur_sigma"]), default=None,
+                   metavar="SIGMA", help="blur the low-res input of every super-resolution stage "
+                                         "by this sigma (default: each run's own)")
+
+
+def conditioned(args: argparse.Namespace, stage: Pipeline) -> Pipeline:
+    """``stage`` with the conditioning given by --cond-aug-level and --cond-blur."""
+    return stage.conditioned(aug_level=args.cond_aug_level, blur_sigma=args.cond_blur)
+
+
+def cascade_request(args: argparse.Namespace, pipe: Pipeline, guidance: dict[str, Any]) -> Cascade:
+    """``pipe`` and the ``--then`` stages after it, each checked against the one before."""
+    stages = [conditioned(args, load_pipeline(path, device=args.device, use_ema=not args.no_ema,
+                                              precision=args.precision)) for path in args.then]
+    chain = Cascade(conditioned(args, pipe) if pipe.low_res is not None else pipe, stages)
+    for flag, value, alone in (("--stage-steps", args.stage_steps, False),
+                               ("--stage-sampler", args.stage_sampler, False),
+                               ("--cond-aug-level", args.cond_aug_level, True),
+                               ("--cond-blur", args.cond_blur, True)):
+        if value is not None and not stages and not (alone and pipe.low_res is not None):
+            raise UsageError(f"{flag} is a setting of the --then stages; add --then SR_RUN")
+    if stages and guidance:
+        raise UsageError("--classifier guides a model sampled alone; drop it or the --then stages")
+    return chain
+
+
+def generate(chain: Cascade, args: argparse.Namespace, n: int, labels: Any,
+             guidance: dict[str, Any], settings: dict[str, Any],
+             low_res: torch.Tensor | None = None) -> torch.Tensor:
+    """``n`` images of the base model (of a super-resolution model, ``low_res`` super-resolved),
+    super-resolved by the chain's stages if it has any."""
+    if not chain.stages:
+        return chain.base.generate(n, seed=args.seed, batch_size=args.batch_size, labels=labels,
+                                   progress=not args.no_progress, low_res=low_res, **guidance,
+                                   **settings)
+    images = chain.generate(n, seed=args.seed, batch_size=args.batch_size, labels=labels,
+                            progress=not args.no_progress, stage_steps=args.stage_steps,
+                            stage_sampler=args.stage_sampler, **settings)
+    assert isinstance(images, torch.Tensor)  # (the last stage's, without keep)
+    return images
+
+
+def add_upscale_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "upscale", help="super-resolve your own images with a super-resolution run",
+        formatter_class=Defaults,
+        description="Super-resolve images (an .npz or a folder of image files, each of the side "
+                    "the run takes) with a run of 'ddpm train --super-res LOW'.")
+    p.add_argument("checkpoint", metavar="SR_RUN", help="a super-resolution run or checkpoint")
+    p.add_argument("--images", required=True, metavar="DIR|IMAGES.npz",
+                   help="the low-res images: uint8 [N, H, W, C] in an .npz, or a folder of files")
+    p.add_argument("--npz-key", metavar="NAME", default=None, help="the array of an .npz to read")
+    p.add_argument("--out", required=True, metavar="DIR|GRID.png|SAMPLES.npz",
+                   help="as 'ddpm sample --out'")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the noise")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="images per batch")
+    add_conditioning_options(p)
+    add_sample_settings(p)
+    add_model_options(p)
+    p.set_defaults(func=run_upscale)
 
 
 def _check_sample_out(text: str) -> Path:
@@ -189,9 +273,9 @@ def run_sample(args: argparse.Namespace) -> int:
     settings, sc = sample_settings(args, pipe)
     guidance = classifier_request(args, pipe)
     labels, nrow, n = class_request(pipe, args.class_, args.n, classifier=guidance.get("classifier"))
+    chain = cascade_request(args, pipe, guidance)  # each stage checked now, before sampling
     t0 = time.perf_counter()
-    images = pipe.generate(n, seed=args.seed, batch_size=args.batch_size, labels=labels,
-                           progress=not args.no_progress, **guidance, **settings)
+    images = generate(chain, args, n, labels, guidance, settings)
     seconds = time.perf_counter() - t0
     guided = f", guidance {sc.guidance:g}" if pipe.num_classes else ""
     if guidance:
@@ -199,11 +283,20 @@ def run_sample(args: argparse.Namespace) -> int:
     classes = pipe.classes or (guidance["classifier"].classes if guidance else ())
     what = (f"{n} images ({sc.sampler}, {sc.num_sample_steps} steps{guided}, {pipe.precision}, "
             f"{seconds:.1f} s)")
+    if chain.stages:
+        k = len(chain.stages)
+        what += f", super-resolved by {k} stage{'s' if k > 1 else ''} to " \
+                f"{'x'.join(map(str, chain.image_shape))}"
     if args.class_ == "all":
         what += f", {args.n} of each of {pipe.num_classes} classes"
     elif isinstance(labels, int):  # one class, given by index or name
         name = f" ({classes[labels]})" if labels < len(classes) else ""
         what += f" of class {labels}{name}"
+    _write_images(images, out, what, nrow)
+    return 0
+
+
+def _write_images(images: torch.Tensor, out: Path, what: str, nrow: int | None = None) -> None:
     if out.suffix.lower() in GRID_SUFFIXES:
         save_grid(images, out, nrow=nrow)
         print(f"wrote a grid of {what} to {out}")
@@ -213,6 +306,29 @@ def run_sample(args: argparse.Namespace) -> int:
     else:
         save_images(images, out)
         print(f"wrote {what} to {out}/")
+
+
+def run_upscale(args: argparse.Namespace) -> int:
+    out = _check_sample_out(args.out)
+    low = load_images(args.images, npz_key=args.npz_key)
+    pipe = load_pipeline(args.checkpoint, device=args.device, use_ema=not args.no_ema,
+                         precision=args.precision, compile=args.compile)
+    if pipe.low_res is None:
+        raise UsageError(f"{args.checkpoint} is not a super-resolution run; upscale takes a run "
+                         f"of 'ddpm train --super-res LOW'")
+    pipe = conditioned(args, pipe)
+    c, size, _ = pipe.image_shape
+    if tuple(low.shape[1:]) != (c, pipe.low_res, pipe.low_res):
+        raise UsageError(f"{args.images} holds {'x'.join(map(str, low.shape[1:]))} images, and "
+                         f"{args.checkpoint} super-resolves {c}x{pipe.low_res}x{pipe.low_res} ones "
+                         f"to {size} px")
+    settings, sc = sample_settings(args, pipe)
+    t0 = time.perf_counter()
+    images = upscale(pipe, low, seed=args.seed, batch_size=args.batch_size,
+                     progress=not args.no_progress, **settings)
+    what = (f"{len(images)} images super-resolved from {pipe.low_res} to {size} px ({sc.sampler}, "
+            f"{sc.num_sample_steps} steps, {pipe.precision}, {time.perf_counter() - t0:.1f} s)")
+    _write_images(images, out, what)
     return 0
 
 
@@ -272,6 +388,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
                    help="where reference statistics are cached (default: $DDPM_CACHE_DIR or "
                         "~/.cache/ddpm)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+    add_cascade_options(p)
     add_class_option(p, all_classes=False)
     add_sample_settings(p)
     add_classifier_options(p)
@@ -305,12 +422,14 @@ def run_eval(args: argparse.Namespace) -> int:
                              "generating from a checkpoint")
         pipe = load_pipeline(args.checkpoint, device=args.device, use_ema=not args.no_ema,
                              precision=args.precision, compile=args.compile)
-        dataset = args.dataset or pipe.config.data.dataset
-        data_dir = args.data_dir or pipe.config.data.data_dir
-        # The run's own images, as its model saw them; another --dataset is taken as it comes.
-        options = data_options(pipe.config.data) if dataset == pipe.config.data.dataset else {}
         settings, sc = sample_settings(args, pipe)
         guidance = classifier_request(args, pipe)
+        chain = cascade_request(args, pipe, guidance)
+        last = (chain.stages or [pipe])[-1].config.data  # a chain is scored at its last size
+        dataset = args.dataset or last.dataset
+        data_dir = args.data_dir or last.data_dir
+        # The run's own images, as its model saw them; another --dataset is taken as it comes.
+        options = data_options(last) if dataset == last.dataset else {}
         labels, _, _ = class_request(pipe, args.class_, 1, allow_all=False,
                                      classifier=guidance.get("classifier"))
         check_image_count(args.n or 10_000, resolve_extractor(args.extractor, dataset), "--n")
@@ -323,9 +442,14 @@ def run_eval(args: argparse.Namespace) -> int:
     provenance: dict[str, Any] = {}
     if args.images is None:
         start = time.perf_counter()
-        generated = pipe.generate(args.n or 10_000, seed=args.seed, batch_size=args.batch_size,
-                                  labels=labels, progress=not args.no_progress, **guidance,
-                                  **settings)
+        n = args.n or 10_000
+        # a super-resolution run alone: held-out real images averaged down, super-resolved
+        low_res = None
+        if pipe.low_res and not chain.stages:
+            low_res, held_labels = low_res_inputs(pipe.config, n)
+            if pipe.num_classes and labels is None:  # each image's own class
+                labels = held_labels
+        generated = generate(chain, args, n, labels, guidance, settings, low_res)
         provenance = {"sampler": sc.sampler, "steps": sc.num_sample_steps,
                       "seconds": {"sampling": time.perf_counter() - start}}
         if args.save_samples:
@@ -416,7 +540,9 @@ def _given_images(args: argparse.Namespace) -> tuple[torch.Tensor, str, str | No
     only apply when generating."""
     generating = [f"--{k.replace('_', '-')}" for k, v in (
         ("save_samples", args.save_samples), ("no_ema", args.no_ema or None),
-        ("classifier", args.classifier), ("class", args.class_)) if v is not None]
+        ("classifier", args.classifier), ("class", args.class_), ("then", args.then or None),
+        ("stage_steps", args.stage_steps), ("stage_sampler", args.stage_sampler),
+        ("cond_aug_level", args.cond_aug_level), ("cond_blur", args.cond_blur)) if v is not None]
     generating += [setting_flags()[f"sample.{k}"] for k in given_settings(args).get("sample", {})]
     if generating:
         raise UsageError(f"{', '.join(generating)} only apply when generating from a checkpoint; "

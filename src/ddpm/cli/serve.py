@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cascade import Cascade
 from ..pipeline import load_pipeline
 from ..runtime import resolve_precision
 from .options import Defaults, UsageError, add_model_options, number, positive_int
@@ -39,6 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="the most sampling steps one request may ask for (default: the model's T)")
     p.add_argument("--max-queue", type=number(int, at_least=0), default=16,
                    help="requests that may wait behind the running one; more are refused")
+    p.add_argument("--then", metavar="SR_RUN", action="append", default=[],
+                   help="serve a cascade: super-resolve every generation with this "
+                        "super-resolution run (repeat for a longer chain)")
     add_model_options(p)
     p.set_defaults(func=run_serve)
 
@@ -48,10 +52,17 @@ def run_serve(args: argparse.Namespace) -> int:
 
     pipe = load_pipeline(args.checkpoint, device=args.device, use_ema=not args.no_ema,
                          precision=args.precision, compile=args.compile)
+    if pipe.low_res is not None:
+        raise UsageError(f"{args.checkpoint} is a super-resolution run, a later stage of a "
+                         f"cascade: serve its base run with '--then {args.checkpoint}', or "
+                         f"upscale images with 'ddpm upscale {args.checkpoint}'")
+    stages = Cascade(pipe, [load_pipeline(path, device=args.device, use_ema=not args.no_ema,
+                                          precision=args.precision) for path in args.then]).stages
     limits = Limits(max_images=args.max_images, max_steps=args.max_steps,
                     max_queue=args.max_queue)
     try:
-        server = WebServer(pipe, str(args.checkpoint), limits, host=args.host, port=args.port)
+        server = WebServer(pipe, str(args.checkpoint), limits, host=args.host, port=args.port,
+                           stages=stages)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -60,7 +71,8 @@ def run_serve(args: argparse.Namespace) -> int:
               f"password", file=sys.stderr)
     k = pipe.num_classes
     precision = resolve_precision(pipe.precision, pipe.device)
-    print(f"serving {args.checkpoint} (step {pipe.step}, "
+    chain = f", then {len(stages)} super-resolution stage(s)" if stages else ""
+    print(f"serving {args.checkpoint}{chain} (step {pipe.step}, "
           f"{f'{k} classes' if k else 'unconditional'}, {pipe.device} {precision}) at "
           f"{server.url}", flush=True)
     print("open that address in a browser; Ctrl+C stops the server", flush=True)

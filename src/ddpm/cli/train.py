@@ -86,7 +86,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         return f"{DEFAULT_PRESET}: {describe(preset[section][name])}"
 
     groups: dict[str, argparse._ArgumentGroup] = {}
-    for section in ("model", "diffusion", "data", "train", "latent"):
+    for section in ("model", "diffusion", "data", "train", "latent", "superres"):
         add_settings(p, section, default_note=note, groups=groups)
     add_settings(p, "sample", only=("guidance",), default_note=note, groups=groups)
     p.set_defaults(func=run)
@@ -260,7 +260,19 @@ def summary(config: RunConfig, preset: str) -> str:
         + (f"\nlatents: of the autoencoder {config.latent.autoencoder} (F = "
            f"{config.latent.downsample}, the posterior's {config.latent.posterior})"
            if config.latent.autoencoder else "")
+        + (f"\nsuper-resolution: from {config.superres.low} px, conditioning augmentation "
+           f"{_augmentation_text(config)}" if config.superres.low else "")
     )
+
+
+def _augmentation_text(config: RunConfig) -> str:
+    sr = config.superres
+    parts = []
+    if sr.noise:
+        parts.append(f"noise to a level in [0, {sr.aug_max:g}] (sampling at {sr.aug_level:g})")
+    if sr.blur:
+        parts.append(f"blur sigma {sr.blur_min:g}-{sr.blur_max:g} px (sampling at {sr.blur_sigma:g})")
+    return ", ".join(parts) or "none"
 
 
 def _weighting_text(d: DiffusionConfig) -> str:

@@ -6,8 +6,10 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from ..cascade import Cascade
 from ..data import DATASETS, SPLITS, load_dataset, to_model_range
 from ..pipeline import load_pipeline
 from ..rundir import METRICS_FILE
@@ -38,9 +40,11 @@ from .options import (
     whole_list,
 )
 from .sample import (
+    add_cascade_options,
     add_class_option,
     add_classifier_options,
     add_sample_settings,
+    cascade_request,
     class_request,
     classifier_request,
     sample_settings,
@@ -93,6 +97,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"also write a contact sheet of chosen steps ({figure})")
     r.add_argument("--sheet-columns", type=number(int, at_least=2), default=8,
                    help="steps on the sheet")
+    add_cascade_options(r)
     add_class_option(r, all_classes=False)
     add_classifier_options(r)
     r.add_argument("--fps", type=number(float, above=0), default=12.0, help="frames per second")
@@ -182,12 +187,18 @@ def run_reverse(args: argparse.Namespace) -> int:
     guidance = classifier_request(args, pipe)
     labels, _, _ = class_request(pipe, args.class_, args.n, allow_all=False,
                                  classifier=guidance.get("classifier"))
+    chain = cascade_request(args, pipe, guidance)
+    if chain.stages and sheet is not None:
+        raise UsageError("--sheet draws one model's reverse process; drop --sheet or --then")
     states, x0_preds, timesteps = pipe.trace(args.n, seed=args.seed, labels=labels,
                                              progress=not args.no_progress, **guidance, **settings)
     images, _ = reverse_frames(states, x0_preds if args.show_x0 else None, frames, scale=args.scale)
+    images = images if not chain.stages else _chain_frames(chain, args, states, x0_preds, labels,
+                                                           frames)
     save_animation(images, out, fps=args.fps, hold_s=args.hold)
-    print(f"wrote the reverse process of {args.n} images ({sc.sampler}, {steps} steps) as "
-          f"{len(images)} frames to {out}")
+    stages = f", then {len(chain.stages)} super-resolution stage(s)" if chain.stages else ""
+    print(f"wrote the reverse process of {args.n} images ({sc.sampler}, {steps} steps{stages}) "
+          f"as {len(images)} frames to {out}")
     if sheet is not None:
         columns = evenly_spaced(states.shape[0], args.sheet_columns)
         column_labels = [f"t={timesteps[i]:.0f}" if i < len(timesteps) else "output" for i in columns]
@@ -199,6 +210,30 @@ def run_reverse(args: argparse.Namespace) -> int:
                          title=f"reverse process ({sc.sampler}, {steps} steps)")
         print(f"wrote a contact sheet of {len(columns)} steps to {sheet}")
     return 0
+
+
+def _chain_frames(chain: Cascade, args: argparse.Namespace, states: torch.Tensor,
+                  x0_preds: torch.Tensor, given: torch.Tensor | int | None,
+                  frames: int) -> list[np.ndarray]:
+    """The frames of a cascade's reverse processes, the base's and each stage's in turn, every
+    frame at the last stage's size (the smaller stages' pixels repeated)."""
+    size = chain.image_shape[-1]
+    labels = chain.base.class_labels(args.n, given)
+    steps = {name: value for name, value in (("num_sample_steps", args.stage_steps),
+                                             ("sampler", args.stage_sampler)) if value is not None}
+    traces = [(states, x0_preds)]
+    for k, stage in enumerate(chain.stages, start=1):
+        low = to_model_range(traces[-1][0][-1])  # the stage before's 8-bit output
+        traces.append(stage.trace(args.n, seed=args.seed + k, progress=not args.no_progress,
+                                  labels=labels if stage.num_classes else None, low_res=low,
+                                  **steps)[:2])
+    out = []
+    for s, x0 in traces:
+        factor = size // s.shape[-1]
+        s, x0 = (t.repeat_interleave(factor, -1).repeat_interleave(factor, -2) for t in (s, x0))
+        count = min(frames, s.shape[0])
+        out += reverse_frames(s, x0 if args.show_x0 else None, count, scale=args.scale)[0]
+    return out
 
 
 def run_data(args: argparse.Namespace) -> int:

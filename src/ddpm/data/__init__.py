@@ -34,7 +34,7 @@ The modules, each importing only those above it:
 
 from .arrays import read_idx
 from .files import decode_image, load_images
-from .load import load_dataset, open_dataset
+from .load import held_out_images, images_at, load_dataset, open_dataset
 from .pixels import random_crop, random_hflip, to_model_range, to_uint8, to_unit_range
 from .registry import (
     CROPS,
@@ -64,6 +64,7 @@ __all__ = [
     "BatchStream", "DatasetNotFoundError", "DatasetSpec", "ImageData", "LatentData",
     "StreamingImages",
     "check_options", "dataset_spec", "decode_image", "default_cache_dir", "default_data_dir",
+    "held_out_images", "images_at",
     "load_dataset", "load_images", "open_dataset", "random_crop", "random_hflip", "read_idx",
     "stored_size", "to_model_range", "to_uint8", "to_unit_range",
 ]

@@ -80,6 +80,32 @@ def open_dataset(config: DataConfig, split: str | None = None, *,
                            strict=c.strict)
 
 
+def labelled_images_at(data: ImageData | StreamingImages,
+                       idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The uint8 images of a split at ``idx`` and their labels; of a streamed split, those that
+    decode (a corrupt file is left out, with its label)."""
+    if isinstance(data, ImageData):
+        return data.images[idx], data.labels[idx]
+    items = [data[int(i)] for i in idx]
+    good = [int(idx[k]) for k, (_, _, error) in enumerate(items) if not error]
+    return torch.stack([image for _, image, error in items if not error]), data.labels[good]
+
+
+def images_at(data: ImageData | StreamingImages, idx: torch.Tensor) -> torch.Tensor:
+    """The uint8 images of a split at ``idx`` (:func:`labelled_images_at`'s)."""
+    return labelled_images_at(data, idx)[0]
+
+
+def held_out_images(config: DataConfig, limit: int, *,
+                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``limit`` fixed random uint8 images of the data's held-out split (the test split, or a
+    folder's own split: a folder has no other), and their labels."""
+    split = config.split if dataset_spec(config.dataset).folder else "test"
+    source = open_dataset(config, split)
+    order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))
+    return labelled_images_at(source, order[:limit])
+
+
 def _located(dataset: str, split: str, data_dir: str | os.PathLike | None, image_size: int | None,
              channels: int | None, crop: str) -> tuple[Path, int, int]:
     """(folder, image size, channels) of a split's options, checked, each None filled in with

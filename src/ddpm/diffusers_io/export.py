@@ -160,6 +160,10 @@ def scheduler_config(config: RunConfig, schedule: NoiseSchedule) -> dict[str, An
         raise ExportError("cannot export to diffusers: the model diffuses in the latents of a ddpm "
                           "autoencoder, and its export as diffusers' AutoencoderKL is not written "
                           "yet; sample it with 'ddpm sample', so nothing was written")
+    if config.superres.low is not None:
+        raise ExportError("cannot export to diffusers: a super-resolution model takes its low-res "
+                          "input beside x_t, which diffusers' UNet2DModel pipelines do not give "
+                          "it; sample it with 'ddpm upscale', so nothing was written")
     if dc.preconditioning != "none":
         raise ExportError(f"cannot export to diffusers: the model was trained with "
                           f"--preconditioning {dc.preconditioning}, which scales the network's "

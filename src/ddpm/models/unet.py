@@ -79,6 +79,13 @@ class UNetConfig:
              "channels, trained with L_simple + 0.001 L_vlb; ancestral sampling then needs far "
              "fewer steps")
 
+    # A super-resolution model (superres.py): its upsampled low-res input enters beside x_t as
+    # this many channels, and the noise level of its augmentation through a second embedding.
+    cond_channels: int = setting(0, flag=None, at_least=0,
+                                 help="channels of a conditioning image beside x_t (0: none)")
+    level_embedding: bool = setting(False, flag=None,
+                                    help="a second time embedding, of the conditioning's noise level")
+
     def validate(self) -> None:
         """Raise ValueError naming the bad field, its value and what would work."""
         check_fields(self)
@@ -265,7 +272,8 @@ class _DownPath(nn.Module):
         (the input conv's, each block's, each downsample's), the last being the middle's width."""
         config = self.config
         ch = config.base_channels
-        self.conv_in = nn.Conv2d(config.in_channels * config.patch_size**2, ch, 3, padding=1)
+        in_channels = config.in_channels + config.cond_channels
+        self.conv_in = nn.Conv2d(in_channels * config.patch_size**2, ch, 3, padding=1)
         skip_channels = [ch]
         self.down_levels = nn.ModuleList()
         self.downsamples = nn.ModuleList()
@@ -353,18 +361,33 @@ class UNet(_DownPath):
         out_channels = patch_channels * (2 if config.learn_variance else 1)
         self.conv_out = nn.Conv2d(cur, out_channels, 3, padding=1)
         _zero_init(self.conv_out)
+        # Imagen's embedding of the augmentation level, added to the time embedding (made last,
+        # so that the other weights draw what they always drew from the same seed).
+        self.level_mlp = (nn.Sequential(nn.Linear(ch, 4 * ch), nn.SiLU(), nn.Linear(4 * ch, 4 * ch))
+                          if config.level_embedding else None)
 
     @property
     def null_class(self) -> int:
         """The label that means "no class" (classifier-free guidance's unconditional model)."""
         return self.config.num_classes
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, *,
+                cond: torch.Tensor | None = None, cond_level: torch.Tensor | None = None) -> torch.Tensor:
         temb = self._time_embedding(t)  # [B, 4ch]
         if self.class_emb is not None:
             if y is None:
                 y = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
             temb = temb + self.class_emb(y)
+        if self.config.cond_channels:
+            if cond is None or cond_level is None:
+                raise ValueError("a super-resolution U-Net takes its low-res input: give cond "
+                                 "[B, C, H, W] and cond_level [B]")
+            x = torch.cat([x, cond.to(x.dtype)], dim=1)  # [B, C + C_cond, H, W]
+        if self.level_mlp is not None:
+            assert cond_level is not None
+            first = cast(nn.Linear, self.level_mlp[0])
+            embedded = timestep_embedding(cond_level, self.config.base_channels)
+            temb = temb + self.level_mlp(embedded.to(first.weight.dtype))
         skips: list[torch.Tensor] = []
         h = self._down(x, temb, skips)
         for i, level in enumerate(cast("list[_Level]", self.up_levels)):  # (typed as Modules)

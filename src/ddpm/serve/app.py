@@ -11,7 +11,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any
@@ -147,7 +147,7 @@ def create_app(engine: Engine, source: str, served: Served) -> Any:
         raise ValueError(f"'ddpm serve' needs Starlette and uvicorn: {SERVE_EXTRA}") from None
 
     page = resources.files("ddpm").joinpath("web/index.html").read_text(encoding="utf-8")
-    info = model_info(engine.pipe, source, engine.limits)
+    info = model_info(engine.pipe, source, engine.limits, engine.stages)
 
     async def index(request: Request) -> Response:
         return HTMLResponse(page)
@@ -241,7 +241,7 @@ class WebServer:
     not the main one (fp32 5%)."""
 
     def __init__(self, pipe: Pipeline, source: str, limits: Limits, *, host: str = "127.0.0.1",
-                 port: int = 7860):
+                 port: int = 7860, stages: Sequence[Pipeline] = ()):
         try:
             import uvicorn
         except ImportError:
@@ -251,7 +251,7 @@ class WebServer:
         limits.check(pipe.schedule.num_train_timesteps)
         self.socket = bind(host, port)
         address, bound_port = self.socket.getsockname()[:2]
-        self.engine = Engine(pipe, limits)
+        self.engine = Engine(pipe, limits, stages)
         self.app = create_app(self.engine, source, Served.bound(host, address, bound_port,
                                                                 self.url))
         config = uvicorn.Config(self.app, log_level="warning", access_log=False,

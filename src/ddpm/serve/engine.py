@@ -13,10 +13,12 @@ import sys
 import threading
 import time
 from collections import Counter, OrderedDict, deque
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from ..cascade import upscale
 from ..data import to_uint8
 from ..pipeline import Pipeline
 from ..viz import evenly_spaced, frame_grid, gif_bytes, grid_png, reverse_frames
@@ -70,8 +72,10 @@ class Engine:
     and are told how many generations are ahead of them. :meth:`run` is the loop that generates
     (``ddpm serve`` runs it on the main thread; :meth:`start` on a thread of its own)."""
 
-    def __init__(self, pipe: Pipeline, limits: Limits):
-        self.pipe, self.limits = pipe, limits
+    def __init__(self, pipe: Pipeline, limits: Limits, stages: Sequence[Pipeline] = ()):
+        """``stages``: the super-resolution stages of a cascade after ``pipe``, checked to fit
+        (``cascade.Cascade``); each generation is super-resolved by them in turn."""
+        self.pipe, self.limits, self.stages = pipe, limits, list(stages)
         self._cv = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._running: Job | None = None
@@ -191,8 +195,14 @@ class Engine:
         start = time.perf_counter()
         images = pipe.generate(r.n, seed=r.seed, batch_size=r.n, labels=r.label, callback=on_step,
                                **r.settings())
+        images = self._super_resolve(job, images)
         seconds = time.perf_counter() - start
-        states[r.steps] = x0s[r.steps] = to_uint8(images)
+        final = to_uint8(images)
+        factor = final.shape[-1] // states[0].shape[-1]  # a cascade's frames at its last size
+        for frames_of in (states, x0s):
+            for i, frame in frames_of.items():
+                frames_of[i] = frame.repeat_interleave(factor, -1).repeat_interleave(factor, -2)
+        states[r.steps] = x0s[r.steps] = final
         order = sorted(states)
         frames, _ = reverse_frames(torch.stack([states[i] for i in order]),
                                    torch.stack([x0s[i] for i in order]) if r.x0 else None,
@@ -201,6 +211,18 @@ class Engine:
         self._keep(job.id, {"grid.png": grid, "denoising.gif": gif_bytes(frames)})
         return {"seconds": round(seconds, 3), "n": r.n, "steps": r.steps, "grid": data_url(grid),
                 "png": f"/api/jobs/{job.id}/grid.png", "gif": f"/api/jobs/{job.id}/denoising.gif"}
+
+    def _super_resolve(self, job: Job, images: torch.Tensor) -> torch.Tensor:
+        """The base model's ``images`` through the cascade's stages, if it has any."""
+        r = job.request
+        labels = self.pipe.class_labels(r.n, r.label) if self.stages else None
+        for k, stage in enumerate(self.stages, start=1):
+            if job.cancelled.is_set():
+                raise Cancelled
+            job.emit("stage", job=job.id, stage=k, stages=len(self.stages))
+            images = upscale(stage, to_uint8(images), seed=r.seed + k, batch_size=r.n,
+                             labels=labels if stage.num_classes else None)
+        return images
 
     def _keep(self, job_id: int, files: dict[str, bytes]) -> None:
         with self._cv:

@@ -5,6 +5,7 @@ what to give instead."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,14 +193,17 @@ def run_name(source: str) -> str:
     return Path(source).resolve().name or "the model"
 
 
-def model_info(pipe: Pipeline, source: str, limits: Limits) -> dict[str, Any]:
-    """What ``GET /api/model`` says: the page builds its form from it."""
+def model_info(pipe: Pipeline, source: str, limits: Limits,
+               stages: Sequence[Pipeline] = ()) -> dict[str, Any]:
+    """What ``GET /api/model`` says: the page builds its form from it (the base model's
+    settings; a cascade's images are its last stage's size)."""
     run = pipe.config.sample
     k = pipe.num_classes
     assert limits.max_steps is not None  # WebServer sets None to T
+    c, size, _ = (stages[-1] if stages else pipe).image_shape
     return {
-        "source": run_name(source), "step": pipe.step, "image_size": pipe.image_shape[-1],
-        "channels": pipe.image_shape[0], "num_train_timesteps": pipe.schedule.num_train_timesteps,
+        "source": run_name(source), "step": pipe.step, "image_size": size, "channels": c,
+        "stages": len(stages), "num_train_timesteps": pipe.schedule.num_train_timesteps,
         "conditional": bool(k),
         "classes": [pipe.classes[i] if i < len(pipe.classes) else str(i) for i in range(k)],
         "samplers": list(SAMPLERS), "device": str(pipe.device),
