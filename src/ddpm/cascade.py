@@ -71,12 +71,16 @@ class Cascade:
         images = [self.base.generate(n, seed=seed, batch_size=batch_size, labels=labels,
                                      progress=progress, **settings)]
         for k, stage in enumerate(self.stages, start=1):
-            steps = {name: value for name, value in (("num_sample_steps", stage_steps),
-                                                     ("sampler", stage_sampler)) if value is not None}
             images.append(upscale(stage, to_uint8(images[-1]), seed=seed + k, batch_size=batch_size,
                                   labels=labels if stage.num_classes else None,
-                                  progress=progress, **steps))
+                                  progress=progress, **stage_settings(stage_steps, stage_sampler)))
         return images if keep else images[-1]
+
+
+def stage_settings(steps: int | None, sampler: str | None) -> dict[str, Any]:
+    """The sampling settings given for every stage, over each stage's own (None: its own)."""
+    return {name: value for name, value in (("num_sample_steps", steps), ("sampler", sampler))
+            if value is not None}
 
 
 def upscale(stage: Pipeline, images: torch.Tensor, *, seed: int = 0, batch_size: int = 128,

@@ -301,6 +301,13 @@ def upscale(frame: np.ndarray, scale: int) -> np.ndarray:
     return frame if scale == 1 else frame.repeat(scale, axis=0).repeat(scale, axis=1)
 
 
+def enlarged(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Images ``[..., H, W]`` enlarged by nearest neighbour to ``size`` a side (a cascade's smaller
+    stages drawn at its last stage's size)."""
+    factor = size // images.shape[-1]
+    return images.repeat_interleave(factor, -1).repeat_interleave(factor, -2)
+
+
 def _even(frame: np.ndarray) -> np.ndarray:
     """Pad with white to even height and width: H.264 in yuv420p needs both."""
     h, w = frame.shape[:2]

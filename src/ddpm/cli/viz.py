@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cascade import Cascade
+from ..cascade import Cascade, stage_settings
 from ..data import DATASETS, SPLITS, load_dataset, to_model_range
 from ..pipeline import load_pipeline
 from ..rundir import METRICS_FILE
@@ -17,6 +17,7 @@ from ..schedules import SCHEDULES, make_schedule
 from ..viz import (
     ANIMATION_SUFFIXES,
     FIGURE_SUFFIXES,
+    enlarged,
     evenly_spaced,
     forward_noised,
     plot_curves,
@@ -192,9 +193,11 @@ def run_reverse(args: argparse.Namespace) -> int:
         raise UsageError("--sheet draws one model's reverse process; drop --sheet or --then")
     states, x0_preds, timesteps = pipe.trace(args.n, seed=args.seed, labels=labels,
                                              progress=not args.no_progress, **guidance, **settings)
-    images, _ = reverse_frames(states, x0_preds if args.show_x0 else None, frames, scale=args.scale)
-    images = images if not chain.stages else _chain_frames(chain, args, states, x0_preds, labels,
-                                                           frames)
+    if chain.stages:
+        images = _chain_frames(chain, args, states, x0_preds, labels, frames)
+    else:
+        images, _ = reverse_frames(states, x0_preds if args.show_x0 else None, frames,
+                                   scale=args.scale)
     save_animation(images, out, fps=args.fps, hold_s=args.hold)
     stages = f", then {len(chain.stages)} super-resolution stage(s)" if chain.stages else ""
     print(f"wrote the reverse process of {args.n} images ({sc.sampler}, {steps} steps{stages}) "
@@ -219,8 +222,7 @@ def _chain_frames(chain: Cascade, args: argparse.Namespace, states: torch.Tensor
     frame at the last stage's size (the smaller stages' pixels repeated)."""
     size = chain.image_shape[-1]
     labels = chain.base.class_labels(args.n, given)
-    steps = {name: value for name, value in (("num_sample_steps", args.stage_steps),
-                                             ("sampler", args.stage_sampler)) if value is not None}
+    steps = stage_settings(args.stage_steps, args.stage_sampler)
     traces = [(states, x0_preds)]
     for k, stage in enumerate(chain.stages, start=1):
         low = to_model_range(traces[-1][0][-1])  # the stage before's 8-bit output
@@ -229,8 +231,7 @@ def _chain_frames(chain: Cascade, args: argparse.Namespace, states: torch.Tensor
                                   **steps)[:2])
     out = []
     for s, x0 in traces:
-        factor = size // s.shape[-1]
-        s, x0 = (t.repeat_interleave(factor, -1).repeat_interleave(factor, -2) for t in (s, x0))
+        s, x0 = enlarged(s, size), enlarged(x0, size)
         count = min(frames, s.shape[0])
         out += reverse_frames(s, x0 if args.show_x0 else None, count, scale=args.scale)[0]
     return out

@@ -21,7 +21,7 @@ import torch
 from ..cascade import upscale
 from ..data import to_uint8
 from ..pipeline import Pipeline
-from ..viz import evenly_spaced, frame_grid, gif_bytes, grid_png, reverse_frames
+from ..viz import enlarged, evenly_spaced, frame_grid, gif_bytes, grid_png, reverse_frames
 from .requests import GenerateRequest, Limits, RequestError
 
 # At most 10 frames a second go to the page: enough to watch, and each costs the sampling thread
@@ -198,10 +198,9 @@ class Engine:
         images = self._super_resolve(job, images)
         seconds = time.perf_counter() - start
         final = to_uint8(images)
-        factor = final.shape[-1] // states[0].shape[-1]  # a cascade's frames at its last size
-        for frames_of in (states, x0s):
+        for frames_of in (states, x0s):  # a cascade's frames at its last size
             for i, frame in frames_of.items():
-                frames_of[i] = frame.repeat_interleave(factor, -1).repeat_interleave(factor, -2)
+                frames_of[i] = enlarged(frame, final.shape[-1])
         states[r.steps] = x0s[r.steps] = final
         order = sorted(states)
         frames, _ = reverse_frames(torch.stack([states[i] for i in order]),
