@@ -16,7 +16,9 @@ came from. Runs already in ``--out`` are read back, not trained again. Prints Ma
         --levels 0,0.05,0.1,0.2 --seeds 0,1,2
 
 then also scores (b) of the noise-augmented stages at each sampling level (`--cond-aug-level`),
-and (b) of every stage with each seed, for the noise of FID between sampling seeds.
+and (b) of every stage with each seed, for the noise of FID between sampling seeds; ``--project``
+scores (b) and consistency again with every stage's outputs projected onto their inputs
+(`--cond-project`).
 """
 
 from __future__ import annotations
@@ -69,10 +71,11 @@ def evaluate(args: argparse.Namespace, *runs: object, stages: tuple[object, ...]
             "sampling_s": round(scores["seconds"]["sampling"], 1)}
 
 
-def consistency(base: Path, sr: Path, n: int) -> float:
+def consistency(base: Path, sr: Path, n: int, project: bool = False) -> float:
     """Mean PSNR (dB) between each super-resolved base sample averaged back to 14 px and its
-    8-bit input."""
+    8-bit input (``project``: the stage's outputs projected onto their inputs)."""
     chain = load_cascade(base, [sr], precision="auto")
+    chain.stages = [stage.conditioned(project=True) if project else stage for stage in chain.stages]
     low, high = chain.generate(n, seed=7, sampler="dpm++", num_sample_steps=20,
                                stage_sampler="dpm++", stage_steps=20, keep=True)
     given = to_model_range(to_uint8(low))
@@ -103,7 +106,23 @@ def extra_scores(args: argparse.Namespace, augs: list[str]) -> dict[str, list[st
             rows.append(f"| {aug} | " + " | ".join(map(str, fids)) +
                         f" | {statistics.mean(fids):.2f} |")
             print(rows[-1], flush=True)
+        if args.single_seeds:  # the single model's FID at the same seeds, for its noise too
+            fids = [evaluate(args, args.out / "single", extra=("--seed", s))["fid"] for s in seeds]
+            rows.append("| (the single model) | " + " | ".join(map(str, fids)) +
+                        f" | {statistics.mean(fids):.2f} |")
+            print(rows[-1], flush=True)
         out["(b) by sampling seed"] = rows
+    if args.project:
+        rows = ["| augmentation | " + " | ".join(f"FID (b), seed {s}" for s in seeds or ["0"]) +
+                " | mean | consistency (b), dB |", "|---|" + "---|" * (len(seeds or ["0"]) + 2)]
+        for aug in augs:
+            stage = args.out / f"sr-{aug}"
+            fids = [evaluate(args, base, stages=(stage,), extra=("--seed", s, "--cond-project"))["fid"]
+                    for s in seeds or ["0"]]
+            rows.append(f"| {aug} | " + " | ".join(map(str, fids)) + f" | {statistics.mean(fids):.2f}"
+                        f" | {consistency(base, stage, args.consistency_n, project=True)} |")
+            print(rows[-1], flush=True)
+        out["(b) with every output projected onto its input (--cond-project)"] = rows
     return out
 
 
@@ -121,6 +140,11 @@ def main() -> None:
     p.add_argument("--consistency-n", type=int, default=256)
     p.add_argument("--levels", default="", help="sampling levels of the noise stages to score (b) at")
     p.add_argument("--seeds", default="", help="sampling seeds to score (b) of every stage with")
+    p.add_argument("--single-seeds", action="store_true",
+                   help="also score the single model with each of --seeds")
+    p.add_argument("--project", action="store_true",
+                   help="also score (b) and consistency of every stage with --cond-project, at "
+                        "each of --seeds")
     p.add_argument("--sweeps-only", action="store_true",
                    help="read the main rows back from --json and score only --levels and --seeds")
     p.add_argument("--json", type=Path, default=None)

@@ -165,7 +165,7 @@ def test_eval_nll_reports_bits_per_dim_for_fixed_and_learned_variances(learned_r
 @pytest.mark.parametrize("args, message", [
     (["--nll-timesteps", "0"], "--nll-timesteps"),
     (["--nll-timesteps", "5000"], "middle terms"),
-    (["--sampler", "ddim"], "only apply to FID"),
+    (["--sampler", "ddim"], "does not apply to --nll"),
     (["--n", "100000"], "holds"),
 ])
 def test_bad_nll_requests_are_one_line_errors(world, args, message):

@@ -333,6 +333,79 @@ def test_a_tiny_model_s_output_averaged_down_again_is_its_input():
     assert consistency() >= 30
 
 
+def test_the_projection_is_the_nearest_image_whose_average_is_the_input():
+    """Inside the bounds it is x0 + A^+ (low - A x0), with A the area averaging: the result
+    averages down to ``low``; it is x0 itself when x0 already does; and what it adds is constant
+    over each block (the range of A^T)."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 3, 12, 12, generator=g) * 0.6 - 0.3
+    low = torch.rand(4, 3, 4, 4, generator=g) * 0.6 - 0.3  # so that nothing reaches +-1
+    p = superres.project(x0, low)
+    torch.testing.assert_close(superres.downsample(p, 4), low, rtol=0, atol=1e-6)
+    torch.testing.assert_close(superres.project(p, low), p, rtol=0, atol=1e-6)
+    shift = (p - x0).unfold(2, 3, 3).unfold(3, 3, 3)  # [4, 3, 4, 4, 3, 3]: each block's change
+    torch.testing.assert_close(shift, shift[..., :1, :1].expand_as(shift), rtol=0, atol=1e-6)
+
+
+def test_the_bounded_projection_meets_its_optimality_conditions():
+    """Where x0 + A^+ (low - A x0) would leave [-1, 1], the projection onto {x in [-1, 1], A x =
+    low} is clip(x0 + lam, -1, 1) with one lam per block (the KKT conditions, sufficient for this
+    convex problem): checked pixel by pixel, and against random feasible images, none nearer."""
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(4, 3, 12, 12, generator=g) * 2  # most blocks clip somewhere
+    low = torch.rand(4, 3, 4, 4, generator=g) * 1.9 - 0.95
+    p = superres.project(x0, low)
+    assert p.abs().max() <= 1
+    torch.testing.assert_close(superres.downsample(p, 4), low, rtol=0, atol=1e-5)
+    blocks = lambda v: v.unfold(2, 3, 3).unfold(3, 3, 3).reshape(4, 3, 4, 4, 9)  # noqa: E731
+    xb, pb = blocks(x0), blocks(p)
+    free = pb.abs() < 1 - 1e-6
+    assert free.any(-1).all() and (~free).any()  # every block has a free pixel; some clip
+    lam = ((pb - xb) * free).sum(-1, keepdim=True) / free.sum(-1, keepdim=True)
+    torch.testing.assert_close((pb - xb)[free], lam.expand_as(pb)[free], rtol=0, atol=1e-5)
+    assert ((xb + lam)[pb >= 1 - 1e-6] >= 1 - 1e-5).all()  # clipped at 1 only where x0 + lam >= 1
+    assert ((xb + lam)[pb <= -1 + 1e-6] <= -1 + 1e-5).all()
+    for _ in range(20):
+        other = superres.project(torch.randn(4, 3, 12, 12, generator=g), low)  # also feasible
+        assert ((other - x0) ** 2).sum() > ((p - x0) ** 2).sum()
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++", "euler", "heun"])
+def test_a_projected_stage_s_outputs_average_down_to_their_inputs(chain_runs, sampler):
+    """With --cond-project every sampler's last step lands on a projected x0, so the output
+    averaged down is its input to float precision, even from the untrained network (which, left
+    alone, ignores it)."""
+    _, sr = chain_runs
+    pipe = load_pipeline(sr, precision="fp32")
+    low, _ = low_res_inputs(pipe.config, 6)
+    plain = pipe.generate(6, low_res=low, sampler=sampler, num_sample_steps=4)
+    projected = pipe.conditioned(project=True).generate(6, low_res=low, sampler=sampler,
+                                                        num_sample_steps=4)
+    assert _psnr(superres.downsample(plain, 14), low) < 25
+    torch.testing.assert_close(superres.downsample(projected, 14), low, rtol=0, atol=1e-4)
+
+
+def test_cond_project_through_the_cli(tmp_path, chain_runs):
+    base, sr = chain_runs
+    images = {}
+    for name, extra in (("plain", ()), ("projected", ("--cond-project",))):
+        r = cli("sample", str(base), "--then", str(sr), "--n", "4", "--steps", "3",
+                "--stage-steps", "3", "--out", str(tmp_path / f"{name}.npz"), *extra)
+        assert r.returncode == 0, r.stderr
+        images[name] = torch.from_numpy(np.load(tmp_path / f"{name}.npz")["arr_0"]).permute(0, 3, 1, 2)
+    r = cli("sample", str(base), "--n", "4", "--steps", "3", "--out", str(tmp_path / "low.npz"))
+    assert r.returncode == 0, r.stderr
+    low = torch.from_numpy(np.load(tmp_path / "low.npz")["arr_0"]).permute(0, 3, 1, 2)
+
+    def psnr(high: torch.Tensor) -> float:  # 8-bit images on [-1, 1]
+        return _psnr(superres.downsample(high.float() / 127.5 - 1, 14), low.float() / 127.5 - 1)
+
+    # within the 8-bit rounding of input and output (and the clipping of the output to [-1, 1])
+    assert psnr(images["projected"]) > 40 > psnr(images["plain"])
+    assert_refused(cli("sample", str(base), "--cond-project", "--out", str(tmp_path / "x.npz")),
+                   "--cond-project is a setting of the --then stages")
+
+
 def test_eval_of_a_super_resolution_run_alone_super_resolves_held_out_images(tmp_path, chain_runs):
     _, sr = chain_runs
     r = cli("eval", str(sr), "--n", "128", "--steps", "2", "--json", "--precision", "fp32",

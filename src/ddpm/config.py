@@ -27,8 +27,9 @@ from .diffusion import (
     VARIANCES,
 )
 from .models import UNetConfig
-from .samplers import SAMPLERS
+from .samplers import PREDICTORS, SAMPLERS
 from .schedules import SCHEDULES, NoiseSchedule, make_schedule
+from .sde import SDES
 from .settings import (
     SEED_MAX,
     SettingError,
@@ -213,7 +214,9 @@ class SampleConfig:
     sampler: str = setting(
         "ddpm", flag="--sampler", choices=SAMPLERS,
         help="ddpm (ancestral, Ho et al. 2020), ddim (Song et al. 2021), dpm++ "
-             "(DPM-Solver++(2M), Lu et al. 2022), euler or heun (Karras et al. 2022)")
+             "(DPM-Solver++(2M), Lu et al. 2022), euler or heun (Karras et al. 2022), pc "
+             "(predictor-corrector), langevin (annealed Langevin dynamics) or ode (the "
+             "probability-flow ODE, adaptive RK45) of the score SDEs (Song et al. 2021)")
     num_sample_steps: int = setting(1000, flag="--steps", at_least=1,
                                     help="sampling steps, 1..T")
     # None: the sampler's own default (karras for euler/heun, logsnr for dpm++)
@@ -232,6 +235,32 @@ class SampleConfig:
     churn: float = setting(0.0, flag="--churn", at_least=0, at_most=1000,
                            help="euler and heun only: S_churn of Karras et al.'s stochastic "
                                 "sampler (noise added before each step); 0 is deterministic")
+    # The score-SDE samplers (docs/sde.md). Song et al. 2021 sample with snr 0.16 and one
+    # corrector step (their Table 5, VE on CIFAR-10), and solve the ODE at tolerances 1e-5.
+    sde: str = setting("vp", flag="--sde-view", choices=SDES, group="score SDEs (Song et al. 2021)",
+                       help="pc and ode only: the SDE through which the model is read, vp "
+                            "(DDPM's in continuous time), subvp or ve")
+    predictor: str = setting("reverse-diffusion", flag="--predictor", choices=PREDICTORS,
+                             group="score SDEs (Song et al. 2021)",
+                             help="pc only: the predictor step, reverse diffusion (Song et al.'s "
+                                  "eq. 47) or Euler-Maruyama")
+    snr: float = setting(0.16, flag="--snr", above=0, group="score SDEs (Song et al. 2021)",
+                         help="pc only: the signal-to-noise ratio that sets each Langevin "
+                              "corrector step")
+    corrector_steps: int = setting(1, flag="--corrector-steps", at_least=0,
+                                   group="score SDEs (Song et al. 2021)",
+                                   help="pc only: Langevin corrector steps per noise level (0: "
+                                        "the predictor alone)")
+    langevin_steps: int = setting(5, flag="--langevin-steps", at_least=1,
+                                  group="score SDEs (Song et al. 2021)",
+                                  help="langevin only: Langevin steps per noise level, the step "
+                                       "size by Song & Ermon 2020's rule")
+    ode_rtol: float = setting(1e-5, flag="--ode-rtol", above=0, below=1,
+                              group="score SDEs (Song et al. 2021)",
+                              help="ode only: the RK45 solver's relative tolerance")
+    ode_atol: float = setting(1e-5, flag="--ode-atol", above=0, below=1,
+                              group="score SDEs (Song et al. 2021)",
+                              help="ode only: the RK45 solver's absolute tolerance")
     x0_transform: str = setting(
         "clip", flag="--x0", choices=X0_TRANSFORMS,
         help="what to do with each predicted x0: clip to [-1, 1], dynamic thresholding "

@@ -48,13 +48,16 @@ from .runtime import (
 from .samplers import (
     GuidanceGrad,
     StepCallback,
+    X0Transform,
     clip_x0,
     dynamic_threshold,
     initial_noise,
     sampler_spec,
+    score_function,
 )
 from .schedules import NoiseSchedule
-from .superres import Conditioning, sampling_conditioning
+from .sde import bits_per_dim, dequantize, draw_probes, make_sde, probability_flow_log_prob
+from .superres import Conditioning, projecting, sampling_conditioning
 from .timesteps import make_timesteps
 
 
@@ -73,6 +76,15 @@ class Pipeline:
     compile_proven: bool = False  # a call through ``compiled`` has succeeded
     precision_why: str = "as asked"  # how the precision was chosen, for summary lines
     decoder: LoadedAutoencoder | None = None  # a latent run's autoencoder (latent.load_decoder)
+    # network evaluations per image that the last generate() spent: what an adaptive sampler
+    # (ode) reports, known only afterwards
+    last_evaluations: float = 0.0
+
+    def sampling_precision(self, sampler: str) -> str:
+        """The precision ``generate`` computes in with ``sampler``: the pipeline's, but fp32 for
+        an adaptive ODE solver, whose error control cannot work through bf16's rounding (the
+        step size shrinks until the rounding, not the tolerance, decides it)."""
+        return "fp32" if sampler_spec(sampler).adaptive else self.precision
 
     @property
     def num_classes(self) -> int:
@@ -136,7 +148,7 @@ class Pipeline:
         spec = sampler_spec(sc.sampler)
         steps = len(make_timesteps(self.schedule.num_train_timesteps, sc.num_sample_steps,
                                    sc.spacing or spec.default_spacing, schedule=self.schedule))
-        evaluations = spec.evaluations(steps)
+        evaluations = spec.evaluations(steps, {name: getattr(sc, name) for name in spec.options})
         # classifier-free guidance: conditional and unconditional, as one batch
         return 2 * evaluations if self.num_classes and sc.guidance > 0 else evaluations
 
@@ -160,15 +172,16 @@ class Pipeline:
             cond = self._conditioning(low.to(self.device), generator)._asdict()
         return x.to(self.device), t.to(self.device), cond
 
-    def conditioned(self, *, aug_level: float | None = None,
-                    blur_sigma: float | None = None) -> Pipeline:
+    def conditioned(self, *, aug_level: float | None = None, blur_sigma: float | None = None,
+                    project: bool | None = None) -> Pipeline:
         """This super-resolution pipeline with other sampling settings of its conditioning
-        augmentation (None keeps the run's), checked."""
+        (None keeps the run's), checked."""
         sr = self.config.superres
-        if aug_level is None and blur_sigma is None:
+        given: dict[str, Any] = {k: v for k, v in (("aug_level", aug_level), ("blur_sigma", blur_sigma),
+                                   ("project", project)) if v is not None}
+        if not given:
             return self
-        superres = replace(sr, aug_level=sr.aug_level if aug_level is None else aug_level,
-                           blur_sigma=sr.blur_sigma if blur_sigma is None else blur_sigma)
+        superres = replace(sr, **given)
         superres.validate()
         return replace(self, config=replace(self.config, superres=superres))
 
@@ -215,7 +228,8 @@ class Pipeline:
         model towards ``labels`` with scale ``classifier_scale`` (Dhariwal & Nichol 2021:
         Algorithm 1 for the ddpm sampler, Algorithm 2 for the others); scale 0 is unguided
         sampling. A super-resolution model super-resolves ``low_res`` ``[n, C, LOW, LOW]`` (in
-        [-1, 1]), with the run's conditioning augmentation at its sampling level.
+        [-1, 1]), with the run's conditioning augmentation at its sampling level (and, when
+        the run's ``superres.project`` is on, every predicted x0 projected onto it).
         """
         sc = self.sample_config(**settings)
         low_res = self._check_low_res(n, low_res)
@@ -240,12 +254,17 @@ class Pipeline:
 
         cond: dict[str, torch.Tensor] = {}  # a super-resolution batch's conditioning
 
+        precision = self.sampling_precision(sc.sampler)
+        evaluations = 0  # images x network calls
+
         def network(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
             # (classifier-free guidance evaluates [x_t, x_t] as one batch: the conditioning too)
+            nonlocal evaluations
             given = {k: torch.cat([v] * (len(x_t) // len(v))) for k, v in cond.items()}
-            with autocast(self.device, self.precision):
+            with autocast(self.device, precision):
                 prediction = self._predict(x_t, t, y, **given)
             bar.update(x_t.shape[0])
+            evaluations += x_t.shape[0]
             return prediction.float()
 
         if callback is not None and self.decoder is not None:
@@ -253,9 +272,12 @@ class Pipeline:
         self.model.eval()
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
+            batch_transform: X0Transform | None = x0_transform
             if low_res is not None:  # its noise drawn before x_T's, from the same generator
                 part = low_res[start : start + b].to(self.device, torch.float32)
                 cond = self._conditioning(part, generator)._asdict()
+                if self.config.superres.project:
+                    batch_transform = projecting(part, x0_transform)
             x_T = initial_noise((b, mc.in_channels, mc.image_size, mc.image_size), generator, self.device)
             y = None if labels is None else labels[start : start + b]  # [b]
             denoiser: Callable[..., torch.Tensor] = network
@@ -273,10 +295,11 @@ class Pipeline:
                                                    self.config.diffusion.prediction_type)
             x_0 = sampler(denoiser, self.schedule, x_T, timesteps,
                           prediction_type=self.config.diffusion.prediction_type,
-                          x0_transform=x0_transform, generator=generator, callback=callback,
+                          x0_transform=batch_transform, generator=generator, callback=callback,
                           **batch_options)
             out.append(self.decode(x_0).cpu())
         bar.close()
+        self.last_evaluations = evaluations / max(n, 1)
         return torch.cat(out)
 
     def _check_low_res(self, n: int, low_res: torch.Tensor | None) -> torch.Tensor | None:
@@ -375,6 +398,58 @@ class Pipeline:
         se = float(total.std() / math.sqrt(n)) if n > 1 else float("nan")
         return {"bits_per_dim": float(total.mean()), "bits_per_dim_se": se, "n": n,
                 "timesteps": k, **{name: value / n for name, value in parts.items()}}
+
+    def ode_bits_per_dim(self, images: torch.Tensor, *, sde: str = "vp", probes: int = 1,
+                         probe: str = "rademacher", rtol: float = 1e-5, atol: float = 1e-5,
+                         seed: int = 0, batch_size: int = 128, progress: bool = False
+                         ) -> dict[str, Any]:
+        """The exact negative log-likelihood of uint8 ``images`` ``[N, C, H, W]`` under the
+        model's probability-flow ODE (Song et al. 2021, sec. 4.3 and appendix D.2) read through
+        the SDE ``sde``, in bits per dimension, averaged over them, with its standard error over
+        images, and the network evaluations an image took.
+
+        The images are dequantised uniformly, (k + u) / 256, and the ODE is solved by RK45 at
+        ``rtol`` / ``atol`` from the model's least noise level (its step 0) to t = 1, with the
+        divergence estimated by Hutchinson-Skilling from ``probes`` probes of kind ``probe``
+        (fixed along each image's path); bits/dim = -log p / (D ln 2) + 7 (:func:`sde.bits_per_dim`).
+        In fp32 whatever the pipeline's precision (see :meth:`sampling_precision`); a
+        class-conditional model is scored unconditionally (the null class), as by
+        :meth:`bits_per_dim`."""
+        if self.decoder is not None:
+            raise ValueError("this run diffuses in an autoencoder's latents, so its likelihood "
+                             "would be of the latents, not of the images' bits; score it by "
+                             "FID/KID instead")
+        if probes < 1:
+            raise ValueError(f"Hutchinson's estimate needs at least 1 probe, got {probes}")
+        view = make_sde(sde, self.schedule)
+        alpha_bar = float(self.schedule.alphas_cumprod[0])
+        t_start = view.time_at_sigma(math.sqrt((1 - alpha_bar) / alpha_bar))
+        generator = torch.Generator("cpu").manual_seed(seed)
+        dc = self.config.diffusion
+
+        def denoiser(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self._predict(x_t, t.to(self.device), None).float()
+
+        score = score_function(denoiser, self.schedule, view, prediction_type=dc.prediction_type)
+        bar = tqdm(total=len(images), unit="img", disable=not progress,
+                   desc=f"bits/dim (probability-flow ODE of the {sde} SDE)")
+        self.model.eval()
+        values, evaluations = [], 0
+        for batch in images.split(batch_size):
+            x = dequantize(batch, generator).to(self.device)
+            v = draw_probes((probes, *x.shape), probe, generator, self.device)
+            result = probability_flow_log_prob(score, view, x, t_start=t_start, probes=v,
+                                               rtol=rtol, atol=atol)
+            values.append(bits_per_dim(result.log_prob.cpu(), x[0].numel()))
+            evaluations += result.evaluations * len(batch)
+            bar.update(len(batch))
+        bar.close()
+        total = torch.cat(values)
+        n = len(total)
+        se = float(total.std() / math.sqrt(n)) if n > 1 else float("nan")
+        return {"bits_per_dim": float(total.mean()), "bits_per_dim_se": se, "n": n,
+                "evaluations_per_image": evaluations / n, "sde": sde, "probes": probes,
+                "probe": probe, "rtol": rtol, "atol": atol}
 
     def compile(self) -> Pipeline:
         """Sample through ``torch.compile(model)``; if compiling fails at the first call, the

@@ -176,9 +176,10 @@ def _fashion64_latent() -> RunConfig:
     # 64 px images, at equal training minutes on a 2-core CPU, it trained ~10x the images per
     # second, reached FID 4.17 in 15 minutes where the pixel U-Net reached 15.42, and sampled
     # 1,000 images (decoded) 6.7x faster; on the fashion64-ae autoencoder, in 60 minutes each,
-    # it reached FID 1.79 against 5.55 and passed the pixel U-Net's 60-minute FID in ~2 minutes. 5,000 steps is that 15-minute run's length
-    # (5,158 steps, FID 4.43 at 4,550); previews, FIDs and checkpoints every 1,000 steps keep
-    # their cost (~25 s an FID) a small share of the run.
+    # it reached FID 1.79 against 5.55 and passed the pixel U-Net's 60-minute FID in ~2 minutes.
+    # 5,000 steps is that 15-minute run's length (5,158 steps, FID 4.43 at 4,550); previews,
+    # FIDs and checkpoints every 1,000 steps keep their cost (~25 s an FID) a small share of the
+    # run.
     fashion = _fashion_cpu()
     return dataclasses.replace(
         fashion,

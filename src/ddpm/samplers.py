@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -31,6 +32,7 @@ from .diffusion import (
     split_variance,
 )
 from .schedules import NoiseSchedule, broadcast_per_sample
+from .sde import SDE, make_sde, solve_ode
 from .timesteps import check_timesteps
 
 # callback(step_index, t, x_t, x0_pred): called once per step, after the network evaluation.
@@ -395,6 +397,270 @@ def heun_sample(
                        churn=churn, generator=generator)
 
 
+# --- the SDE samplers (Song et al. 2021; Song & Ermon 2019) -------------------------------------
+
+
+def _sigma_at(schedule: NoiseSchedule, t: float) -> float:
+    """The model's noise level at step t: sigma = sqrt((1 - alpha_bar) / alpha_bar)."""
+    alpha_bar = schedule.alpha_bar_scalar(t)
+    return math.sqrt((1 - alpha_bar) / alpha_bar)
+
+
+def _sde_predict(
+    denoiser: Denoiser,
+    schedule: NoiseSchedule,
+    sde: SDE,
+    x: torch.Tensor,
+    time: float,
+    prediction_type: str,
+    x0_transform: X0Transform | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """The network read at the SDE's x at time ``time``: (score, x0, x_t, t). x = s (x0 + sigma
+    eps) is x_t = sqrt(alpha_bar) (x0 + sigma eps) at the model's step t of that sigma (alpha_bar
+    = 1 / (1 + sigma^2)), so eps is the network's at x_t and grad_x log p(x) = -eps / (s sigma)."""
+    s, sigma = sde.scale_sigma(time)
+    t = float(schedule.t_at_log_snr(-2 * math.log(sigma)))
+    t = float(round(t)) if abs(t - round(t)) < 1e-9 else t  # a table step: the network's own t
+    x_t = x * (math.sqrt(schedule.alpha_bar_scalar(t)) / s)
+    eps, x0, _, _ = _predict(denoiser, schedule, x_t, t, prediction_type, x0_transform)
+    return -eps / (s * sigma), x0, x_t, t
+
+
+def score_function(
+    denoiser: Denoiser,
+    schedule: NoiseSchedule,
+    sde: SDE,
+    *,
+    prediction_type: str = "eps",
+    x0_transform: X0Transform | None = None,
+) -> Callable[[torch.Tensor, float], torch.Tensor]:
+    """score(x, time) = grad_x log p_time(x) of ``sde``'s marginal, from a network trained to
+    predict eps, x0 or v (EDM-preconditioned or not: ``denoiser`` is what the samplers call)."""
+
+    def score(x: torch.Tensor, time: float) -> torch.Tensor:
+        return _sde_predict(denoiser, schedule, sde, x, time, prediction_type, x0_transform)[0]
+
+    return score
+
+
+def _per_sample_norm(v: torch.Tensor) -> torch.Tensor:
+    return broadcast_per_sample(v.flatten(1).norm(dim=1), v)
+
+
+def langevin_correct(
+    score: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    *,
+    snr: float,
+    steps: int,
+    alpha: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Song et al. 2021, Algorithm 4 (VE) and 5 (VP): ``steps`` Langevin steps at one noise level,
+    x <- x + e score(x) + sqrt(2 e) z, the step e = 2 alpha (snr |z| / |score|)^2 chosen so that
+    the signal-to-noise ratio of the update is ``snr`` (norms per image, so that an image's
+    sample does not depend on the others in its batch). snr 0 leaves x as it is."""
+    for _ in range(steps):
+        grad = score(x)
+        z = _noise_like(x, generator)
+        step = 2 * alpha * (snr * _per_sample_norm(z) / _per_sample_norm(grad).clamp(min=1e-12)) ** 2
+        x = x + step * grad + (2 * step).sqrt() * z
+    return x
+
+
+@torch.no_grad()
+def pc_sample(
+    denoiser: Denoiser,
+    schedule: NoiseSchedule,
+    x_T: torch.Tensor,
+    timesteps: Sequence[float],
+    *,
+    prediction_type: str = "eps",
+    x0_transform: X0Transform | None = clip_x0,
+    generator: torch.Generator | None = None,
+    callback: StepCallback | None = None,
+    sde: str = "vp",
+    predictor: str = "reverse-diffusion",
+    snr: float = 0.16,
+    corrector_steps: int = 1,
+) -> torch.Tensor:
+    """Predictor-corrector sampling of the reverse SDE (Song et al. 2021, Algorithm 1): at each
+    of the timesteps' noise levels, ``corrector_steps`` Langevin steps (:func:`langevin_correct`,
+    skipped at 0), then a predictor step to the next level:
+
+    - ``reverse-diffusion`` (their eq. 47): with the forward step between the two levels x =
+      a x_next + G z, a = s / s_next and G^2 = (s sigma)^2 - a^2 (s_next sigma_next)^2,
+      x_next = x - (a - 1) x + G^2 score + G z;
+    - ``euler-maruyama``: x_next = x - (f x - g^2 score) dt + g sqrt(dt) z, dt the SDE time
+      between the levels.
+
+    x_T ~ N(0, I) is scaled to the SDE's prior at the first level; the last level's x0 prediction
+    is returned (Tweedie's formula: the last step's noise removed, as Song et al.'s ``denoise``).
+    ``sde`` is the view (:mod:`ddpm.sde`): vp, subvp or ve over the model's noise levels."""
+    if not snr >= 0 or not math.isfinite(snr):
+        raise ValueError(f"the corrector's snr must be a finite number >= 0, got {snr}")
+    if predictor not in PREDICTORS:
+        raise ValueError(f"unknown predictor {predictor!r}; choose one of {', '.join(PREDICTORS)}")
+    ts = check_timesteps(timesteps, schedule.num_train_timesteps)
+    view = make_sde(sde, schedule)
+    times = [view.time_at_sigma(_sigma_at(schedule, t)) for t in ts]
+    s0, sigma0 = view.scale_sigma(times[0])
+    x = x_T * (s0 * math.sqrt(1 + sigma0**2))  # the marginal at the first level of unit-variance data
+
+    def predict(x: torch.Tensor, time: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        return _sde_predict(denoiser, schedule, view, x, time, prediction_type, x0_transform)
+
+    for i, time in enumerate(times):
+        time_next = times[i + 1] if i + 1 < len(times) else None
+        s, sigma = view.scale_sigma(time)
+        if corrector_steps and snr > 0:
+            s_next = view.scale_sigma(time_next)[0] if time_next is not None else s
+            def score_now(v: torch.Tensor, level: float = time) -> torch.Tensor:
+                return predict(v, level)[0]
+
+            x = langevin_correct(score_now, x, snr=snr, steps=corrector_steps,
+                                 alpha=(s / s_next) ** 2, generator=generator)
+        grad, x0_pred, x_t, t = predict(x, time)
+        if callback is not None:
+            callback(i, t, x_t, x0_pred)
+        if time_next is None:
+            return x0_pred
+        s_next, sigma_next = view.scale_sigma(time_next)
+        if predictor == "reverse-diffusion":
+            a = s / s_next
+            g2 = max((s * sigma) ** 2 - (a * s_next * sigma_next) ** 2, 0.0)
+            mean = x - (a - 1) * x + g2 * grad
+        else:
+            dt = time - time_next
+            f, g2_rate = view.drift_diffusion(time)
+            g2 = g2_rate * dt
+            mean = x - (f * x - g2_rate * grad) * dt
+        x = mean + math.sqrt(g2) * _noise_like(x, generator)
+    raise AssertionError("unreachable: the last level returns")
+
+
+def langevin_step_size(ratio: float, steps: int) -> float:
+    """Song & Ermon 2020 (Improved Techniques, technique 4): e / sigma_L^2 for annealed Langevin
+    dynamics with ``steps`` steps a level and levels falling by ``ratio`` = sigma_{i-1} /
+    sigma_i: the x = e / sigma_L^2 that brings (1 - x)^(2T) (ratio^2 - 2 / (2 - x)) + 2 / (2 - x),
+    a sample's variance after a level's T steps over that level's (their eq. 6 in x), nearest 1.
+    Found on a log grid over (0, 1), then refined by golden-section search between the grid
+    points either side of the best. (CIFAR-10's NCSNv2, ratio 5000^(1/231) and T = 5: x = 0.062,
+    their e = 6.2e-6 at sigma_L = 0.01.)"""
+    if not ratio > 1:
+        raise ValueError(f"the noise levels must fall from one level to the next (ratio > 1), got {ratio}")
+    if steps < 1:
+        raise ValueError(f"langevin_steps must be at least 1, got {steps}")
+
+    def distance(x: float) -> float:
+        return abs((1 - x) ** (2 * steps) * (ratio**2 - 2 / (2 - x)) + 2 / (2 - x) - 1)
+
+    grid = [2.0 ** (k / 64) for k in range(-64 * 40, 0)]  # 2^-40 .. just under 1
+    best = min(range(len(grid)), key=lambda k: distance(grid[k]))
+    lo, hi = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
+    golden = (math.sqrt(5) - 1) / 2
+    for _ in range(60):
+        a, b = hi - golden * (hi - lo), lo + golden * (hi - lo)
+        lo, hi = (lo, b) if distance(a) <= distance(b) else (a, hi)
+    return (lo + hi) / 2
+
+
+@torch.no_grad()
+def langevin_sample(
+    denoiser: Denoiser,
+    schedule: NoiseSchedule,
+    x_T: torch.Tensor,
+    timesteps: Sequence[float],
+    *,
+    prediction_type: str = "eps",
+    x0_transform: X0Transform | None = clip_x0,
+    generator: torch.Generator | None = None,
+    callback: StepCallback | None = None,
+    langevin_steps: int = 5,
+) -> torch.Tensor:
+    """Annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1), NCSN's own sampler, in the
+    noise-level variable x = x0 + sigma eps: for each of the timesteps' noise levels sigma_i,
+    ``langevin_steps`` steps x <- x + a_i score(x) + sqrt(2 a_i) z with a_i = e sigma_i^2 /
+    sigma_L^2 (Song & Ermon 2020's Algorithm 1, whose a is half the 2019 paper's), e by
+    :func:`langevin_step_size` for the levels' mean ratio; then the last level's x0 prediction
+    (Tweedie's formula; Song & Ermon 2020's final denoising step). The rule assumes geometric
+    levels, hence the default logsnr spacing. ``langevin_steps`` x levels + 1 network
+    evaluations."""
+    if langevin_steps < 1:
+        raise ValueError(f"langevin_steps must be at least 1, got {langevin_steps}")
+    ts = check_timesteps(timesteps, schedule.num_train_timesteps)
+    sigmas = [_sigma_at(schedule, t) for t in ts]
+    view = make_sde("ve", schedule)  # s = 1: x is the noise-level variable itself
+    ratio = (sigmas[0] / sigmas[-1]) ** (1 / (len(sigmas) - 1)) if len(sigmas) > 1 else 2.0
+    epsilon = langevin_step_size(max(ratio, 1 + 1e-9), langevin_steps) * sigmas[-1] ** 2
+    x = x_T * math.sqrt(1 + sigmas[0] ** 2)  # the first level's marginal of unit-variance data
+    for i, sigma in enumerate(sigmas):
+        time = view.time_at_sigma(sigma)
+        a = epsilon * sigma**2 / sigmas[-1] ** 2
+        for _ in range(langevin_steps):
+            grad, x0_pred, x_t, t = _sde_predict(denoiser, schedule, view, x, time,
+                                                 prediction_type, x0_transform)
+            x = x + a * grad + math.sqrt(2 * a) * _noise_like(x, generator)
+        if callback is not None:
+            callback(i, t, x_t, x0_pred)
+    _, x0_pred, _, _ = _sde_predict(denoiser, schedule, view, x, view.time_at_sigma(sigmas[-1]),
+                                    prediction_type, x0_transform)
+    return x0_pred
+
+
+@torch.no_grad()
+def ode_sample(
+    denoiser: Denoiser,
+    schedule: NoiseSchedule,
+    x_T: torch.Tensor,
+    timesteps: Sequence[float],
+    *,
+    prediction_type: str = "eps",
+    x0_transform: X0Transform | None = clip_x0,
+    generator: torch.Generator | None = None,
+    callback: StepCallback | None = None,
+    sde: str = "vp",
+    ode_rtol: float = 1e-5,
+    ode_atol: float = 1e-5,
+) -> torch.Tensor:
+    """The probability-flow ODE dx/dt = f x - g^2 score / 2 (Song et al. 2021, eq. 13) of the
+    SDE view ``sde``, solved by adaptive RK45 (:func:`ddpm.sde.solve_ode`, tolerances
+    ``ode_rtol`` and ``ode_atol``) from the first timestep's noise level to the last, through each
+    timestep in between (where ``callback`` sees x_t and x0); then the last level's x0
+    prediction. The timesteps fix where it starts, stops and reports, not its steps: the solver
+    spends as many network evaluations as its tolerances need."""
+    del generator  # deterministic; accepted for the shared signature
+    ts = check_timesteps(timesteps, schedule.num_train_timesteps)
+    view = make_sde(sde, schedule)
+    times = [view.time_at_sigma(_sigma_at(schedule, t)) for t in ts]
+    s0, sigma0 = view.scale_sigma(times[0])
+    x = x_T * (s0 * math.sqrt(1 + sigma0**2))
+    for i, (time, time_next) in enumerate(zip(times, times[1:] + [None], strict=True)):
+        first = True
+
+        def velocity(time_now: float, x_now: torch.Tensor, index: int = i) -> torch.Tensor:
+            nonlocal first
+            grad, x0_pred, x_t, t = _sde_predict(denoiser, schedule, view, x_now, time_now,
+                                                 prediction_type, x0_transform)
+            if first and callback is not None:
+                callback(index, t, x_t, x0_pred)  # once per timestep, at its first evaluation
+            first = False
+            f, g2 = view.drift_diffusion(time_now)
+            return f * x_now - 0.5 * g2 * grad
+
+        if time_next is None:
+            _, x0_pred, x_t, t = _sde_predict(denoiser, schedule, view, x, time, prediction_type,
+                                              x0_transform)
+            if callback is not None:
+                callback(i, t, x_t, x0_pred)
+            return x0_pred
+        x = solve_ode(velocity, time, time_next, x, rtol=ode_rtol, atol=ode_atol).y
+    raise AssertionError("unreachable: the last level returns")
+
+
+PREDICTORS = ("reverse-diffusion", "euler-maruyama")
+
+
 @dataclass(frozen=True)
 class SamplerSpec:
     """Everything ddpm knows of one sampler, in one record: the pipeline, the command line's
@@ -408,11 +674,34 @@ class SamplerSpec:
     default_spacing: str
     options: tuple[str, ...] = ()
     second_order: bool = False
+    # network evaluations per image from (steps, options), where not one per step
+    count: Callable[[int, dict[str, Any]], int] | None = None
+    adaptive: bool = False  # steps chosen by an error estimate: computed in fp32, count estimated
 
-    def evaluations(self, steps: int) -> int:
-        """Network evaluations per image for ``steps`` timesteps (Heun: 2n - 1, the last step
-        being Euler's)."""
+    def evaluations(self, steps: int, options: dict[str, Any] | None = None) -> int:
+        """Network evaluations per image for ``steps`` timesteps and the sampler's ``options``
+        (Heun: 2n - 1, the last step being Euler's; an adaptive solver's, an estimate)."""
+        if self.count is not None:
+            return self.count(steps, options or {})
         return 2 * steps - 1 if self.second_order else steps
+
+
+def _pc_evaluations(steps: int, options: dict[str, Any]) -> int:
+    return steps * (1 + options.get("corrector_steps", 1))
+
+
+def _langevin_evaluations(steps: int, options: dict[str, Any]) -> int:
+    return steps * options.get("langevin_steps", 5) + 1
+
+
+#: What the forecasts and the progress bar count for the adaptive ODE solver, whose count is
+#: known only afterwards: Song et al. 2021 report about 140 evaluations for their CIFAR-10 models
+#: at tolerance 1e-5 (their Table 2's NFE of the probability-flow ODE sampler).
+ODE_EVALUATIONS_ESTIMATE = 140
+
+
+def _ode_evaluations(steps: int, options: dict[str, Any]) -> int:
+    return ODE_EVALUATIONS_ESTIMATE
 
 
 SAMPLER_SPECS: dict[str, SamplerSpec] = {spec.name: spec for spec in (
@@ -423,6 +712,14 @@ SAMPLER_SPECS: dict[str, SamplerSpec] = {spec.name: spec for spec in (
     SamplerSpec("dpm++", dpmpp_2m_sample, "logsnr"),
     SamplerSpec("euler", euler_sample, "karras", options=("churn",)),
     SamplerSpec("heun", heun_sample, "karras", options=("churn",), second_order=True),
+    # the score SDEs walk even steps of SDE time in Song et al. 2021; over a DDPM schedule that
+    # is linspace spacing of the VP SDE, the closest of ours for every view
+    SamplerSpec("pc", pc_sample, "linspace",
+                options=("sde", "predictor", "snr", "corrector_steps"), count=_pc_evaluations),
+    SamplerSpec("langevin", langevin_sample, "logsnr", options=("langevin_steps",),
+                count=_langevin_evaluations),
+    SamplerSpec("ode", ode_sample, "linspace", options=("sde", "ode_rtol", "ode_atol"),
+                count=_ode_evaluations, adaptive=True),
 )}
 SAMPLERS = tuple(SAMPLER_SPECS)
 # the settings some sampler takes; each is refused with a sampler that does not

@@ -17,6 +17,10 @@ that the model learns to trust it no more than the samples of the stage before d
   as fractions of the process, s / T in [0, 1], as Imagen's are, so that they mean the same at
   any T. The network is told s through a second time embedding, as Imagen's is.
 
+When sampling, ``project`` makes each output consistent with its input by construction: every
+predicted x0 keeps what the model made of the details the low-res image does not fix, and takes
+the rest, its block averages, from the input (:func:`project`).
+
 Every super-resolution batch draws its levels, sigmas and noise whatever the augmentation, so
 runs that differ only in it see the same timesteps, noise and images: `--cond-aug none` and
 `--cond-aug noise --cond-aug-max 0` train the same weights, bit for bit.
@@ -25,6 +29,7 @@ runs that differ only in it see the same timesteps, noise and images: `--cond-au
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -69,6 +74,11 @@ class SuperResConfig:
                               help="blur augmentation: the largest sigma drawn while training")
     blur_sigma: float = setting(0.0, flag="--cond-blur", at_least=0, metavar="SIGMA",
                                 help="blur augmentation when sampling: this sigma (0 = none)")
+    project: bool = setting(
+        False, flag="--cond-project",
+        help="when sampling, move every predicted x0 to the nearest image in [-1, 1] whose block "
+             "averages are the low-res input (Wang et al. 2023's range-null-space step, bounded): "
+             "each output averaged down is its input")
 
     @property
     def noise(self) -> bool:
@@ -112,6 +122,55 @@ def upsample(x: torch.Tensor, size: int) -> torch.Tensor:
     """Bilinear upsampling to ``size`` x ``size`` (half-pixel centres: a constant image stays
     that constant, and each block's mean is the low-res pixel it came from, up to the edges)."""
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def project(x0: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """``x0`` ``[B, C, H, H]`` moved to the nearest image (in L2) that lies in [-1, 1] and whose
+    area average is ``low`` ``[B, C, LOW, LOW]`` (itself in [-1, 1]).
+
+    Without the bounds it is x0 + A^+ (low - A x0), with A the area averaging and A^+ its
+    pseudo-inverse, nearest-neighbour upsampling (A A^T = I / f^2 for blocks of f x f, so A^+ =
+    f^2 A^T): the range-null-space step of Wang et al. 2023 (DDNM), the input's block averages and
+    x0's detail within the blocks. With them, the blocks separate, and the KKT conditions of
+    min |x - x0|^2 subject to mean(x) = l, -1 <= x <= 1 give x = clip(x0 + lam, -1, 1) with one
+    lam per block. The block's mean is non-decreasing in lam, so lam is found by bisection, then
+    solved exactly on the pixels the bisection leaves unclipped."""
+    factor = x0.shape[-1] // low.shape[-1]
+    low = low.to(x0.dtype)
+
+    def up(v: torch.Tensor) -> torch.Tensor:  # A^+ / f^2: each low-res value over its block
+        return v.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+
+    lam = low - downsample(x0, low.shape[-1])  # the unbounded step, exact when nothing clips
+    if bool(((x0 + up(lam)).abs() <= 1).all()):
+        return x0 + up(lam)
+    # lam in [-1 - max x0, 1 - min x0] over each block: there every pixel clips to -1, or to 1
+    a = -1 - F.max_pool2d(x0, factor)
+    b = 1 + F.max_pool2d(-x0, factor)
+    for _ in range(40):  # halves [a, b] (width <= 2 + the block's range) to float precision
+        mid = (a + b) / 2
+        below = downsample((x0 + up(mid)).clamp(-1, 1), low.shape[-1]) < low
+        a, b = torch.where(below, mid, a), torch.where(below, b, mid)
+    lam = (a + b) / 2
+    shifted = x0 + up(lam)
+    free = shifted.abs() < 1  # the pixels left unclipped: sum(x0 + lam) + sum(clipped) = f^2 low
+    n_free = downsample(free.to(x0.dtype), low.shape[-1]) * factor**2
+    clipped_sum = downsample(torch.where(free, 0, shifted.clamp(-1, 1)), low.shape[-1]) * factor**2
+    free_sum = downsample(torch.where(free, x0, 0), low.shape[-1]) * factor**2
+    exact = (low * factor**2 - clipped_sum - free_sum) / n_free.clamp(min=1)
+    lam = torch.where(n_free > 0, exact, lam)
+    return (x0 + up(lam)).clamp(-1, 1)
+
+
+def projecting(low: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor] | None
+               ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An x0 transform for the samplers: ``transform`` (e.g. clipping), then :func:`project`
+    onto ``low``."""
+
+    def apply(x0: torch.Tensor) -> torch.Tensor:
+        return project(x0 if transform is None else transform(x0), low)
+
+    return apply
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ from ..pipeline import Pipeline, load_pipeline
 from ..rundir import CONFIG_FILE, low_res_inputs
 from ..runtime import resolve_device
 from ..samplers import SAMPLER_OPTIONS, SAMPLER_SPECS, sampler_spec
+from ..sde import PROBES
 from ..settings import settings_of
 from ..superres import SuperResConfig
 from ..viz import GRID_SUFFIXES, save_grid, save_images, save_npz
@@ -187,11 +188,15 @@ def add_conditioning_options(g: argparse._ActionsContainer) -> None:
     g.add_argument("--cond-blur", type=number(float, rules["blur_sigma"]), default=None,
                    metavar="SIGMA", help="blur the low-res input of every super-resolution stage "
                                          "by this sigma (default: each run's own)")
+    g.add_argument("--cond-project", action="store_const", const=True, default=None,
+                   help="make every super-resolution stage's output, averaged down, its input: "
+                        "project each predicted x0 (Wang et al. 2023; default: each run's own)")
 
 
 def conditioned(args: argparse.Namespace, stage: Pipeline) -> Pipeline:
-    """``stage`` with the conditioning given by --cond-aug-level and --cond-blur."""
-    return stage.conditioned(aug_level=args.cond_aug_level, blur_sigma=args.cond_blur)
+    """``stage`` with the conditioning given by --cond-aug-level, --cond-blur and --cond-project."""
+    return stage.conditioned(aug_level=args.cond_aug_level, blur_sigma=args.cond_blur,
+                             project=args.cond_project)
 
 
 def cascade_request(args: argparse.Namespace, pipe: Pipeline, guidance: dict[str, Any]) -> Cascade:
@@ -202,7 +207,8 @@ def cascade_request(args: argparse.Namespace, pipe: Pipeline, guidance: dict[str
     for flag, value, alone in (("--stage-steps", args.stage_steps, False),
                                ("--stage-sampler", args.stage_sampler, False),
                                ("--cond-aug-level", args.cond_aug_level, True),
-                               ("--cond-blur", args.cond_blur, True)):
+                               ("--cond-blur", args.cond_blur, True),
+                               ("--cond-project", args.cond_project, True)):
         if value is not None and not stages and not (alone and pipe.low_res is not None):
             raise UsageError(f"{flag} is a setting of the --then stages; add --then SR_RUN")
     if stages and guidance:
@@ -281,8 +287,10 @@ def run_sample(args: argparse.Namespace) -> int:
     if guidance:
         guided += f", classifier scale {guidance['classifier_scale']:g}"
     classes = pipe.classes or (guidance["classifier"].classes if guidance else ())
-    what = (f"{n} images ({sc.sampler}, {sc.num_sample_steps} steps{guided}, {pipe.precision}, "
-            f"{seconds:.1f} s)")
+    adaptive = (f", {pipe.last_evaluations:.0f} network evaluations an image"
+                if sampler_spec(sc.sampler).adaptive else "")
+    what = (f"{n} images ({sc.sampler}, {sc.num_sample_steps} steps{adaptive}{guided}, "
+            f"{pipe.sampling_precision(sc.sampler)}, {seconds:.1f} s)")
     if chain.stages:
         k = len(chain.stages)
         what += f", super-resolved by {k} stage{'s' if k > 1 else ''} to " \
@@ -364,6 +372,14 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
                    help="instead of FID: the negative log-likelihood bound of the model on real "
                         "images, in bits per dimension (Ho et al. 2020, eq. 5), with its "
                         "standard error")
+    p.add_argument("--method", choices=("vlb", "ode"), default=None,
+                   help="--nll: vlb, the variational bound (the default), or ode, the exact "
+                        "likelihood of the probability-flow ODE (Song et al. 2021; it takes "
+                        "--sde-view, --ode-rtol, --ode-atol, --probes and --probe)")
+    p.add_argument("--probes", type=number(int, at_least=1), default=None, metavar="K",
+                   help="--nll --method ode: Hutchinson probes per image (default 1)")
+    p.add_argument("--probe", choices=PROBES, default=None,
+                   help="--nll --method ode: the probes' law (default rademacher)")
     p.add_argument("--nll-timesteps", metavar="K|all", type=_nll_timesteps, default=50,
                    help="--nll: estimate the bound's T - 1 middle terms from K of them, one per "
                         "stratum of steps (unbiased), or use all of them (T network evaluations "
@@ -409,6 +425,13 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.nll and args.reconstruction:
         raise UsageError("give --nll (a diffusion run) or --reconstruction (an autoencoder run), "
                          "not both")
+    ode_only = [flag for flag, value in (("--probes", args.probes), ("--probe", args.probe))
+                if value is not None]
+    if ode_only and not (args.nll and args.method == "ode"):
+        raise UsageError(f"{', '.join(ode_only)} {'apply' if len(ode_only) > 1 else 'applies'} "
+                         f"only to the exact likelihood; add --nll --method ode")
+    if args.method is not None and not args.nll:
+        raise UsageError(f"--method {args.method} chooses how --nll scores; add --nll")
     if args.nll:
         return run_nll(args)
     if args.reconstruction:
@@ -491,21 +514,32 @@ def run_nll(args: argparse.Namespace) -> int:
         ("--save-samples", args.save_samples), ("--prc", args.prc or None),
         ("--classifier", args.classifier), ("--class", args.class_),
         ("--inception-weights", args.inception_weights)) if given is not None]
+    ode = args.method == "ode"
+    takes = ("sde", "ode_rtol", "ode_atol") if ode else ("variance", "x0_transform")
     sampling_only += [setting_flags()[f"sample.{k}"] for k in given_settings(args).get("sample", {})
-                      if k not in ("variance", "x0_transform")]
+                      if k not in takes]
     if sampling_only:
-        raise UsageError(f"{', '.join(sampling_only)} only apply to FID's generated images; drop "
-                         f"them with --nll (it takes --variance and --x0)")
+        taken = ", ".join(setting_flags()[f"sample.{k}"] for k in takes)
+        raise UsageError(f"{', '.join(sampling_only)} {'do' if len(sampling_only) > 1 else 'does'}"
+                         f" not apply to --nll{' --method ode' if ode else ''}; drop "
+                         f"{'them' if len(sampling_only) > 1 else 'it'} (it takes {taken})")
     pipe = load_pipeline(args.checkpoint, device=args.device, use_ema=not args.no_ema,
                          precision=args.precision, compile=args.compile)
-    settings, sc = sample_settings(args, pipe)
+    if ode:
+        settings = given_settings(args).get("sample", {})
+        sc = pipe.sample_config(**settings)
+    else:
+        settings, sc = sample_settings(args, pipe)
     if pipe.decoder is not None:
         raise UsageError("--nll: this run diffuses in an autoencoder's latents, so its bound would "
                          "be on the latents, not on the images' bits; score it by FID/KID instead")
     T = pipe.schedule.num_train_timesteps
-    if args.nll_timesteps is not None and args.nll_timesteps > T - 1:
+    if not ode and args.nll_timesteps is not None and args.nll_timesteps > T - 1:
         raise UsageError(f"--nll-timesteps {args.nll_timesteps} is more than the bound's "
                          f"{T - 1} middle terms; use 1..{T - 1}, or all")
+    if ode and float(pipe.schedule.alphas_cumprod[-1]) <= 0:
+        raise UsageError("--nll --method ode: this model's schedule reaches zero terminal SNR, "
+                         "where the ODE's prior is infinitely wide; score it with --method vlb")
     data = pipe.config.data
     dataset = args.dataset or data.dataset
     split = args.split or "test"
@@ -518,11 +552,29 @@ def run_nll(args: argparse.Namespace) -> int:
     if n > len(real):
         raise UsageError(f"--n {n} but the {dataset} {split} split holds {len(real)} images")
     start = time.perf_counter()
-    result: dict[str, Any] = pipe.bits_per_dim(real.images[:n], timesteps=args.nll_timesteps, seed=args.seed,
+    if ode:
+        found = pipe.ode_bits_per_dim(real.images[:n], sde=sc.sde, probes=args.probes or 1,
+                                      probe=args.probe or "rademacher", rtol=sc.ode_rtol,
+                                      atol=sc.ode_atol, seed=args.seed,
+                                      batch_size=args.batch_size, progress=not args.no_progress)
+        result = {**found, "dataset": dataset, "split": split, "method": "ode",
+                  "seconds": time.perf_counter() - start}
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print(f"NLL on {n} {dataset} {split} images (the probability-flow ODE of the {sc.sde} "
+                  f"SDE, dequantised, {result['probes']} {result['probe']} probe"
+                  f"{'s' if result['probes'] > 1 else ''}, rtol {sc.ode_rtol:g}, atol "
+                  f"{sc.ode_atol:g}): {result['bits_per_dim']:.4f} +- "
+                  f"{result['bits_per_dim_se']:.4f} bits/dim\n"
+                  f"  {result['evaluations_per_image']:.0f} network evaluations an image, fp32; "
+                  f"{result['seconds']:.1f} s")
+        return 0
+    result = pipe.bits_per_dim(real.images[:n], timesteps=args.nll_timesteps, seed=args.seed,
                                batch_size=args.batch_size, progress=not args.no_progress,
                                **settings)
     result = {**result, "dataset": dataset, "split": split, "variance": sc.variance,
-              "seconds": time.perf_counter() - start}
+              "method": "vlb", "seconds": time.perf_counter() - start}
     if args.json:
         print(json.dumps(result))
     else:
@@ -542,7 +594,8 @@ def _given_images(args: argparse.Namespace) -> tuple[torch.Tensor, str, str | No
         ("save_samples", args.save_samples), ("no_ema", args.no_ema or None),
         ("classifier", args.classifier), ("class", args.class_), ("then", args.then or None),
         ("stage_steps", args.stage_steps), ("stage_sampler", args.stage_sampler),
-        ("cond_aug_level", args.cond_aug_level), ("cond_blur", args.cond_blur)) if v is not None]
+        ("cond_aug_level", args.cond_aug_level), ("cond_blur", args.cond_blur),
+        ("cond_project", args.cond_project)) if v is not None]
     generating += [setting_flags()[f"sample.{k}"] for k in given_settings(args).get("sample", {})]
     if generating:
         raise UsageError(f"{', '.join(generating)} only apply when generating from a checkpoint; "

@@ -272,7 +272,8 @@ def _augmentation_text(config: RunConfig) -> str:
         parts.append(f"noise to a level in [0, {sr.aug_max:g}] (sampling at {sr.aug_level:g})")
     if sr.blur:
         parts.append(f"blur sigma {sr.blur_min:g}-{sr.blur_max:g} px (sampling at {sr.blur_sigma:g})")
-    return ", ".join(parts) or "none"
+    text = ", ".join(parts) or "none"
+    return text + ("; outputs projected onto their inputs when sampling" if sr.project else "")
 
 
 def _weighting_text(d: DiffusionConfig) -> str:
