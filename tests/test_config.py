@@ -38,6 +38,7 @@ DERIVED = {
     "data.channels": {"model.in_channels"},
     "train.minutes": {"train.steps"},
     "model.learn_variance": {"sample.variance"},  # a learned variance samples with it
+    "diffusion.sde": {"sample.sde"},  # a VE run is read through the VE SDE
 }
 TRAIN_SECTIONS = ("model", "diffusion", "data", "train")
 

@@ -318,3 +318,151 @@ def test_bad_sde_requests_are_one_line_errors(world, tmp_path, args, message):
     out = ["--out", str(tmp_path / "x.npz")] if command == "sample" else []
     assert_refused(ddpm_in_process(command, world / "run", *rest, *out), message)
     assert not (tmp_path / "x.npz").exists()
+
+
+# --- NCSN training: the VE process ----------------------------------------------------------------
+
+from ddpm.diffusion import draw_t_eps, q_sample, training_loss  # noqa: E402
+from ddpm.schedules import ve_schedule  # noqa: E402
+
+
+def _ve_sigma(t, T=1000, lo=0.01, hi=50.0):
+    return lo * (hi / lo) ** (np.asarray(t, dtype=np.float64) / (T - 1))
+
+
+def test_the_ve_schedule_is_geometric_at_and_between_its_steps():
+    schedule = ve_schedule(1000, 0.01, 50.0)
+    steps = torch.arange(1000, dtype=torch.float64)
+    sigma = ((1 - schedule.alphas_cumprod) / schedule.alphas_cumprod).sqrt()
+    assert torch.allclose(sigma, torch.from_numpy(_ve_sigma(steps.numpy())), rtol=1e-12)
+    between = torch.tensor([0.25, 17.5, 500.125, 998.9], dtype=torch.float64)
+    ab = schedule.alpha_bar_at(between)
+    assert torch.allclose(((1 - ab) / ab).sqrt(), torch.from_numpy(_ve_sigma(between.numpy())),
+                          rtol=1e-12)
+    # and the VE view of it is the same continuous geometric sigma, on SDE time t = i / (T - 1)
+    view = S.make_sde("ve", schedule)
+    for t in (0.0, 0.3, 1.0):
+        assert view.scale_sigma(t)[1] == pytest.approx(_ve_sigma(t * 999), rel=1e-10)
+    with pytest.raises(ValueError, match="0 < sigma_min < sigma_max"):
+        ve_schedule(10, 5.0, 1.0)
+
+
+def test_q_sample_between_the_steps_is_x0_plus_sigma_eps_rescaled():
+    schedule = ve_schedule(100, 0.01, 20.0)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(5, 1, 4, 4, generator=g, dtype=torch.float64)
+    eps = torch.randn(5, 1, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.5, 3.25, 50.0, 80.75, 98.5], dtype=torch.float64)
+    sigma = torch.from_numpy(_ve_sigma(t.numpy(), T=100, hi=20.0)).view(-1, 1, 1, 1)
+    expected = (x0 + sigma * eps) / (1 + sigma**2).sqrt()  # NCSN's x, in DDPM's variables
+    assert torch.allclose(q_sample(schedule, x0, t, eps), expected, atol=1e-12)
+    # and at integer steps the same formula as the table's
+    whole = torch.tensor([0, 3, 50, 80, 99])
+    sigma = torch.from_numpy(_ve_sigma(whole.numpy(), T=100, hi=20.0)).view(-1, 1, 1, 1)
+    assert torch.allclose(q_sample(schedule, x0, whole, eps), (x0 + sigma * eps) / (1 + sigma**2).sqrt(),
+                          atol=1e-12)
+
+
+def test_continuous_timesteps_are_uniform_on_the_whole_interval():
+    schedule = ve_schedule(100, 0.01, 20.0)
+    t, _ = draw_t_eps(schedule, (20000, 1), torch.Generator().manual_seed(0), continuous=True)
+    assert t.is_floating_point() and float(t.min()) >= 0 and float(t.max()) <= 99
+    assert (t != t.round()).float().mean() > 0.99  # between the steps, not on them
+    # Uniform[0, 99]: mean 49.5, sd 99 / sqrt(12); the mean within 4 standard errors
+    assert float(t.mean()) == pytest.approx(49.5, abs=4 * 99 / math.sqrt(12 * 20000))
+    assert float((t < 24.75).float().mean()) == pytest.approx(0.25, abs=4 * math.sqrt(0.25 * 0.75 / 20000))
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+def test_the_ve_loss_is_denoising_score_matching_weighted_by_sigma_squared(continuous):
+    """L = E sigma^2 || s(x0 + sigma z, sigma) + z / sigma ||^2 / d (Song & Ermon 2019, eq. 5-6,
+    lambda(sigma) = sigma^2), with the score read from the network by the VE view."""
+    schedule = ve_schedule(50, 0.01, 10.0)
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(16, 16, generator=g, dtype=torch.float64) / 4
+
+    def network(x_t, t):  # any function of x_t and t: the identity holds for every network
+        scale = torch.as_tensor(t, dtype=torch.float64).view(-1, 1, 1, 1) / 50 + 0.5
+        return (x_t.flatten(1) @ weight).view_as(x_t) * scale
+
+    x0 = torch.randn(8, 1, 4, 4, generator=g, dtype=torch.float64)
+    t, z = draw_t_eps(schedule, x0.shape, g, continuous=continuous)
+    t = t.double() if continuous else t
+    z = z.double()
+    loss = training_loss(network, schedule, x0, t=t, eps=z)
+    view = S.make_sde("ve", schedule)
+    score = score_function(network, schedule, view)
+    terms = []
+    for i in range(len(x0)):
+        ab = float(schedule.alpha_bar_at(t[i].double()))
+        sigma = math.sqrt((1 - ab) / ab)
+        x = x0[i : i + 1] + sigma * z[i : i + 1]  # NCSN's perturbed image
+        s = score(x, view.time_at_sigma(sigma))
+        terms.append(sigma**2 * ((s + z[i : i + 1] / sigma) ** 2).mean())
+    assert float(loss) == pytest.approx(float(torch.stack(terms).mean()), rel=1e-8)
+
+
+def test_largest_pairwise_distance_is_the_brute_force_one():
+    x = torch.randn(37, 1, 3, 3, generator=torch.Generator().manual_seed(5))
+    brute = torch.cdist(x.flatten(1).double(), x.flatten(1).double()).max().item()
+    for chunk in (1, 5, 37, 100):
+        assert S.largest_pairwise_distance(x, chunk=chunk) == pytest.approx(brute, rel=1e-12)
+    with pytest.raises(ValueError, match="at least 2"):
+        S.largest_pairwise_distance(x[:1])
+
+
+def test_ddpm_train_sde_ve_end_to_end(fake_fashion, tmp_path):
+    """sigma_max measured from the data and kept in config.json, the run read through the VE SDE
+    by default, every sampler on it, and a resume that keeps its sigma_max."""
+    from ddpm.data import load_dataset, to_model_range
+
+    run = tmp_path / "ve"
+    r = ddpm_in_process("train", "--preset", "tiny", "--data-dir", fake_fashion, "--sde", "ve",
+                        "--timestep-sampling", "continuous", "--steps", "2", "--out", run,
+                        "--sample-every", "0", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    config = json.loads((run / "config.json").read_text())
+    images = load_dataset("fashion-mnist", fake_fashion, "train").images
+    expected = S.largest_pairwise_distance(to_model_range(images))  # the fake split is < 10,000
+    assert config["diffusion"]["sigma_max"] == pytest.approx(expected, rel=1e-12)
+    assert config["diffusion"]["sde"] == "ve" and config["sample"]["sde"] == "ve"
+    for args, said in ((["--sampler", "pc", "--steps", "4"], "(pc, 4 steps"),
+                       (["--sampler", "langevin", "--steps", "3", "--langevin-steps", "2"],
+                        "(langevin, 3 steps"),
+                       (["--sampler", "dpm++", "--steps", "4"], "(dpm++, 4 steps")):
+        r = ddpm_in_process("sample", run, "--n", "2", "--out", tmp_path / "s.npz", "--no-progress", *args)
+        assert r.returncode == 0, r.stderr
+        assert said in r.stdout, r.stdout
+        assert np.load(tmp_path / "s.npz")["arr_0"].shape == (2, 28, 28, 1)
+    r = ddpm_in_process("train", "--resume", run, "--steps", "3", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((run / "config.json").read_text())["diffusion"] == config["diffusion"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--sde", "ve", "--schedule", "cosine"], "--schedule cosine names a VP schedule"),
+    (["--sde", "ve", "--zero-terminal-snr", "--prediction-type", "v"], "--zero-terminal-snr makes"),
+    (["--sde", "ve", "--sigma-min", "2", "--sigma-max", "1"], "--sigma-max 1 must be above --sigma-min 2"),
+    (["--sigma-max", "50"], "add --sde ve, or drop --sigma-max"),
+    (["--sde", "ve", "--learn-variance", "--timestep-sampling", "continuous"],
+     "use uniform with --learn-variance"),
+])
+def test_bad_ve_training_requests_are_one_line_errors(fake_fashion, tmp_path, args, message):
+    out = tmp_path / "never"
+    assert_refused(ddpm_in_process("train", "--preset", "tiny", "--data-dir", fake_fashion,
+                                   "--steps", "1", "--out", out, *args), message)
+    assert not out.exists()
+
+
+def test_a_noise_aware_classifier_refuses_a_ve_run(tmp_path):
+    """Its classifier reads a VP schedule's noisy images; a VE run is guided classifier-free."""
+    import dataclasses
+
+    from ddpm import get_preset
+    from ddpm.noisy_classifier import train_noisy_classifier
+
+    c = get_preset("tiny")
+    ve = dataclasses.replace(c, diffusion=dataclasses.replace(c.diffusion, sde="ve", sigma_max=40.0))
+    with pytest.raises(ValueError, match="VE process; guide it with --guidance"):
+        train_noisy_classifier(None, None, tmp_path / "clf.pt", like=ve, progress=False)
+    assert not (tmp_path / "clf.pt").exists()

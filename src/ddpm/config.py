@@ -28,8 +28,8 @@ from .diffusion import (
 )
 from .models import UNetConfig
 from .samplers import PREDICTORS, SAMPLERS
-from .schedules import SCHEDULES, NoiseSchedule, make_schedule
-from .sde import SDES
+from .schedules import SCHEDULES, NoiseSchedule, make_schedule, ve_schedule
+from .sde import SDES, TRAINING_SDES
 from .settings import (
     SEED_MAX,
     SettingError,
@@ -71,14 +71,30 @@ class DiffusionConfig:
         help="the data's standard deviation in EDM's preconditioning and weighting")
     timestep_sampling: str = setting(
         "uniform", flag="--timestep-sampling", choices=TIMESTEP_SAMPLINGS,
-        help="the law of t in training: uniform (Ho et al. 2020), or log-normal in the noise "
-             "level sigma = sqrt((1 - alpha_bar) / alpha_bar) (Karras et al. 2022) with "
-             "--log-sigma-mean and --log-sigma-std")
+        help="the law of t in training: uniform over the T steps (Ho et al. 2020), log-normal "
+             "in the noise level sigma = sqrt((1 - alpha_bar) / alpha_bar) (Karras et al. 2022) "
+             "with --log-sigma-mean and --log-sigma-std, or continuous: t uniform on [0, T-1], "
+             "every level between the steps too (Song et al. 2021)")
     log_sigma_mean: float = setting(-1.2, flag="--log-sigma-mean",
                                     help="mean of ln(sigma) under log-normal sampling (EDM's P_mean)")
     log_sigma_std: float = setting(1.2, flag="--log-sigma-std", above=0,
                                    help="standard deviation of ln(sigma) under log-normal "
                                         "sampling (EDM's P_std)")
+    # Song et al. 2021: DDPM's process is the VP SDE, NCSN's the VE SDE (docs/sde.md)
+    sde: str = setting(
+        "vp", flag="--sde", choices=TRAINING_SDES,
+        help="the forward process: vp, DDPM's (its schedule --schedule), or ve, NCSN's "
+             "(Song & Ermon 2019): x0 + sigma eps, sigma geometric from --sigma-min to --sigma-max")
+    # Song & Ermon 2020, technique 2: the smallest level below the data's quantisation; 0.01 of
+    # their [0, 1] scale. Ours is [-1, 1], where 0.01 is also the linear schedule's first level.
+    sigma_min: float = setting(0.01, flag="--sigma-min", above=0,
+                               help="the VE process's smallest noise level")
+    # Song & Ermon 2020, technique 1: sigma_max as large as the largest distance between two
+    # training images, so the noisiest level can reach any image from any other
+    sigma_max: float | None = setting(
+        None, flag="--sigma-max", above=0,
+        help="the VE process's largest noise level (default: the largest distance between two "
+             "training images, measured when training starts and written to config.json)")
     # Lin et al. 2024; needs prediction_type v or x0
     zero_terminal_snr: bool = setting(
         False, flag="--zero-terminal-snr",
@@ -88,6 +104,22 @@ class DiffusionConfig:
     def validate(self) -> None:
         """Raise ValueError naming the bad field, its value and what would work."""
         check_fields(self)
+        if self.sde != "ve" and self.sigma_max is not None:
+            raise SettingError("diffusion.sigma_max", f"{{setting}} {self.sigma_max:g} sets the VE "
+                               f"process's largest noise level, and this run is --sde "
+                               f"{self.sde}; add --sde ve, or drop --sigma-max")
+        if self.sde == "ve":
+            if self.schedule != "linear":
+                raise SettingError("diffusion.schedule", f"{{setting}} {self.schedule} names a VP "
+                                   f"schedule, and --sde ve has its own: geometric noise levels "
+                                   f"from --sigma-min to --sigma-max; drop --schedule")
+            if self.zero_terminal_snr:
+                raise SettingError("diffusion.zero_terminal_snr", "{setting} makes a VP schedule's "
+                                   "last step pure noise; the VE process ends at --sigma-max "
+                                   "instead: drop --zero-terminal-snr")
+            if self.sigma_max is not None and self.sigma_max <= self.sigma_min:
+                raise SettingError("diffusion.sigma_max", f"{{setting}} {self.sigma_max:g} must "
+                                   f"be above --sigma-min {self.sigma_min:g}")
         if self.zero_terminal_snr and self.prediction_type == "eps":
             raise ValueError(
                 "zero terminal SNR makes the last step pure noise, where predicting eps says "
@@ -417,6 +449,11 @@ class RunConfig:
 def build_schedule(config: RunConfig) -> NoiseSchedule:
     """The frozen noise schedule the run's diffusion settings describe."""
     d = config.diffusion
+    if d.sde == "ve":
+        if d.sigma_max is None:
+            raise ValueError("the VE process's sigma_max is not known yet: training measures it "
+                             "from the data (train.resolve_sigma_max), or give --sigma-max")
+        return ve_schedule(d.num_train_timesteps, d.sigma_min, d.sigma_max)
     return make_schedule(d.schedule, d.num_train_timesteps, zero_terminal_snr=d.zero_terminal_snr)
 
 
@@ -452,6 +489,8 @@ def with_overrides(base: RunConfig, overrides: dict[str, dict[str, Any]], *,
         sample = replace(sample, num_sample_steps=min(sample.num_sample_steps, T))
         if model.learn_variance and not base.model.learn_variance:
             sample = replace(sample, variance="learned")  # what the model learned, unless given
+        if diffusion.sde != base.diffusion.sde:
+            sample = replace(sample, sde=diffusion.sde)  # read through its own SDE, unless given
         train = replace(train, sample_steps=min(train.sample_steps, T),
                         fid_steps=min(train.fid_steps, T))
     train = replace(train, **one_stopping_rule(checked["train"]))

@@ -31,12 +31,24 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def q_sample(
     schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor
 ) -> torch.Tensor:
-    """Sample q(x_t | x0) in closed form."""
+    """Sample q(x_t | x0) in closed form, at integer steps or real-valued ones (continuous
+    time: :meth:`NoiseSchedule.alpha_bar_at`)."""
     # Eq. 4: x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps.
+    if t.is_floating_point():
+        alpha_bar = broadcast_per_sample(alpha_bar_of(schedule, t), x0)
+        return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps
     return (
         extract(schedule.sqrt_alphas_cumprod, t, x0) * x0
         + extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * eps
     )
+
+
+def alpha_bar_of(schedule: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
+    """alpha_bar at a batch of steps ``t`` ``[B]``: the table's at integer steps, the interpolated
+    one (:meth:`NoiseSchedule.alpha_bar_at`) at real-valued steps; float64 ``[B]`` on the
+    schedule's device."""
+    steps = t.to(schedule.alphas_cumprod.device)
+    return schedule.alpha_bar_at(steps) if steps.is_floating_point() else schedule.alphas_cumprod[steps]
 
 
 def q_posterior(
@@ -207,7 +219,7 @@ def p_mean_log_variance(
 PREDICTION_TYPES = ("eps", "x0", "v")
 PRECONDITIONINGS = ("none", "edm")
 LOSS_WEIGHTINGS = ("uniform", "min-snr", "edm")
-TIMESTEP_SAMPLINGS = ("uniform", "log-normal")
+TIMESTEP_SAMPLINGS = ("uniform", "log-normal", "continuous")
 
 
 def v_from_eps_x0(eps: torch.Tensor, x0: torch.Tensor, alpha_bar: torch.Tensor | float) -> torch.Tensor:
@@ -278,9 +290,7 @@ def precondition(network: Callable[..., torch.Tensor], schedule: NoiseSchedule,
                          f"{', '.join(PREDICTION_TYPES)}")
 
     def preconditioned(x_t: torch.Tensor, t: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        steps = t.to(schedule.alphas_cumprod.device)
-        ab = (schedule.alpha_bar_at(steps) if steps.is_floating_point()
-              else schedule.alphas_cumprod[steps])  # float64 [B]
+        ab = alpha_bar_of(schedule, t)  # float64 [B]
         s, r, d = ab.sqrt(), (1 - ab).sqrt(), 1 - ab + sigma_data**2 * ab
         # The prediction is a x_t + b F. x0: D itself; eps: eq. 4 solved for eps; v: sqrt(ab) eps
         # - sqrt(1 - ab) x0. Each written out so that none divides by sqrt(1 - ab).
@@ -349,8 +359,11 @@ def timestep_probs(schedule: NoiseSchedule, sampling: str, *, log_sigma_mean: fl
     sqrt(alpha_bar) = x0 + sigma eps. Each step takes the normal's mass between the midpoints of
     its ln(sigma) and its neighbours' (the first and the last step take the tails), so training
     spends its samples at the middle noise levels that decide the images.
+
+    ``"continuous"`` (also None here: :func:`draw_t_eps` draws it): t ~ Uniform[0, T-1] real-valued,
+    continuous time (Song et al. 2021), every level between the table's steps as likely.
     """
-    if sampling == "uniform":
+    if sampling in ("uniform", "continuous"):
         return None
     if sampling != "log-normal":
         raise ValueError(f"unknown timestep sampling {sampling!r}; choose one of "
@@ -374,13 +387,16 @@ def _elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss: str) -> to
 
 def draw_t_eps(
     schedule: NoiseSchedule, shape: torch.Size | tuple[int, ...], generator: torch.Generator | None,
-    probs: torch.Tensor | None = None,
+    probs: torch.Tensor | None = None, *, continuous: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Algorithm 1's draws for a batch of ``shape``: t ~ Uniform{0..T-1} (or t ~ ``probs``, from
     :func:`timestep_probs`) and eps ~ N(0, I), on the generator's device, so a run is
-    reproducible from the generator alone."""
+    reproducible from the generator alone. With ``continuous``, t ~ Uniform[0, T-1] real-valued
+    (float32, as the samplers give the network its steps between the table's)."""
     device = generator.device if generator is not None else None
-    if probs is None:
+    if continuous:
+        t = torch.rand(shape[0], generator=generator, device=device) * (schedule.num_train_timesteps - 1)
+    elif probs is None:
         t = torch.randint(0, schedule.num_train_timesteps, (shape[0],), generator=generator,
                           device=device)
     else:
@@ -421,18 +437,23 @@ def training_loss(
     x_t = q_sample(schedule, x0, t, eps)
     output = denoiser(x_t, t).float()
     prediction, interpolation = split_variance(output, x0.shape[1], learn_variance)
-    alpha_bar = extract(schedule.alphas_cumprod, t, x0)
+    table = alpha_bar_of(schedule, t)  # float64 [B]
+    alpha_bar = broadcast_per_sample(table, x0)
     target = training_target(prediction_type, x0, eps, alpha_bar)
     # Eq. 14 for eps: || eps - eps_theta(sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps, t) ||^2.
     per_sample = _elementwise_loss(prediction, target, loss).flatten(1).mean(1)  # [B]
     if weighting in ("min-snr", "edm"):
-        snr = extract(schedule.alphas_cumprod / (1 - schedule.alphas_cumprod), t, x0).flatten()
+        snr = broadcast_per_sample(table / (1 - table), x0).flatten()
         per_sample = per_sample * (min_snr_weight(snr, min_snr_gamma, prediction_type)
                                    if weighting == "min-snr" else
                                    edm_weight(snr, sigma_data, prediction_type))
     elif weighting != "uniform":
         raise ValueError(f"unknown loss weighting {weighting!r}; choose one of {', '.join(LOSS_WEIGHTINGS)}")
     if interpolation is not None:  # learn_variance
+        if t.is_floating_point():
+            raise ValueError("learned variances are trained on the table's steps (L_vlb's terms "
+                             "are the posterior's at integer t); use --timestep-sampling uniform "
+                             "or log-normal with them")
         # Nichol & Dhariwal 2021, sec. 3.1: L_vlb reaches the variance only; the mean's gradient
         # is stopped, so L_simple alone shapes it.
         frozen = torch.cat([prediction.detach(), interpolation], dim=1)

@@ -215,6 +215,10 @@ def train_noisy_classifier(
     data = _data_config(dataset, data_dir, like)
     assert data.image_size is not None and data.channels is not None  # resolve_data() filled them
     run = like or get_preset(DEFAULT_PRESET)  # whose schedule noises the images
+    if run.diffusion.sde != "vp":
+        raise ValueError(f"a noise-aware classifier reads images noised by a VP schedule, and "
+                         f"this run uses the {run.diffusion.sde.upper()} process; guide it with "
+                         f"--guidance (classifier-free) instead")
     diffusion, schedule = run.diffusion, build_schedule(run)
     train, test = _load_splits(data, seed)
     num_classes = len(train.classes)
@@ -361,6 +365,10 @@ def check_compatible(clf: NoisyClassifierFile, config: RunConfig,
     if dataset_classes and clf.classes and tuple(dataset_classes) != clf.classes:
         raise ValueError(f"the classifier {clf.path} has classes {', '.join(clf.classes)}, the "
                          f"run's data {', '.join(dataset_classes)}; {fix}")
+    if d.sde != "vp":
+        raise ValueError(f"the classifier {clf.path} was trained on images noised by a VP "
+                         f"schedule, and this run by the {d.sde.upper()} process; guide it with "
+                         f"--guidance (classifier-free) instead")
     ours = (d.schedule, d.num_train_timesteps, d.zero_terminal_snr)
     theirs = (clf.schedule, clf.num_train_timesteps, clf.zero_terminal_snr)
     if ours != theirs:

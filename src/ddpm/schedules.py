@@ -160,6 +160,27 @@ class NoiseSchedule:
         return (t_of_lo - frac).clamp(0, self.num_train_timesteps - 1)
 
 
+def ve_schedule(num_train_timesteps: int, sigma_min: float, sigma_max: float) -> NoiseSchedule:
+    """The variance-exploding process of NCSN (Song & Ermon 2019; Song et al. 2021's VE SDE) as
+    a schedule: noise levels sigma_i = sigma_min (sigma_max / sigma_min)^(i / (T - 1)), geometric
+    from ``sigma_min`` to ``sigma_max``, each written in DDPM's variables. x = x0 + sigma eps is
+    x_t = x / sqrt(1 + sigma^2) = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps with alpha_bar =
+    1 / (1 + sigma^2), so the samplers, the loss and the network's input are those of any other
+    schedule. Log-SNR = -2 ln sigma is linear in i, so :meth:`NoiseSchedule.alpha_bar_at` between
+    the steps is the continuous geometric sigma exactly."""
+    if num_train_timesteps < 2:
+        raise ValueError(f"num_train_timesteps must be at least 2, got {num_train_timesteps}")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"the VE noise levels need 0 < sigma_min < sigma_max, got sigma_min = "
+                         f"{sigma_min:g} and sigma_max = {sigma_max:g}")
+    u = torch.linspace(0, 1, num_train_timesteps, dtype=torch.float64)
+    sigma = sigma_min * (sigma_max / sigma_min) ** u
+    alpha_bar = 1.0 / (1.0 + sigma**2)
+    # beta_i = 1 - alpha_bar_i / alpha_bar_{i-1}, with alpha_bar_{-1} = 1 (the data itself)
+    previous = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+    return schedule_from_betas("ve", 1.0 - alpha_bar / previous)
+
+
 def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """Lin et al. 2024, Algorithm 1: shift and scale sqrt(alpha_bar) so that it keeps its first
     value and reaches exactly 0 at t = T (zero terminal SNR: the last step is pure noise)."""

@@ -36,6 +36,8 @@ import torch
 from .schedules import NoiseSchedule
 
 SDES = ("vp", "subvp", "ve")
+# the forward processes a model is trained under ('ddpm train --sde'); any of SDES reads it
+TRAINING_SDES = ("vp", "ve")
 PROBES = ("rademacher", "gaussian")
 # score(x [B, ...], t) -> grad_x log p_t(x) [B, ...] at SDE time t in [0, 1]
 Score = Callable[[torch.Tensor, float], torch.Tensor]
@@ -344,3 +346,19 @@ def bits_per_dim(log_prob: torch.Tensor, dims: int) -> torch.Tensor:
     [-1, 1] ``[B]``: -log p / (D ln 2) + 7, the 7 being log2(256) for the 256 levels less 1 for
     [-1, 1]'s width of 2 (Song et al.'s likelihood.py, its offset)."""
     return -log_prob / (dims * math.log(2)) + 7
+
+
+def largest_pairwise_distance(images: torch.Tensor, *, chunk: int = 1024) -> float:
+    """max_{i,j} ||x_i - x_j||_2 over a batch ``[N, ...]``: Song & Ermon 2020's technique 1 sets
+    the VE process's sigma_max to it. Exact, in float64 blocks of ``chunk`` rows, by
+    ||a - b||^2 = ||a||^2 + ||b||^2 - 2 a.b."""
+    flat = images.flatten(1).to(torch.float64)
+    if flat.shape[0] < 2:
+        raise ValueError(f"the largest distance between images needs at least 2, got {flat.shape[0]}")
+    squares = (flat * flat).sum(1)  # [N]
+    largest = 0.0
+    for start in range(0, flat.shape[0], chunk):
+        block = flat[start : start + chunk]
+        d2 = squares[start : start + chunk, None] + squares[None, :] - 2 * block @ flat.T
+        largest = max(largest, float(d2.max()))
+    return math.sqrt(max(largest, 0.0))

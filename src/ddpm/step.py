@@ -153,7 +153,8 @@ def train_step(
     t_probs = timestep_probs(schedule, dc.timestep_sampling, log_sigma_mean=dc.log_sigma_mean,
                              log_sigma_std=dc.log_sigma_std)
     for i, (x0, y) in enumerate(batches):
-        t, eps = draw_t_eps(schedule, x0.shape, generator, t_probs)
+        t, eps = draw_t_eps(schedule, x0.shape, generator, t_probs,
+                            continuous=dc.timestep_sampling == "continuous")
         rows = slice(rank * x0.shape[0] // world, (rank + 1) * x0.shape[0] // world)
         denoiser: Callable[..., torch.Tensor] = model
         if num_classes:

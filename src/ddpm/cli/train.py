@@ -39,7 +39,7 @@ from ..presets import DEFAULT_GPU_PRESET, DEFAULT_PRESET, FORMULATIONS, LATENT_P
 from ..rundir import CONFIG_FILE
 from ..runtime import resolve_device, training_precision
 from ..settings import shown
-from ..train import check_run, train, training_probe
+from ..train import check_run, resolve_sigma_max, train, training_probe
 from .options import Defaults, UsageError, add_settings, describe, given_settings, positive_int, setting_flags
 
 
@@ -106,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
         log(f"resuming {run_dir} at step {step} from {checkpoint} (with the config saved in it)")
     else:
         run_dir = Path(args.out or f"runs/{_preset_name(args)}")
-        config = _new_config(args)
+        # a VE run's sigma_max is measured now, so that what is printed and checked is the run's
+        config = resolve_sigma_max(_new_config(args), progress=log is print)
     check_run(config, run_dir, resume=bool(args.resume),
               num_processes=args.num_processes if launcher else 1)
     params = count_parameters(UNet(config.model))
@@ -249,7 +250,12 @@ def summary(config: RunConfig, preset: str) -> str:
         f"model: U-Net of {m.block} blocks {m.base_channels}x{list(m.channel_mults)}, "
         f"{m.num_res_blocks} blocks/level, "
         f"attention at {list(m.attention_resolutions)} px, {m.in_channels}x{m.image_size}x{m.image_size}\n"
-        f"diffusion: {d.schedule} schedule, T={d.num_train_timesteps}, predicts {d.prediction_type}"
+        f"diffusion: "
+        + (f"VE (NCSN), sigma geometric from {d.sigma_min:g} to {d.sigma_max:.4g}" if d.sde == "ve"
+           else f"{d.schedule} schedule")
+        + f", T={d.num_train_timesteps}"
+        + (", continuous t" if d.timestep_sampling == "continuous" else "")
+        + f", predicts {d.prediction_type}"
         + (f" through EDM's preconditioning (sigma_data {d.sigma_data:g})"
            if d.preconditioning == "edm" else "")
         + f", {d.loss} loss" + _weighting_text(d) + "\n"
