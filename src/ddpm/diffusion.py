@@ -453,7 +453,7 @@ def training_loss(
         if t.is_floating_point():
             raise ValueError("learned variances are trained on the table's steps (L_vlb's terms "
                              "are the posterior's at integer t); use --timestep-sampling uniform "
-                             "or log-normal with them")
+                             "with them")
         # Nichol & Dhariwal 2021, sec. 3.1: L_vlb reaches the variance only; the mean's gradient
         # is stopped, so L_simple alone shapes it.
         frozen = torch.cat([prediction.detach(), interpolation], dim=1)
