@@ -393,11 +393,9 @@ class Pipeline:
                                 ("diffusion_bpd", diffusion)):
                 parts[name] += float(value.sum())
         bar.close()
-        total = torch.cat(totals)
-        n = len(total)
-        se = float(total.std() / math.sqrt(n)) if n > 1 else float("nan")
-        return {"bits_per_dim": float(total.mean()), "bits_per_dim_se": se, "n": n,
-                "timesteps": k, **{name: value / n for name, value in parts.items()}}
+        scores = _mean_and_se(torch.cat(totals))
+        return {**scores, "timesteps": k,
+                **{name: value / scores["n"] for name, value in parts.items()}}
 
     def ode_bits_per_dim(self, images: torch.Tensor, *, sde: str = "vp", probes: int = 1,
                          probe: str = "rademacher", rtol: float = 1e-5, atol: float = 1e-5,
@@ -422,8 +420,7 @@ class Pipeline:
         if probes < 1:
             raise ValueError(f"Hutchinson's estimate needs at least 1 probe, got {probes}")
         view = make_sde(sde, self.schedule)
-        alpha_bar = float(self.schedule.alphas_cumprod[0])
-        t_start = view.time_at_sigma(math.sqrt((1 - alpha_bar) / alpha_bar))
+        t_start = view.time_at_sigma(self.schedule.sigma_scalar(0))
         generator = torch.Generator("cpu").manual_seed(seed)
         dc = self.config.diffusion
 
@@ -444,11 +441,8 @@ class Pipeline:
             evaluations += result.evaluations * len(batch)
             bar.update(len(batch))
         bar.close()
-        total = torch.cat(values)
-        n = len(total)
-        se = float(total.std() / math.sqrt(n)) if n > 1 else float("nan")
-        return {"bits_per_dim": float(total.mean()), "bits_per_dim_se": se, "n": n,
-                "evaluations_per_image": evaluations / n, "sde": sde, "probes": probes,
+        scores = _mean_and_se(torch.cat(values))
+        return {**scores, "evaluations_per_image": evaluations / scores["n"], "sde": sde, "probes": probes,
                 "probe": probe, "rtol": rtol, "atol": atol}
 
     def compile(self) -> Pipeline:
@@ -578,3 +572,12 @@ def sampling_probe(pipe: Pipeline) -> PrecisionProbe:
         return found.precision, found.why()
 
     return probe
+
+
+def _mean_and_se(bits: torch.Tensor) -> dict[str, Any]:
+    """Bits/dim of each image ``[N]`` as the report of :meth:`Pipeline.bits_per_dim` and
+    :meth:`Pipeline.ode_bits_per_dim` gives them: their mean, its standard error over images
+    (nan for one image) and N."""
+    n = len(bits)
+    se = float(bits.std() / math.sqrt(n)) if n > 1 else float("nan")
+    return {"bits_per_dim": float(bits.mean()), "bits_per_dim_se": se, "n": n}

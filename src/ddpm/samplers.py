@@ -316,10 +316,6 @@ def _edm_sample(
             callback(i, t, x_t, x0_pred)
         return (x_hat - x0_pred) / noise_level
 
-    def noise_level_at(t: float) -> float:
-        alpha_bar = schedule.alpha_bar_scalar(t)
-        return math.sqrt((1 - alpha_bar) / alpha_bar)
-
     alpha_bar_T = schedule.alpha_bar_scalar(ts[0])
     if alpha_bar_T == 0:
         raise ValueError(
@@ -327,11 +323,11 @@ def _edm_sample(
             "SNR; sample this model with ddim, dpm++ or ddpm"
         )
     gamma = min(churn / len(ts), math.sqrt(2) - 1)  # Algorithm 2, line 4
-    top = noise_level_at(schedule.num_train_timesteps - 1)  # the schedule has no noisier step
+    top = schedule.sigma_scalar(schedule.num_train_timesteps - 1)  # the schedule has no noisier step
     x_hat = x_T / math.sqrt(alpha_bar_T)
     for i, (t, t_prev) in enumerate(zip(ts, ts[1:] + [-1.0], strict=True)):
-        noise_level = noise_level_at(t)
-        noise_level_prev = noise_level_at(t_prev) if t_prev >= 0 else 0.0
+        noise_level = schedule.sigma_scalar(t)
+        noise_level_prev = schedule.sigma_scalar(t_prev) if t_prev >= 0 else 0.0
         if gamma > 0 and CHURN_SIGMA_MIN <= noise_level <= CHURN_SIGMA_MAX:
             # Algorithm 2, lines 5-6: sigma_hat = (1 + gamma) sigma, and
             # x_hat += sqrt(sigma_hat^2 - sigma^2) eps, which puts x_hat at noise level sigma_hat.
@@ -400,10 +396,13 @@ def heun_sample(
 # --- the SDE samplers (Song et al. 2021; Song & Ermon 2019) -------------------------------------
 
 
-def _sigma_at(schedule: NoiseSchedule, t: float) -> float:
-    """The model's noise level at step t: sigma = sqrt((1 - alpha_bar) / alpha_bar)."""
-    alpha_bar = schedule.alpha_bar_scalar(t)
-    return math.sqrt((1 - alpha_bar) / alpha_bar)
+def _sde_start(schedule: NoiseSchedule, view: SDE, ts: list[float], x_T: torch.Tensor
+               ) -> tuple[list[float], torch.Tensor]:
+    """The timesteps' noise levels as times of the SDE ``view``, and x_T ~ N(0, I) scaled to the
+    marginal at the first of them of unit-variance data, s sqrt(1 + sigma^2)."""
+    times = [view.time_at_sigma(schedule.sigma_scalar(t)) for t in ts]
+    s0, sigma0 = view.scale_sigma(times[0])
+    return times, x_T * (s0 * math.sqrt(1 + sigma0**2))
 
 
 def _sde_predict(
@@ -501,11 +500,8 @@ def pc_sample(
         raise ValueError(f"the corrector's snr must be a finite number >= 0, got {snr}")
     if predictor not in PREDICTORS:
         raise ValueError(f"unknown predictor {predictor!r}; choose one of {', '.join(PREDICTORS)}")
-    ts = check_timesteps(timesteps, schedule.num_train_timesteps)
     view = make_sde(sde, schedule)
-    times = [view.time_at_sigma(_sigma_at(schedule, t)) for t in ts]
-    s0, sigma0 = view.scale_sigma(times[0])
-    x = x_T * (s0 * math.sqrt(1 + sigma0**2))  # the marginal at the first level of unit-variance data
+    times, x = _sde_start(schedule, view, check_timesteps(timesteps, schedule.num_train_timesteps), x_T)
 
     def predict(x: torch.Tensor, time: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
         return _sde_predict(denoiser, schedule, view, x, time, prediction_type, x0_transform)
@@ -513,8 +509,8 @@ def pc_sample(
     for i, time in enumerate(times):
         time_next = times[i + 1] if i + 1 < len(times) else None
         s, sigma = view.scale_sigma(time)
+        s_next, sigma_next = view.scale_sigma(time_next) if time_next is not None else (s, sigma)
         if corrector_steps and snr > 0:
-            s_next = view.scale_sigma(time_next)[0] if time_next is not None else s
             def score_now(v: torch.Tensor, level: float = time) -> torch.Tensor:
                 return predict(v, level)[0]
 
@@ -525,7 +521,6 @@ def pc_sample(
             callback(i, t, x_t, x0_pred)
         if time_next is None:
             return x0_pred
-        s_next, sigma_next = view.scale_sigma(time_next)
         if predictor == "reverse-diffusion":
             a = s / s_next
             g2 = max((s * sigma) ** 2 - (a * s_next * sigma_next) ** 2, 0.0)
@@ -589,13 +584,12 @@ def langevin_sample(
     if langevin_steps < 1:
         raise ValueError(f"langevin_steps must be at least 1, got {langevin_steps}")
     ts = check_timesteps(timesteps, schedule.num_train_timesteps)
-    sigmas = [_sigma_at(schedule, t) for t in ts]
+    sigmas = [schedule.sigma_scalar(t) for t in ts]
     view = make_sde("ve", schedule)  # s = 1: x is the noise-level variable itself
     ratio = (sigmas[0] / sigmas[-1]) ** (1 / (len(sigmas) - 1)) if len(sigmas) > 1 else 2.0
     epsilon = langevin_step_size(max(ratio, 1 + 1e-9), langevin_steps) * sigmas[-1] ** 2
-    x = x_T * math.sqrt(1 + sigmas[0] ** 2)  # the first level's marginal of unit-variance data
-    for i, sigma in enumerate(sigmas):
-        time = view.time_at_sigma(sigma)
+    times, x = _sde_start(schedule, view, ts, x_T)
+    for i, (sigma, time) in enumerate(zip(sigmas, times, strict=True)):
         a = epsilon * sigma**2 / sigmas[-1] ** 2
         for _ in range(langevin_steps):
             grad, x0_pred, x_t, t = _sde_predict(denoiser, schedule, view, x, time,
@@ -603,8 +597,8 @@ def langevin_sample(
             x = x + a * grad + math.sqrt(2 * a) * _noise_like(x, generator)
         if callback is not None:
             callback(i, t, x_t, x0_pred)
-    _, x0_pred, _, _ = _sde_predict(denoiser, schedule, view, x, view.time_at_sigma(sigmas[-1]),
-                                    prediction_type, x0_transform)
+    _, x0_pred, _, _ = _sde_predict(denoiser, schedule, view, x, times[-1], prediction_type,
+                                    x0_transform)
     return x0_pred
 
 
@@ -630,11 +624,8 @@ def ode_sample(
     prediction. The timesteps fix where it starts, stops and reports, not its steps: the solver
     spends as many network evaluations as its tolerances need."""
     del generator  # deterministic; accepted for the shared signature
-    ts = check_timesteps(timesteps, schedule.num_train_timesteps)
     view = make_sde(sde, schedule)
-    times = [view.time_at_sigma(_sigma_at(schedule, t)) for t in ts]
-    s0, sigma0 = view.scale_sigma(times[0])
-    x = x_T * (s0 * math.sqrt(1 + sigma0**2))
+    times, x = _sde_start(schedule, view, check_timesteps(timesteps, schedule.num_train_timesteps), x_T)
     for i, (time, time_next) in enumerate(zip(times, times[1:] + [None], strict=True)):
         first = True
 

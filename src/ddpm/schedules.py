@@ -146,6 +146,13 @@ class NoiseSchedule:
             return float(self.alphas_cumprod[int(t)])
         return float(self.alpha_bar_at(t))
 
+    def sigma_scalar(self, t: float) -> float:
+        """The noise level at one step ``t`` as a Python float: sigma = sqrt((1 - alpha_bar) /
+        alpha_bar), that of x_t / sqrt(alpha_bar) = x0 + sigma eps (EDM's and the score SDEs'
+        variable)."""
+        alpha_bar = self.alpha_bar_scalar(t)
+        return math.sqrt((1 - alpha_bar) / alpha_bar)
+
     def t_at_log_snr(self, log_snr: torch.Tensor | float) -> torch.Tensor:
         """The real-valued t whose interpolated log-SNR is ``log_snr`` (inverse of
         :meth:`alpha_bar_at` in log-SNR terms), clamped to [0, T-1]."""
