@@ -69,6 +69,13 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16"),
                     help="ddpm's --precision for training and sampling")
     args = ap.parse_args()
+    chosen = args.rows.split(",")
+    long_chosen = args.long_rows.split(",") if args.long_rows else chosen
+    known = [variance for _, variance in ROWS]
+    unknown = [v for v in dict.fromkeys(chosen + long_chosen) if v not in known and v != "none"]
+    if unknown:
+        sys.exit(f"--rows/--long-rows name {', '.join(unknown)}; the rows are {', '.join(known)} "
+                 "(comma-separated; --long-rows none for no 1,000-step cells)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_file = out / "results.jsonl"
@@ -92,6 +99,10 @@ def main() -> None:
     if args.side_by_side:
         # Both at once, each pinned to its own core with one thread: equal conditions for the two,
         # and on a 2-core machine more images a second in all than one two-thread run after another.
+        if not hasattr(os, "sched_setaffinity"):
+            sys.exit("--side-by-side pins each run to a core, which this system (not Linux) does "
+                     "not offer; train one run after the other instead (leave out --side-by-side)")
+
         def pin(core: int):
             return lambda: os.sched_setaffinity(0, {core})
         cores = sorted(os.sched_getaffinity(0))
@@ -118,8 +129,6 @@ def main() -> None:
                     .get("train", {}).get("threads")})
     steps_list = list(map(int, args.sample_steps.split(",")))
     short = [s for s in steps_list if s < 1000]
-    chosen = args.rows.split(",")
-    long_chosen = args.long_rows.split(",") if args.long_rows else chosen
     rows = [row for row in ROWS if row[1] in chosen]
     # What the target compares first (learned at 25 steps against fixed at 1,000), then the rest
     # of the two main rows, the bound, and the beta row; 1,000 steps take ~25-40 min a row on a
@@ -133,7 +142,7 @@ def main() -> None:
     if args.ode:
         jobs += [("ode", name, None, None) for name in dict.fromkeys(name for name, _ in rows)]
     jobs += [("fid", *row, s) for s in short for row in beta_row]
-    jobs += [("fid", *row, s) for s in long for row in rows[1:] if row[1] in long_chosen]
+    jobs += [("fid", *row, s) for s in long for row in rows if row != ROWS[0] and row[1] in long_chosen]
     for kind, name, variance, steps in jobs:
         if kind == "ode":
             if not have(kind="ode", run=name):
