@@ -79,8 +79,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_file = out / "results.jsonl"
-    results = [json.loads(line) for line in results_file.read_text().splitlines()] \
-        if results_file.exists() else []
+    results = read_results(out) if results_file.exists() else []
 
     def record(entry: dict) -> None:
         results.append(entry)
