@@ -8,10 +8,12 @@ process (after one untimed batch), ``--repeats`` times with the variants interle
 slow minute of a shared machine falls on all of them; the table gives the best rate of each, in
 images per second, and the ratio to the first row. The variants are the levers a slow CPU
 sampler is looked at for: the precision (bf16 autocast, or weights cast to bf16 outright), the
-batch size, torch's thread count, the channels-last layout, and the denormal flush. With
+batch size, torch's thread count, the channels-last layout, and the denormal flush. The
+worker-process rows split the batches over two forked one-thread processes (``--workers``). With
 ``--whole``, the whole command is timed too ('ddpm sample RUN --n 1000 --out DIR'), in a fresh
 process, as a user runs it: import, load, auto's measurement (cached after the first), sampling
-and writing the files.
+and writing the files; once with ``--workers 1`` and once as it comes (``--workers auto``),
+interleaved, ``--whole-repeats`` pairs.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ def variants(pipe) -> dict[str, tuple[dict, contextlib.AbstractContextManager]]:
         "bf16, batch 256": ({"batch_size": 256}, precision("bf16")),
         "bf16, one batch of all": ({"batch_size": 10**6}, precision("bf16")),
         "bf16, 1 thread": ({"batch_size": 128}, _both(threads(1), precision("bf16"))),
+        "bf16, 2 worker processes": ({"batch_size": 128, "workers": 2}, precision("bf16")),
+        "bf16, 2 worker processes, batch 64": ({"batch_size": 64, "workers": 2}, precision("bf16")),
         "bf16, channels-last": ({"batch_size": 128}, channels_last()),
         "bf16, flush denormals": ({"batch_size": 128}, flush_denormal()),
     }
@@ -90,8 +94,15 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=256, help="images per timing")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--whole", action="store_true",
-                        help="also time the whole 'ddpm sample --n 1000' command, twice")
+                        help="also time the whole 'ddpm sample --n 1000' command, with one "
+                             "process and with auto's workers")
+    parser.add_argument("--whole-repeats", type=int, default=2, metavar="K",
+                        help="--whole: interleaved pairs of runs")
+    parser.add_argument("--whole-only", action="store_true",
+                        help="time only the whole command (no in-process variants)")
     args = parser.parse_args()
+    if args.whole_only:
+        args.whole, args.repeats = True, 0
 
     from ddpm.pipeline import load_pipeline
     from ddpm.runtime import processor_name
@@ -112,20 +123,38 @@ def main() -> None:
                 rate = args.n / (time.perf_counter() - begin)
             best[name] = max(best.get(name, 0.0), rate)
             print(f"  repeat {repeat + 1}: {name}: {rate:.1f} images/s", flush=True)
-    first = next(iter(best.values()))
-    print("\n| variant | images/s (DPM-Solver++ 20 steps) | vs first | 1,000 images |")
-    print("|---|---|---|---|")
-    for name, rate in best.items():
-        print(f"| {name} | {rate:.1f} | {rate / first:.2f}x | {1000 / rate:.1f} s |")
+    if best:
+        first = next(iter(best.values()))
+        print("\n| variant | images/s (DPM-Solver++ 20 steps) | vs first | 1,000 images |")
+        print("|---|---|---|---|")
+        for name, rate in best.items():
+            print(f"| {name} | {rate:.1f} | {rate / first:.2f}x | {1000 / rate:.1f} s |")
     if args.whole:
-        for attempt in range(2):
+        whole_commands(args.run, args.whole_repeats)
+
+
+def whole_commands(run: str, repeats: int) -> None:
+    """The whole 'ddpm sample RUN --n 1000' with one process and with auto's workers, ``repeats``
+    interleaved pairs, each in a fresh process; its sampling seconds as its summary line says."""
+    times: dict[str, list[str]] = {"1": [], "auto": []}
+    for attempt in range(repeats):
+        for workers in times:
             with tempfile.TemporaryDirectory() as out:
                 begin = time.perf_counter()
-                subprocess.run([sys.executable, "-m", "ddpm", "sample", args.run, "--n", "1000",
-                                "--sampler", "dpm++", "--steps", "20", "--out", out,
-                                "--no-progress"], check=True)
-                print(f"whole command, run {attempt + 1}: {time.perf_counter() - begin:.1f} s",
-                      flush=True)
+                done = subprocess.run(
+                    [sys.executable, "-m", "ddpm", "sample", run, "--n", "1000", "--sampler",
+                     "dpm++", "--steps", "20", "--workers", workers, "--out", out, "--no-progress"],
+                    check=True, capture_output=True, text=True)
+                seconds = time.perf_counter() - begin
+            summary = done.stdout.strip().splitlines()[-1]  # 'wrote 1000 images (..., 15.0 s) to'
+            sampling = summary.split(" to ")[0].rsplit(", ", 1)[-1].rstrip(")")
+            times[workers].append(f"{seconds:.1f} s (sampling {sampling})")
+            print(f"whole command, --workers {workers}, run {attempt + 1}: {times[workers][-1]}; "
+                  f"{summary}", flush=True)
+    print("\n| ddpm sample --n 1000 --sampler dpm++ --steps 20 | the whole command, each run |")
+    print("|---|---|")
+    for workers, runs in times.items():
+        print(f"| --workers {workers} | {'; '.join(runs)} |")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from .config import RunConfig
 from .data import ImageData
@@ -102,6 +101,9 @@ def peak_matmul_gflops(dtype: torch.dtype, device: torch.device, *, seconds: flo
 
 def count_gflops(fn: Callable[[], Any]) -> float:
     """GFLOPs of the matmuls and convolutions ``fn`` runs (FLOP = multiply or add)."""
+    # (imported here: it imports triton, 0.2 s of every ddpm command's start-up otherwise)
+    from torch.utils.flop_counter import FlopCounterMode
+
     counter = FlopCounterMode(display=False)
     with counter:
         fn()

@@ -59,21 +59,23 @@ class Cascade:
     def generate(self, n: int, *, seed: int = 0, batch_size: int = 128,
                  labels: torch.Tensor | Sequence[int] | int | None = None, progress: bool = False,
                  stage_steps: int | None = None, stage_sampler: str | None = None,
-                 keep: bool = False,
+                 keep: bool = False, workers: int | str = 1,
                  **settings: Any) -> torch.Tensor | list[torch.Tensor]:
         """``n`` images of the last stage ``[n, C, H, W]`` in [-1, 1] (with ``keep``, the images of
         every stage, base first). ``settings`` and ``labels`` are the base's; each stage samples
         with its own run's settings (``stage_sampler`` and ``stage_steps`` over them) and seed
         ``seed + k`` for stage k, and a class-conditional stage is given the base's labels. Each
         stage is given the 8-bit images of the one before, as if saved and read back, so that a
-        chain computes what ``ddpm sample`` then ``ddpm upscale`` do."""
+        chain computes what ``ddpm sample`` then ``ddpm upscale`` do. Every stage samples its
+        batches in ``workers`` processes (``Pipeline.generate``)."""
         labels = self.base.class_labels(n, labels)
         images = [self.base.generate(n, seed=seed, batch_size=batch_size, labels=labels,
-                                     progress=progress, **settings)]
+                                     progress=progress, workers=workers, **settings)]
         for k, stage in enumerate(self.stages, start=1):
             images.append(upscale(stage, to_uint8(images[-1]), seed=seed + k, batch_size=batch_size,
                                   labels=labels if stage.num_classes else None,
-                                  progress=progress, **stage_settings(stage_steps, stage_sampler)))
+                                  progress=progress, workers=workers,
+                                  **stage_settings(stage_steps, stage_sampler)))
         return images if keep else images[-1]
 
 
@@ -84,13 +86,13 @@ def stage_settings(steps: int | None, sampler: str | None) -> dict[str, Any]:
 
 
 def upscale(stage: Pipeline, images: torch.Tensor, *, seed: int = 0, batch_size: int = 128,
-            labels: torch.Tensor | None = None, progress: bool = False,
+            labels: torch.Tensor | None = None, progress: bool = False, workers: int | str = 1,
             **settings: Any) -> torch.Tensor:
     """``images`` (float in [-1, 1], or uint8) super-resolved by the super-resolution pipeline
     ``stage``: ``[n, C, H, W]`` in [-1, 1]."""
     low = to_model_range(images) if images.dtype == torch.uint8 else images
     return stage.generate(len(low), seed=seed, batch_size=batch_size, labels=labels,
-                          progress=progress, low_res=low, **settings)
+                          progress=progress, low_res=low, workers=workers, **settings)
 
 
 def load_cascade(base: str | os.PathLike, stages: Sequence[str | os.PathLike], *,

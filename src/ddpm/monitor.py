@@ -11,15 +11,17 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from .checkpoint import TrainState, list_checkpoints
 from .rundir import RunOutputs
 from .step import StepStats
+
+if TYPE_CHECKING:  # (accelerate is imported where a process is made: runtime.make_accelerator)
+    from accelerate import Accelerator
 
 # With --on-nan skip, this many non-finite steps in a row stop the run anyway: the weights do not
 # change on a skipped step, so a fault that persists this long will not pass by skipping.

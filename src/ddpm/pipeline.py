@@ -6,6 +6,7 @@ This is the small Python API behind ``ddpm sample``::
     pipe = load_pipeline("runs/demo")          # a run directory or a .pt checkpoint
     images = pipe.generate(16, seed=0)         # [16, 1, 28, 28] in [-1, 1], the run's sampler
     fast = pipe.generate(16, sampler="dpm++", num_sample_steps=20)
+    many = pipe.generate(1000, workers="auto")  # on a CPU: batches in one process per core
     shoes = pipe.generate(8, labels=7, guidance=3.0)  # a class-conditional run: class 7, w = 3
     guided = pipe.generate(8, labels=7, classifier=load_noisy_classifier("clf.pt"),
                            classifier_scale=3.0)   # classifier guidance, any run
@@ -14,6 +15,7 @@ This is the small Python API behind ``ddpm sample``::
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import time
@@ -37,6 +39,7 @@ from .guidance import classifier_free_guidance, classifier_guidance, classifier_
 from .latent import decode, load_decoder
 from .models import UNet
 from .noisy_classifier import NoisyClassifierFile, check_compatible
+from .parallel import resolve_workers, run_batches
 from .runtime import (
     PrecisionProbe,
     autocast,
@@ -79,6 +82,7 @@ class Pipeline:
     # network evaluations per image that the last generate() spent: what an adaptive sampler
     # (ode) reports, known only afterwards
     last_evaluations: float = 0.0
+    last_workers: int = 1  # the processes that sampled the last generate()'s batches
 
     def sampling_precision(self, sampler: str) -> str:
         """The precision ``generate`` computes in with ``sampler``: the pipeline's, but fp32 for
@@ -214,6 +218,7 @@ class Pipeline:
         classifier: NoisyClassifierFile | None = None,
         classifier_scale: float = 1.0,
         low_res: torch.Tensor | None = None,
+        workers: int | str = 1,
         **settings: Any,
     ) -> torch.Tensor:
         """Generate ``n`` images ``[n, C, H, W]`` in [-1, 1] (a latent run's decoded; its
@@ -221,15 +226,18 @@ class Pipeline:
 
         ``settings`` override the run's :class:`SampleConfig` (``sampler``, ``num_sample_steps``,
         ``spacing``, ``eta``, ``churn``, ``variance``, ``x0_transform``, ``guidance``). The same
-        ``seed`` and ``batch_size`` give the same images: all noise comes from one generator
-        seeded with ``seed``, drawn batch after batch. A class-conditional model draws class
-        ``labels`` (see :meth:`class_labels`) with classifier-free guidance of scale
-        ``guidance``. A noise-aware ``classifier`` (``noisy_classifier.load_noisy_classifier``) guides any
-        model towards ``labels`` with scale ``classifier_scale`` (Dhariwal & Nichol 2021:
-        Algorithm 1 for the ddpm sampler, Algorithm 2 for the others); scale 0 is unguided
-        sampling. A super-resolution model super-resolves ``low_res`` ``[n, C, LOW, LOW]`` (in
-        [-1, 1]), with the run's conditioning augmentation at its sampling level (and, when
-        the run's ``superres.project`` is on, every predicted x0 projected onto it).
+        ``seed`` and ``batch_size`` give the same images: batch k draws all its noise from its
+        own generator, seeded with :func:`batch_seed` ``(seed, k)``. On a CPU, ``workers``
+        processes (``auto``: one per core; ``parallel.resolve_workers``) sample the batches side
+        by side, each with its share of the threads, and the images are the same. A
+        class-conditional model draws class ``labels`` (see :meth:`class_labels`) with
+        classifier-free guidance of scale ``guidance``. A noise-aware ``classifier``
+        (``noisy_classifier.load_noisy_classifier``) guides any model towards ``labels`` with
+        scale ``classifier_scale`` (Dhariwal & Nichol 2021: Algorithm 1 for the ddpm sampler,
+        Algorithm 2 for the others); scale 0 is unguided sampling. A super-resolution model
+        super-resolves ``low_res`` ``[n, C, LOW, LOW]`` (in [-1, 1]), with the run's
+        conditioning augmentation at its sampling level (and, when the run's
+        ``superres.project`` is on, every predicted x0 projected onto it).
         """
         sc = self.sample_config(**settings)
         low_res = self._check_low_res(n, low_res)
@@ -239,39 +247,38 @@ class Pipeline:
                 raise ValueError(f"the classifier scale must be a finite number >= 0, got "
                                  f"{classifier_scale}")
         labels = self.class_labels(n, labels, classifier)
+        batches = math.ceil(n / batch_size)
+        processes = resolve_workers(workers, batches, self.device, compiled=self.compiled is not None)
+        if callback is not None and processes > 1:
+            raise ValueError(f"a step callback runs in this process; sample with one worker, not "
+                             f"{processes}")
         spec = sampler_spec(sc.sampler)
         sampler = spec.function
         timesteps = make_timesteps(self.schedule.num_train_timesteps, sc.num_sample_steps,
                                    sc.spacing or spec.default_spacing, schedule=self.schedule)
         options = {name: getattr(sc, name) for name in spec.options}
         x0_transform = X0_TRANSFORMS[sc.x0_transform]
-        generator = torch.Generator("cpu").manual_seed(seed)
         mc = self.config.model
-        out = []
-        bar = tqdm(total=n * self.evaluations_per_image(**settings), unit="img-eval",
-                   unit_scale=True, disable=not progress,
-                   desc=f"sampling ({sc.sampler}, {sc.num_sample_steps} steps)")
-
-        cond: dict[str, torch.Tensor] = {}  # a super-resolution batch's conditioning
-
         precision = self.sampling_precision(sc.sampler)
-        evaluations = 0  # images x network calls
-
-        def network(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-            # (classifier-free guidance evaluates [x_t, x_t] as one batch: the conditioning too)
-            nonlocal evaluations
-            given = {k: torch.cat([v] * (len(x_t) // len(v))) for k, v in cond.items()}
-            with autocast(self.device, precision):
-                prediction = self._predict(x_t, t, y, **given)
-            bar.update(x_t.shape[0])
-            evaluations += x_t.shape[0]
-            return prediction.float()
-
         if callback is not None and self.decoder is not None:
             callback = self._decoding(callback)
         self.model.eval()
-        for start in range(0, n, batch_size):
+
+        def batch(k: int, progress: Callable[[int], None]) -> torch.Tensor:
+            """Batch ``k``'s images: ``progress(m)`` after every m images x network evaluations."""
+            start = k * batch_size
             b = min(batch_size, n - start)
+            generator = torch.Generator("cpu").manual_seed(batch_seed(seed, k))
+            cond: dict[str, torch.Tensor] = {}  # a super-resolution batch's conditioning
+
+            def network(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+                # (classifier-free guidance evaluates [x_t, x_t] as one batch: the conditioning too)
+                given = {key: torch.cat([v] * (len(x_t) // len(v))) for key, v in cond.items()}
+                with autocast(self.device, precision):
+                    prediction = self._predict(x_t, t, y, **given)
+                progress(x_t.shape[0])
+                return prediction.float()
+
             batch_transform: X0Transform | None = x0_transform
             if low_res is not None:  # its noise drawn before x_T's, from the same generator
                 part = low_res[start : start + b].to(self.device, torch.float32)
@@ -297,10 +304,26 @@ class Pipeline:
                           prediction_type=self.config.diffusion.prediction_type,
                           x0_transform=batch_transform, generator=generator, callback=callback,
                           **batch_options)
-            out.append(self.decode(x_0).cpu())
-        bar.close()
+            return self.decode(x_0).cpu()
+
+        evaluations = 0  # images x network calls, as every batch reports them
+        bar = tqdm(total=n * self.evaluations_per_image(**settings), unit="img-eval",
+                   unit_scale=True, disable=not progress,
+                   desc=f"sampling ({sc.sampler}, {sc.num_sample_steps} steps"
+                        f"{f', {processes} processes' if processes > 1 else ''})")
+
+        def counted(m: int) -> None:
+            nonlocal evaluations
+            evaluations += m
+            bar.update(m)
+
+        try:
+            images = run_batches(batch, batches, processes, counted)
+        finally:
+            bar.close()
         self.last_evaluations = evaluations / max(n, 1)
-        return torch.cat(out)
+        self.last_workers = processes
+        return torch.cat(images) if images else torch.empty(0, *self.image_shape)
 
     def _check_low_res(self, n: int, low_res: torch.Tensor | None) -> torch.Tensor | None:
         """``low_res`` checked against what this model takes: ValueError otherwise."""
@@ -493,6 +516,18 @@ class Pipeline:
         final = to_uint8(self.generate(n, seed=seed, batch_size=n, labels=labels, callback=record,
                                        progress=progress, **settings))
         return torch.stack(states + [final]), torch.stack(x0_preds + [final]), timesteps
+
+
+def batch_seed(seed: int, index: int) -> int:
+    """The seed of batch ``index`` of ``Pipeline.generate(seed=seed)``: ``seed`` itself for the
+    first batch, so that up to one batch of images is what it always was; for the others 63
+    bits of SHA-256 of both, so that every batch draws its own noise in whatever process
+    computes it, and neighbouring seeds share no batch (``seed + index`` would give batch 1 of
+    seed 0 the noise of batch 0 of seed 1)."""
+    if index == 0:
+        return seed
+    digest = hashlib.sha256(f"ddpm batch {index} of seed {seed}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def _guidance_grad(classifier: NoisyClassifierFile, labels: torch.Tensor, scale: float) -> GuidanceGrad:

@@ -17,13 +17,14 @@ import datetime
 import os
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
 
 from .config import PRECISIONS
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -139,6 +140,10 @@ def make_accelerator(device: torch.device) -> Accelerator:
     process (a notebook, the tests); asking every time for the same ("no") needs no private
     reset of that singleton.
     """
+    # (imported here: 0.1 s that sampling, which never needs it, does not pay at start-up)
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(
         # A lone process places its tensors itself (cuda:1 stays cuda:1); launched processes on

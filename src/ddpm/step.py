@@ -14,10 +14,9 @@ import copy
 import functools
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
-from accelerate import Accelerator
 from torch import nn
 
 from .config import RunConfig, TrainConfig
@@ -25,6 +24,9 @@ from .diffusion import draw_t_eps, precondition, timestep_probs, training_loss
 from .runtime import autocast
 from .schedules import NoiseSchedule
 from .superres import training_conditioning
+
+if TYPE_CHECKING:  # (accelerate is imported where a process is made: runtime.make_accelerator)
+    from accelerate import Accelerator
 
 
 class EMA:

@@ -20,9 +20,9 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from accelerate import Accelerator
 from torch import nn
 
 from .autoencoder import LoadedAutoencoder
@@ -58,6 +58,9 @@ from .schedules import NoiseSchedule
 from .sde import largest_pairwise_distance
 from .settings import SettingError
 from .step import EMA, StepStats, learning_rate, train_step
+
+if TYPE_CHECKING:  # (accelerate is imported where a process is made: runtime.make_accelerator)
+    from accelerate import Accelerator
 
 # --- the set-up ---------------------------------------------------------------------------------
 

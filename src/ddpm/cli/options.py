@@ -328,9 +328,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="autocast of the network while sampling: auto (the default: bf16 on CUDA "
-                        "and on CPUs with bf16 hardware, fp32 on other CPUs), fp32, bf16, fp16 "
-                        "(CUDA)")
+                   help="autocast of the network while sampling: auto (the default: bf16 on CUDA, "
+                        "and on a CPU with bf16 hardware where a short measurement, cached, finds "
+                        "it faster; fp32 otherwise), fp32, bf16, fp16 (CUDA)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network (minutes to compile; falls back to uncompiled "
                         "with a warning if compiling fails)")

@@ -159,12 +159,42 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=seed, default=0, help="seed of the initial noise and every step")
     p.add_argument("--batch-size", type=positive_int, default=128,
                    help="images per batch (128 was fastest on a 2-core CPU)")
+    add_workers_option(p)
     add_cascade_options(p)
     add_class_option(p)
     add_sample_settings(p)
     add_classifier_options(p)
     add_model_options(p)
     p.set_defaults(func=run_sample)
+
+
+def workers(text: str) -> int | str:
+    """An argparse type: ``auto`` or a number of worker processes, at least 1."""
+    if text.strip() == "auto":
+        return "auto"
+    try:
+        return number(int, at_least=1)(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (or auto: one process per core)") from None
+
+
+def add_workers_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=workers, default="auto", metavar="N|auto",
+                   help="processes that sample the batches side by side on a CPU, each with its "
+                        "share of the threads (auto: one per core, at most one per batch; one on "
+                        "CUDA); the images are the same for any number")
+
+
+def check_workers(args: argparse.Namespace) -> None:
+    """``--workers`` against the other options, before any model is loaded."""
+    if args.compile and args.workers not in ("auto", 1):
+        raise UsageError(f"--workers {args.workers} and --compile do not mix (each worker would "
+                         f"compile the network again); drop one of them")
+
+
+def processes_text(pipe: Pipeline) -> str:
+    """", N processes" for a summary line when the last generate() used several."""
+    return f", {pipe.last_workers} processes" if pipe.last_workers > 1 else ""
 
 
 def add_cascade_options(p: argparse.ArgumentParser) -> None:
@@ -223,11 +253,11 @@ def generate(chain: Cascade, args: argparse.Namespace, n: int, labels: Any,
     super-resolved by the chain's stages if it has any."""
     if not chain.stages:
         return chain.base.generate(n, seed=args.seed, batch_size=args.batch_size, labels=labels,
-                                   progress=not args.no_progress, low_res=low_res, **guidance,
-                                   **settings)
+                                   progress=not args.no_progress, low_res=low_res,
+                                   workers=args.workers, **guidance, **settings)
     images = chain.generate(n, seed=args.seed, batch_size=args.batch_size, labels=labels,
                             progress=not args.no_progress, stage_steps=args.stage_steps,
-                            stage_sampler=args.stage_sampler, **settings)
+                            stage_sampler=args.stage_sampler, workers=args.workers, **settings)
     assert isinstance(images, torch.Tensor)  # (the last stage's, without keep)
     return images
 
@@ -246,6 +276,7 @@ def add_upscale_parser(sub: argparse._SubParsersAction) -> None:
                    help="as 'ddpm sample --out'")
     p.add_argument("--seed", type=seed, default=0, help="seed of the noise")
     p.add_argument("--batch-size", type=positive_int, default=128, help="images per batch")
+    add_workers_option(p)
     add_conditioning_options(p)
     add_sample_settings(p)
     add_model_options(p)
@@ -274,6 +305,7 @@ def _check_sample_out(text: str) -> Path:
 
 def run_sample(args: argparse.Namespace) -> int:
     out = _check_sample_out(args.out)  # now, not after minutes of sampling
+    check_workers(args)
     pipe = load_pipeline(args.checkpoint, device=args.device, use_ema=not args.no_ema,
                          precision=args.precision, compile=args.compile)
     settings, sc = sample_settings(args, pipe)
@@ -290,7 +322,7 @@ def run_sample(args: argparse.Namespace) -> int:
     adaptive = (f", {pipe.last_evaluations:.0f} network evaluations an image"
                 if sampler_spec(sc.sampler).adaptive else "")
     what = (f"{n} images ({sc.sampler}, {sc.num_sample_steps} steps{adaptive}{guided}, "
-            f"{pipe.sampling_precision(sc.sampler)}, {seconds:.1f} s)")
+            f"{pipe.sampling_precision(sc.sampler)}{processes_text(pipe)}, {seconds:.1f} s)")
     if chain.stages:
         k = len(chain.stages)
         what += f", super-resolved by {k} stage{'s' if k > 1 else ''} to " \
@@ -318,6 +350,7 @@ def _write_images(images: torch.Tensor, out: Path, what: str, nrow: int | None =
 
 def run_upscale(args: argparse.Namespace) -> int:
     out = _check_sample_out(args.out)
+    check_workers(args)
     low = load_images(args.images, npz_key=args.npz_key)
     pipe = load_pipeline(args.checkpoint, device=args.device, use_ema=not args.no_ema,
                          precision=args.precision, compile=args.compile)
@@ -333,9 +366,10 @@ def run_upscale(args: argparse.Namespace) -> int:
     settings, sc = sample_settings(args, pipe)
     t0 = time.perf_counter()
     images = upscale(pipe, low, seed=args.seed, batch_size=args.batch_size,
-                     progress=not args.no_progress, **settings)
+                     progress=not args.no_progress, workers=args.workers, **settings)
     what = (f"{len(images)} images super-resolved from {pipe.low_res} to {size} px ({sc.sampler}, "
-            f"{sc.num_sample_steps} steps, {pipe.precision}, {time.perf_counter() - t0:.1f} s)")
+            f"{sc.num_sample_steps} steps, {pipe.precision}{processes_text(pipe)}, "
+            f"{time.perf_counter() - t0:.1f} s)")
     _write_images(images, out, what)
     return 0
 
@@ -398,6 +432,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=seed, default=0, help="seed of the generated images and of KID's subsets")
     p.add_argument("--batch-size", type=positive_int, default=128,
                    help="images per sampling batch (128 was fastest on a 2-core CPU)")
+    add_workers_option(p)
     p.add_argument("--save-samples", metavar="SAMPLES.npz", default=None,
                    help="also keep the generated images, for other tools")
     p.add_argument("--cache-dir", default=None,
@@ -443,6 +478,7 @@ def run_eval(args: argparse.Namespace) -> int:
         if args.npz_key is not None:
             raise UsageError("--npz-key names an array of --images SAMPLES.npz; drop it when "
                              "generating from a checkpoint")
+        check_workers(args)
         pipe = load_pipeline(args.checkpoint, device=args.device, use_ema=not args.no_ema,
                              precision=args.precision, compile=args.compile)
         settings, sc = sample_settings(args, pipe)
