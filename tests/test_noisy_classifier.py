@@ -465,6 +465,27 @@ def test_cli_like_a_run(tiny_run, tmp_path):
     check_compatible(clf, config, state["classes"])  # it fits the run it was made for
 
 
+def test_guided_sampling_in_worker_processes_makes_the_images_of_one(tiny_run, tmp_path):
+    """Classifier guidance takes gradients inside sampling's inference mode: in forked worker
+    processes too, to the same images (Algorithm 1 for ddpm, Algorithm 2 for ddim)."""
+    from ddpm.pipeline import load_pipeline
+
+    out = tmp_path / "clf.pt"
+    r = ddpm_in_process("train-classifier", "--noisy", "--like", tiny_run, "--epochs", 1,
+                        "--batch-size", 64, "--out", out, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    pipe = load_pipeline(tiny_run)
+    settings = dict(seed=1, batch_size=2, labels=3, classifier=load_noisy_classifier(out),
+                    classifier_scale=50.0, num_sample_steps=3)
+    for sampler in ("ddpm", "ddim"):
+        one = pipe.generate(5, workers=1, sampler=sampler, **settings)
+        split = pipe.generate(5, workers=2, sampler=sampler, **settings)
+        assert pipe.last_workers == 2
+        torch.testing.assert_close(split, one, atol=1e-5, rtol=0)
+        unguided = pipe.generate(5, workers=2, sampler=sampler, **{**settings, "classifier_scale": 0})
+        assert not torch.allclose(unguided, one, atol=1e-3), "the guidance moved the images"
+
+
 # --- its output, and damaged files of it ----------------------------------------------------------
 
 

@@ -83,6 +83,9 @@ def test_auto_is_one_worker_per_thread_and_core_and_batch(monkeypatch):
     assert resolve_workers("auto", 10, CPU) == 2
     assert resolve_workers("auto", 10, CUDA) == 1
     assert resolve_workers("auto", 10, CPU, compiled=True) == 1
+    monkeypatch.setattr(parallel, "_daemonic", lambda: True)
+    assert resolve_workers("auto", 10, CPU) == 1
+    monkeypatch.setattr(parallel, "_daemonic", lambda: False)
     monkeypatch.setattr(parallel, "can_fork", lambda: False)
     assert resolve_workers("auto", 10, CPU) == 1
 
@@ -98,6 +101,9 @@ def test_a_number_of_workers_is_taken_or_refused_with_the_reason(monkeypatch):
     for bad in (0, -1, "two", True):
         with pytest.raises(ValueError, match=f"whole number >= 1 or 'auto', got {bad!r}"):
             resolve_workers(bad, 10, CPU)
+    monkeypatch.setattr(parallel, "_daemonic", lambda: True)
+    with pytest.raises(ValueError, match="a daemonic one"):
+        resolve_workers(2, 10, CPU)
     monkeypatch.setattr(parallel, "can_fork", lambda: False)
     with pytest.raises(ValueError, match="need fork"):
         resolve_workers(2, 10, CPU)

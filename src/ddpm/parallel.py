@@ -51,15 +51,22 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+def _daemonic() -> bool:
+    """Whether this is a daemonic multiprocessing process (a Pool's worker), which may not fork
+    processes of its own."""
+    return bool(multiprocessing.current_process().daemon)
+
+
 def resolve_workers(workers: int | str, batches: int, device: torch.device, *,
                     compiled: bool = False) -> int:
     """The worker processes that ``batches`` batches are sampled by: ``auto`` is one per thread
     torch would use (``torch.get_num_threads()``, so ``OMP_NUM_THREADS`` and ``--threads`` bound
     it) and per core this process may run on, at most one per batch, on a CPU that can fork;
-    one process on CUDA, for a compiled model, and for a single batch. A number is taken as
+    one process on CUDA, for a compiled model, for a single batch, and in a daemonic process
+    (a multiprocessing Pool's worker, which may have no children). A number is taken as
     asked (at most one per batch), or refused with the reason where workers cannot run."""
     if workers == "auto":
-        if device.type != "cpu" or compiled or not can_fork():
+        if device.type != "cpu" or compiled or not can_fork() or _daemonic():
             return 1
         return max(1, min(torch.get_num_threads(), cores(), batches))
     if isinstance(workers, str) or isinstance(workers, bool) or workers < 1:
@@ -74,6 +81,10 @@ def resolve_workers(workers: int | str, batches: int, device: torch.device, *,
         if not can_fork():
             raise ValueError(f"{workers} worker processes need fork(), which this platform "
                              f"lacks: use 1 (or auto)")
+        if _daemonic():
+            raise ValueError(f"{workers} worker processes cannot start from this process, a "
+                             f"daemonic one (multiprocessing allows it no children): use 1 (or "
+                             f"auto)")
     return min(workers, max(batches, 1))
 
 
@@ -125,9 +136,9 @@ def run_batches(work: BatchWork, count: int, workers: int,
 
 def _worker(work: BatchWork, tasks: Any, results: Any, threads: int) -> None:
     """A worker process: batches from ``tasks`` until its stop sign, results to ``results``."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's, which stops us
-    torch.set_num_threads(threads)
     try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's, which stops us
+        torch.set_num_threads(threads)
         with torch.inference_mode():
             while (index := tasks.get()) is not None:
                 images = work(index, lambda k: results.put(("progress", k)))
@@ -154,8 +165,8 @@ def _check_alive(procs: list[Any], missing: int) -> None:
                               f"{'es' if missing != 1 else ''} still to do; if the machine ran out "
                               f"of memory, lower --batch-size or --workers")
     if all(not p.is_alive() for p in procs):
-        raise WorkerError(f"every sampling worker process ended with {missing} batches still to "
-                          f"do")
+        raise WorkerError(f"every sampling worker process ended with {missing} batch"
+                          f"{'es' if missing != 1 else ''} still to do")
 
 
 def _unpickled(payload: bytes | None, text: str) -> BaseException:
