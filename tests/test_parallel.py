@@ -7,6 +7,9 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -127,6 +130,15 @@ def test_run_batches_returns_every_batch_in_order_with_its_progress():
     assert _no_workers_left()
 
 
+def _tiny(index, progress):
+    return torch.tensor([index])
+
+
+def test_thousands_of_batches_do_not_block_on_a_full_pipe():
+    out = run_batches(_tiny, 20_000, 2, lambda m: None)
+    assert torch.equal(torch.cat(out), torch.arange(20_000))
+
+
 def test_workers_share_the_callers_threads():
     before = torch.get_num_threads()
     torch.set_num_threads(4)
@@ -198,3 +210,57 @@ def test_sample_with_workers_writes_the_images_of_one_process(trained_run, tmp_p
         assert ("3 processes" in r.stdout) == (workers == "3"), r.stdout
         outs[workers] = np.load(out)["arr_0"]
     assert np.array_equal(outs["1"], outs["3"])
+
+
+def _sampling(run, out, *, group: bool) -> tuple[subprocess.Popen, list[int]]:
+    """'ddpm sample' with two workers, started and waited for until both workers run."""
+    p = subprocess.Popen([sys.executable, "-m", "ddpm", "sample", str(run), "--n", "100000",
+                          "--batch-size", "16", "--steps", "50", "--workers", "2", "--out", str(out),
+                          "--no-progress"], text=True, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, start_new_session=group)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and p.poll() is None:
+        children = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True,
+                                  text=True).stdout.split()
+        if len(children) == 2:
+            time.sleep(1)  # well into their batches
+            return p, [int(c) for c in children]
+        time.sleep(0.2)
+    p.kill()
+    raise AssertionError(f"no two workers came: {p.communicate()}")
+
+
+def _gone(pids, seconds=20.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not any(os.path.exists(f"/proc/{pid}") and "zombie" not in _state(pid) for pid in pids):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _state(pid) -> str:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((line for line in f if line.startswith("State:")), "").lower()
+    except OSError:
+        return ""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc"), reason="reads /proc (Linux)")
+def test_ctrl_c_at_a_terminal_stops_the_command_and_its_workers_and_writes_nothing(trained_run,
+                                                                                   tmp_path):
+    p, children = _sampling(trained_run[0], tmp_path / "s.npz", group=True)
+    os.killpg(p.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole group
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err.strip() == "ddpm sample: interrupted", err
+    assert _gone(children) and not (tmp_path / "s.npz").exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc"), reason="reads /proc (Linux)")
+def test_workers_end_themselves_when_the_command_is_killed(trained_run, tmp_path):
+    p, children = _sampling(trained_run[0], tmp_path / "s.npz", group=False)
+    p.kill()  # SIGKILL to the command alone: nothing of it runs to stop the workers
+    p.communicate(timeout=60)
+    assert _gone(children), "the workers sampled on for no one"
+    assert not (tmp_path / "s.npz").exists()

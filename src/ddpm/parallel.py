@@ -4,7 +4,7 @@ A small U-Net at batch 128 keeps two cores busier as two one-thread processes th
 two-thread process: intra-op threads split every convolution and meet at a barrier after each,
 while processes run whole batches side by side (BENCHMARKS.md, "Sampling 1,000 images"). The
 workers are forked once the caller's model is loaded, so they share its weights (copy on write)
-and start in milliseconds; each takes the next batch from a shared queue, computes it with its
+and start in milliseconds; each takes the next batch from a shared counter, computes it with its
 share of the threads, and sends back the images and its progress. A batch computes the same
 images in any process (``Pipeline.generate`` gives each batch its own generator), so the number
 of workers never changes the result.
@@ -98,15 +98,13 @@ def run_batches(work: BatchWork, count: int, workers: int,
     if workers <= 1:
         return [work(i, progress) for i in range(count)]
     context = multiprocessing.get_context("fork")
-    tasks: Any = context.SimpleQueue()
+    # The next batch to take, shared: a counter, not a queue of every index, which could fill
+    # its pipe before any worker reads it (thousands of batches).
+    taken: Any = context.Value("q", 0)
     results: Any = context.Queue()
-    for i in range(count):
-        tasks.put(i)
-    for _ in range(workers):
-        tasks.put(None)  # one stop sign each
     threads = max(1, torch.get_num_threads() // workers)
-    procs = [context.Process(target=_worker, args=(work, tasks, results, threads), daemon=True,
-                             name=f"ddpm-sampling-{w}") for w in range(workers)]
+    procs = [context.Process(target=_worker, args=(work, count, taken, results, threads, os.getpid()),
+                             daemon=True, name=f"ddpm-sampling-{w}") for w in range(workers)]
     images: dict[int, torch.Tensor] = {}
     try:
         for p in procs:
@@ -134,14 +132,29 @@ def run_batches(work: BatchWork, count: int, workers: int,
     return [images[i] for i in range(count)]
 
 
-def _worker(work: BatchWork, tasks: Any, results: Any, threads: int) -> None:
-    """A worker process: batches from ``tasks`` until its stop sign, results to ``results``."""
+def _worker(work: BatchWork, count: int, taken: Any, results: Any, threads: int,
+            parent: int) -> None:
+    """A worker process: the next batch not ``taken`` until all ``count`` are, its results to
+    ``results``; it ends itself at its next network evaluation once ``parent`` has gone (killed
+    by a SIGTERM of its own, say), rather than sampling on for no one."""
+
+    def report(k: int) -> None:
+        if os.getppid() != parent:
+            os._exit(1)
+        results.put(("progress", k))
+
+    def take() -> int | None:
+        with taken.get_lock():
+            index = taken.value
+            taken.value += 1
+        return index if index < count else None
+
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's, which stops us
         torch.set_num_threads(threads)
         with torch.inference_mode():
-            while (index := tasks.get()) is not None:
-                images = work(index, lambda k: results.put(("progress", k)))
+            while (index := take()) is not None:
+                images = work(index, report)
                 results.put(("batch", index, images.numpy()))
     except BaseException as exc:  # everything goes back to the parent, which decides
         try:
