@@ -67,6 +67,12 @@ def test_batch_seeds_are_distinct_63_bit_numbers():
     assert batch_seed(2**63 - 2, 5) == batch_seed(2**63 - 2, 5)  # a function of its arguments
 
 
+def test_a_batch_size_below_one_is_refused(pipe):
+    for bad in (0, -2, 1.5):
+        with pytest.raises(ValueError, match=f"batch_size must be a whole number >= 1, got {bad}"):
+            pipe.generate(4, batch_size=bad, num_sample_steps=2)
+
+
 def test_a_step_callback_needs_one_process(pipe):
     with pytest.raises(ValueError, match="a step callback runs in this process; sample with one "
                                          "worker, not 2"):

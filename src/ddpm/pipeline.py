@@ -247,6 +247,8 @@ class Pipeline:
                 raise ValueError(f"the classifier scale must be a finite number >= 0, got "
                                  f"{classifier_scale}")
         labels = self.class_labels(n, labels, classifier)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
         batches = math.ceil(n / batch_size)
         processes = resolve_workers(workers, batches, self.device, compiled=self.compiled is not None)
         if callback is not None and processes > 1:
