@@ -204,6 +204,7 @@ ODD_INPUTS = [
     ("sample {root}/run --workers 2 --compile --out {root}/existing.png",
      "--workers 2 and --compile do not mix (each worker would compile the network again)", ()),
     ("eval {root}/run --workers 2 --compile", "--workers 2 and --compile do not mix", ()),
+    ("posthoc-ema {root}/run --workers 0", "argument --workers: expected a number >= 1, got 0", ()),
     ("sample {root}/run --class all --out {root}/existing.png", "trained without class labels", ()),
     ("sample {root}/crun --class all --guidance -1 --out {root}/existing.png",
      "expected a number in [0, 100], got -1", ()),

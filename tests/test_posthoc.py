@@ -150,10 +150,11 @@ def test_posthoc_command_scores_lengths_and_writes_the_best_as_a_sampleable_chec
     from conftest import ddpm_in_process as cli
     out = tmp_path / "best.pt"
     r = cli("posthoc-ema", posthoc_run, "--std", "0.05,0.1", "--n", "128", "--steps", "2",
-            "--out", out, "--json", "--no-progress")
+            "--batch-size", "64", "--workers", "2", "--out", out, "--json", "--no-progress")
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert [row["std"] for row in rows] == [0.05, 0.1]
+    assert rows[0]["fid"] != rows[1]["fid"], "each length's workers sampled that length's weights"
     best = min(rows, key=lambda row: row["fid"])
     state = torch.load(out, weights_only=True)
     assert state["ema_rebuilt"]["std"] == best["std"] and state["ema_rebuilt"]["step"] == 6

@@ -47,7 +47,7 @@ from .options import (
     positive_int,
     seed,
 )
-from .sample import add_sample_settings, sample_settings
+from .sample import add_sample_settings, add_workers_option, check_workers, sample_settings
 
 # The settings of a training run that change its speed, besides the model's shape.
 BENCH_TRAIN_SETTINGS = ("batch_size", "grad_accum", "precision", "threads", "device",
@@ -221,6 +221,7 @@ def add_posthoc_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=seed, default=0, help="seed of the generated images")
     p.add_argument("--batch-size", type=positive_int, default=128,
                    help="images per sampling batch")
+    add_workers_option(p)
     p.add_argument("--json", action="store_true", help="print one JSON line per length")
     add_sample_settings(p)
     add_model_options(p)
@@ -253,6 +254,7 @@ def run_posthoc(args: argparse.Namespace) -> int:
     if args.no_ema:
         raise UsageError("--no-ema samples the raw weights; posthoc-ema rebuilds averages, so "
                          "drop --no-ema")
+    check_workers(args)
     pipe = load_pipeline(run, device=args.device, precision=args.precision, compile=args.compile)
     dc, score = pipe.config.data, len(args.std) > 1
     if score:  # said before any work
@@ -267,7 +269,7 @@ def run_posthoc(args: argparse.Namespace) -> int:
         for std, weights, error in rebuilt:
             pipe.model.load_state_dict(weights)
             images = pipe.generate(args.n, seed=args.seed, batch_size=args.batch_size,
-                                   progress=not args.no_progress, **settings)
+                                   progress=not args.no_progress, workers=args.workers, **settings)
             r = evaluator.evaluate(to_uint8(images), seed=args.seed, sampler=sc.sampler,
                                    steps=sc.num_sample_steps)
             row = {"std": std, "gamma": gamma_from_std(std), "step": step,
