@@ -220,10 +220,13 @@ def test_sample_with_workers_writes_the_images_of_one_process(trained_run, tmp_p
 
 def _sampling(run, out, *, group: bool) -> tuple[subprocess.Popen, list[int]]:
     """'ddpm sample' with two workers, started and waited for until both workers run."""
+    # (SIGINT as a terminal leaves it: pytest-xdist's workers ignore it, and a child would inherit
+    # that, so that Python installed no KeyboardInterrupt at all)
     p = subprocess.Popen([sys.executable, "-m", "ddpm", "sample", str(run), "--n", "100000",
                           "--batch-size", "16", "--steps", "50", "--workers", "2", "--out", str(out),
                           "--no-progress"], text=True, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, start_new_session=group)
+                         stderr=subprocess.PIPE, start_new_session=group,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and p.poll() is None:
         children = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True,
@@ -257,16 +260,31 @@ def _state(pid) -> str:
 def test_ctrl_c_at_a_terminal_stops_the_command_and_its_workers_and_writes_nothing(trained_run,
                                                                                    tmp_path):
     p, children = _sampling(trained_run[0], tmp_path / "s.npz", group=True)
-    os.killpg(p.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole group
-    _, err = p.communicate(timeout=60)
-    assert p.returncode == 130 and err.strip() == "ddpm sample: interrupted", err
-    assert _gone(children) and not (tmp_path / "s.npz").exists()
+    try:
+        os.killpg(p.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole group
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 130 and err.strip() == "ddpm sample: interrupted", err
+        assert _gone(children) and not (tmp_path / "s.npz").exists()
+    finally:
+        _kill(p, children)  # whatever failed, nothing samples on beside the other tests
 
 
 @pytest.mark.skipif(not os.path.exists("/proc"), reason="reads /proc (Linux)")
 def test_workers_end_themselves_when_the_command_is_killed(trained_run, tmp_path):
     p, children = _sampling(trained_run[0], tmp_path / "s.npz", group=False)
-    p.kill()  # SIGKILL to the command alone: nothing of it runs to stop the workers
-    p.communicate(timeout=60)
-    assert _gone(children), "the workers sampled on for no one"
-    assert not (tmp_path / "s.npz").exists()
+    try:
+        p.kill()  # SIGKILL to the command alone: nothing of it runs to stop the workers
+        p.communicate(timeout=60)
+        assert _gone(children), "the workers sampled on for no one"
+        assert not (tmp_path / "s.npz").exists()
+    finally:
+        _kill(p, children)
+
+
+def _kill(p: subprocess.Popen, children: list[int]) -> None:
+    for pid in (p.pid, *children):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    p.communicate()
