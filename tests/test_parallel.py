@@ -288,3 +288,21 @@ def _kill(p: subprocess.Popen, children: list[int]) -> None:
         except ProcessLookupError:
             pass
     p.communicate()
+
+
+def test_a_killed_worker_ends_the_command_in_one_line(trained_run, tmp_path, monkeypatch):
+    """The machine's fault (memory, most likely), not the user's: exit 1, one line, no file."""
+    import ddpm.cli.sample
+
+    def killed(*args, **kwargs):
+        raise WorkerError("a sampling worker process was killed by signal 9 (SIGKILL) with 3 "
+                          "batches still to do; if the machine ran out of memory, lower "
+                          "--batch-size or --workers")
+
+    monkeypatch.setattr(ddpm.cli.sample, "generate", killed)
+    r = ddpm_in_process("sample", trained_run[0], "--n", 8, "--batch-size", 2, "--workers", 2,
+                        "--out", tmp_path / "s.npz", "--no-progress")
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert lines[0].startswith("ddpm sample: error: a sampling worker process was killed by signal 9")
+    assert not (tmp_path / "s.npz").exists()

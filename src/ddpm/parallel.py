@@ -172,7 +172,7 @@ def _check_alive(procs: list[Any], missing: int) -> None:
     for p in procs:
         if not p.is_alive() and p.exitcode != 0:
             code = p.exitcode
-            how = (f"was killed by signal {-code} ({signal.Signals(-code).name})" if code < 0
+            how = (f"was killed by signal {-code} ({_signal_name(-code)})" if code < 0
                    else f"exited with code {code}")
             raise WorkerError(f"a sampling worker process {how} with {missing} batch"
                               f"{'es' if missing != 1 else ''} still to do; if the machine ran out "
@@ -180,6 +180,13 @@ def _check_alive(procs: list[Any], missing: int) -> None:
     if all(not p.is_alive() for p in procs):
         raise WorkerError(f"every sampling worker process ended with {missing} batch"
                           f"{'es' if missing != 1 else ''} still to do")
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return "a signal without a name"
 
 
 def _unpickled(payload: bytes | None, text: str) -> BaseException:

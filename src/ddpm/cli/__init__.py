@@ -22,6 +22,7 @@ from .. import __version__
 from ..checkpoint import CheckpointError, SaveError
 from ..classifier import WeightsNotFoundError
 from ..data import DatasetNotFoundError
+from ..parallel import WorkerError
 from ..settings import SettingError
 from . import autoencoder, sample, serve, tools, train, viz
 from .options import EXIT_USAGE, Parser, UsageError, setting_flags
@@ -94,8 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, ValueError, CheckpointError, DatasetNotFoundError, WeightsNotFoundError) as exc:
         print(f"ddpm {command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except SaveError as exc:  # e.g. a full disk: the machine's fault, not a usage error
-        print(f"ddpm {command}: error: {exc}", file=sys.stderr)
+    except (SaveError, WorkerError) as exc:  # a full disk, a sampling worker killed for memory:
+        print(f"ddpm {command}: error: {exc}", file=sys.stderr)  # the machine's, not a usage error
         return 1
     except (PermissionError, IsADirectoryError, NotADirectoryError) as exc:
         print(f"ddpm {command}: error: cannot write {exc.filename}: {exc.strerror}; "
